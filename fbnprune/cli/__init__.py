@@ -1,0 +1,81 @@
+"""Command line: ``fbnprune SUBCOMMAND ...`` (also ``python -m fbnprune``).
+
+Each subcommand lives in its own module with ``register(subparsers)`` and ``execute(args)``.
+Expected failures (bad recipe, data, model, directory, parity) print one clear message and
+exit with status 2; Ctrl-C exits 130 and leaves only complete files behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import warnings
+
+from fbnprune import __version__
+
+SUBCOMMANDS = ("run", "stages", "validate", "info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fbnprune",
+        description="Find the functional networks of MLP neurons a task needs (group ICA), "
+        "keep them, slice the rest away exactly, and save a checkpoint that stock "
+        "transformers loads.",
+    )
+    parser.add_argument("--version", action="version", version=f"fbnprune {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"fbnprune.cli.{name}").register(sub)
+    return parser
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: shown as one message, no traceback."""
+    from fbnprune.adapters import UnsupportedArchitectureError
+    from fbnprune.check import ParityError
+    from fbnprune.collect import CollectError
+    from fbnprune.data import DataError
+    from fbnprune.loading import ModelLoadError
+    from fbnprune.plan import PlanError
+    from fbnprune.recipe import RecipeError
+    from fbnprune.rundir import RunDirError
+    from fbnprune.select import SelectError
+    from fbnprune.slicing import SliceError
+
+    return (
+        RecipeError, DataError, ModelLoadError, RunDirError, PlanError, SliceError,
+        ParityError, CollectError, SelectError, UnsupportedArchitectureError,
+    )  # fmt: skip
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.quiet)
+    try:
+        return int(args.execute(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished stages are kept, re-run the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except expected_errors() as exc:
+        print(f"fbnprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. too few tokens for the ICA components
+        print(f"fbnprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2

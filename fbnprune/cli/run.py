@@ -1,0 +1,56 @@
+"""``fbnprune run RECIPE --out DIR``: every stage into one run directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fbnprune.pipeline import STAGES, RunSummary, run_pipeline
+from fbnprune.recipe import load_recipe
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="run directory; an earlier run there is resumed, finished stages "
+                             "whose inputs did not change are reused")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard whatever is in --out first")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "run",
+        help="run every stage: collect, discover, select, prune, check, save",
+        description="Run a recipe end to end into one run directory: the plan (plan.json), "
+        "the parity report (parity.json) and one checkpoint per layout "
+        "(checkpoint-padded/, checkpoint-compact/).",
+    )
+    add_run_arguments(parser)
+    parser.add_argument("--until", choices=STAGES, default="save",
+                        help="stop after this stage (default: save)")  # fmt: skip
+    parser.set_defaults(execute=execute)
+
+
+def execute(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe)
+    summary = run_pipeline(
+        recipe, args.out, until=args.until, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: RunSummary) -> str:
+    lines = [f"run directory: {summary.run_dir}"]
+    for name, rec in summary.stages.items():
+        lines.append(f"  {name:<22} {rec.seconds:8.1f} s  peak {rec.peak_rss_mib:7.0f} MiB")
+    if summary.plan is not None:
+        lines.append(f"plan: {summary.plan.summary()}")
+    if summary.parity is not None:
+        lines.append(summary.parity.table())
+    for layout, path in summary.checkpoints.items():
+        lines.append(f"checkpoint ({layout}): {path}")
+    return "\n".join(lines)

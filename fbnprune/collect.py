@@ -1,0 +1,198 @@
+"""Collect: record MLP neuron values per real token into one tokens x neurons matrix.
+
+Rows are the real (non-padding) tokens of every sample, in sample order; columns are the
+neurons of all layers concatenated (layer 0's units first). The matrix is preallocated at
+its exact size, in memory or as a memory-mapped ``.npy`` file, and filled batch by batch, so
+memory never holds more than one batch of activations beyond the matrix itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from fbnprune.adapters import get_adapter
+from fbnprune.hooks import SiteHooks, site_widths
+
+logger = logging.getLogger(__name__)
+
+
+class CollectError(ValueError):
+    """Input that cannot produce an activation matrix."""
+
+
+@dataclass
+class Activations:
+    """A tokens x neurons activation matrix and its bookkeeping.
+
+    Attributes:
+        matrix: float32 array of shape (n_tokens, n_neurons) (may be a memmap).
+        sample_index: int array of shape (n_tokens,): which sample each row came from.
+        layer_widths: neurons per layer; columns are layers concatenated in order.
+        site: ``hidden`` or ``output``.
+        tokens_per_second: real tokens processed per second during collection.
+    """
+
+    matrix: np.ndarray
+    sample_index: np.ndarray
+    layer_widths: list[int]
+    site: str
+    tokens_per_second: float = float("nan")
+
+    @property
+    def n_tokens(self) -> int:
+        return self.matrix.shape[0]
+
+    def layer_slices(self) -> list[slice]:
+        bounds = np.cumsum([0, *self.layer_widths])
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def split_by_layer(self, values: np.ndarray) -> list[np.ndarray]:
+        """Split a per-neuron vector (n_neurons,) into per-layer pieces."""
+        return [values[s] for s in self.layer_slices()]
+
+    def save(self, directory: Path) -> None:
+        """Write ``sample_index.npy`` and ``meta``; the matrix is saved by ``collect``."""
+        np.save(directory / "sample_index.npy", self.sample_index)
+
+    @classmethod
+    def load(cls, directory: Path, layer_widths: list[int], site: str) -> Activations:
+        matrix = np.load(directory / "activations.npy", mmap_mode="r")
+        sample_index = np.load(directory / "sample_index.npy")
+        return cls(matrix, sample_index, layer_widths, site)
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int
+) -> list[list[int]]:
+    """Token ids of each prompt, truncated to ``max_length``."""
+    if not prompts:
+        raise CollectError("no samples to collect from")
+    ids = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+    empty = [i for i, seq in enumerate(ids) if len(seq) == 0]
+    if empty:
+        raise CollectError(f"{len(empty)} sample(s) tokenize to nothing (e.g. #{empty[0]})")
+    return ids
+
+
+def iter_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Sample indices grouped in batches of similar length (less padding, same result)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_batch(
+    ids: list[list[int]], batch: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask for the given samples."""
+    width = max(len(ids[i]) for i in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, i in enumerate(batch):
+        input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+        attention[row, : len(ids[i])] = 1
+    return input_ids, attention
+
+
+@torch.inference_mode()
+def collect_activations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    site: str = "hidden",
+    max_length: int = 128,
+    batch_size: int = 8,
+    out_file: Path | None = None,
+    progress: bool = True,
+) -> Activations:
+    """Run ``model`` over ``prompts`` and record every real token's neurons at ``site``.
+
+    Args:
+        model: a causal LM with a supported architecture.
+        tokenizer: its tokenizer (needs a pad token or an EOS token).
+        prompts: the texts, one sample each.
+        site: ``hidden`` (MLP units) or ``output`` (MLP output channels).
+        max_length: tokens kept per sample.
+        batch_size: samples per forward pass.
+        out_file: if given, the matrix is a memory-mapped ``.npy`` there (written atomically);
+            otherwise it lives in memory.
+        progress: show a progress bar.
+
+    Returns:
+        The filled ``Activations``.
+    """
+    adapter = get_adapter(model)
+    widths = site_widths(model, adapter, site)
+    ids = tokenize(tokenizer, prompts, max_length)
+    lengths = [len(seq) for seq in ids]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    n_tokens, n_neurons = int(offsets[-1]), sum(widths)
+    col = np.concatenate([[0], np.cumsum(widths)])
+    logger.info(
+        "collect: %d samples, %d tokens x %d neurons (%.2f GiB float32)",
+        len(prompts), n_tokens, n_neurons, n_tokens * n_neurons * 4 / 2**30,
+    )  # fmt: skip
+
+    tmp_file = None
+    if out_file is None:
+        matrix = np.empty((n_tokens, n_neurons), dtype=np.float32)
+    else:
+        tmp_file = out_file.with_name(f".{out_file.name}.tmp")
+        matrix = np.lib.format.open_memmap(
+            tmp_file, mode="w+", dtype=np.float32, shape=(n_tokens, n_neurons)
+        )
+
+    current: list[int] = []  # samples of the batch being run, read by the hook
+
+    def record(layer: int, values: torch.Tensor) -> None:
+        block = values.detach().float().cpu().numpy()
+        for row, i in enumerate(current):
+            matrix[offsets[i] : offsets[i + 1], col[layer] : col[layer + 1]] = block[
+                row, : lengths[i]
+            ]
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    backbone = adapter.get_backbone(model)
+    device = next(model.parameters()).device
+    batches = iter_batches(lengths, batch_size)
+    bar = tqdm(total=n_tokens, unit="tok", desc=f"collect ({site})", disable=not progress)
+    start = time.perf_counter()
+    try:
+        with SiteHooks(model, adapter, site, record):
+            for batch in batches:
+                current[:] = batch
+                input_ids, attention = pad_batch(ids, batch, pad_id)
+                backbone(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    use_cache=False,
+                )
+                bar.update(int(attention.sum()))
+        elapsed = time.perf_counter() - start
+    except BaseException:
+        if tmp_file is not None:
+            del matrix
+            tmp_file.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+
+    if out_file is not None and tmp_file is not None:
+        matrix.flush()
+        del matrix
+        os.replace(tmp_file, out_file)
+        matrix = np.load(out_file, mmap_mode="r")
+    sample_index = np.repeat(np.arange(len(prompts), dtype=np.int32), lengths)
+    tps = n_tokens / elapsed if elapsed > 0 else float("inf")
+    logger.info("collect: %d tokens in %.1f s (%.0f tokens/s)", n_tokens, elapsed, tps)
+    return Activations(matrix, sample_index, widths, site, tps)

@@ -1,0 +1,274 @@
+"""Task text: read documents from a source and split them into calibration and held-out sets.
+
+A source is ``builtin:NAME`` (offline corpora, see ``fbnprune.corpora``), ``file:PATH``
+(``.txt``: blank-line-separated documents; ``.jsonl``: one JSON object per line) or
+``hf:DATASET`` (Hugging Face ``datasets``, needs the network). ``load_task`` turns a
+``TaskConfig`` into a ``TaskData`` whose two splits are disjoint and fixed by the seed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fbnprune import corpora
+from fbnprune.recipe import TaskConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A source that cannot be read, or holds too little usable text."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One piece of text; ``label`` is the topic (BBC), the answer (arithmetic) or None."""
+
+    id: str
+    text: str
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's calibration and held-out documents and the template that makes prompts."""
+
+    name: str
+    template: str
+    calibration: list[Document]
+    heldout: list[Document]
+
+    def prompts(self, split: Literal["calibration", "heldout"]) -> list[str]:
+        """The template applied to every document of ``split`` (braces in text are safe)."""
+        if split not in ("calibration", "heldout"):
+            raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
+        docs = self.calibration if split == "calibration" else self.heldout
+        return [self.template.replace("{text}", doc.text) for doc in docs]
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex digits) of the name, template and both splits' ids and texts."""
+        blob = json.dumps(
+            {
+                "name": self.name,
+                "template": self.template,
+                "calibration": [[d.id, d.text] for d in self.calibration],
+                "heldout": [[d.id, d.text] for d in self.heldout],
+            },
+            ensure_ascii=False,
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- built-in corpora -----------------------------------------------------------------------
+
+
+def _builtin(reader: Callable[[], tuple[corpora.Record, ...]]) -> Callable[[], list[Document]]:
+    def load() -> list[Document]:
+        return [Document(id=i, text=t, label=lab) for i, t, lab in reader()]
+
+    load.__name__ = reader.__name__
+    load.__doc__ = reader.__doc__
+    return load
+
+
+BUILTIN_SOURCES: dict[str, Callable[[], list[Document]]] = {
+    name: _builtin(reader) for name, reader in corpora.READERS.items()
+}
+
+
+def _load_builtin(name: str) -> list[Document]:
+    if name not in BUILTIN_SOURCES:
+        known = ", ".join(sorted(BUILTIN_SOURCES))
+        close = difflib.get_close_matches(name, BUILTIN_SOURCES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DataError(f"unknown built-in corpus {name!r} (known: {known}){hint}")
+    try:
+        return BUILTIN_SOURCES[name]()
+    except (OSError, ModuleNotFoundError) as exc:
+        raise DataError(f"built-in corpus {name!r} could not be read: {exc}") from exc
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _load_txt(path: Path) -> list[Document]:
+    """Documents separated by one or more blank lines."""
+    blocks, current = [], []
+    for line in _read_text(path).splitlines():
+        if line.strip():
+            current.append(line.rstrip())
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    if current:
+        blocks.append("\n".join(current))
+    return [Document(id=f"file:{i}", text=text) for i, text in enumerate(blocks)]
+
+
+def _jsonl_record(line: str, where: str, text_field: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if text_field not in obj:
+        raise DataError(f"{where}: no {text_field!r} key (keys: {', '.join(sorted(obj))})")
+    if not isinstance(obj[text_field], str):
+        raise DataError(f"{where}: {text_field!r} must be a string")
+    return obj
+
+
+def _load_jsonl(path: Path, text_field: str) -> list[Document]:
+    """One JSON object per line: text in ``text_field``, optional ``id`` and ``label``."""
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        obj = _jsonl_record(line, f"{path}:{lineno}", text_field)
+        doc_id = str(obj["id"]) if obj.get("id") is not None else f"file:{len(docs)}"
+        label = None if obj.get("label") is None else str(obj["label"])
+        docs.append(Document(id=doc_id, text=obj[text_field], label=label))
+    return docs
+
+
+def _load_file(path: Path, text_field: str) -> list[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _load_txt(path)
+    if suffix == ".jsonl":
+        return _load_jsonl(path, text_field)
+    raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .txt or .jsonl")
+
+
+# --- Hugging Face datasets ------------------------------------------------------------------
+
+
+def _label_name(features: Any, value: Any) -> str | None:
+    if value is None:
+        return None
+    feature = features.get("label") if features is not None else None
+    if isinstance(value, int) and hasattr(feature, "int2str"):
+        return str(feature.int2str(value))
+    return str(value)
+
+
+def _load_hf(name: str, text_field: str, split: str, hf_config: str | None) -> list[Document]:
+    try:
+        import datasets
+    except ModuleNotFoundError as exc:
+        raise DataError(
+            f"source 'hf:{name}' needs the Hugging Face 'datasets' package and the network: "
+            "pip install datasets"
+        ) from exc
+    try:
+        table = datasets.load_dataset(name, hf_config, split=split)
+    except Exception as exc:  # datasets raises many types (network, config, split)
+        where = f"hf:{name} (config={hf_config}, split={split})"
+        raise DataError(f"could not load {where}: {exc}") from exc
+    if text_field not in table.column_names:
+        columns = ", ".join(table.column_names)
+        raise DataError(f"hf:{name}: no column {text_field!r} (columns: {columns})")
+    labels = table["label"] if "label" in table.column_names else [None] * len(table)
+    return [
+        Document(id=f"{name}/{split}/{i}", text=str(text), label=_label_name(table.features, lab))
+        for i, (text, lab) in enumerate(zip(table[text_field], labels, strict=True))
+    ]
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def load_documents(
+    source: str, *, text_field: str = "text", split: str = "train", hf_config: str | None = None
+) -> list[Document]:
+    """All documents of ``source`` in source order; raise ``DataError`` if there are none.
+
+    ``text_field`` names the text key of ``.jsonl`` files and Hugging Face datasets; ``split``
+    and ``hf_config`` apply to Hugging Face datasets only.
+    """
+    scheme, sep, rest = source.partition(":")
+    if not sep or not rest:
+        raise DataError(
+            f"source {source!r} must look like 'builtin:NAME', 'file:PATH' or 'hf:DATASET'"
+        )
+    if scheme == "builtin":
+        docs = _load_builtin(rest)
+    elif scheme == "file":
+        docs = _load_file(Path(rest).expanduser(), text_field)
+    elif scheme == "hf":
+        docs = _load_hf(rest, text_field, split, hf_config)
+    else:
+        raise DataError(f"source {source!r}: unknown scheme {scheme!r}; use builtin, file or hf")
+    if not docs:
+        raise DataError(f"source {source!r} holds no documents")
+    if not any(doc.text.strip() for doc in docs):
+        raise DataError(f"source {source!r} holds only empty documents ({len(docs)})")
+    return docs
+
+
+def _usable(docs: list[Document], task: str) -> list[Document]:
+    """Drop empty documents and exact duplicate texts (first kept); check ids are unique."""
+    seen_ids: set[str] = set()
+    seen_texts: set[str] = set()
+    kept = []
+    for doc in docs:
+        if doc.id in seen_ids:
+            raise DataError(f"task {task!r}: document id {doc.id!r} occurs more than once")
+        seen_ids.add(doc.id)
+        if doc.text.strip() and doc.text not in seen_texts:
+            seen_texts.add(doc.text)
+            kept.append(doc)
+    if len(kept) < len(docs):
+        logger.info(
+            "task %s: dropped %d empty or duplicate documents of %d",
+            task,
+            len(docs) - len(kept),
+            len(docs),
+        )
+    return kept
+
+
+def load_task(task: TaskConfig, *, seed: int) -> TaskData:
+    """Load a task's documents and split them, after a seeded shuffle, into the first
+    ``calibration_samples`` (calibration) and the next ``heldout_samples`` (held-out).
+
+    Empty documents and exact duplicate texts are dropped first, so the two splits share no
+    id and no text.
+    """
+    docs = _usable(
+        load_documents(
+            task.source, text_field=task.text_field, split=task.split, hf_config=task.hf_config
+        ),
+        task.name,
+    )
+    needed = task.calibration_samples + task.heldout_samples
+    if len(docs) < needed:
+        raise DataError(
+            f"task {task.name!r}: source {task.source!r} has {len(docs)} usable documents, "
+            f"needs {needed} ({task.calibration_samples} calibration + "
+            f"{task.heldout_samples} held-out)"
+        )
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    picked = [docs[i] for i in order[:needed]]
+    calibration, heldout = picked[: task.calibration_samples], picked[task.calibration_samples :]
+    assert not {d.id for d in calibration} & {d.id for d in heldout}
+    return TaskData(task.name, task.template, calibration, heldout)

@@ -1,0 +1,116 @@
+"""Discover: functional networks by group ICA over a tokens x neurons matrix.
+
+As in fMRI group ICA (CanICA, GIFT): centre the matrix, reduce it with randomized PCA to
+``n_components``, run FastICA in the reduced space, and project the mixing matrix back to
+neurons. Each component then has a *map* over all neurons; z-scored across neurons, its
+entries with ``|z| >= threshold`` form one functional network.
+
+Sign convention: ICA components have no intrinsic sign. Each map is flipped so that its
+heavier tail is positive (positive skewness), which makes maps comparable across runs and
+plots; network membership uses ``|z|``, so the flip never changes a network.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.decomposition import PCA, FastICA
+from sklearn.exceptions import ConvergenceWarning
+
+
+class GroupICA:
+    """Group ICA network discovery, in the form of a scikit-learn estimator.
+
+    Args:
+        n_components: number of PCA components kept and of independent components.
+        threshold: |z| at or above which a neuron belongs to a component's network
+            (the seed paper uses 3.6).
+        max_iter: FastICA iterations.
+        tol: FastICA tolerance.
+        random_state: seed of the randomized PCA and of FastICA.
+
+    Attributes:
+        mean_: ndarray of shape (n_neurons,): per-neuron mean that was removed.
+        pca_components_: ndarray of shape (n_components, n_neurons).
+        explained_variance_ratio_: ndarray of shape (n_components,).
+        maps_: ndarray of shape (n_components, n_neurons): the mixing matrix projected back
+            to neurons, sign-flipped to positive skew.
+        z_maps_: ndarray of shape (n_components, n_neurons): ``maps_`` z-scored per row.
+        networks_: bool ndarray of shape (n_components, n_neurons): ``|z_maps_| >= threshold``.
+        n_iter_: FastICA iterations run.
+        converged_: whether FastICA converged within ``max_iter``.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_components: int = 128,
+        threshold: float = 3.6,
+        max_iter: int = 400,
+        tol: float = 1e-4,
+        random_state: int | None = 0,
+    ) -> None:
+        self.n_components = n_components
+        self.threshold = threshold
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: None = None) -> GroupICA:
+        """Fit on ``X`` of shape (n_tokens, n_neurons). Returns self."""
+        X = np.asarray(X, dtype=np.float32)
+        n_tokens, n_neurons = X.shape
+        k = self.n_components
+        if n_tokens <= k or n_neurons <= k:
+            raise ValueError(
+                f"group ICA with n_components={k} needs more than {k} tokens and neurons; "
+                f"got {n_tokens} tokens x {n_neurons} neurons. Collect more text or lower "
+                "discover.n_components."
+            )
+        pca = PCA(n_components=k, svd_solver="randomized", random_state=self.random_state)
+        reduced = pca.fit_transform(X)  # (tokens, k), centred inside
+        ica = FastICA(
+            n_components=k,
+            whiten="unit-variance",
+            max_iter=self.max_iter,
+            tol=self.tol,
+            random_state=self.random_state,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            ica.fit(reduced.astype(np.float64))
+        self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        if not self.converged_:
+            warnings.warn(
+                f"FastICA did not converge in {self.max_iter} iterations; networks may be "
+                "noisy (raise discover.max_iter)",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        # reduced ~= S @ A.T  and  X - mean ~= reduced @ V  =>  X - mean ~= S @ (A.T @ V)
+        maps = ica.mixing_.T @ pca.components_.astype(np.float64)  # (k, neurons)
+        z = _zscore_rows(maps)
+        flip = np.where((z**3).mean(axis=1) < 0, -1.0, 1.0)[:, None]
+        self.mean_ = pca.mean_
+        self.pca_components_ = pca.components_
+        self.explained_variance_ratio_ = pca.explained_variance_ratio_
+        self.maps_ = (maps * flip).astype(np.float32)
+        self.z_maps_ = (z * flip).astype(np.float32)
+        self.networks_ = np.abs(self.z_maps_) >= self.threshold
+        self.n_iter_ = int(ica.n_iter_)
+        return self
+
+    def neuron_scores(self) -> np.ndarray:
+        """Network evidence per neuron: the largest ``|z|`` over all maps, shape (n_neurons,)."""
+        return np.abs(self.z_maps_).max(axis=0)
+
+    def union(self) -> np.ndarray:
+        """Neurons in at least one network (the paper's "preserve all networks")."""
+        return self.networks_.any(axis=0)
+
+
+def _zscore_rows(a: np.ndarray) -> np.ndarray:
+    std = a.std(axis=1, keepdims=True)
+    std[std == 0] = 1.0
+    return (a - a.mean(axis=1, keepdims=True)) / std

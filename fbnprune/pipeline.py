@@ -1,0 +1,511 @@
+"""The whole pipeline over one run directory: collect -> discover -> select -> prune -> check
+-> save.
+
+Each stage is computed lazily and at most once per process; a stage whose inputs did not
+change since the last run (same fingerprint in ``run.json``, outputs present) is read back
+from disk instead. ``run_pipeline`` is the entry point used by ``fbnprune run``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+import torch
+import transformers
+from torch import nn
+
+from fbnprune import __version__
+from fbnprune.adapters import get_adapter
+from fbnprune.check import ParityResult, check_parity
+from fbnprune.collect import Activations, collect_activations
+from fbnprune.data import TaskData, load_task
+from fbnprune.discover import GroupICA
+from fbnprune.io import atomic_directory, atomic_write_json, atomic_write_text
+from fbnprune.mask import masked
+from fbnprune.plan import PrunePlan
+from fbnprune.recipe import Recipe
+from fbnprune.rundir import RunDir, StageRecord, measure, now
+from fbnprune.save import checkpoint_bytes, model_size, save_checkpoint
+from fbnprune.select import (
+    allocate,
+    column_means,
+    magnitude_scores,
+    random_scores,
+    wanda_scores,
+)
+from fbnprune.slicing import SliceError, slice_model
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("collect", "discover", "select", "prune", "check", "save")
+STAGING = ".staging"
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    return {
+        "fbnprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+    }
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    stages: dict[str, StageRecord]
+    plan: PrunePlan | None
+    parity: ParityResult | None
+    checkpoints: dict[str, Path]
+
+
+class Pipeline:
+    """Lazily computed stages of one recipe over one run directory."""
+
+    def __init__(self, recipe: Recipe, run: RunDir, *, progress: bool = True) -> None:
+        self.recipe, self.run, self.progress = recipe, run, progress
+        self.executed: list[str] = []
+
+    # -- inputs ----------------------------------------------------------------------------
+    @functools.cached_property
+    def tasks(self) -> dict[str, TaskData]:
+        return {t.name: load_task(t, seed=self.recipe.seed) for t in self.recipe.tasks}
+
+    @functools.cached_property
+    def model_and_tokenizer(self) -> tuple[nn.Module, Any]:
+        from fbnprune.loading import load_model
+
+        dtype = getattr(torch, self.recipe.dtype)
+        model, tokenizer = load_model(self.recipe.model, dtype=dtype)
+        get_adapter(model)  # fail early on unsupported architectures
+        return model, tokenizer
+
+    @property
+    def model(self) -> nn.Module:
+        return self.model_and_tokenizer[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model_and_tokenizer[1]
+
+    # -- stage keys --------------------------------------------------------------------------
+    def collect_key(self, task: str) -> str:
+        r = self.recipe
+        cfg = next(t for t in r.tasks if t.name == task)
+        return _hash(
+            r.model, r.dtype, r.site, cfg.model_dump(), r.collect.model_dump(),
+            self.tasks[task].fingerprint(),
+        )  # fmt: skip
+
+    def discover_key(self, task: str) -> str:
+        return _hash(self.collect_key(task), self.recipe.discover.model_dump(), self.recipe.seed)
+
+    @functools.cached_property
+    def select_key(self) -> str:
+        r = self.recipe
+        upstream = [
+            self.discover_key(t) if r.select.selector == "ica" else self.collect_key(t)
+            for t in self.tasks
+        ]
+        return _hash(upstream, r.select.model_dump(), r.prune.model_dump(), r.seed)
+
+    @functools.cached_property
+    def prune_key(self) -> str:
+        return _hash(self.select_key, self.recipe.save.model_dump())
+
+    @functools.cached_property
+    def check_key(self) -> str:
+        return _hash(self.prune_key, self.recipe.check.model_dump())
+
+    # -- paths -------------------------------------------------------------------------------
+    def collect_dir(self, task: str) -> Path:
+        return self.run.path / "collect" / task
+
+    def discover_file(self, task: str) -> Path:
+        return self.run.path / "discover" / f"{task}.npz"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.run.path / "plan.json"
+
+    def checkpoint_dir(self, layout: str) -> Path:
+        return self.run.path / f"checkpoint-{layout}"
+
+    def staging_dir(self, layout: str) -> Path:
+        return self.run.path / STAGING / f"checkpoint-{layout}"
+
+    # -- stage runner ------------------------------------------------------------------------
+    def _stage(self, name: str, key: str, outputs: list[Path], compute) -> Any:
+        """Reuse a fresh stage's outputs or compute them, recording time and memory."""
+        if self.run.is_fresh(name, key, outputs):
+            logger.info("%s: up to date, reusing %s", name, outputs[0].relative_to(self.run.path))
+            return None
+        logger.info("%s: running", name)
+        with measure() as m:
+            details = compute() or {}
+        rec = StageRecord(key, round(m["seconds"], 2), round(m["peak_rss_mib"], 1), now(), details)
+        self.run.mark_done(name, rec)
+        self.executed.append(name)
+        logger.info("%s: done in %.1f s (peak RSS %.0f MiB)", name, rec.seconds, rec.peak_rss_mib)
+        return rec
+
+    # -- 1. collect --------------------------------------------------------------------------
+    def activations(self, task: str) -> Activations:
+        directory = self.collect_dir(task)
+        outputs = [directory / "activations.npy", directory / "meta.json"]
+        self._stage(f"collect:{task}", self.collect_key(task), outputs, lambda: self._collect(task))
+        meta = json.loads((directory / "meta.json").read_text())
+        acts = Activations.load(directory, meta["layer_widths"], meta["site"])
+        acts.tokens_per_second = meta["tokens_per_second"]
+        return acts
+
+    def _collect(self, task: str) -> dict:
+        cfg = next(t for t in self.recipe.tasks if t.name == task)
+        directory = self.collect_dir(task)
+        directory.mkdir(parents=True, exist_ok=True)
+        memmap = self.recipe.collect.storage == "memmap"
+        acts = collect_activations(
+            self.model,
+            self.tokenizer,
+            self.tasks[task].prompts("calibration"),
+            site=self.recipe.site,
+            max_length=cfg.max_length,
+            batch_size=self.recipe.collect.batch_size,
+            out_file=directory / "activations.npy" if memmap else None,
+            progress=self.progress,
+        )
+        if not memmap:
+            tmp = directory / ".activations.npy.tmp"
+            with open(tmp, "wb") as handle:
+                np.save(handle, acts.matrix)
+            os.replace(tmp, directory / "activations.npy")
+        acts.save(directory)
+        meta = {
+            "task": task,
+            "model_type": self.model.config.model_type,
+            "site": acts.site,
+            "n_tokens": acts.n_tokens,
+            "n_samples": len(self.tasks[task].calibration),
+            "layer_widths": acts.layer_widths,
+            "tokens_per_second": acts.tokens_per_second,
+            "sample_ids": [d.id for d in self.tasks[task].calibration],
+        }
+        atomic_write_json(directory / "meta.json", meta)
+        return {k: meta[k] for k in ("n_tokens", "n_samples", "tokens_per_second")}
+
+    # -- 2. discover ---------------------------------------------------------------------------
+    def ica_scores(self, task: str) -> np.ndarray:
+        file = self.discover_file(task)
+        if not self.run.is_fresh(f"discover:{task}", self.discover_key(task), [file]):
+            self.activations(task)  # run collect first, so stages log in order
+        self._stage(
+            f"discover:{task}", self.discover_key(task), [file], lambda: self._discover(task)
+        )
+        with np.load(file) as data:
+            return data["scores"]
+
+    def _discover(self, task: str) -> dict:
+        cfg = self.recipe.discover
+        acts = self.activations(task)
+        ica = GroupICA(
+            n_components=cfg.n_components,
+            threshold=cfg.threshold,
+            max_iter=cfg.max_iter,
+            tol=cfg.tol,
+            random_state=self.recipe.seed,
+        ).fit(acts.matrix)
+        file = self.discover_file(task)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp.npz")
+        np.savez(
+            tmp,
+            scores=ica.neuron_scores(),
+            z_maps=ica.z_maps_,
+            explained_variance_ratio=ica.explained_variance_ratio_,
+            layer_widths=np.asarray(acts.layer_widths),
+        )
+        os.replace(tmp, file)
+        sizes = ica.networks_.sum(axis=1)
+        return {
+            "n_iter": ica.n_iter_,
+            "converged": ica.converged_,
+            "explained_variance": float(ica.explained_variance_ratio_.sum()),
+            "network_size_median": float(np.median(sizes)),
+            "union_units": int(ica.union().sum()),
+        }
+
+    # -- 3. select ---------------------------------------------------------------------------
+    def plan(self) -> PrunePlan:
+        if not self.run.is_fresh("select", self.select_key, [self.plan_file]):
+            for task in self.tasks:  # upstream stages first, so stages log in order
+                self._task_scores(task)
+        self._stage("select", self.select_key, [self.plan_file], self._select)
+        return PrunePlan.load(self.plan_file)
+
+    def _task_scores(self, task: str) -> np.ndarray:
+        selector = self.recipe.select.selector
+        if selector == "ica":
+            return self.ica_scores(task)
+        acts = self.activations(task)
+        if selector == "magnitude":
+            return magnitude_scores(acts.matrix)
+        if selector == "wanda":
+            return wanda_scores(self.model, acts.matrix)
+        return random_scores(acts.matrix.shape[1], self.recipe.seed)
+
+    def _select(self) -> dict:
+        r = self.recipe
+        all_acts = {t: self.activations(t) for t in self.tasks}
+        widths = next(iter(all_acts.values())).layer_widths
+        merged = np.max([self._task_scores(t) for t in self.tasks], axis=0)  # union of tasks
+        bounds = np.cumsum([0, *widths])
+        per_layer = [merged[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        kept = allocate(
+            per_layer, r.select.budget, policy=r.select.allocation,
+            min_per_layer=r.select.min_per_layer,
+        )  # fmt: skip
+        fill_values = None
+        if r.prune.fill == "mean":
+            tokens = sum(a.n_tokens for a in all_acts.values())
+            means = sum(column_means(a.matrix).astype(np.float64) * a.n_tokens
+                        for a in all_acts.values()) / tokens  # fmt: skip
+            fill_values = [means[a:b].astype(np.float32).tolist()
+                           for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
+        provenance: dict[str, Any] = {
+            "recipe": r.name,
+            "recipe_fingerprint": r.fingerprint(),
+            "tasks": {t: d.fingerprint() for t, d in self.tasks.items()},
+            "calibration_tokens": {t: a.n_tokens for t, a in all_acts.items()},
+            "seed": r.seed,
+            "budget": r.select.budget,
+            "allocation": r.select.allocation,
+            "min_per_layer": r.select.min_per_layer,
+            "selector": r.select.selector,
+            "versions": versions(),
+            "created": now(),
+        }
+        if r.select.selector == "ica":
+            union = merged >= r.discover.threshold
+            provenance.update(
+                n_components=r.discover.n_components,
+                threshold=r.discover.threshold,
+                threshold_union_units=int(union.sum()),
+                threshold_union_fraction=float(union.mean()),
+                threshold_union_per_layer=[int(union[a:b].sum())
+                                           for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+            )  # fmt: skip
+        model_type = json.loads(
+            (self.collect_dir(next(iter(self.tasks))) / "meta.json").read_text()
+        )["model_type"]
+        plan = PrunePlan(
+            model=r.model, model_type=model_type, site=r.site, fill=r.prune.fill,
+            layer_widths=list(widths), kept=kept, fill_values=fill_values, provenance=provenance,
+        )  # fmt: skip
+        plan.save(self.plan_file)
+        logger.info("select: %s", plan.summary())
+        if "threshold_union_units" in provenance:
+            logger.info(
+                "select: the threshold union (|z| >= %.1f) alone would keep %d units (%.1f%%)",
+                r.discover.threshold, provenance["threshold_union_units"],
+                100 * provenance["threshold_union_fraction"],
+            )  # fmt: skip
+        return {"kept": plan.n_kept, "kept_fraction": plan.kept_fraction}
+
+    # -- 4. prune ------------------------------------------------------------------------------
+    @functools.cached_property
+    def sliced(self) -> dict[str, nn.Module]:
+        """The sliced model for every layout the recipe saves (in memory)."""
+        plan = self.plan()
+        return {
+            layout: slice_model(copy.deepcopy(self.model), plan, layout=layout).eval()
+            for layout in self.recipe.save.layouts
+        }
+
+    def prune_report(self) -> dict:
+        file = self.run.path / "prune.json"
+        self._stage("prune", self.prune_key, [file], self._prune)
+        return json.loads(file.read_text())
+
+    def _prune(self) -> dict:
+        plan = self.plan()
+        original = model_size(self.model)
+        sizes: dict[str, Any] = {
+            "original": {"parameters": original.parameters, "bytes": original.bytes}
+        }
+        for layout in ("padded", "compact"):
+            if layout in self.recipe.save.layouts:
+                model = self.sliced[layout]
+            else:
+                try:
+                    model = slice_model(copy.deepcopy(self.model), plan, layout=layout)
+                except SliceError as exc:
+                    sizes[layout] = {"unavailable": str(exc)}
+                    continue
+            size = model_size(model)
+            sizes[layout] = {"parameters": size.parameters, "bytes": size.bytes}
+        widths_before = plan.layer_widths
+        report = {
+            "site": plan.site,
+            "layouts": self.recipe.save.layouts,
+            "kept_per_layer": plan.kept_per_layer(),
+            "width_before": widths_before,
+            "padded_width": max(plan.kept_per_layer()),
+            "sizes": sizes,
+        }
+        atomic_write_json(self.run.path / "prune.json", report)
+        for name, s in sizes.items():
+            if "parameters" in s:
+                logger.info("prune: %-8s %9.2f M params  %8.1f MiB", name, s["parameters"] / 1e6,
+                            s["bytes"] / 2**20)  # fmt: skip
+            else:
+                logger.info("prune: %-8s unavailable (%s)", name, s["unavailable"])
+        return {"padded_width": report["padded_width"]}
+
+    # -- 5. check ------------------------------------------------------------------------------
+    def parity(self) -> ParityResult:
+        file = self.run.path / "parity.json"
+        self._stage("check", self.check_key, [file], self._check)
+        return ParityResult.from_dict(json.loads(file.read_text()))
+
+    def heldout_prompts(self, n: int) -> list[str]:
+        """Up to ``n`` held-out prompts, taken round-robin across tasks."""
+        per_task = [d.prompts("heldout") for d in self.tasks.values()]
+        out: list[str] = []
+        for i in range(max(len(p) for p in per_task)):
+            out.extend(p[i] for p in per_task if i < len(p))
+        return out[:n]
+
+    def _check(self) -> dict:
+        """float64: masked vs sliced, both from the float64 model (exactness of the slice);
+        model dtype: sliced vs saved-and-reloaded (serialisation), and masked vs sliced (for
+        information: the float32 bias that holds the mean fill and the changed summation
+        order round differently, ~1e-3 on 30-layer models)."""
+        from transformers import AutoModelForCausalLM
+
+        self.prune_report()
+        plan = self.plan()
+        dtype = getattr(torch, self.recipe.dtype)
+        cfg = self.recipe.check
+        kwargs = dict(
+            tokenizer=self.tokenizer,
+            prompts=self.heldout_prompts(cfg.samples),
+            max_length=max(t.max_length for t in self.recipe.tasks),
+        )
+        reloaded: dict[str, nn.Module] = {}
+        for layout, model in self.sliced.items():
+            staging = self.staging_dir(layout)
+            save_checkpoint(model, self.tokenizer, staging)
+            reloaded[layout] = AutoModelForCausalLM.from_pretrained(
+                staging, dtype=dtype, trust_remote_code=layout == "compact"
+            ).eval()
+        # each saved layout against its own in-memory slice, in the model's dtype
+        per_layout = [
+            check_parity((f"sliced-{layout}", self.sliced[layout], None),
+                         {f"reloaded-{layout}": reloaded[layout]}, atol=cfg.atol, **kwargs)
+            for layout in self.sliced
+        ]  # fmt: skip
+        serialisation = per_layout[0]
+        serialisation.reference = "sliced (in memory)"
+        serialisation.comparisons = [r.comparisons[0] for r in per_layout]
+        del reloaded
+        sliced = {f"sliced-{layout}": m for layout, m in self.sliced.items()}
+        in_dtype = check_parity(("masked", self.model, lambda: masked(self.model, plan)),
+                                sliced, atol=cfg.atol, gating=False, **kwargs)  # fmt: skip
+        # the slicing procedure itself, run in float64 so rounding cannot hide a wrong unit
+        reference64 = copy.deepcopy(self.model).double()
+        sliced64 = {
+            f"sliced-{layout}": slice_model(copy.deepcopy(reference64), plan, layout=layout)
+            for layout in self.sliced
+        }
+        exact = check_parity(("masked", reference64, lambda: masked(reference64, plan)),
+                             sliced64, atol=cfg.atol, **kwargs)  # fmt: skip
+        result = ParityResult([exact, serialisation, in_dtype])
+        logger.info("check:\n%s", result.table())
+        atomic_write_json(self.run.path / "parity.json", result.to_dict())
+        if not result.passed:
+            shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+            result.raise_if_failed()
+        return {"max_abs": result.worst(), "passed": result.passed}
+
+    # -- 6. save -------------------------------------------------------------------------------
+    def checkpoints(self) -> dict[str, Path]:
+        outputs = [self.checkpoint_dir(layout) for layout in self.recipe.save.layouts]
+        self._stage("save", self.check_key, outputs, self._save)
+        return dict(zip(self.recipe.save.layouts, outputs, strict=True))
+
+    def _save(self) -> dict:
+        self.parity()
+        plan_text = self.plan_file.read_text()
+        extras = {
+            "fbnprune_plan.json": plan_text,
+            "fbnprune_recipe.yaml": self.recipe.to_yaml(),
+            "fbnprune_parity.json": (self.run.path / "parity.json").read_text(),
+        }
+        sizes = {}
+        for layout in self.recipe.save.layouts:
+            staging, final = self.staging_dir(layout), self.checkpoint_dir(layout)
+            if not staging.is_dir():  # check ran in an earlier process and staging is gone
+                save_checkpoint(self.sliced[layout], self.tokenizer, staging)
+            with atomic_directory(final) as tmp:
+                shutil.copytree(staging, tmp, dirs_exist_ok=True)
+                for name, text in extras.items():
+                    atomic_write_text(tmp / name, text)
+            shutil.rmtree(staging)
+            sizes[layout] = checkpoint_bytes(final)
+            logger.info("save: %s (%.1f MiB of safetensors)", final, sizes[layout] / 2**20)
+        shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+        return {"safetensors_bytes": sizes}
+
+
+def run_pipeline(
+    recipe: Recipe,
+    out: Path,
+    *,
+    until: str = "save",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunSummary:
+    """Run the recipe's stages up to ``until`` into ``out``; reuse stages that are fresh."""
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    run = RunDir.open(out, overwrite=overwrite)
+    run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(),
+                   versions=versions())  # fmt: skip
+    atomic_write_text(run.path / "recipe.yaml", recipe.to_yaml())
+    pipe = Pipeline(recipe, run, progress=progress)
+    plan = parity = None
+    checkpoints: dict[str, Path] = {}
+    stop = STAGES.index(until)
+    if stop == 0:
+        for task in pipe.tasks:
+            pipe.activations(task)
+    if stop >= 1 and recipe.select.selector == "ica":
+        for task in pipe.tasks:
+            pipe.ica_scores(task)
+    if stop >= 2:
+        plan = pipe.plan()
+    if stop >= 3:
+        pipe.prune_report()
+    if stop >= 4:
+        parity = pipe.parity()
+    if stop >= 5:
+        checkpoints = pipe.checkpoints()
+    ledger = run.ledger()["stages"]
+    stages = {name: StageRecord(**rec) for name, rec in ledger.items()}
+    return RunSummary(run.path, stages, plan, parity, checkpoints)

@@ -1,0 +1,97 @@
+"""Save: write a sliced model as a safetensors checkpoint that loads with stock transformers.
+
+``padded`` checkpoints load with plain ``AutoModelForCausalLM.from_pretrained``. ``compact``
+checkpoints ship ``modeling_fbnprune.py`` and an ``auto_map`` entry, and load with
+``trust_remote_code=True``. Directories are written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fbnprune.io import atomic_directory
+from fbnprune.slicing import COMPACT_KEY
+
+MODELING_FILE = "modeling_fbnprune.py"
+COMPACT_CLASS = "FbnpruneCompactForCausalLM"
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    """Parameters and bytes of a model or a saved checkpoint."""
+
+    parameters: int
+    bytes: int
+
+    def __str__(self) -> str:
+        return f"{self.parameters / 1e6:.2f} M params, {self.bytes / 2**20:.1f} MiB"
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen = {id(p): p.numel() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def model_size(model: nn.Module) -> CheckpointSize:
+    unique = {id(p): p for p in model.parameters()}.values()
+    return CheckpointSize(
+        parameters=sum(p.numel() for p in unique),
+        bytes=sum(p.numel() * p.element_size() for p in unique),
+    )
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    directory: Path,
+    *,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Save ``model`` (padded or compact, as sliced) and its tokenizer to ``directory``.
+
+    Args:
+        model: a sliced (or original) causal LM.
+        tokenizer: saved beside the weights when given.
+        directory: the checkpoint directory; replaced atomically.
+        extra_files: name -> text of further files to write (plan, recipe, reports).
+    """
+    directory = Path(directory)
+    config = model.config
+    compact = getattr(config, COMPACT_KEY, None) is not None
+    with atomic_directory(directory) as tmp:
+        if compact:
+            base = _stock_class(model)
+            config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{COMPACT_CLASS}"}
+            template = importlib.resources.files("fbnprune") / "templates" / MODELING_FILE
+            source = template.read_text().replace("__BASE_CLASS__", base.__name__)
+            (tmp / MODELING_FILE).write_text(source)
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if compact:
+                del config.auto_map
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return directory
+
+
+def _stock_class(model: nn.Module) -> type:
+    """The transformers class a (possibly remote-code) model derives from."""
+    import transformers
+
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and hasattr(transformers, cls.__name__):
+            return cls
+    raise TypeError(f"{type(model).__name__} has no stock transformers base class")

@@ -1,0 +1,149 @@
+"""Select: score neurons, then keep an exact budget of them under an allocation policy.
+
+Scorers turn evidence into one score per neuron (higher = keep first):
+
+- ``ica``: the largest ``|z|`` of the neuron over all group-ICA maps; the neurons whose score
+  reaches the threshold are exactly the union of the functional networks.
+- ``magnitude``: mean ``|activation|`` over calibration tokens.
+- ``wanda``: Wanda-style weight x activation: ``||W_down[:, j]||_2 * rms(activation_j)``
+  (hidden site only).
+- ``random``: a seeded random permutation (the control).
+
+Ranking by score makes any budget reachable, whether or not it matches the networks' union.
+Allocation policies: ``global`` (one ranking over all layers) and ``uniform`` (the same
+fraction in every layer); both honour a per-layer floor so no layer is emptied by accident.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from fbnprune.adapters import get_adapter
+
+
+class SelectError(ValueError):
+    """A selection that cannot be made as asked."""
+
+
+def magnitude_scores(matrix: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Mean absolute activation per neuron, computed in row chunks (memmap friendly)."""
+    total = np.zeros(matrix.shape[1], dtype=np.float64)
+    for start in range(0, matrix.shape[0], chunk):
+        total += np.abs(matrix[start : start + chunk]).sum(axis=0, dtype=np.float64)
+    return (total / matrix.shape[0]).astype(np.float32)
+
+
+def column_means(matrix: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Mean activation per neuron (the ``fill: mean`` value), in float64 then float32."""
+    total = np.zeros(matrix.shape[1], dtype=np.float64)
+    for start in range(0, matrix.shape[0], chunk):
+        total += matrix[start : start + chunk].sum(axis=0, dtype=np.float64)
+    return (total / matrix.shape[0]).astype(np.float32)
+
+
+def rms_scores(matrix: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    total = np.zeros(matrix.shape[1], dtype=np.float64)
+    for start in range(0, matrix.shape[0], chunk):
+        block = matrix[start : start + chunk].astype(np.float64)
+        total += (block * block).sum(axis=0)
+    return np.sqrt(total / matrix.shape[0]).astype(np.float32)
+
+
+def wanda_scores(model: nn.Module, matrix: np.ndarray) -> np.ndarray:
+    """``||W_down[:, j]||_2 * rms(x_j)`` per hidden unit, layers concatenated."""
+    adapter = get_adapter(model)
+    norms = []
+    for layer in adapter.get_layers(model):
+        weight = adapter.get_down(layer).weight.detach().float()
+        unit_dim = 1 if adapter.conv1d else 0  # dimension holding d_model
+        norms.append(torch.linalg.vector_norm(weight, dim=unit_dim).cpu().numpy())
+    column_norms = np.concatenate(norms)
+    if column_norms.shape[0] != matrix.shape[1]:
+        raise SelectError("wanda scores need the hidden site (MLP units)")
+    return column_norms * rms_scores(matrix)
+
+
+def random_scores(n_neurons: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n_neurons).astype(np.float32)
+
+
+def allocate(
+    layer_scores: list[np.ndarray],
+    budget: float,
+    *,
+    policy: str = "global",
+    min_per_layer: float = 0.0,
+) -> list[list[int]]:
+    """Kept indices per layer: exactly ``round(budget * n_neurons)`` in total.
+
+    Args:
+        layer_scores: one score array per layer (higher = keep first).
+        budget: fraction of all neurons to keep, in (0, 1].
+        policy: ``global`` or ``uniform``.
+        min_per_layer: floor on each layer's kept fraction (at least one unit when > 0).
+
+    Returns:
+        Sorted kept indices for every layer.
+    """
+    if not 0 < budget <= 1:
+        raise SelectError(f"budget must be in (0, 1], got {budget}")
+    widths = [len(s) for s in layer_scores]
+    total = max(1, round(budget * sum(widths)))
+    floors = [min(w, math.ceil(min_per_layer * w)) for w in widths]
+    if sum(floors) > total:
+        raise SelectError(
+            f"the per-layer floor ({min_per_layer:.1%} of each layer = {sum(floors)} units) "
+            f"exceeds the budget ({total} units); lower select.min_per_layer"
+        )
+    if policy == "uniform":
+        counts = _proportional_counts(widths, total)
+        counts = [max(c, f) for c, f in zip(counts, floors, strict=True)]
+        _trim_to_total(counts, floors, total)
+        return [sorted(_top(s, c).tolist()) for s, c in zip(layer_scores, counts, strict=True)]
+    if policy != "global":
+        raise SelectError(f"unknown allocation policy {policy!r} (global, uniform)")
+
+    chosen = [set(_top(s, f).tolist()) for s, f in zip(layer_scores, floors, strict=True)]
+    remaining = total - sum(floors)
+    flat_scores = np.concatenate(layer_scores)
+    layer_of = np.repeat(np.arange(len(widths)), widths)
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    for flat in _rank(flat_scores):
+        if remaining == 0:
+            break
+        layer = int(layer_of[flat])
+        unit = int(flat - offsets[layer])
+        if unit not in chosen[layer]:
+            chosen[layer].add(unit)
+            remaining -= 1
+    return [sorted(c) for c in chosen]
+
+
+def _rank(scores: np.ndarray) -> np.ndarray:
+    """Indices by descending score, ties broken by index (deterministic)."""
+    return np.lexsort((np.arange(len(scores)), -scores.astype(np.float64)))
+
+
+def _top(scores: np.ndarray, count: int) -> np.ndarray:
+    return _rank(scores)[:count]
+
+
+def _proportional_counts(widths: list[int], total: int) -> list[int]:
+    """Split ``total`` across layers proportionally to width (largest remainder)."""
+    exact = [total * w / sum(widths) for w in widths]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(len(widths)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _trim_to_total(counts: list[int], floors: list[int], total: int) -> None:
+    """Remove units from the largest layers (above their floors) until the sum is ``total``."""
+    while sum(counts) > total:
+        i = max(range(len(counts)), key=lambda j: (counts[j] - floors[j], -j))
+        counts[i] -= 1

@@ -1,0 +1,193 @@
+"""The whole pipeline on a tiny model: run directory, parity, reuse, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from fbnprune.cli import main
+from fbnprune.pipeline import Pipeline, run_pipeline
+from fbnprune.recipe import parse_recipe
+from fbnprune.rundir import RunDir, RunDirError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny random Llama with a char-level tokenizer, saved like any local checkpoint."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def recipe_dict(model_dir: str, **overrides) -> dict:
+    recipe = {
+        "name": "tiny",
+        "model": model_dir,
+        "tasks": [{"name": "news", "source": "builtin:bbc_news", "template": "Article: {text}",
+                   "calibration_samples": 12, "heldout_samples": 4, "max_length": 32}],
+        "collect": {"batch_size": 4},
+        "discover": {"n_components": 8},
+        "select": {"budget": 0.25, "min_per_layer": 0.05},
+        "check": {"samples": 4, "atol": 1e-5},
+        "save": {"layouts": ["padded", "compact"]},
+    }  # fmt: skip
+    for key, value in overrides.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
+    return recipe
+
+
+def write_recipe(tmp_path, data: dict):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_dir, tmp_path):
+    recipe = parse_recipe(recipe_dict(tiny_dir))
+    summary = run_pipeline(recipe, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in ("run.json", "recipe.yaml", "plan.json", "prune.json", "parity.json"):
+        assert (run / name).is_file(), name
+    assert not (run / ".staging").exists()
+
+    plan = summary.plan
+    assert plan.n_kept == round(0.25 * plan.n_units)
+    assert all(k >= 0.05 * w for k, w in zip(plan.kept_per_layer(), plan.layer_widths, strict=True))
+    assert plan.provenance["selector"] == "ica" and "threshold_union_units" in plan.provenance
+    exact, serialisation, in_float32 = summary.parity.reports
+    assert summary.parity.passed and exact.dtype == "float64" and exact.gating
+    assert [c.name for c in exact.comparisons] == ["sliced-padded", "sliced-compact"]
+    assert all(c.max_abs < 1e-9 for c in exact.comparisons)  # exact up to float64 rounding
+    assert [c.name for c in serialisation.comparisons] == ["reloaded-padded", "reloaded-compact"]
+    assert all(c.max_abs == 0.0 for c in serialisation.comparisons)
+    assert not in_float32.gating and exact.n_tokens > 0
+
+    padded = AutoModelForCausalLM.from_pretrained(run / "checkpoint-padded")
+    assert padded.config.intermediate_size == max(plan.kept_per_layer())
+    compact = AutoModelForCausalLM.from_pretrained(run / "checkpoint-compact",
+                                                   trust_remote_code=True)  # fmt: skip
+    assert compact.config.fbnprune_compact["widths"] == plan.kept_per_layer()
+    for name in ("fbnprune_plan.json", "fbnprune_recipe.yaml", "tokenizer.json"):
+        assert (run / "checkpoint-padded" / name).is_file()
+    sizes = json.loads((run / "prune.json").read_text())["sizes"]
+    assert sizes["compact"]["parameters"] <= sizes["padded"]["parameters"]
+    assert sizes["padded"]["parameters"] < sizes["original"]["parameters"]
+
+    # a second run reuses every stage
+    again = Pipeline(recipe, RunDir.open(run), progress=False)
+    again.checkpoints()
+    assert again.executed == []
+
+
+def test_changed_budget_recomputes_only_select_and_later(tiny_dir, tmp_path):
+    run_pipeline(parse_recipe(recipe_dict(tiny_dir)), tmp_path / "run", progress=False)
+    changed = parse_recipe(recipe_dict(tiny_dir, select={"budget": 0.5}))
+    pipe = Pipeline(changed, RunDir.open(tmp_path / "run"), progress=False)
+    pipe.checkpoints()
+    assert pipe.executed == ["select", "prune", "check", "save"]
+
+
+def test_interrupted_stage_resumes_cleanly(tiny_dir, tmp_path, monkeypatch):
+    recipe = parse_recipe(recipe_dict(tiny_dir))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fbnprune.pipeline.GroupICA.fit", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(recipe, tmp_path / "run", progress=False)
+    assert not list((tmp_path / "run").rglob("*.tmp*"))
+    assert not (tmp_path / "run" / "plan.json").exists()
+    monkeypatch.undo()
+    pipe = Pipeline(recipe, RunDir.open(tmp_path / "run"), progress=False)
+    pipe.checkpoints()
+    assert "collect:news" not in pipe.executed and "discover:news" in pipe.executed
+
+
+def test_collect_records_only_real_tokens(tiny_dir, tmp_path):
+    recipe = parse_recipe(recipe_dict(tiny_dir))
+    run_pipeline(recipe, tmp_path / "run", until="collect", progress=False)
+    pipe = Pipeline(recipe, RunDir.open(tmp_path / "run"), progress=False)
+    acts = pipe.activations("news")
+    prompts = pipe.tasks["news"].prompts("calibration")
+    lengths = [
+        len(ids) for ids in pipe.tokenizer(prompts, truncation=True, max_length=32)["input_ids"]
+    ]
+    assert acts.n_tokens == sum(lengths)
+    # rows equal an unbatched forward pass of each sample alone (padding did not leak in)
+    model, tok = pipe.model, pipe.tokenizer
+    ids = torch.tensor([tok(prompts[1], truncation=True, max_length=32)["input_ids"]])
+    seen = []
+    down = model.model.layers[1].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    rows = acts.matrix[acts.sample_index == 1][:, 48:96]
+    np.testing.assert_allclose(rows, seen[0].numpy(), atol=1e-5)
+
+
+def test_existing_non_run_directory_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="--overwrite"):
+        RunDir.open(tmp_path / "out")
+    RunDir.open(tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "precious.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": "no-such-model-xyz"}, "no-such-model-xyz"),
+        ({"select": {"budget": 0.0}}, "budget must be in"),
+        ({"select": {"budget": 1.5}}, "budget must be in"),
+        ({"select": {"budgte": 0.1}}, "select.budgte: unknown key"),
+        ({"discover": {"n_components": "many"}}, "discover.n_components"),
+        ({"tasks": [{"name": "x", "source": "builtin:nope"}]}, "nope"),
+        ({"discover": {"n_components": 4000}}, "needs more than 4000 tokens"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_exit_code(tiny_dir, tmp_path, capsys, overrides,
+                                                     message):  # fmt: skip
+    path = write_recipe(tmp_path, recipe_dict(tiny_dir, **overrides))
+    code = main(["-q", "run", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "plan.json").exists()
+
+
+def test_empty_corpus_and_too_short_corpus(tiny_dir, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "short.txt").write_text("one doc\n\ntwo docs\n")
+    for name in ("empty.txt", "short.txt"):
+        tasks = [{"name": "t", "source": f"file:{tmp_path / name}"}]
+        path = write_recipe(tmp_path, recipe_dict(tiny_dir, tasks=tasks))
+        assert main(["-q", "validate", str(path), "--data"]) == 2
+        assert name in capsys.readouterr().err
+
+
+def test_validate_accepts_the_shipped_recipes(capsys):
+    from pathlib import Path
+
+    recipes = sorted(str(p) for p in Path(__file__).parents[1].glob("recipes/*.yaml"))
+    assert len(recipes) >= 3
+    assert main(["validate", *recipes]) == 0
+    assert capsys.readouterr().out.count(": ok") == len(recipes)
+
+
+def test_help_explains_every_subcommand(capsys):
+    for command in ("run", "collect", "discover", "select", "prune", "check", "save", "validate"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: fbnprune" in capsys.readouterr().out
