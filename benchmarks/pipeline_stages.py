@@ -1,9 +1,10 @@
 """Benchmark the pipeline on a recipe: per-stage wall time and peak memory, and collection
 throughput next to a plain forward pass measured in the same process.
 
-Usage: python benchmarks/pipeline_stages.py recipes/demo.yaml [--out DIR] [--repeats 2]
+Usage: python benchmarks/pipeline_stages.py RECIPE [--out DIR] [--repeats 4] [--samples 32]
 
-Prints one table of stages (from a fresh run directory) and one of tokens/s:
+Prints one table of stages (a fresh run directory, or the times recorded in --out when it
+holds an earlier run) and one of tokens/s:
 plain forward of the whole model, forward of the decoder only (no LM head, what collect runs),
 and collect into memory and into a memory-mapped file. Forward passes and collections are
 interleaved and repeated so that machine noise hits all of them alike.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ from fbnprune.rundir import RunDir
 
 
 @torch.inference_mode()
-def forward_tokens_per_second(model, forward, tokenizer, prompts, max_length, batch_size) -> float:
+def forward_tokens_per_second(forward, tokenizer, prompts, max_length, batch_size) -> float:
     ids = tokenize(tokenizer, prompts, max_length)
     pad_id = tokenizer.pad_token_id or 0
     batches = [pad_batch(ids, b, pad_id) for b in iter_batches([len(s) for s in ids], batch_size)]
@@ -40,14 +43,15 @@ def forward_tokens_per_second(model, forward, tokenizer, prompts, max_length, ba
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", type=Path)
-    parser.add_argument("--out", type=Path, help="run directory (default: a temporary one)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="run directory (default: a fresh temporary one)")
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=32, help="prompts per throughput pass")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     recipe = load_recipe(args.recipe)
     out = args.out or Path(tempfile.mkdtemp(prefix="fbnprune-bench-"))
 
-    summary = run_pipeline(recipe, out, overwrite=True, progress=False)
+    summary = run_pipeline(recipe, out, progress=False)
     print(f"\nstages of {args.recipe} (fresh run directory {out}):")
     print(f"  {'stage':<24}{'wall s':>9}{'peak RSS MiB':>14}")
     total = 0.0
@@ -59,44 +63,48 @@ def main() -> None:
     pipe = Pipeline(recipe, RunDir.open(out), progress=False)
     model, tokenizer = pipe.model, pipe.tokenizer
     task = recipe.tasks[0]
-    prompts = pipe.tasks[task.name].prompts("calibration")
-    batch_size = recipe.collect.batch_size
+    prompts = pipe.tasks[task.name].prompts("calibration")[: args.samples]
+    batch, length = recipe.collect.batch_size, task.max_length
     backbone = get_adapter(model).get_backbone(model)
-    rates: dict[str, list[float]] = {k: [] for k in
-                                     ("forward (whole model)", "forward (decoder only)",
-                                      "collect (memory)", "collect (memmap)")}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):
-            rates["forward (whole model)"].append(
-                forward_tokens_per_second(
-                    model, model, tokenizer, prompts, task.max_length, batch_size
-                )
-            )
-            rates["forward (decoder only)"].append(
-                forward_tokens_per_second(
-                    model, backbone, tokenizer, prompts, task.max_length, batch_size
-                )
-            )
-            for storage in ("memory", "memmap"):
-                acts = collect_activations(
-                    model,
-                    tokenizer,
-                    prompts,
-                    site=recipe.site,
-                    max_length=task.max_length,
-                    batch_size=batch_size,
-                    progress=False,
-                    out_file=Path(tmp) / "a.npy" if storage == "memmap" else None,
-                )
-                rates[f"collect ({storage})"].append(acts.tokens_per_second)
-                del acts
+    tmp = Path(tempfile.mkdtemp(prefix="fbnprune-bench-collect-"))
+
+    def collect_rate(out_file: Path | None) -> float:
+        acts = collect_activations(
+            model,
+            tokenizer,
+            prompts,
+            site=recipe.site,
+            max_length=length,
+            batch_size=batch,
+            progress=False,
+            out_file=out_file,
+        )
+        return acts.tokens_per_second
+
+    methods = {
+        "forward (whole model)": lambda: forward_tokens_per_second(
+            model, tokenizer, prompts, length, batch),
+        "forward (decoder only)": lambda: forward_tokens_per_second(
+            backbone, tokenizer, prompts, length, batch),
+        "collect (memory)": lambda: collect_rate(None),
+        "collect (memmap)": lambda: collect_rate(tmp / "activations.npy"),
+    }  # fmt: skip
+    names = list(methods)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    methods[names[0]]()  # warm-up
+    for repeat in range(args.repeats):  # rotate the order so drift hits every method alike
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            rates[name].append(methods[name]())
+    shutil.rmtree(tmp)
     print(
-        f"\nthroughput on {len(prompts)} samples of task {task.name!r}, batch {batch_size}, "
-        f"{torch.get_num_threads()} threads (best of {args.repeats}):"
+        f"\nthroughput on {len(prompts)} samples of task {task.name!r}, batch {batch}, "
+        f"{torch.get_num_threads()} threads (median of {args.repeats}, order rotated):"
     )
-    plain = max(rates["forward (whole model)"])
+    plain = statistics.median(rates[names[0]])
     for name, values in rates.items():
-        print(f"  {name:<24}{max(values):>9.0f} tokens/s  {max(values) / plain:>5.2f}x")
+        rate = statistics.median(values)
+        runs = ", ".join(f"{v:.0f}" for v in values)
+        print(f"  {name:<24}{rate:>9.0f} tokens/s  {rate / plain:>5.2f}x   (runs: {runs})")
 
 
 if __name__ == "__main__":

@@ -152,14 +152,14 @@ def collect_activations(
             tmp_file, mode="w+", dtype=np.float32, shape=(n_tokens, n_neurons)
         )
 
-    current: list[int] = []  # samples of the batch being run, read by the hook
+    # the hooks fill one (batch, seq, neurons) buffer; it is re-bound per batch shape and
+    # read by ``record`` at call time
+    buffer = np.empty((0, 0, n_neurons), dtype=np.float32)
 
     def record(layer: int, values: torch.Tensor) -> None:
-        block = values.detach().float().cpu().numpy()
-        for row, i in enumerate(current):
-            matrix[offsets[i] : offsets[i + 1], col[layer] : col[layer + 1]] = block[
-                row, : lengths[i]
-            ]
+        buffer[: values.shape[0], : values.shape[1], col[layer] : col[layer + 1]] = (
+            values.detach().float().cpu().numpy()
+        )
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     backbone = adapter.get_backbone(model)
@@ -170,13 +170,16 @@ def collect_activations(
     try:
         with SiteHooks(model, adapter, site, record):
             for batch in batches:
-                current[:] = batch
                 input_ids, attention = pad_batch(ids, batch, pad_id)
+                if buffer.shape[:2] != input_ids.shape:
+                    buffer = np.empty((*input_ids.shape, n_neurons), dtype=np.float32)
                 backbone(
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
                     use_cache=False,
                 )
+                for row, i in enumerate(batch):  # whole rows: contiguous writes, real tokens only
+                    matrix[offsets[i] : offsets[i + 1]] = buffer[row, : lengths[i]]
                 bar.update(int(attention.sum()))
         elapsed = time.perf_counter() - start
     except BaseException:

@@ -225,7 +225,8 @@ def load_documents(
 
 
 def _usable(docs: list[Document], task: str) -> list[Document]:
-    """Drop empty documents and exact duplicate texts (first kept); check ids are unique."""
+    """Drop empty documents and duplicate texts (first kept; texts that differ only in
+    whitespace count as duplicates, so none can land in both splits); check ids are unique."""
     seen_ids: set[str] = set()
     seen_texts: set[str] = set()
     kept = []
@@ -233,8 +234,9 @@ def _usable(docs: list[Document], task: str) -> list[Document]:
         if doc.id in seen_ids:
             raise DataError(f"task {task!r}: document id {doc.id!r} occurs more than once")
         seen_ids.add(doc.id)
-        if doc.text.strip() and doc.text not in seen_texts:
-            seen_texts.add(doc.text)
+        key = " ".join(doc.text.split())
+        if key and key not in seen_texts:
+            seen_texts.add(key)
             kept.append(doc)
     if len(kept) < len(docs):
         logger.info(

@@ -19,6 +19,10 @@ from sklearn.decomposition import PCA, FastICA
 from sklearn.exceptions import ConvergenceWarning
 
 
+class DiscoverError(ValueError):
+    """Data that group ICA cannot decompose as asked."""
+
+
 class GroupICA:
     """Group ICA network discovery, in the form of a scikit-learn estimator.
 
@@ -63,7 +67,7 @@ class GroupICA:
         n_tokens, n_neurons = X.shape
         k = self.n_components
         if n_tokens <= k or n_neurons <= k:
-            raise ValueError(
+            raise DiscoverError(
                 f"group ICA with n_components={k} needs more than {k} tokens and neurons; "
                 f"got {n_tokens} tokens x {n_neurons} neurons. Collect more text or lower "
                 "discover.n_components."

@@ -15,7 +15,7 @@ import warnings
 
 from fbnprune import __version__
 
-SUBCOMMANDS = ("run", "stages", "validate", "info")
+SUBCOMMANDS = ("run", "stages", "validate", "info", "export", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from fbnprune.check import ParityError
     from fbnprune.collect import CollectError
     from fbnprune.data import DataError
+    from fbnprune.discover import DiscoverError
+    from fbnprune.evaluate import EvalError
+    from fbnprune.export import ExportError
     from fbnprune.loading import ModelLoadError
     from fbnprune.plan import PlanError
     from fbnprune.recipe import RecipeError
@@ -48,7 +51,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     return (
         RecipeError, DataError, ModelLoadError, RunDirError, PlanError, SliceError,
-        ParityError, CollectError, SelectError, UnsupportedArchitectureError,
+        ParityError, CollectError, DiscoverError, SelectError, UnsupportedArchitectureError,
+        ExportError, EvalError,
     )  # fmt: skip
 
 
@@ -74,8 +78,5 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 130
     except expected_errors() as exc:
-        print(f"fbnprune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # e.g. too few tokens for the ICA components
         print(f"fbnprune {args.command}: error: {exc}", file=sys.stderr)
         return 2

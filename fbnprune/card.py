@@ -1,0 +1,508 @@
+"""Model card: what was pruned, how to load it and how well it works, as a Hub ``README.md``.
+
+The metadata is built with ``huggingface_hub``'s ``ModelCardData`` (``base_model``, ``license``
+carried from the base model, tags, datasets, ``pipeline_tag``, and a ``model-index`` whose
+results hold the original and the pruned model's scores side by side). The prose is built
+from the run's own files: the plan, the parity report, the size report, the evaluation
+results and the export's extra formats. Nothing here reads a token or the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from fbnprune.check import ParityResult
+from fbnprune.plan import PrunePlan
+
+logger = logging.getLogger(__name__)
+
+TAGS = ["pruned", "fbnprune", "functional-networks"]
+UNKNOWN_LICENSE = "other"
+
+# Offline packaged models (see ``fbnprune.loading``): their Hub ids and licenses.
+KNOWN_BASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "gemma3-270m": ("google/gemma-3-270m", "gemma"),
+}
+METRIC_IDS = {"acc": "accuracy", "acc_norm": "accuracy", "exact_match": "exact_match"}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The model a plan was made for, as the Hub knows it (``hub_id`` None when unknown)."""
+
+    name: str
+    hub_id: str | None
+    license: str
+    license_note: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's metric for the original and the pruned model (either may be missing).
+
+    ``variant`` names the evaluated model that "pruned" stands for (e.g. ``checkpoint-padded``);
+    ``extra`` holds other variants' values of the same metric.
+    """
+
+    task: str
+    metric: str
+    original: float | None
+    pruned: float | None
+    original_stderr: float | None = None
+    pruned_stderr: float | None = None
+    n_docs: int | None = None
+    higher_is_better: bool = True
+    variant: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CardFacts:
+    """Everything the card says, read from the run directory and the export."""
+
+    plan: PrunePlan
+    layout: str
+    recipe: dict[str, Any]
+    parity: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = None
+    scores: list[TaskScore] = field(default_factory=list)
+    export_bytes: int = 0
+    formats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repo_id: str | None = None
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def read_eval_results(path: Path, layout: str | None = None) -> list[TaskScore]:
+    """Scores from an evaluation ``results.json``; ``[]`` when absent or unreadable.
+
+    Reads, per task, ``{"metric": M, "models": {"original": x, VARIANT: y, ...}, "stderr":
+    {...}, "n_docs": n}`` (``fbnprune.evaluate``), where "pruned" is the variant of this
+    ``layout`` when scored (``checkpoint-<layout>``, then ``sliced-<layout>``), else the one
+    the results call ``pruned``. Also accepts ``{"metric": M, "original": x, "pruned": y}``
+    with plain numbers or ``{M: value}`` mappings, and ``{"models": {"original": {TASK:
+    {M: x}}, "pruned": {TASK: {M: y}}}}`` at the top level. Anything else is skipped.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        if Path(path).exists():
+            logger.warning("ignoring unreadable evaluation results %s: %s", path, exc)
+        return []
+    if not isinstance(data, dict):
+        return []
+    preferred = [f"checkpoint-{layout}", f"sliced-{layout}"] if layout else []
+    preferred += ["pruned", str(data.get("pruned"))]
+    scores: list[TaskScore] = []
+    tasks = data.get("tasks")
+    if isinstance(tasks, dict):
+        for task, entry in tasks.items():
+            if not isinstance(entry, dict):
+                continue
+            metric = str(entry.get("metric") or "acc")
+            values = entry.get("models") if isinstance(entry.get("models"), dict) else entry
+            stderr = entry.get("stderr") if isinstance(entry.get("stderr"), dict) else {}
+            variant = next((v for v in preferred if _number(values.get(v), metric) is not None),
+                           None)  # fmt: skip
+            original = _number(values.get("original"), metric)
+            pruned = _number(values.get(variant), metric) if variant else None
+            if original is None and pruned is None:
+                continue
+            extra = {str(k): _number(v, metric) for k, v in values.items()
+                     if k not in ("original", "pruned", variant, "metric")}  # fmt: skip
+            n_docs = entry.get("n_docs")
+            scores.append(TaskScore(
+                task=str(task), metric=metric, original=original, pruned=pruned,
+                original_stderr=_number(stderr.get("original"), metric),
+                pruned_stderr=_number(stderr.get(variant), metric) if variant else None,
+                n_docs=n_docs if isinstance(n_docs, int) else None,
+                higher_is_better=entry.get("higher_is_better") is not False,
+                variant=variant if variant != "pruned" else data.get("pruned") or None,
+                extra={k: v for k, v in extra.items() if v is not None},
+            ))  # fmt: skip
+        return scores
+    models = data.get("models")
+    if isinstance(models, dict):
+        original = models.get("original") if isinstance(models.get("original"), dict) else {}
+        pruned = models.get("pruned") if isinstance(models.get("pruned"), dict) else {}
+        for task in dict.fromkeys([*original, *pruned]):
+            o, p = original.get(task), pruned.get(task)
+            metric = next((k for k in ("acc", "acc_norm") if k in (o or p or {})), "acc")
+            if _number(o, metric) is not None or _number(p, metric) is not None:
+                scores.append(TaskScore(str(task), metric, _number(o, metric), _number(p, metric)))
+    return scores
+
+
+def _number(value: Any, metric: str) -> float | None:
+    """A finite number, or ``value[metric]`` of a mapping; None for anything else."""
+    if isinstance(value, dict):
+        value = value.get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return None
+    return float(value)
+
+
+def base_model_info(name: str) -> BaseModel:
+    """Hub id and license of the base model ``name`` (a packaged name, Hub id or local dir)."""
+    try:  # the loader's table is authoritative when it knows the model
+        from fbnprune.loading import PACKAGED_MODELS
+
+        packaged = PACKAGED_MODELS.get(name)
+    except ImportError:
+        packaged = None
+    if packaged is not None:
+        hub_id = next((getattr(packaged, a) for a in ("hub_id", "repo_id", "base_model")
+                       if isinstance(getattr(packaged, a, None), str)), None)  # fmt: skip
+        license_id = getattr(packaged, "license", None)
+        if isinstance(license_id, str) and license_id:
+            known = KNOWN_BASES.get(name, (None, None))
+            return BaseModel(name, hub_id or known[0], license_id.lower())
+    if name in KNOWN_BASES:
+        hub_id, license_id = KNOWN_BASES[name]
+        return BaseModel(name, hub_id, license_id)
+    readme = _local_readme(name)
+    if readme is not None:
+        try:
+            card = ModelCard.load(readme, ignore_metadata_errors=True)
+            if card.data.license:
+                hub_id = name if _looks_like_hub_id(name) and not Path(name).exists() else None
+                return BaseModel(name, hub_id, str(card.data.license))
+        except Exception as exc:  # noqa: BLE001 - any unreadable README means "unknown"
+            logger.debug("cannot read %s: %s", readme, exc)
+    hub_id = name if _looks_like_hub_id(name) and not Path(name).exists() else None
+    note = (f"The license of the base model {name!r} could not be determined offline; check "
+            "it before using or redistributing this model.")  # fmt: skip
+    return BaseModel(name, hub_id, UNKNOWN_LICENSE, license_note=note)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _local_readme(name: str) -> Path | None:
+    """The base model's README: in a local directory, or in the local Hugging Face cache."""
+    if (Path(name) / "README.md").is_file():
+        return Path(name) / "README.md"
+    if _looks_like_hub_id(name):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "README.md")
+        except Exception:  # noqa: BLE001 - an invalid id simply has no cache entry
+            return None
+        if isinstance(cached, str):
+            return Path(cached)
+    return None
+
+
+# -- card -------------------------------------------------------------------------------------
+def task_datasets(recipe: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """Task name -> (dataset identifier, Hub dataset id or None) from the recipe's sources."""
+    out = {}
+    for task in recipe.get("tasks") or []:
+        scheme, _, rest = str(task.get("source", "")).partition(":")
+        name = str(task.get("name", rest))
+        if scheme == "hf":
+            out[name] = (rest, rest)
+        elif scheme == "builtin":
+            out[name] = (rest, None)
+        else:
+            out[name] = (name, None)
+    return out
+
+
+def model_name(facts: CardFacts) -> str:
+    if facts.repo_id:
+        return facts.repo_id.split("/")[-1]
+    base = facts.plan.model.rstrip("/").split("/")[-1]
+    return f"{base}-fbnprune-{facts.plan.site}-{facts.plan.kept_fraction:.0%}".replace("%", "pct")
+
+
+def build_card(facts: CardFacts) -> ModelCard:
+    """The model card (README.md) of an export."""
+    base = base_model_info(facts.plan.model)
+    datasets = task_datasets(facts.recipe)
+    data = ModelCardData(
+        base_model=base.hub_id,
+        license=base.license,
+        license_name="unknown" if base.license == UNKNOWN_LICENSE else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[*TAGS, f"fbnprune-{facts.layout}"],
+        datasets=sorted({hub for _, hub in datasets.values() if hub}) or None,
+        model_name=model_name(facts),
+        eval_results=_eval_results(facts.scores, datasets, base) or None,
+    )
+    body = "\n\n".join(s for s in _sections(facts, base) if s)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def _eval_results(
+    scores: list[TaskScore], datasets: dict[str, tuple[str, str | None]], base: BaseModel
+) -> list[EvalResult]:
+    results = []
+    for score in scores:
+        dataset = datasets.get(score.task, (score.task, None))[0]
+        for who, value in (("pruned", score.pruned), (f"original {base.name}", score.original)):
+            if value is None:
+                continue
+            results.append(EvalResult(
+                task_type="text-generation", task_name=score.task,
+                dataset_type=dataset, dataset_name=score.task,
+                metric_type=METRIC_IDS.get(score.metric, score.metric),
+                metric_name=f"{score.metric} ({who})", metric_value=round(value, 4),
+            ))  # fmt: skip
+    return results
+
+
+def _sections(facts: CardFacts, base: BaseModel) -> list[str]:
+    return [
+        _intro(facts, base),
+        _how_to_load(facts),
+        _what_was_kept(facts),
+        _evaluation(facts, base),
+        _parity(facts),
+        _sizes(facts),
+        _formats(facts),
+        _provenance(facts),
+        _limitations(facts, base),
+    ]
+
+
+def human_bytes(n: float | None) -> str:
+    """``n`` bytes in B, KiB, MiB or GiB."""
+    if n is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _intro(facts: CardFacts, base: BaseModel) -> str:
+    plan, prov = facts.plan, facts.plan.provenance
+    link = f"[{base.hub_id}](https://huggingface.co/{base.hub_id})" if base.hub_id else \
+        f"`{plan.model}`"  # fmt: skip
+    tasks = ", ".join(f"`{t}`" for t in task_datasets(facts.recipe)) or "its calibration text"
+    what = "MLP intermediate units" if plan.site == "hidden" else "MLP output channels"
+    selector = prov.get("selector", "?")
+    how = ("to the functional networks (group ICA of MLP activations) used by the tasks"
+           if selector == "ica" else f"with the `{selector}` selector (a baseline) for the tasks")
+    return (
+        f"# {model_name(facts)}\n\n"
+        f"{link}, pruned with fbnprune {how} {tasks}: it keeps **{plan.n_kept:,} of "
+        f"{plan.n_units:,} {what} ({plan.kept_fraction:.1%})**, with no retraining. Attention, "
+        "embeddings and norms are untouched."
+    )
+
+
+def _how_to_load(facts: CardFacts) -> str:
+    where = facts.repo_id or "path/to/this/folder"
+    if facts.layout == "compact":
+        load = (
+            f'model = AutoModelForCausalLM.from_pretrained("{where}", trust_remote_code=True)\n'
+        )
+        note = (
+            "Layout **compact**: every layer has exactly its kept width. Stock configs hold one "
+            "MLP width, so the checkpoint ships `modeling_fbnprune.py` (a stock transformers "
+            "class whose MLPs are resized before loading) and `config.auto_map`; loading needs "
+            "`trust_remote_code=True`. Read that file before trusting it."
+        )
+    else:
+        load = f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
+        note = (
+            "Layout **padded**: every layer is padded with zero units to the widest kept layer, "
+            "so one stock `intermediate_size` describes the model and stock "
+            "`from_pretrained` (and other stock loaders) read it; the zero units contribute "
+            "exactly nothing."
+        )
+    return (
+        "## How to load\n\n" + note + "\n\n```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n' + load + "```"
+    )
+
+
+def _what_was_kept(facts: CardFacts) -> str:
+    plan, prov = facts.plan, facts.plan.provenance
+    rows = [
+        ("site", f"`{plan.site}` (" + ("MLP intermediate units, the down projection's inputs"
+                                        if plan.site == "hidden" else
+                                        "MLP output channels; shapes are kept") + ")"),
+        ("selector", f"`{prov.get('selector', '?')}`"),
+        ("budget", f"{prov['budget']:.1%} of units" if "budget" in prov else "n/a"),
+        ("allocation", f"`{prov.get('allocation', '?')}` (at least "
+                       f"{prov.get('min_per_layer', 0):.0%} of every layer)"),
+        ("fill of dropped units", f"`{plan.fill}`" + (" (calibration mean, folded into the "
+                                                       "down-projection bias)"
+                                                       if plan.fill == "mean" else "")),
+        ("kept", f"{plan.n_kept:,} / {plan.n_units:,} ({plan.kept_fraction:.2%})"),
+    ]  # fmt: skip
+    if "n_components" in prov:
+        rows.append(("ICA", f"{prov['n_components']} components, z >= {prov.get('threshold')}"
+                            f"; the plain threshold union alone would keep "
+                            f"{prov.get('threshold_union_units', '?'):,} units"))  # fmt: skip
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    kept = plan.kept_per_layer()
+    widths = sorted(set(plan.layer_widths))
+    of = f"of {widths[0]:,}" if len(widths) == 1 else "of each layer's width"
+    lines = ["| layers | kept units per layer (" + of + ") |", "|---|---|"]
+    for start in range(0, len(kept), 10):
+        chunk = kept[start:start + 10]
+        lines.append(f"| {start}-{start + len(chunk) - 1} | {' '.join(map(str, chunk))} |")
+    return "## What was kept\n\n" + table + "\n\n" + "\n".join(lines) + (
+        "\n\nThe kept indices of every layer are in `fbnprune_plan.json`."
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _score(value: float | None, stderr: float | None) -> str:
+    return _fmt(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
+
+
+def _evaluation(facts: CardFacts, base: BaseModel) -> str:
+    if not facts.scores:
+        return ("## Evaluation\n\nNo evaluation results were recorded for this run "
+                "(`fbnprune evaluate` writes them to `eval/results.json`). Evaluate it on your "
+                "task before relying on it.")  # fmt: skip
+    lines = ["| task | metric | docs | original | pruned | change |", "|---|---|---|---|---|---|"]
+    for s in facts.scores:
+        change = "n/a"
+        if s.pruned is not None and s.original is not None:
+            change = f"{s.pruned - s.original:+.4f}"
+        arrow = "" if s.higher_is_better else " (lower is better)"
+        lines.append(f"| {s.task} | {s.metric}{arrow} | {s.n_docs or 'n/a'} | "
+                     f"{_score(s.original, s.original_stderr)} | "
+                     f"{_score(s.pruned, s.pruned_stderr)} | {change} |")  # fmt: skip
+    variants = sorted({s.variant for s in facts.scores if s.variant})
+    notes = [f"Original = `{base.name}` before pruning, scored in the same run with the same "
+             "settings (± standard error)."]  # fmt: skip
+    if variants:
+        notes.append(f"Pruned = the evaluated variant {', '.join(f'`{v}`' for v in variants)}.")
+    others = sorted({k for s in facts.scores for k in s.extra})
+    if others:
+        notes.append(f"Other variants scored (see `fbnprune_eval.json`): {', '.join(others)}.")
+    return "## Evaluation\n\n" + " ".join(notes) + "\n\n" + "\n".join(lines)
+
+
+def _parity(facts: CardFacts) -> str:
+    if not facts.parity:
+        return ""
+    result = ParityResult.from_dict(facts.parity)
+    lines = [
+        "| reference | candidate | dtype | max abs diff | mean abs diff | tolerance | passed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result.reports:
+        for c in r.comparisons:
+            passed = ("yes" if c.passed else "NO") if r.gating else "for information"
+            lines.append(f"| {r.reference} | {c.name} | {r.dtype} | {c.max_abs:.2e} | "
+                         f"{c.mean_abs:.2e} | {r.atol:g} | {passed} |")  # fmt: skip
+    return (
+        "## Parity\n\nThe plan applied by hooks to the original (`masked`) and the sliced model "
+        "compute the same logits: in float64, where rounding cannot hide a wrong unit, and for "
+        "the saved checkpoint against the in-memory slice. In float32 the changed summation "
+        "order alone moves logits slightly; that row is for information. Held-out tokens: "
+        f"{result.reports[0].n_tokens}.\n\n" + "\n".join(lines)
+    )
+
+def _sizes(facts: CardFacts) -> str:
+    sizes = (facts.prune or {}).get("sizes", {})
+    lines = ["| model | parameters | bytes (in memory) |", "|---|---|---|"]
+    for name in ("original", "padded", "compact"):
+        s = sizes.get(name)
+        if not s:
+            continue
+        if "parameters" in s:
+            mark = " (this export)" if name == facts.layout else ""
+            params, size = f"{s['parameters'] / 1e6:,.2f} M", human_bytes(s["bytes"])
+            lines.append(f"| {name}{mark} | {params} | {size} |")
+        else:
+            lines.append(f"| {name} | unavailable: {s.get('unavailable', '?')} | |")
+    text = "## Size\n\n"
+    if len(lines) > 2:
+        text += "\n".join(lines) + "\n\n"
+    return text + f"Safetensors files of this export: {human_bytes(facts.export_bytes)}."
+
+
+def _formats(facts: CardFacts) -> str:
+    parts = []
+    q = facts.formats.get("int8")
+    if q:
+        ppl = q.get("perplexity", {})
+        parts.append(
+            f"### int8 (`{q['path']}/`, optimum-quanto weight-only qint8)\n\n"
+            f"{human_bytes(q['bytes'])} of safetensors (unquantized: "
+            f"{human_bytes(q.get('reference_bytes'))}). Against "
+            f"the unquantized slice over {q.get('n_tokens', '?')} tokens: max abs logit diff "
+            f"{q['max_abs']:.3g}, mean {q['mean_abs']:.3g}, top-1 agreement "
+            f"{q['top1_agreement']:.1%}, perplexity {ppl.get('reference', float('nan')):.3f} -> "
+            f"{ppl.get('quantized', float('nan')):.3f}. Task metrics were not re-measured for "
+            "int8. Only linear layers are quantized: embeddings keep their precision"
+            + (", and so does the tied `lm_head`" if q.get("excluded") else "") + ". Load it "
+            "(transformers cannot read quanto weights itself):\n\n```python\n"
+            + q["load_snippet"] + "```"
+        )
+    o = facts.formats.get("onnx")
+    if o:
+        parts.append(
+            f"### ONNX (`{o['path']}`)\n\nExported with `torch.onnx.export(dynamo=True)`; inputs "
+            "`input_ids`, `attention_mask` (dynamic batch and sequence), output `logits` (no KV "
+            f"cache). onnxruntime vs PyTorch: max abs logit diff {o['max_abs']:.2e} over "
+            f"{o.get('n_tokens', '?')} tokens. ({human_bytes(o['bytes'])})"
+        )
+    return "## Other formats\n\n" + "\n\n".join(parts) if parts else ""
+
+
+def _provenance(facts: CardFacts) -> str:
+    prov = facts.plan.provenance
+    rows = [
+        ("base model", f"`{facts.plan.model}` ({facts.plan.model_type})"),
+        ("recipe", f"`{prov.get('recipe', facts.recipe.get('name', '?'))}`, fingerprint "
+                   f"`{prov.get('recipe_fingerprint', '?')}` (`fbnprune_recipe.yaml`)"),
+        ("seed", str(prov.get("seed", facts.recipe.get("seed", "?")))),
+        ("task data", ", ".join(f"{t} `{h}`" for t, h in (prov.get("tasks") or {}).items())
+         or "n/a"),
+        ("calibration tokens", ", ".join(f"{t}: {n:,}" for t, n in
+                                         (prov.get("calibration_tokens") or {}).items()) or "n/a"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items())
+         or "n/a"),
+        ("planned", str(prov.get("created", "n/a"))),
+    ]  # fmt: skip
+    return ("## Provenance\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+            + "\n\nFiles: `fbnprune_plan.json` (kept indices, fill values, provenance), "
+            "`fbnprune_recipe.yaml`, `fbnprune_parity.json`, `fbnprune_export.json`"
+            + (", `fbnprune_eval.json`" if facts.scores else "") + ".")  # fmt: skip
+
+
+def _limitations(facts: CardFacts, base: BaseModel) -> str:
+    plan = facts.plan
+    items = [
+        "Units were chosen for the recipe's tasks only; abilities those tasks do not exercise "
+        "are likely lost. It was not retrained after pruning.",
+        "Only MLP units are removed; attention and embeddings keep their size, so the "
+        "parameter reduction is well below the fraction of units removed.",
+    ]
+    if plan.site == "output":
+        items.append("Output-site pruning zeroes channels but keeps every shape: this export "
+                     "is no smaller or faster than the original.")
+    elif facts.layout == "padded":
+        items.append(f"Padded layout: every layer carries {max(plan.kept_per_layer())} units "
+                     "(the widest kept layer); narrower layers compute on zero padding.")
+    if not facts.scores:
+        items.append("No evaluation results are attached.")
+    if base.license_note:
+        items.append(base.license_note)
+    if base.license != UNKNOWN_LICENSE:
+        items.append(f"Use is governed by the base model's license (`{base.license}`).")
+    return "## Limitations\n\n" + "\n".join(f"- {i}" for i in items)

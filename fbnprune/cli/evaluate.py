@@ -1,0 +1,104 @@
+"""``fbnprune evaluate RUN_DIR``: lm-eval on the original and pruned models of a run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fbnprune.evaluate.run import MODEL_KINDS
+from fbnprune.recipe import EVAL_SUITE_TASKS
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return names
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "evaluate",
+        help="score the original, masked, sliced and saved models with lm-eval",
+        description="Score a run's models on the same lm-eval tasks with the same settings, "
+        "in one process: the original, the original masked by plan.json, the model sliced in "
+        "memory (one per layout) and every saved checkpoint-*/ directory. The offline suite "
+        f"({', '.join(EVAL_SUITE_TASKS)}) is generated into RUN_DIR/eval/suite/ from "
+        "documents outside the run's calibration set. Writes RUN_DIR/eval/results.json and "
+        "RUN_DIR/eval/results.md.",
+        epilog="Multiple-choice tasks report acc: acc_norm divides each label's "
+        "log-likelihood by its length in characters, which favours the longest label when "
+        "labels are single words. Example: fbnprune evaluate runs/demo --limit 40 "
+        "--models original,sliced",
+    )
+    parser.add_argument("run_dir", type=Path, help="run directory made by `fbnprune run`")
+    parser.add_argument(
+        "--tasks",
+        type=_names,
+        default=None,
+        metavar="T1,T2",
+        help="suite tasks, lm-eval task/group/tag names (built-ins outside the suite need "
+        "the network) or names from --include-path (default: the recipe's evaluate.tasks, "
+        f"else {','.join(EVAL_SUITE_TASKS)})",
+    )
+    parser.add_argument(
+        "--models",
+        type=_names,
+        default=list(MODEL_KINDS),
+        metavar="K1,K2",
+        help=f"which variants to score, from {','.join(MODEL_KINDS)} (default: all)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="at most N documents per task (default: the recipe's evaluate.limit, else all)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        metavar="B",
+        help="lm-eval batch size (default: the recipe's evaluate.batch_size, 8)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=_positive,
+        default=None,
+        metavar="L",
+        help="context window in tokens (default: the model's)",
+    )
+    parser.add_argument(
+        "--include-path",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory of your own lm-eval YAML tasks (repeatable)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device for every model, e.g. cuda (default: cpu)"
+    )
+    parser.set_defaults(execute=execute)
+
+
+def execute(args: argparse.Namespace) -> int:
+    from fbnprune.evaluate import evaluate_run
+    from fbnprune.evaluate.results import results_markdown
+
+    results = evaluate_run(
+        args.run_dir, tasks=args.tasks, models=args.models, limit=args.limit,
+        batch_size=args.batch_size, include_paths=args.include_path, device=args.device,
+        max_length=args.max_length,
+    )  # fmt: skip
+    print(results_markdown(results), end="")
+    print(f"results: {args.run_dir / 'eval' / 'results.json'}")
+    return 0

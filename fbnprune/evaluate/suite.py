@@ -1,0 +1,316 @@
+"""The offline lm-eval task suite, generated from the built-in corpora into a directory.
+
+Every task is a flat lm-eval YAML file next to its JSONL data (``dataset_path: json`` with an
+absolute ``data_files`` path), tagged ``fbnprune_suite``; load it with
+``TaskManager(include_path=DIR, include_defaults=False)``. Nothing touches the Hub.
+
+Tasks (names chosen not to clash with lm-eval's built-in tasks; lm-eval has its own
+``arithmetic`` group):
+
+- ``bbc_topics``: BBC News topic, 5-way multiple choice; prompt ``"Article: <first 120
+  words>\\nTopic:"``, choices `` business`` `` entertainment`` `` politics`` `` sport``
+  `` tech``; documents balanced across topics, so chance and the majority baseline are 0.20.
+- ``word_problems``: the templated arithmetic problems, 4-way multiple choice between the
+  exact answer and three near misses (answer +-1, +-2 or +-10). Multiple choice needs one
+  forward pass per problem and has a known chance level (0.25); exact match by generation
+  would decode token by token on CPU and reads 0 for every broken model alike.
+- ``ppl_news``, ``ppl_wiki``, ``ppl_code``: rolling log-likelihood of held-out BBC articles,
+  Wikipedia chunks and standard-library code, cut to their first ``perplexity_max_words``
+  words; metrics word_perplexity, byte_perplexity, bits_per_byte.
+
+Evaluation documents never overlap calibration documents: every document whose id, or whose
+whitespace-normalised text, belongs to the run's calibration set is excluded (the BBC corpus
+holds 100 exact duplicate articles under different ids, so ids alone would leak). The rest
+are ranked by a hash of ``seed`` and the document id, so the draw is deterministic and a
+different calibration set changes only the documents it removes.
+
+Why ``acc`` and not ``acc_norm`` for the choice tasks: lm-eval's ``acc_norm`` picks
+``argmax(loglik_i / len(choice_i))``, dividing by the choice's length in characters. That
+correction is meant for long continuations whose log-likelihood grows with their length. A
+topic label is one token (all five are single tokens for SmolLM2) whose log-likelihood does
+not grow with its spelling, and a small model gives every label a low one (-8 to -10 nats
+after ``Topic:``). Dividing those by 4 (``tech``) ... 13 (``entertainment``) shrinks the
+longest label's penalty most, so ``acc_norm`` answers "entertainment" almost always and
+reads near that label's share of the documents (0.20 here) whatever the model knows.
+Measured on SmolLM2-135M, 100 balanced documents: acc 0.62; acc_norm 0.36, answering
+"entertainment" for 80 of them (and "politics" for the rest). ``acc`` (argmax of the summed
+log-likelihood) is the primary metric; ``acc_norm`` is still recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fbnprune.data import Document, load_documents, load_task
+from fbnprune.io import atomic_write_json, atomic_write_text
+from fbnprune.recipe import EVAL_SUITE_TASKS, EvaluateConfig, Recipe
+
+logger = logging.getLogger(__name__)
+
+SUITE_TAG = "fbnprune_suite"
+SUITE_VERSION = 1
+BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+BBC_PROMPT_WORDS = 120
+DISTRACTOR_OFFSETS = (-10, -2, -1, 1, 2, 10)
+PERPLEXITY_METRICS = {  # metric -> lm-eval aggregation; lower is better for all three
+    "word_perplexity": "weighted_perplexity",
+    "byte_perplexity": "weighted_perplexity",
+    "bits_per_byte": "bits_per_byte",
+}
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot be set up: unknown task, too few documents, bad run."""
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One generated task: its corpus, kind and primary metric."""
+
+    name: str
+    source: str
+    kind: str  # "choice" or "perplexity"
+    metric: str
+    higher_is_better: bool
+    description: str
+
+
+SUITE: dict[str, SuiteTask] = {
+    t.name: t
+    for t in (
+        SuiteTask("bbc_topics", "builtin:bbc_news", "choice", "acc", True,
+                  "BBC News topic, 5-way multiple choice"),
+        SuiteTask("word_problems", "builtin:arithmetic", "choice", "acc", True,
+                  "arithmetic word problems, 4-way multiple choice"),
+        SuiteTask("ppl_news", "builtin:bbc_news", "perplexity", "word_perplexity", False,
+                  "perplexity of BBC News articles"),
+        SuiteTask("ppl_wiki", "builtin:wikipedia", "perplexity", "word_perplexity", False,
+                  "perplexity of Wikipedia articles"),
+        SuiteTask("ppl_code", "builtin:python_code", "perplexity", "word_perplexity", False,
+                  "perplexity of Python standard-library code"),
+    )
+}  # fmt: skip
+assert tuple(SUITE) == EVAL_SUITE_TASKS
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A generated suite: its directory (an lm-eval include path) and what it holds."""
+
+    directory: Path
+    tasks: tuple[str, ...]
+    doc_ids: dict[str, list[str]] = field(repr=False)
+
+
+# --- which documents ------------------------------------------------------------------------
+
+
+def normalise(text: str) -> str:
+    """Whitespace-collapsed text, the key under which two documents count as the same."""
+    return " ".join(text.split())
+
+
+def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[Document]:
+    """Every calibration document of the recipe's tasks (same split as the pipeline's).
+
+    With ``run_dir``, ids recorded by the collect stage (``collect/*/meta.json``) are added
+    too, as id-only documents, so a run made from data that has since changed is still
+    excluded by id.
+    """
+    docs = [d for t in recipe.tasks for d in load_task(t, seed=recipe.seed).calibration]
+    if run_dir is not None:
+        known = {d.id for d in docs}
+        for meta_file in sorted(Path(run_dir).glob("collect/*/meta.json")):
+            ids = json.loads(meta_file.read_text()).get("sample_ids", [])
+            docs.extend(Document(id=i, text="") for i in ids if i not in known)
+    return docs
+
+
+def _rank(doc: Document, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{doc.id}".encode()).hexdigest()
+
+
+def draw_documents(
+    docs: Iterable[Document],
+    n: int,
+    *,
+    exclude: Iterable[Document],
+    seed: int,
+    balance_labels: bool = False,
+) -> list[Document]:
+    """Up to ``n`` documents of ``docs`` that share neither id nor text with ``exclude``.
+
+    Candidates are ranked by ``sha256(seed:id)``; duplicates (same normalised text) count
+    once. With ``balance_labels`` the labels take turns (sorted label order), so every
+    label gets ``n / n_labels`` documents while it has them.
+    """
+    exclude = list(exclude)
+    bad_ids = {d.id for d in exclude}
+    bad_texts = {normalise(d.text) for d in exclude if d.text.strip()}
+    seen: set[str] = set()
+    pool = []
+    for doc in sorted(docs, key=lambda d: _rank(d, seed)):
+        key = normalise(doc.text)
+        if doc.id in bad_ids or key in bad_texts or key in seen or not key:
+            continue
+        seen.add(key)
+        pool.append(doc)
+    if not balance_labels:
+        return pool[:n]
+    by_label: dict[str, list[Document]] = {}
+    for doc in pool:
+        by_label.setdefault(str(doc.label), []).append(doc)
+    queues = [by_label[k] for k in sorted(by_label)]
+    picked: list[Document] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        picked.extend(q[i] for q in queues if i < len(q))
+    return picked[:n]
+
+
+# --- records --------------------------------------------------------------------------------
+
+
+def first_words(text: str, n: int, *, keep_layout: bool = True) -> str:
+    """The first ``n`` whitespace-separated words of ``text``; with ``keep_layout`` the
+    original spacing and line breaks are kept, else words are joined by single spaces."""
+    if not keep_layout:
+        return " ".join(text.split()[:n])
+    ends = [m.end() for m in re.finditer(r"\S+", text)]
+    return text if len(ends) <= n else text[: ends[n - 1]]
+
+
+def bbc_record(doc: Document) -> dict[str, Any]:
+    if doc.label not in BBC_TOPICS:
+        raise EvalError(f"{doc.id}: label {doc.label!r} is not one of {BBC_TOPICS}")
+    prompt = f"Article: {first_words(doc.text, BBC_PROMPT_WORDS, keep_layout=False)}\nTopic:"
+    return {"id": doc.id, "prompt": prompt, "choices": list(BBC_TOPICS),
+            "gold": BBC_TOPICS.index(doc.label)}  # fmt: skip
+
+
+def word_problem_record(doc: Document, seed: int) -> dict[str, Any]:
+    """The problem and four numbers: the answer and three near misses, in numeric order."""
+    if doc.label is None or not doc.label.lstrip("-").isdigit():
+        raise EvalError(f"{doc.id}: label {doc.label!r} is not an integer answer")
+    answer = int(doc.label)
+    offsets = list(DISTRACTOR_OFFSETS)
+    random.Random(f"{seed}:{doc.id}").shuffle(offsets)
+    wrong = [answer + o for o in offsets if answer + o >= 0][:3]
+    choices = sorted([answer, *wrong])
+    return {"id": doc.id, "prompt": doc.text, "choices": [str(c) for c in choices],
+            "gold": choices.index(answer)}  # fmt: skip
+
+
+def text_record(doc: Document, max_words: int) -> dict[str, Any]:
+    return {"id": doc.id, "text": first_words(doc.text, max_words)}
+
+
+# --- YAML -----------------------------------------------------------------------------------
+
+
+def _task_yaml(task: SuiteTask, data_file: Path, cache_dir: Path) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "task": task.name,
+        "tag": [SUITE_TAG],
+        "dataset_path": "json",
+        "dataset_kwargs": {
+            "data_files": {"test": str(data_file.resolve())},
+            "cache_dir": str(cache_dir.resolve()),
+        },
+        "test_split": "test",
+    }
+    if task.kind == "choice":
+        config.update(
+            output_type="multiple_choice",
+            doc_to_text="prompt",
+            doc_to_choice="choices",
+            doc_to_target="gold",
+            target_delimiter=" ",
+            metric_list=[
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+        )
+    else:
+        config.update(
+            output_type="loglikelihood_rolling",
+            doc_to_text="",
+            doc_to_target="text",
+            metric_list=[
+                {"metric": m, "aggregation": agg, "higher_is_better": False}
+                for m, agg in PERPLEXITY_METRICS.items()
+            ],
+        )
+    config["metadata"] = {"version": SUITE_VERSION, "description": task.description}
+    return config
+
+
+def _records(task: SuiteTask, docs: list[Document], config: EvaluateConfig) -> list[dict]:
+    if task.name == "bbc_topics":
+        return [bbc_record(d) for d in docs]
+    if task.name == "word_problems":
+        return [word_problem_record(d, config.seed) for d in docs]
+    return [text_record(d, config.perplexity_max_words) for d in docs]
+
+
+def build_suite(
+    directory: str | Path,
+    *,
+    exclude: Iterable[Document],
+    config: EvaluateConfig | None = None,
+    tasks: Iterable[str] | None = None,
+    loader: Callable[[str], list[Document]] = load_documents,
+) -> Suite:
+    """Write the suite's YAML and JSONL files into ``directory`` and return it.
+
+    Args:
+        directory: created if needed; an lm-eval ``include_path`` afterwards.
+        exclude: documents that must not be evaluated on (the run's calibration set).
+        config: sizes, seed and word cap; ``EvaluateConfig()`` defaults if None.
+        tasks: suite task names to generate (all of them if None).
+        loader: reads a source into documents (``fbnprune.data.load_documents``).
+    """
+    config = config or EvaluateConfig()
+    names = list(SUITE) if tasks is None else list(dict.fromkeys(tasks))
+    unknown = [n for n in names if n not in SUITE]
+    if unknown:
+        raise EvalError(f"not suite tasks: {', '.join(unknown)} (suite: {', '.join(SUITE)})")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    exclude = list(exclude)
+    cache: dict[str, list[Document]] = {}
+    doc_ids: dict[str, list[str]] = {}
+    for name in names:
+        task = SUITE[name]
+        if task.source not in cache:
+            cache[task.source] = loader(task.source)
+        n = config.choice_samples if task.kind == "choice" else config.perplexity_samples
+        docs = draw_documents(cache[task.source], n, exclude=exclude, seed=config.seed,
+                              balance_labels=name == "bbc_topics")  # fmt: skip
+        if not docs:
+            raise EvalError(f"{name}: no documents of {task.source} are left outside calibration")
+        if len(docs) < n:
+            logger.warning("%s: only %d documents outside calibration (asked %d)", name,
+                           len(docs), n)  # fmt: skip
+        data_file = directory / f"{name}.jsonl"
+        lines = (json.dumps(r, ensure_ascii=False) for r in _records(task, docs, config))
+        atomic_write_text(data_file, "\n".join(lines) + "\n")
+        spec = _task_yaml(task, data_file, directory / ".datasets-cache")
+        atomic_write_text(directory / f"{name}.yaml", yaml.safe_dump(spec, sort_keys=False))
+        doc_ids[name] = [d.id for d in docs]
+    atomic_write_json(directory / "manifest.json", {
+        "version": SUITE_VERSION, "tasks": names, "settings": config.model_dump(mode="json"),
+        "excluded_documents": len(exclude), "doc_ids": doc_ids,
+    })  # fmt: skip
+    logger.info("evaluation suite: %s in %s", ", ".join(f"{n} ({len(doc_ids[n])} docs)"
+                                                         for n in names), directory)  # fmt: skip
+    return Suite(directory, tuple(names), doc_ids)

