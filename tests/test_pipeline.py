@@ -191,3 +191,11 @@ def test_help_explains_every_subcommand(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: fbnprune" in capsys.readouterr().out
+
+
+def test_stage_subcommand_stops_after_its_stage(tiny_dir, tmp_path, capsys):
+    path = write_recipe(tmp_path, recipe_dict(tiny_dir))
+    assert main(["-q", "select", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert (tmp_path / "run" / "plan.json").is_file()
+    assert not (tmp_path / "run" / "parity.json").exists()
+    assert "plan: " in capsys.readouterr().out

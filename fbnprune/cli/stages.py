@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from fbnprune.cli.run import add_run_arguments, format_summary
-from fbnprune.pipeline import run_pipeline
-from fbnprune.recipe import load_recipe
+from fbnprune.cli.run import add_run_arguments, execute
 
 DESCRIPTIONS = {
     "collect": "record MLP neuron values per real token of each task's calibration text "
@@ -35,13 +33,3 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         add_run_arguments(parser)
         parser.set_defaults(execute=execute, until=stage)
-
-
-def execute(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
-    summary = run_pipeline(
-        recipe, args.out, until=args.until, overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )  # fmt: skip
-    print(format_summary(summary))
-    return 0
