@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fbnprune.adapters import get_adapter
-from fbnprune.collect import collect_activations, iter_batches, pad_batch, tokenize
+from fbnprune.collect import collect_activations, token_batches
 from fbnprune.pipeline import Pipeline, run_pipeline
 from fbnprune.recipe import load_recipe
 from fbnprune.rundir import RunDir
@@ -31,9 +31,7 @@ from fbnprune.rundir import RunDir
 
 @torch.inference_mode()
 def forward_tokens_per_second(forward, tokenizer, prompts, max_length, batch_size) -> float:
-    ids = tokenize(tokenizer, prompts, max_length)
-    pad_id = tokenizer.pad_token_id or 0
-    batches = [pad_batch(ids, b, pad_id) for b in iter_batches([len(s) for s in ids], batch_size)]
+    batches = token_batches(tokenizer, prompts, max_length, batch_size)
     start = time.perf_counter()
     for input_ids, attention in batches:
         forward(input_ids=input_ids, attention_mask=attention, use_cache=False)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fbnprune.collect import iter_batches, pad_batch, tokenize
+from fbnprune.collect import token_batches
 
 
 class ParityError(AssertionError):
@@ -144,9 +144,7 @@ def check_parity(
         atol: largest allowed max |delta logits|.
         gating: whether a failure of this report fails the check.
     """
-    ids = tokenize(tokenizer, prompts, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = [pad_batch(ids, b, pad_id) for b in iter_batches([len(s) for s in ids], batch_size)]
+    batches = token_batches(tokenizer, prompts, max_length, batch_size)
     name, model, context = reference
     with context() if context is not None else contextlib.nullcontext():
         ref = real_token_logits(model, batches)

@@ -103,6 +103,16 @@ def pad_batch(
     return input_ids, attention
 
 
+def token_batches(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, attention_mask)`` batches of the prompts, right-padded, similar lengths
+    together."""
+    ids = tokenize(tokenizer, prompts, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [pad_batch(ids, b, pad_id) for b in iter_batches([len(s) for s in ids], batch_size)]
+
+
 @torch.inference_mode()
 def collect_activations(
     model: nn.Module,

@@ -224,6 +224,11 @@ def load_documents(
     return docs
 
 
+def normalise(text: str) -> str:
+    """Whitespace-collapsed text, the key under which two documents count as the same."""
+    return " ".join(text.split())
+
+
 def _usable(docs: list[Document], task: str) -> list[Document]:
     """Drop empty documents and duplicate texts (first kept; texts that differ only in
     whitespace count as duplicates, so none can land in both splits); check ids are unique."""
@@ -234,7 +239,7 @@ def _usable(docs: list[Document], task: str) -> list[Document]:
         if doc.id in seen_ids:
             raise DataError(f"task {task!r}: document id {doc.id!r} occurs more than once")
         seen_ids.add(doc.id)
-        key = " ".join(doc.text.split())
+        key = normalise(doc.text)
         if key and key not in seen_texts:
             seen_texts.add(key)
             kept.append(doc)

@@ -370,14 +370,6 @@ def _evaluation_texts(recipe_text: str, n: int = 8) -> tuple[list[str], str]:
     return list(FALLBACK_TEXTS), "fallback"
 
 
-def _batches(tokenizer: Any, texts: list[str], max_length: int = 128) -> list[tuple[Any, Any]]:
-    from fbnprune.collect import iter_batches, pad_batch, tokenize
-
-    ids = tokenize(tokenizer, texts, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return [pad_batch(ids, b, pad_id) for b in iter_batches([len(s) for s in ids], 4)]
-
-
 def _extra_formats(
     folder: Path, layout: str, *, quantize: str | None, onnx: bool, texts: list[str],
     atol: float, repo_id: str | None,
@@ -392,12 +384,13 @@ def _extra_formats(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fbnprune.check import real_token_logits
+    from fbnprune.collect import token_batches
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, trust_remote_code=layout == "compact"
     ).eval()
-    batches = _batches(tokenizer, texts)
+    batches = token_batches(tokenizer, texts, max_length=128, batch_size=4)
     reference = real_token_logits(model, batches)
     out = {}
     if quantize:

@@ -11,16 +11,11 @@ import yaml
 from conftest import tiny_model, tiny_tokenizer
 
 from fbnprune.cli import main
-from fbnprune.data import Document, load_documents
+from fbnprune.data import Document, load_documents, normalise
 from fbnprune.evaluate import SUITE, EvalError, Harness, build_suite, calibration_documents
 from fbnprune.evaluate.harness import primary_metric
 from fbnprune.evaluate.results import preferred_pruned
-from fbnprune.evaluate.suite import (
-    BBC_TOPICS,
-    draw_documents,
-    normalise,
-    word_problem_record,
-)
+from fbnprune.evaluate.suite import BBC_TOPICS, draw_documents, word_problem_record
 from fbnprune.pipeline import run_pipeline
 from fbnprune.recipe import EvaluateConfig, parse_recipe
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import yaml
 
-from fbnprune.data import Document, load_documents, load_task
+from fbnprune.data import Document, load_documents, load_task, normalise
 from fbnprune.io import atomic_write_json, atomic_write_text
 from fbnprune.recipe import EVAL_SUITE_TASKS, EvaluateConfig, Recipe
 
@@ -113,11 +113,6 @@ class Suite:
 
 
 # --- which documents ------------------------------------------------------------------------
-
-
-def normalise(text: str) -> str:
-    """Whitespace-collapsed text, the key under which two documents count as the same."""
-    return " ".join(text.split())
 
 
 def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[Document]:
