@@ -76,18 +76,23 @@ class CardFacts:
     export_bytes: int = 0
     formats: dict[str, dict[str, Any]] = field(default_factory=dict)
     repo_id: str | None = None
+    heal: dict[str, Any] | None = None  # the heal log when the export is a healed checkpoint
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def read_eval_results(path: Path, layout: str | None = None) -> list[TaskScore]:
+def read_eval_results(
+    path: Path, layout: str | None = None, *, healed: bool = False
+) -> list[TaskScore]:
     """Scores from an evaluation ``results.json``; ``[]`` when absent or unreadable.
 
     Reads, per task, ``{"metric": M, "models": {"original": x, VARIANT: y, ...}, "stderr":
     {...}, "n_docs": n}`` (``fbnprune.evaluate``), where "pruned" is the variant of this
     ``layout`` when scored (``checkpoint-<layout>``, then ``sliced-<layout>``), else the one
-    the results call ``pruned``. Also accepts ``{"metric": M, "original": x, "pruned": y}``
-    with plain numbers or ``{M: value}`` mappings, and ``{"models": {"original": {TASK:
-    {M: x}}, "pruned": {TASK: {M: y}}}}`` at the top level. Anything else is skipped.
+    the results call ``pruned``; with ``healed``, only ``checkpoint-<layout>-healed``
+    counts as the pruned model (an unhealed score must not stand for it). Also accepts
+    ``{"metric": M, "original": x, "pruned": y}`` with plain numbers or ``{M: value}``
+    mappings, and ``{"models": {"original": {TASK: {M: x}}, "pruned": {TASK: {M: y}}}}`` at
+    the top level. Anything else is skipped.
     """
     try:
         data = json.loads(Path(path).read_text())
@@ -97,8 +102,11 @@ def read_eval_results(path: Path, layout: str | None = None) -> list[TaskScore]:
         return []
     if not isinstance(data, dict):
         return []
-    preferred = [f"checkpoint-{layout}", f"sliced-{layout}"] if layout else []
-    preferred += ["pruned", str(data.get("pruned"))]
+    if healed:
+        preferred = [f"checkpoint-{layout}-healed"]
+    else:
+        preferred = [f"checkpoint-{layout}", f"sliced-{layout}"] if layout else []
+        preferred += ["pruned", str(data.get("pruned"))]
     scores: list[TaskScore] = []
     tasks = data.get("tasks")
     if isinstance(tasks, dict):
@@ -222,7 +230,8 @@ def model_name(facts: CardFacts) -> str:
     if facts.repo_id:
         return facts.repo_id.split("/")[-1]
     base = facts.plan.model.rstrip("/").split("/")[-1]
-    return f"{base}-fbnprune-{facts.plan.site}-{facts.plan.kept_fraction:.0%}".replace("%", "pct")
+    name = f"{base}-fbnprune-{facts.plan.site}-{facts.plan.kept_fraction:.0%}".replace("%", "pct")
+    return f"{name}-healed" if facts.heal else name
 
 
 def build_card(facts: CardFacts) -> ModelCard:
@@ -235,7 +244,7 @@ def build_card(facts: CardFacts) -> ModelCard:
         license_name="unknown" if base.license == UNKNOWN_LICENSE else None,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=[*TAGS, f"fbnprune-{facts.layout}"],
+        tags=[*TAGS, f"fbnprune-{facts.layout}", *(["distillation"] if facts.heal else [])],
         datasets=sorted({hub for _, hub in datasets.values() if hub}) or None,
         model_name=model_name(facts),
         eval_results=_eval_results(facts.scores, datasets, base) or None,
@@ -267,6 +276,7 @@ def _sections(facts: CardFacts, base: BaseModel) -> list[str]:
         _intro(facts, base),
         _how_to_load(facts),
         _what_was_kept(facts),
+        _healing(facts),
         _evaluation(facts, base),
         _parity(facts),
         _sizes(facts),
@@ -298,8 +308,36 @@ def _intro(facts: CardFacts, base: BaseModel) -> str:
     return (
         f"# {model_name(facts)}\n\n"
         f"{link}, pruned with fbnprune {how} {tasks}: it keeps **{plan.n_kept:,} of "
-        f"{plan.n_units:,} {what} ({plan.kept_fraction:.1%})**, with no retraining. Attention, "
-        "embeddings and norms are untouched."
+        f"{plan.n_units:,} {what} ({plan.kept_fraction:.1%})**, "
+        + ("then healed by distillation from the original (see Healing). "
+           if facts.heal else "with no retraining. ")
+        + "Attention, embeddings and norms keep their shapes."
+    )
+
+
+def _healing(facts: CardFacts) -> str:
+    heal = facts.heal
+    if not heal:
+        return ""
+    cfg = heal.get("settings", {})
+    losses = heal.get("train_loss") or [float("nan")]
+    validation = heal.get("validation") or []
+    held = (f" Held-out KD loss: {validation[0][1]:.3f} at step {validation[0][0]} -> "
+            f"{validation[-1][1]:.3f} at step {validation[-1][0]}." if validation else "")
+    what = "the MLPs" if cfg.get("modules") == "mlp" else "every decoder linear layer"
+    how = "their weights" if heal.get("method") == "full" else \
+        f"LoRA adapters of rank {cfg.get('lora_rank')}, merged into the weights"  # fmt: skip
+    return (
+        "## Healing\n\n"
+        f"After slicing, the model was distilled from the original: KL divergence between the "
+        f"original's next-token distribution (top-{cfg.get('top_k')} tokens plus the rest) and "
+        f"this model's, on the recipe's calibration text only (never on evaluation text), "
+        f"training {what} ({how}; {heal.get('trainable_parameters', 0):,} parameters). "
+        f"{heal.get('steps')} steps of {cfg.get('batch_size')} x {cfg.get('max_length')} tokens, "
+        f"lr {cfg.get('lr')}, {heal.get('seconds', 0):.0f} s; training KD loss "
+        f"{losses[0]:.3f} -> {losses[-1]:.3f}.{held} The log is `fbnprune_heal.json`. The "
+        "parity table below proves the slice before healing; healing changes the weights, so "
+        "this model differs from the masked original by design."
     )
 
 
@@ -489,7 +527,9 @@ def _limitations(facts: CardFacts, base: BaseModel) -> str:
     plan = facts.plan
     items = [
         "Units were chosen for the recipe's tasks only; abilities those tasks do not exercise "
-        "are likely lost. It was not retrained after pruning.",
+        "are likely lost. "
+        + ("Healing used only the calibration text of those tasks."
+           if facts.heal else "It was not retrained after pruning."),
         "Only MLP units are removed; attention and embeddings keep their size, so the "
         "parameter reduction is well below the fraction of units removed.",
     ]

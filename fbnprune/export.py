@@ -94,6 +94,7 @@ def export_run(
     out_dir: str | Path | None = None,
     *,
     layout: str | None = None,
+    healed: bool = False,
     quantize: str | None = None,
     onnx: bool = False,
     overwrite: bool = False,
@@ -105,8 +106,10 @@ def export_run(
     Args:
         run_dir: an ``fbnprune run`` directory with ``checkpoint-padded/`` or
             ``checkpoint-compact/``.
-        out_dir: the folder to write; default ``RUN_DIR/export-<layout>``.
-        layout: ``padded`` or ``compact``; default padded when the run saved it, else compact.
+        out_dir: the folder to write; default ``RUN_DIR/export-<layout>[-healed]``.
+        layout: ``padded`` or ``compact``; default padded when the run saved it, else compact
+            (with ``healed``: the layout that was healed).
+        healed: export ``checkpoint-<layout>-healed/`` (the heal stage's distilled model).
         quantize: ``"int8"`` adds an optimum-quanto weight-only int8 copy in ``int8/``.
         onnx: add ``onnx/model.onnx`` (checked against PyTorch in onnxruntime).
         overwrite: rebuild even when ``out_dir`` is up to date, or replace it when it holds
@@ -119,14 +122,15 @@ def export_run(
     if not (run_dir / "plan.json").is_file():
         raise ExportError(f"{run_dir} is not an fbnprune run directory (no plan.json); run "
                           "`fbnprune run RECIPE --out RUN_DIR` first")  # fmt: skip
-    layout, source = _checkpoint(run_dir, layout)
+    layout, source = _checkpoint(run_dir, layout, healed)
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     limit = parse_size(max_shard_size)
-    out = Path(out_dir) if out_dir is not None else run_dir / f"export-{layout}"
+    name = f"{layout}-healed" if healed else layout
+    out = Path(out_dir) if out_dir is not None else run_dir / f"export-{name}"
     _check_out_dir(out, run_dir)
-    options = {"layout": layout, "quantize": quantize, "onnx": onnx, "max_shard_size": limit,
-               "repo_id": repo_id}  # fmt: skip
+    options = {"layout": layout, "healed": healed, "quantize": quantize, "onnx": onnx,
+               "max_shard_size": limit, "repo_id": repo_id}  # fmt: skip
     fingerprint = _fingerprint(run_dir, source, options)
     if out.exists() and not overwrite:
         previous = _read_json(out / EXPORT_REPORT)
@@ -183,8 +187,9 @@ def export_run(
         facts = CardFacts(
             plan=plan, layout=layout, recipe=_yaml(recipe_text), parity=parity,
             prune=_read_json(run_dir / "prune.json"),
-            scores=read_eval_results(run_dir / RUN_EVAL, layout),
+            scores=read_eval_results(run_dir / RUN_EVAL, layout, healed=healed),
             export_bytes=export_bytes, formats=formats, repo_id=repo_id,
+            heal=_read_json(source / "fbnprune_heal.json") if healed else None,
         )  # fmt: skip
         build_card(facts).save(tmp / "README.md")
     logger.info("export: wrote %s (%s layout)", out, layout)
@@ -192,10 +197,19 @@ def export_run(
 
 
 # -- inputs and checks ------------------------------------------------------------------------
-def _checkpoint(run_dir: Path, layout: str | None) -> tuple[str, Path]:
-    available = [name for name in LAYOUTS if (run_dir / f"checkpoint-{name}").is_dir()]
+def _checkpoint(run_dir: Path, layout: str | None, healed: bool = False) -> tuple[str, Path]:
     if layout is not None and layout not in LAYOUTS:
         raise ExportError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if healed:
+        done = [name for name in LAYOUTS if (run_dir / f"checkpoint-{name}-healed").is_dir()]
+        if layout is None and done:
+            layout = done[0]
+        if layout not in done:
+            raise ExportError(f"{run_dir} has no checkpoint-{layout or '<layout>'}-healed/; run "
+                              "the heal stage (`fbnprune heal RECIPE --out RUN_DIR`, with "
+                              "heal.enabled: true if the budget is above heal.below_budget)")
+        return layout, run_dir / f"checkpoint-{layout}-healed"
+    available = [name for name in LAYOUTS if (run_dir / f"checkpoint-{name}").is_dir()]
     if not available:
         raise ExportError(f"{run_dir} has no checkpoint-padded/ or checkpoint-compact/; run the "
                           "save stage first (`fbnprune run RECIPE --out RUN_DIR`)")  # fmt: skip

@@ -34,7 +34,7 @@ from fbnprune.discover import GroupICA
 from fbnprune.io import atomic_directory, atomic_write_json, atomic_write_text
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
-from fbnprune.recipe import Recipe
+from fbnprune.recipe import Recipe, SelectConfig
 from fbnprune.rundir import RunDir, StageRecord, measure, now
 from fbnprune.save import checkpoint_bytes, model_size, save_checkpoint
 from fbnprune.select import (
@@ -48,7 +48,7 @@ from fbnprune.slicing import SliceError, slice_model
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("collect", "discover", "select", "prune", "check", "save")
+STAGES = ("collect", "discover", "select", "prune", "check", "save", "heal")
 STAGING = ".staging"
 
 
@@ -78,9 +78,20 @@ class RunSummary:
 class Pipeline:
     """Lazily computed stages of one recipe over one run directory."""
 
-    def __init__(self, recipe: Recipe, run: RunDir, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run: RunDir,
+        *,
+        progress: bool = True,
+        model_and_tokenizer: tuple[nn.Module, Any] | None = None,
+    ) -> None:
+        """``model_and_tokenizer``: the recipe's model, already loaded (shared between
+        pipelines of one model, e.g. the benchmark's two neuron sites)."""
         self.recipe, self.run, self.progress = recipe, run, progress
         self.executed: list[str] = []
+        if model_and_tokenizer is not None:
+            self.__dict__["model_and_tokenizer"] = model_and_tokenizer
 
     # -- inputs ----------------------------------------------------------------------------
     @functools.cached_property
@@ -133,6 +144,10 @@ class Pipeline:
     def check_key(self) -> str:
         return _hash(self.prune_key, self.recipe.check.model_dump())
 
+    @functools.cached_property
+    def heal_key(self) -> str:
+        return _hash(self.check_key, self.recipe.heal.model_dump())
+
     # -- paths -------------------------------------------------------------------------------
     def collect_dir(self, task: str) -> Path:
         return self.run.path / "collect" / task
@@ -149,6 +164,17 @@ class Pipeline:
 
     def staging_dir(self, layout: str) -> Path:
         return self.run.path / STAGING / f"checkpoint-{layout}"
+
+    @property
+    def heal_layout(self) -> str:
+        """Healing trains the compact slice when the recipe saves one (LoRA adapters would
+        bring the padded layout's zero units to life), else the padded one."""
+        layouts = self.recipe.save.layouts
+        return "compact" if "compact" in layouts else layouts[0]
+
+    @property
+    def healed_dir(self) -> Path:
+        return self.run.path / f"checkpoint-{self.heal_layout}-healed"
 
     # -- stage runner ------------------------------------------------------------------------
     def _stage(self, name: str, key: str, outputs: list[Path], compute) -> Any:
@@ -259,7 +285,10 @@ class Pipeline:
         return PrunePlan.load(self.plan_file)
 
     def _task_scores(self, task: str) -> np.ndarray:
-        selector = self.recipe.select.selector
+        return self.task_scores(task, self.recipe.select.selector, seed=self.recipe.seed)
+
+    def task_scores(self, task: str, selector: str, *, seed: int) -> np.ndarray:
+        """One score per unit of the task's calibration activations (higher: keep first)."""
         if selector == "ica":
             return self.ica_scores(task)
         acts = self.activations(task)
@@ -267,56 +296,71 @@ class Pipeline:
             return magnitude_scores(acts.matrix)
         if selector == "wanda":
             return wanda_scores(self.model, acts.matrix)
-        return random_scores(acts.matrix.shape[1], self.recipe.seed)
+        if selector == "random":
+            return random_scores(acts.matrix.shape[1], seed)
+        raise ValueError(f"unknown selector {selector!r}")
 
-    def _select(self) -> dict:
+    @functools.cached_property
+    def unit_means(self) -> np.ndarray:
+        """Every unit's mean over the calibration tokens of all tasks (the ``mean`` fill)."""
+        all_acts = [self.activations(t) for t in self.tasks]
+        tokens = sum(a.n_tokens for a in all_acts)
+        return sum(column_means(a.matrix).astype(np.float64) * a.n_tokens
+                   for a in all_acts) / tokens  # fmt: skip
+
+    def build_plan(
+        self, select: SelectConfig, fill: str, *, seed: int, scores: np.ndarray | None = None
+    ) -> PrunePlan:
+        """The plan of one selection: tasks' scores merged by max (a union of tasks), the
+        budget allocated over layers, the fill of dropped units. ``scores`` (all units)
+        replaces the selector's when given."""
         r = self.recipe
         all_acts = {t: self.activations(t) for t in self.tasks}
         widths = next(iter(all_acts.values())).layer_widths
-        merged = np.max([self._task_scores(t) for t in self.tasks], axis=0)  # union of tasks
+        if scores is None:
+            scores = np.max([self.task_scores(t, select.selector, seed=seed)
+                             for t in self.tasks], axis=0)  # fmt: skip
         bounds = np.cumsum([0, *widths])
-        per_layer = [merged[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        kept = allocate(
-            per_layer, r.select.budget, policy=r.select.allocation,
-            min_per_layer=r.select.min_per_layer,
-        )  # fmt: skip
+        layers = list(zip(bounds[:-1], bounds[1:], strict=True))
+        kept = allocate([scores[a:b] for a, b in layers], select.budget,
+                        policy=select.allocation, min_per_layer=select.min_per_layer)  # fmt: skip
         fill_values = None
-        if r.prune.fill == "mean":
-            tokens = sum(a.n_tokens for a in all_acts.values())
-            means = sum(column_means(a.matrix).astype(np.float64) * a.n_tokens
-                        for a in all_acts.values()) / tokens  # fmt: skip
-            fill_values = [means[a:b].astype(np.float32).tolist()
-                           for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
+        if fill == "mean":
+            fill_values = [self.unit_means[a:b].astype(np.float32).tolist() for a, b in layers]
         provenance: dict[str, Any] = {
             "recipe": r.name,
             "recipe_fingerprint": r.fingerprint(),
             "tasks": {t: d.fingerprint() for t, d in self.tasks.items()},
             "calibration_tokens": {t: a.n_tokens for t, a in all_acts.items()},
-            "seed": r.seed,
-            "budget": r.select.budget,
-            "allocation": r.select.allocation,
-            "min_per_layer": r.select.min_per_layer,
-            "selector": r.select.selector,
+            "seed": seed,
+            "budget": select.budget,
+            "allocation": select.allocation,
+            "min_per_layer": select.min_per_layer,
+            "selector": select.selector,
             "versions": versions(),
             "created": now(),
         }
-        if r.select.selector == "ica":
-            union = merged >= r.discover.threshold
+        if select.selector == "ica":
+            union = scores >= r.discover.threshold
             provenance.update(
                 n_components=r.discover.n_components,
                 threshold=r.discover.threshold,
                 threshold_union_units=int(union.sum()),
                 threshold_union_fraction=float(union.mean()),
-                threshold_union_per_layer=[int(union[a:b].sum())
-                                           for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
-            )  # fmt: skip
+                threshold_union_per_layer=[int(union[a:b].sum()) for a, b in layers],
+            )
         model_type = json.loads(
             (self.collect_dir(next(iter(self.tasks))) / "meta.json").read_text()
         )["model_type"]
-        plan = PrunePlan(
-            model=r.model, model_type=model_type, site=r.site, fill=r.prune.fill,
+        return PrunePlan(
+            model=r.model, model_type=model_type, site=r.site, fill=fill,
             layer_widths=list(widths), kept=kept, fill_values=fill_values, provenance=provenance,
         )  # fmt: skip
+
+    def _select(self) -> dict:
+        r = self.recipe
+        plan = self.build_plan(r.select, r.prune.fill, seed=r.seed)
+        provenance = plan.provenance
         plan.save(self.plan_file)
         logger.info("select: %s", plan.summary())
         if "threshold_union_units" in provenance:
@@ -473,11 +517,69 @@ class Pipeline:
         return {"safetensors_bytes": sizes}
 
 
+    # -- 7. heal -------------------------------------------------------------------------------
+    def healed(self) -> Path:
+        """The healed checkpoint (``checkpoint-<layout>-healed/``), healing if needed."""
+        outputs = [self.healed_dir, self.run.path / "heal" / "log.json"]
+        self._stage("heal", self.heal_key, outputs, self._heal)
+        return self.healed_dir
+
+    def _heal(self) -> dict:
+        """Distil the original into a copy of the checked slice on the calibration prompts
+        (held-out prompts only for the logged validation loss), then save it through the
+        same code as the unhealed checkpoint and check that it reloads bit for bit."""
+        from transformers import AutoModelForCausalLM
+
+        from fbnprune.heal import heal_model, plot_loss
+
+        self.checkpoints()
+        cfg, layout = self.recipe.heal, self.heal_layout
+        heal_dir = self.run.path / "heal"
+        student = copy.deepcopy(self.sliced[layout])
+        texts = [p for data in self.tasks.values() for p in data.prompts("calibration")]
+        validation = self.heldout_prompts(len(texts))
+        healed, log = heal_model(student, self.model, self.tokenizer, texts, cfg,
+                                 validation=validation, state_file=heal_dir / "state.pt",
+                                 progress=self.progress)  # fmt: skip
+        staging = self.staging_dir(f"{layout}-healed")
+        save_checkpoint(healed, self.tokenizer, staging)
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            staging, dtype=getattr(torch, self.recipe.dtype), trust_remote_code=layout == "compact"
+        ).eval()
+        serialisation = check_parity(
+            (f"healed-{layout}", healed, None), {f"reloaded-healed-{layout}": reloaded},
+            tokenizer=self.tokenizer, prompts=self.heldout_prompts(self.recipe.check.samples),
+            max_length=max(t.max_length for t in self.recipe.tasks), atol=self.recipe.check.atol,
+        )  # fmt: skip
+        result = ParityResult([serialisation])
+        if not result.passed:
+            shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+            result.raise_if_failed()
+        atomic_write_json(heal_dir / "log.json", log.to_dict())
+        plot_loss({"healing": log}, heal_dir / "loss.png",
+                  title=f"healing {self.recipe.model} ({layout}, {cfg.method})")
+        extras = {
+            "fbnprune_plan.json": self.plan_file.read_text(),
+            "fbnprune_recipe.yaml": self.recipe.to_yaml(),
+            "fbnprune_parity.json": (self.run.path / "parity.json").read_text(),
+            "fbnprune_heal.json": (heal_dir / "log.json").read_text(),
+        }
+        with atomic_directory(self.healed_dir) as tmp:
+            shutil.copytree(staging, tmp, dirs_exist_ok=True)
+            for name, text in extras.items():
+                atomic_write_text(tmp / name, text)
+        shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+        logger.info("heal: saved %s", self.healed_dir)
+        return {"steps": log.steps, "stopped_by": log.stopped_by,
+                "loss_first": log.train_loss[0], "loss_last": log.train_loss[-1],
+                "reload_max_abs": result.worst()}  # fmt: skip
+
+
 def run_pipeline(
     recipe: Recipe,
     out: Path,
     *,
-    until: str = "save",
+    until: str = "heal",
     overwrite: bool = False,
     progress: bool = True,
 ) -> RunSummary:
@@ -506,6 +608,12 @@ def run_pipeline(
         parity = pipe.parity()
     if stop >= 5:
         checkpoints = pipe.checkpoints()
+    if stop >= 6 and recipe.heal.active(recipe.select.budget):
+        checkpoints[f"{pipe.heal_layout}-healed"] = pipe.healed()
+    elif stop >= 6:
+        logger.info("heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "
+                    "set heal.enabled: true to heal anyway)", 100 * recipe.select.budget,
+                    100 * recipe.heal.below_budget)  # fmt: skip
     ledger = run.ledger()["stages"]
     stages = {name: StageRecord(**rec) for name, rec in ledger.items()}
     return RunSummary(run.path, stages, plan, parity, checkpoints)

@@ -114,6 +114,41 @@ class SaveConfig(_Strict):
     layouts: list[Layout] = Field(default_factory=lambda: ["padded"], min_length=1)
 
 
+class HealConfig(_Strict):
+    """The ``heal`` stage: distil the original model into the sliced one (``fbnprune.heal``).
+
+    ``enabled: null`` (the default) heals when ``select.budget < below_budget``: no structured
+    pruning method reports usable models without recovery below ~80% kept (FLAP, LLM-Pruner
+    recover at 20% removed), and unhealed fbnprune models of 30% kept and less fall to chance
+    on SmolLM2 (see the benchmark in the README).
+    """
+
+    enabled: bool | None = None
+    below_budget: float = Field(default=0.5, gt=0, le=1)
+    method: Literal["full", "lora"] = "full"
+    modules: Literal["mlp", "all"] = Field(
+        default="mlp", description="linear layers trained: the MLPs' or all of the decoder's"
+    )
+    steps: int = Field(default=200, ge=1)
+    max_minutes: float | None = Field(default=15, gt=0, description="stop after this long")
+    lr: float = Field(default=5e-4, gt=0)
+    warmup: float = Field(default=0.05, ge=0, lt=1, description="fraction of steps")
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    max_length: int = Field(default=128, ge=8, description="tokens per calibration document")
+    top_k: int = Field(default=64, ge=1, description="teacher log-probs kept per position")
+    temperature: float = Field(default=1.0, gt=0)
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: float = Field(default=32, gt=0)
+    eval_every: int = Field(default=25, ge=1, description="held-out loss every N steps")
+    checkpoint_every: int = Field(default=50, ge=1, description="training state every N steps")
+    seed: int = 0
+
+    def active(self, budget: float) -> bool:
+        return self.enabled if self.enabled is not None else budget < self.below_budget
+
+
 EVAL_SUITE_TASKS = ("bbc_topics", "word_problems", "ppl_news", "ppl_wiki", "ppl_code")
 
 
@@ -143,6 +178,96 @@ class EvaluateConfig(_Strict):
     seed: int = Field(default=0, description="which documents outside calibration are drawn")
 
 
+ShortSamples = Literal["merge", "reduce", "skip"]
+
+
+class AnalyzeConfig(_Strict):
+    """``fbnprune analyze``: templates and recurrence, lesions, preservation curve (see
+    ``fbnprune.analyze``). Network threshold and FastICA settings come from ``discover``."""
+
+    samples: int = Field(
+        default=100,
+        ge=2,
+        description="samples per task for the templates, and as many other samples for "
+        "individual ICA",
+    )
+    n_templates: int = Field(default=10, ge=2, description="group-ICA components (templates)")
+    iou_threshold: float = Field(
+        default=0.2, ge=0, lt=1, description="IoU above which an individual network matches"
+    )
+    short_samples: ShortSamples = Field(
+        default="merge",
+        description="individual ICA on a sample with fewer than "
+        "min_tokens_per_component * n_templates tokens: merge it with the next short samples, "
+        "reduce its number of components, or skip it",
+    )
+    min_tokens_per_component: float = Field(default=4.0, ge=1.5)
+    sites: list[Site] = Field(default_factory=lambda: ["hidden", "output"], min_length=1)
+    preserve_components: list[int] = Field(
+        default_factory=lambda: [10, 64, 128, 256, 512],
+        min_length=1,
+        description="n_components of the preservation curve",
+    )
+    metric_tasks: list[str] | None = Field(
+        default=None,
+        description="tasks whose metric is measured under lesions and preservation "
+        "(None: the first task; ['all']: every task; []: none)",
+    )
+    eval_docs: int = Field(default=50, ge=1, description="documents scored per metric task")
+    random_fraction: float = Field(default=0.15, gt=0, lt=1)
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("preserve_components")
+    @classmethod
+    def _components(cls, value: list[int]) -> list[int]:
+        if min(value) < 2:
+            raise ValueError(f"every n_components must be at least 2, got {value}")
+        return sorted(set(value))
+
+    @field_validator("sites", "random_seeds")
+    @classmethod
+    def _unique(cls, value: list) -> list:
+        if len(set(value)) != len(value):
+            raise ValueError(f"values must be unique, got {value}")
+        return value
+
+
+class BenchConfig(_Strict):
+    """``fbnprune bench``: the grid of selections scored against the original.
+
+    Every (selector, seed, budget, fill) is sliced (``layout``; exact, see ``check``) and
+    scored on ``tasks``; the ``heal_budgets`` also get a healed variant (the recipe's
+    ``heal`` settings, ``heal_steps`` steps, the recipe's fill); the ``output`` site is
+    masked at the same budgets for ``output_selectors``. The defaults fit the demo recipe
+    in 45 minutes on 2 CPU cores (README, Benchmarks).
+    """
+
+    budgets: list[float] = Field(default_factory=lambda: [0.05, 0.10, 0.20, 0.30, 0.50],
+                                 min_length=1)  # fmt: skip
+    selectors: list[Selector] = Field(
+        default_factory=lambda: ["ica", "magnitude", "wanda", "random"], min_length=1
+    )
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    fills: list[Fill] = Field(default_factory=lambda: ["zero", "mean"], min_length=1)
+    heal_budgets: list[float] = Field(default_factory=lambda: [0.10])
+    heal_steps: int | None = Field(default=40, ge=1, description="None: heal.steps")
+    output_selectors: list[Selector] = Field(default_factory=lambda: ["ica", "random"])
+    tasks: list[str] = Field(default_factory=lambda: ["bbc_topics", "ppl_news"], min_length=1)
+    limit: int | None = Field(default=50, ge=1, description="documents per task")
+    layout: Layout = "compact"
+    cost: bool = True
+    cost_repeats: int = Field(default=5, ge=1)
+
+    @field_validator("budgets", "heal_budgets")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not 0 < v <= 1]
+        if bad:
+            raise ValueError(f"budgets must be in (0, 1], got {bad}")
+        return sorted(set(values))
+
+
 class Recipe(_Strict):
     """A whole run: model, tasks and stage settings."""
 
@@ -159,7 +284,10 @@ class Recipe(_Strict):
     prune: PruneConfig = PruneConfig()
     check: CheckConfig = CheckConfig()
     save: SaveConfig = SaveConfig()
+    heal: HealConfig = HealConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    bench: BenchConfig = BenchConfig()
+    analyze: AnalyzeConfig = AnalyzeConfig()
 
     @field_validator("tasks")
     @classmethod

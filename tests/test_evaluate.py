@@ -51,6 +51,7 @@ def recipe_dict(model: str = "unused", **overrides) -> dict:
         "select": {"selector": "magnitude", "budget": 0.25, "min_per_layer": 0.05},
         "check": {"samples": 4, "atol": 1e-5},
         "save": {"layouts": ["padded", "compact"]},
+        "heal": {"enabled": False},
         "evaluate": SMALL,
     }  # fmt: skip
     recipe.update(overrides)

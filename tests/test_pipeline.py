@@ -37,6 +37,7 @@ def recipe_dict(model_dir: str, **overrides) -> dict:
         "select": {"budget": 0.25, "min_per_layer": 0.05},
         "check": {"samples": 4, "atol": 1e-5},
         "save": {"layouts": ["padded", "compact"]},
+        "heal": {"enabled": False},
     }  # fmt: skip
     for key, value in overrides.items():
         recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value

@@ -33,10 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a run directory written by `fbnprune run`")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None,
-                        help="folder to write (default: RUN_DIR/export-LAYOUT)")  # fmt: skip
+                        help="folder to write (default: RUN_DIR/export-LAYOUT[-healed])")
     parser.add_argument("--layout", choices=("padded", "compact"), default=None,
                         help="which checkpoint to export (default: padded if the run saved "
                              "it, else compact); compact needs trust_remote_code=True")  # fmt: skip
+    parser.add_argument("--healed", action="store_true",
+                        help="export the heal stage's distilled checkpoint "
+                             "(checkpoint-LAYOUT-healed/) instead of the unhealed slice")
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="also write int8/: optimum-quanto weight-only int8, with its size "
                              "and logit/perplexity change (needs fbnprune[quantize])")  # fmt: skip
@@ -72,8 +75,9 @@ def execute(args: argparse.Namespace) -> int:
     if hub_only and not args.push_to_hub:
         args.parser.error(f"{', '.join(hub_only)} only make(s) sense with --push-to-hub REPO_ID")
     result = export_run(
-        args.run_dir, args.out, layout=args.layout, quantize=args.quantize, onnx=args.onnx,
-        overwrite=args.overwrite, max_shard_size=args.max_shard_size, repo_id=args.push_to_hub,
+        args.run_dir, args.out, layout=args.layout, healed=args.healed, quantize=args.quantize,
+        onnx=args.onnx, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+        repo_id=args.push_to_hub,
     )  # fmt: skip
     print(result.summary())
     if args.push_to_hub:

@@ -22,14 +22,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "run",
-        help="run every stage: collect, discover, select, prune, check, save",
+        help="run every stage: collect, discover, select, prune, check, save, heal",
         description="Run a recipe end to end into one run directory: the plan (plan.json), "
-        "the parity report (parity.json) and one checkpoint per layout "
-        "(checkpoint-padded/, checkpoint-compact/).",
+        "the parity report (parity.json), one checkpoint per layout "
+        "(checkpoint-padded/, checkpoint-compact/) and, when the recipe's heal section is "
+        "active (by default below 50%% kept), a distilled checkpoint-<layout>-healed/ with "
+        "heal/log.json and heal/loss.png.",
     )
     add_run_arguments(parser)
-    parser.add_argument("--until", choices=STAGES, default="save",
-                        help="stop after this stage (default: save)")  # fmt: skip
+    parser.add_argument("--until", choices=STAGES, default="heal",
+                        help="stop after this stage (default: heal, the last)")  # fmt: skip
     parser.set_defaults(execute=execute)
 
 

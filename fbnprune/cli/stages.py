@@ -1,4 +1,4 @@
-"""``fbnprune collect|discover|select|prune|check|save RECIPE --out DIR``: run up to a stage.
+"""``fbnprune collect|discover|select|prune|check|save|heal RECIPE --out DIR``: run up to a stage.
 
 Each stage subcommand runs the pipeline up to and including that stage, reusing finished
 earlier stages in the run directory.
@@ -21,6 +21,9 @@ DESCRIPTIONS = {
     "check": "compare masked, sliced and saved-and-reloaded logits on held-out text "
     "(parity.json); fails beyond the tolerance",
     "save": "write the checked checkpoints (checkpoint-<layout>/) with plan and recipe",
+    "heal": "distil the original model into the sliced one on the calibration text "
+    "(checkpoint-<layout>-healed/, heal/log.json, heal/loss.png); skipped unless the "
+    "recipe's heal section is active (heal.enabled, or a budget below heal.below_budget)",
 }
 
 

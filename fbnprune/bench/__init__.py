@@ -1,0 +1,11 @@
+"""``fbnprune bench``: selectors x budgets x fills (x healing) against the original.
+
+``run_bench`` scores the grid of ``recipe.bench`` in one process (``fbnprune.bench.run``);
+``fbnprune.bench.report`` turns the rows into ``bench/results.json``, ``bench/results.md``
+and one PNG per task.
+"""
+
+from fbnprune.bench.report import write_report
+from fbnprune.bench.run import BenchError, Variant, grid, run_bench
+
+__all__ = ["BenchError", "Variant", "grid", "run_bench", "write_report"]

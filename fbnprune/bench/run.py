@@ -1,0 +1,295 @@
+"""Score the benchmark grid of one recipe in one process.
+
+Every variant is a ``PrunePlan`` built by the pipeline (``Pipeline.build_plan``) from the
+run's calibration activations: hidden-site variants are sliced (``BenchConfig.layout``; the
+check stage proves slicing equals masking, and sliced models run faster), output-site
+variants are masked (no architecture can drop an output channel). Every variant is scored
+by the same ``Harness`` (lm-eval, offline suite of documents outside calibration) as the
+original. Finished rows are appended to ``bench/rows.jsonl``; an interrupted benchmark run
+again with the same settings resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+
+from fbnprune.evaluate.harness import Harness
+from fbnprune.evaluate.suite import SUITE, build_suite, calibration_documents
+from fbnprune.heal import HealLog, heal_model, prepare_targets
+from fbnprune.io import atomic_write_text
+from fbnprune.mask import masked
+from fbnprune.pipeline import Pipeline, versions
+from fbnprune.plan import PrunePlan
+from fbnprune.recipe import Recipe, SelectConfig
+from fbnprune.rundir import RunDir
+from fbnprune.save import count_parameters
+from fbnprune.slicing import slice_model
+
+logger = logging.getLogger(__name__)
+
+BENCH_DIR = "bench"
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pruned model of the grid."""
+
+    site: str  # hidden (sliced) | output (masked)
+    selector: str
+    seed: int
+    budget: float
+    fill: str  # zero | mean
+    healed: bool = False
+
+    @property
+    def key(self) -> str:
+        tail = "/healed" if self.healed else ""
+        return f"{self.site}/{self.selector}/seed{self.seed}/{self.budget:.4f}/{self.fill}{tail}"
+
+    @property
+    def condition(self) -> str:
+        """The panel a variant is drawn in: zeroed, mean, healed, or output (masked)."""
+        if self.site == "output":
+            return "output"
+        return "healed" if self.healed else ("mean" if self.fill == "mean" else "zeroed")
+
+
+def grid(recipe: Recipe) -> list[Variant]:
+    """The benchmark's variants, cheapest first (slices, then output masks, then healing).
+
+    The random selector runs with every seed of ``random_seeds`` where it is cheap (sliced,
+    zeroed or mean) and with the first one where it is not (output site, healed)."""
+    cfg = recipe.bench
+
+    def seeds(selector: str) -> list[int]:
+        return cfg.random_seeds if selector == "random" else [recipe.seed]
+
+    hidden = [Variant("hidden", sel, seed, budget, fill)
+              for budget in cfg.budgets for sel in cfg.selectors for seed in seeds(sel)
+              for fill in cfg.fills]  # fmt: skip
+    output = [Variant("output", sel, seed, budget, "zero")
+              for budget in cfg.budgets for sel in cfg.output_selectors
+              for seed in seeds(sel)[:1]]  # fmt: skip
+    healed = [Variant("hidden", sel, seed, budget, recipe.prune.fill, healed=True)
+              for budget in cfg.heal_budgets for sel in cfg.selectors
+              for seed in seeds(sel)[:1]]  # fmt: skip
+    return hidden + output + healed
+
+
+def bench_fingerprint(recipe: Recipe) -> str:
+    """What every row depends on: rows of another fingerprint are not reused."""
+    data = recipe.model_dump(mode="json", include={
+        "model", "dtype", "seed", "tasks", "collect", "discover", "evaluate", "heal",
+    })  # fmt: skip
+    data["select"] = recipe.select.model_dump(include={"allocation", "min_per_layer"})
+    data["bench"] = recipe.bench.model_dump(include={"tasks", "limit", "layout", "heal_steps"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Rows:
+    """``bench/rows.jsonl``: one JSON object per finished variant, appended as they finish."""
+
+    def __init__(self, file: Path, fingerprint: str) -> None:
+        self.file, self.fingerprint = file, fingerprint
+        self.rows: dict[str, dict[str, Any]] = {}
+        if file.is_file():
+            for line in file.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("fingerprint") == fingerprint:
+                    self.rows[row["key"]] = row
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(file, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
+
+    def add(self, row: dict[str, Any]) -> None:
+        row["fingerprint"] = self.fingerprint
+        self.rows[row["key"]] = row
+        with open(self.file, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _pipelines(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, Pipeline]:
+    """One pipeline per neuron site the grid needs; the recipe's own site uses the run
+    directory (reusing ``fbnprune run``'s collect and discover), the other one a
+    sub-directory; both share one loaded model."""
+    main = Pipeline(recipe, run, progress=progress)
+    pipes = {recipe.site: main}
+    needed = {"hidden"} | ({"output"} if recipe.bench.output_selectors else set())
+    for site in needed - {recipe.site}:
+        sub = RunDir.open(run.path / BENCH_DIR / f"site-{site}")
+        pipes[site] = Pipeline(recipe.model_copy(update={"site": site}), sub,
+                               progress=progress,
+                               model_and_tokenizer=main.model_and_tokenizer)  # fmt: skip
+    return pipes
+
+
+class _Scores:
+    """Selector scores per (site, selector, seed), computed once."""
+
+    def __init__(self, pipes: dict[str, Pipeline]) -> None:
+        self.pipes = pipes
+        self.cache: dict[tuple[str, str, int], np.ndarray] = {}
+
+    def plan(self, variant: Variant, recipe: Recipe) -> PrunePlan:
+        pipe = self.pipes[variant.site]
+        key = (variant.site, variant.selector, variant.seed)
+        if key not in self.cache:
+            self.cache[key] = np.max([pipe.task_scores(t, variant.selector, seed=variant.seed)
+                                      for t in pipe.tasks], axis=0)  # fmt: skip
+        select = SelectConfig(selector=variant.selector, budget=variant.budget,
+                              allocation=recipe.select.allocation,
+                              min_per_layer=recipe.select.min_per_layer)  # fmt: skip
+        return pipe.build_plan(select, variant.fill, seed=variant.seed, scores=self.cache[key])
+
+
+def run_bench(
+    recipe: Recipe, out: str | Path, *, progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
+    """Score the original and every variant of ``grid(recipe)``; write the report files
+    into ``OUT/bench/`` and return the results document."""
+    from fbnprune.bench.report import write_report
+
+    cfg = recipe.bench
+    suite_tasks = [t for t in cfg.tasks if t in SUITE]
+    run = RunDir.open(Path(out), overwrite=overwrite)
+    run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(),
+                   versions=versions())  # fmt: skip
+    atomic_write_text(run.path / "recipe.yaml", recipe.to_yaml())
+    bench_dir = run.path / BENCH_DIR
+    pipes = _pipelines(recipe, run, progress)
+    main = pipes[recipe.site]
+    model, tokenizer = main.model, main.tokenizer
+    suite_dir = bench_dir / "suite"
+    if suite_tasks:
+        build_suite(suite_dir, exclude=calibration_documents(recipe, run.path),
+                    config=recipe.evaluate, tasks=suite_tasks)  # fmt: skip
+    include = ([suite_dir] if suite_tasks else []) + list(recipe.evaluate.include_paths)
+    harness = Harness(cfg.tasks, include_paths=include, limit=cfg.limit,
+                      batch_size=recipe.evaluate.batch_size,
+                      max_length=recipe.evaluate.max_length)  # fmt: skip
+    for pipe in pipes.values():  # collect (and discover) before the clock of the grid starts
+        for task in pipe.tasks:
+            if "ica" in cfg.selectors or "ica" in cfg.output_selectors:
+                pipe.ica_scores(task)
+            else:
+                pipe.activations(task)
+    rows = _Rows(bench_dir / "rows.jsonl", bench_fingerprint(recipe))
+    scores = _Scores(pipes)
+    variants = grid(recipe)
+    todo = [v for v in variants if v.key not in rows.rows]
+    logger.info("bench: %d variants (%d done earlier), tasks %s, %s documents per task",
+                len(variants), len(variants) - len(todo), ", ".join(harness.tasks),
+                cfg.limit or "all")  # fmt: skip
+    started = time.perf_counter()
+    if "original" not in rows.rows:
+        t0 = time.perf_counter()
+        result = harness.score(model, tokenizer)
+        rows.add({"key": "original", "parameters": count_parameters(model), "scores": result,
+                  "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        logger.info("bench: original: %s", harness.summary(result))
+    heal_cfg = recipe.heal.model_copy(update={"steps": cfg.heal_steps or recipe.heal.steps})
+    teacher: tuple | None = None  # the original's targets, computed once for every student
+    bar = tqdm(todo, desc="bench", unit="variant", disable=not progress)
+    for variant in bar:
+        bar.set_postfix_str(variant.key)
+        t0 = time.perf_counter()
+        plan = scores.plan(variant, recipe)
+        row: dict[str, Any] = {"key": variant.key, **asdict(variant),
+                               "condition": variant.condition, "kept": plan.n_kept,
+                               "kept_fraction": plan.kept_fraction}  # fmt: skip
+        if variant.site == "output":
+            with masked(model, plan):
+                result = harness.score(model, tokenizer)
+            row["parameters"] = count_parameters(model)
+        else:
+            pruned = slice_model(copy.deepcopy(model), plan, layout=cfg.layout).eval()
+            if variant.healed:
+                if teacher is None:
+                    calibration = [p for d in main.tasks.values()
+                                   for p in d.prompts("calibration")]  # fmt: skip
+                    teacher = prepare_targets(model, tokenizer, calibration, heal_cfg,
+                                              validation=main.heldout_prompts(8))  # fmt: skip
+                pruned, log = heal_model(pruned, model, tokenizer, (), heal_cfg,
+                                         targets=teacher, progress=False)  # fmt: skip
+                row["heal"] = _heal_summary(log)
+            result = harness.score(pruned, tokenizer)
+            row["parameters"] = count_parameters(pruned)
+            del pruned
+            gc.collect()
+        row["scores"] = result
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.add(row)
+        logger.info("bench: %s (%.0f s): %s", variant.key, row["seconds"],
+                    harness.summary(result))  # fmt: skip
+    bar.close()
+    cost = _costs(recipe, scores, model) if cfg.cost else None
+    results = {
+        "recipe": recipe.name,
+        "model": recipe.model,
+        "tasks": {name: {"metric": info.metric, "higher_is_better": info.higher_is_better,
+                         "n_docs": info.n_docs} for name, info in harness.tasks.items()},
+        "settings": {**recipe.bench.model_dump(mode="json"),
+                     "allocation": recipe.select.allocation,
+                     "min_per_layer": recipe.select.min_per_layer,
+                     "heal": heal_cfg.model_dump(mode="json"), "harness": harness.settings(),
+                     "calibration_tokens": {t: main.activations(t).n_tokens
+                                            for t in main.tasks},
+                     "grid_seconds": round(time.perf_counter() - started, 1)},
+        "fingerprint": rows.fingerprint,
+        "versions": versions(),
+        "rows": [rows.rows["original"], *(rows.rows[v.key] for v in variants)],
+        "cost": cost,
+    }  # fmt: skip
+    write_report(results, bench_dir)
+    return results
+
+
+def _heal_summary(log: HealLog) -> dict[str, Any]:
+    return {"steps": log.steps, "seconds": log.seconds, "stopped_by": log.stopped_by,
+            "train_loss": [round(v, 5) for v in log.train_loss],
+            "validation": log.validation}  # fmt: skip
+
+
+def _costs(recipe: Recipe, scores: _Scores, model: nn.Module) -> dict[str, Any]:
+    """Size and speed of the original and of one selector's slice (ICA's, when benched) at
+    every budget in the benchmark's layout, and in the other layout at the recipe's budget
+    where it exists; all measured interleaved."""
+    from fbnprune.cost import costs_markdown, measure_costs
+    from fbnprune.slicing import SliceError
+
+    cfg = recipe.bench
+    models: dict[str, nn.Module] = {"original": model}
+
+    selector = "ica" if "ica" in cfg.selectors else cfg.selectors[0]
+
+    def add(name: str, budget: float, layout: str) -> None:
+        variant = Variant("hidden", selector, recipe.seed, budget, recipe.prune.fill)
+        try:
+            models[name] = slice_model(copy.deepcopy(model), scores.plan(variant, recipe),
+                                       layout=layout).eval()  # fmt: skip
+        except SliceError as exc:
+            logger.info("cost: no %s (%s)", name, exc)
+
+    for budget in cfg.budgets:
+        add(f"{cfg.layout} {budget:.0%}", budget, cfg.layout)
+    other = "padded" if cfg.layout == "compact" else "compact"
+    add(f"{other} {recipe.select.budget:.0%}", recipe.select.budget, other)
+    logger.info("cost: measuring %s", ", ".join(models))
+    costs = measure_costs(models, repeats=cfg.cost_repeats)
+    return {"selector": selector, "models": {n: c.to_dict() for n, c in costs.items()},
+            "markdown": costs_markdown(costs)}  # fmt: skip

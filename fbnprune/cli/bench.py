@@ -1,0 +1,92 @@
+"""``fbnprune bench RECIPE --out DIR``: selectors x budgets x fills (x healing) vs original."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fbnprune.recipe import load_recipe
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(v.strip().rstrip("%")) / (100 if v.strip().endswith("%") else 1)
+                  for v in text.split(",") if v.strip()]  # fmt: skip
+    except ValueError as exc:
+        message = f"expected fractions like 0.1,0.3 or 10%,30%: {exc}"
+        raise argparse.ArgumentTypeError(message) from None
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in _names(text)]
+
+
+OVERRIDES = {  # flag -> (recipe.bench field, parser, help)
+    "--budgets": ("budgets", _fractions, "kept fractions, e.g. 0.05,0.1,0.2 or 10%%,30%%"),
+    "--selectors": ("selectors", _names, "ica, magnitude, wanda, random"),
+    "--random-seeds": ("random_seeds", _ints, "seeds of the random selector"),
+    "--fills": ("fills", _names, "zero, mean"),
+    "--heal-budgets": ("heal_budgets", _fractions, "budgets that also get a healed variant "
+                       "('' for none)"),
+    "--heal-steps": ("heal_steps", int, "distillation steps per healed variant"),
+    "--output-selectors": ("output_selectors", _names, "selectors masked at the output "
+                           "site ('' for none)"),
+    "--tasks": ("tasks", _names, "lm-eval tasks (suite: bbc_topics, word_problems, ppl_news, "
+                "ppl_wiki, ppl_code)"),
+    "--limit": ("limit", int, "documents per task"),
+}  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench",
+        help="benchmark selectors x budgets x fills (x healing) against the original",
+        description="Score the original model and, from the same calibration activations, "
+        "every selector (ica, magnitude, wanda, random with several seeds) at every budget "
+        "with dropped units zeroed or replaced by their calibration mean, healed variants "
+        "at the heal budgets, and the paper's output site masked; then measure size and "
+        "CPU prefill/decode speed of the slices against the original, interleaved in one "
+        "process. The grid is the recipe's bench section; flags override it. Writes "
+        "OUT/bench/results.json, results.md, <task>.png and healing.png. An interrupted "
+        "benchmark resumes from bench/rows.jsonl.",
+        epilog="Example: fbnprune bench recipes/demo.yaml --out runs/demo "
+        "(reuses the collect and discover stages of `fbnprune run` in the same directory).",
+    )
+    parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="run directory (collect/discover are shared with fbnprune run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard whatever is in --out first")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-cost", action="store_true", help="skip the size/speed table")
+    for flag, (_, kind, text) in OVERRIDES.items():
+        parser.add_argument(flag, type=kind, help=text)
+    parser.set_defaults(execute=execute)
+
+
+def execute(args: argparse.Namespace) -> int:
+    from fbnprune.bench import run_bench
+    from fbnprune.recipe import parse_recipe
+
+    recipe = load_recipe(args.recipe)
+    overrides = {field: getattr(args, flag[2:].replace("-", "_"))
+                 for flag, (field, _, _) in OVERRIDES.items()}  # fmt: skip
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_cost:
+        overrides["cost"] = False
+    if overrides:
+        raw = recipe.model_dump(mode="json")
+        raw["bench"].update(overrides)
+        recipe = parse_recipe(raw, origin=f"{args.recipe} (with command-line overrides)")
+    results = run_bench(recipe, args.out, progress=not args.no_progress,
+                        overwrite=args.overwrite)  # fmt: skip
+    bench_dir = args.out / "bench"
+    print(f"benchmark: {bench_dir / 'results.md'}")
+    for name in results.get("figures", {}).values():
+        print(f"figure: {bench_dir / name}")
+    return 0

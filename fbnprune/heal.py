@@ -1,0 +1,343 @@
+"""Healing: knowledge distillation from the original model into the pruned one.
+
+The teacher (the original model) reads the task's calibration text once; its top-k next-token
+log-probabilities per position are kept (``TeacherTargets``). The student (the sliced model)
+is then trained to match them: KL divergence between the teacher's distribution, coarsened
+to its top-k tokens plus one bucket holding the remaining mass, and the student's on the
+same k+1 buckets. With k = 64 the bucket holds well under 1% of the teacher's mass on
+average, and the targets of 25k tokens fit in a few MiB instead of the 5 GiB that full
+logits over a 49k vocabulary would need.
+
+What is trained (``HealConfig.method``):
+- ``full``: the weights of ``HealConfig.modules`` themselves (default: the MLPs, the only
+  part pruning changed). A unit that was sliced to zero width stays gone; in the padded
+  layout a padding unit has zero weights on both sides, where every gradient is zero, so it
+  stays exactly zero.
+- ``lora``: low-rank adapters (``peft``) on the same linear layers, merged into the weights
+  at the end, so the healed model has the sliced model's shapes and is saved by the same
+  code. Use it with the compact layout: an adapter would bring padding units to life.
+
+Never train on held-out text: ``heal_model`` takes the texts it is given, and the pipeline
+and the benchmark give it the calibration documents only. Held-out prompts may be passed as
+``validation`` to watch the loss, never to train.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fbnprune.adapters import get_adapter
+from fbnprune.collect import token_batches
+from fbnprune.recipe import HealConfig
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class HealError(ValueError):
+    """Healing cannot run as configured."""
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k log-probabilities at every real (unpadded) position of a batch."""
+
+    input_ids: torch.Tensor  # (batch, length)
+    attention_mask: torch.Tensor  # (batch, length)
+    top_ids: torch.Tensor  # (n_positions, k) token ids
+    top_logprobs: torch.Tensor  # (n_positions, k) teacher log-probabilities
+
+
+@dataclass
+class HealLog:
+    """What happened during healing (``heal/log.json`` in a run directory)."""
+
+    method: str
+    trainable_parameters: int
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_by: str = ""
+    train_loss: list[float] = field(default_factory=list)  # one per step
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    resumed_from: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that predict a real next token: real and followed by a real token."""
+    return (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+
+
+@torch.no_grad()  # not inference_mode: the targets enter the student's autograd graph
+def teacher_targets(
+    teacher: nn.Module, batches: Sequence[Batch], *, top_k: int, temperature: float = 1.0,
+    progress: bool = False,
+) -> list[TeacherTargets]:  # fmt: skip
+    """Run the teacher once over the batches and keep its top-k next-token log-probs."""
+    teacher.eval()
+    out = []
+    for input_ids, attention in tqdm(batches, desc="heal: teacher", disable=not progress):
+        logits = teacher(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        logprobs = F.log_softmax(logits[_positions(attention)].float() / temperature, dim=-1)
+        values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        out.append(TeacherTargets(input_ids, attention, ids, values))
+    return out
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, target: TeacherTargets, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher || student) over the teacher's top-k tokens plus one "rest" bucket, mean
+    over positions, scaled by T^2 (Hinton et al.) so gradients keep their size across T."""
+    logits = student_logits[:, :-1][_positions(target.attention_mask)].float() / temperature
+    student = F.log_softmax(logits, dim=-1)
+    s_top = student.gather(-1, target.top_ids)
+    t_top = target.top_logprobs
+    t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+    return kl.mean() * temperature**2
+
+
+def trainable_linears(model: nn.Module, modules: str) -> dict[str, nn.Module]:
+    """Name -> module of the linear layers healing trains: the MLPs' (``mlp``) or every
+    linear layer of the decoder (``all``; embeddings and the LM head stay frozen)."""
+    adapter = get_adapter(model)
+    out: dict[str, nn.Module] = {}
+    for i, layer in enumerate(adapter.get_layers(model)):
+        scope = adapter.get_mlp(layer) if modules == "mlp" else layer
+        for name, module in scope.named_modules():
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                out[f"layer{i}.{name}"] = module
+    if not out:
+        raise HealError(f"no linear layers to train in {type(model).__name__}")
+    return out
+
+
+def _lora_targets(model: nn.Module, modules: str) -> list[str]:
+    """Fully qualified names of the linear layers LoRA adapts."""
+    wanted = {id(m) for m in trainable_linears(model, modules).values()}
+    return [name for name, m in model.named_modules() if id(m) in wanted]
+
+
+def _prepare(model: nn.Module, cfg: HealConfig) -> tuple[nn.Module, list[nn.Parameter]]:
+    """Freeze everything but what healing trains; wrap with LoRA adapters if asked."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if cfg.method == "full":
+        params = [p for m in trainable_linears(model, cfg.modules).values()
+                  for p in m.parameters()]  # fmt: skip
+        for param in params:
+            param.requires_grad_(True)
+        return model, params
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - peft is in the heal extra
+        raise HealError("method 'lora' needs peft: pip install 'fbnprune[heal]'") from exc
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=_lora_targets(model, cfg.modules), bias="none")  # fmt: skip
+    wrapped = get_peft_model(model, lora)
+    return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
+
+
+def _finish(model: nn.Module, cfg: HealConfig) -> nn.Module:
+    """Merge LoRA adapters into the weights; unfreeze nothing, evaluation mode."""
+    if cfg.method == "lora":
+        model = model.merge_and_unload()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def _lr_at(step: int, cfg: HealConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    warmup = max(1, int(cfg.warmup * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def _validation_loss(model: nn.Module, targets: list[TeacherTargets], temperature: float) -> float:
+    model.eval()
+    losses = [float(distillation_loss(model(input_ids=t.input_ids,
+                                            attention_mask=t.attention_mask).logits,
+                                      t, temperature)) for t in targets]  # fmt: skip
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def prepare_targets(
+    teacher: nn.Module, tokenizer: Any, texts: Sequence[str], cfg: HealConfig, *,
+    validation: Sequence[str] = (), progress: bool = False,
+) -> tuple[list[TeacherTargets], list[TeacherTargets]]:  # fmt: skip
+    """The teacher's targets on the training texts and on the validation texts."""
+    if not texts:
+        raise HealError("no text to heal on")
+
+    def run(prompts: Sequence[str], bar: bool) -> list[TeacherTargets]:
+        batches = token_batches(tokenizer, list(prompts), cfg.max_length, cfg.batch_size)
+        return teacher_targets(teacher, batches, top_k=cfg.top_k, temperature=cfg.temperature,
+                               progress=bar)  # fmt: skip
+
+    return run(texts, progress), run(validation, False) if validation else []
+
+
+def heal_model(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    cfg: HealConfig,
+    *,
+    validation: Sequence[str] = (),
+    targets: tuple[list[TeacherTargets], list[TeacherTargets]] | None = None,
+    state_file: Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[nn.Module, HealLog]:
+    """Distil ``teacher`` into ``student`` on ``texts`` (calibration text only).
+
+    Args:
+        student: the pruned model; trained in place (its dtype must be a float).
+        teacher: the original model; only run forward.
+        tokenizer: shared by both.
+        texts: training text (the task's calibration prompts).
+        cfg: steps, time budget, learning rate, method, batch shape.
+        validation: held-out text whose loss is logged every ``cfg.eval_every`` steps.
+        targets: the teacher's (training, validation) targets from ``prepare_targets``,
+            to share them between several students of one teacher.
+        state_file: where training state is checkpointed every ``cfg.checkpoint_every``
+            steps; an existing state for the same settings is resumed from.
+        on_step: called with (step, loss) after every step.
+
+    Returns:
+        The healed model (LoRA merged) and its log.
+    """
+    if targets is None:
+        targets = prepare_targets(teacher, tokenizer, texts, cfg, validation=validation,
+                                  progress=progress)  # fmt: skip
+    targets, val_targets = targets
+    torch.manual_seed(cfg.seed)
+    model, params = _prepare(student, cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log = HealLog(cfg.method, sum(p.numel() for p in params), settings=cfg.model_dump())
+    settings_key = cfg.model_dump_json()
+    start_step = 0
+    if state_file is not None and state_file.is_file():
+        state = torch.load(state_file, weights_only=False)
+        if state["settings"] == settings_key and state["n_params"] == log.trainable_parameters:
+            for param, saved in zip(params, state["params"], strict=True):
+                param.data.copy_(saved)
+            optimizer.load_state_dict(state["optimizer"])
+            start_step, log.train_loss = state["step"], state["train_loss"]
+            log.validation, log.resumed_from = state["validation"], state["step"]
+            logger.info("heal: resuming from step %d (%s)", start_step, state_file)
+    order = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    started = time.perf_counter()
+    log.stopped_by = "steps"
+    bar = tqdm(range(start_step, cfg.steps), desc="heal", unit="step", disable=not progress,
+               initial=start_step, total=cfg.steps)  # fmt: skip
+    epoch: list[int] = []
+    for step in bar:
+        if not epoch:
+            epoch = torch.randperm(len(targets), generator=order).tolist()
+        target = targets[epoch.pop()]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        logits = model(input_ids=target.input_ids, attention_mask=target.attention_mask).logits
+        loss = distillation_loss(logits, target, cfg.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise HealError(f"healing diverged at step {step} (loss {value}); lower heal.lr")
+        log.train_loss.append(value)
+        bar.set_postfix(loss=f"{value:.4f}")
+        if on_step is not None:
+            on_step(step, value)
+        done = step + 1
+        if val_targets and (done % cfg.eval_every == 0 or done == cfg.steps):
+            log.validation.append((done, _validation_loss(model, val_targets, cfg.temperature)))
+        if state_file is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save_state(state_file, params, optimizer, done, log, settings_key)
+        if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
+            log.stopped_by = "time"
+            if val_targets and log.validation and log.validation[-1][0] != done:
+                log.validation.append((done, _validation_loss(model, val_targets,
+                                                              cfg.temperature)))  # fmt: skip
+            break
+    bar.close()
+    log.steps = len(log.train_loss)
+    log.seconds = round(time.perf_counter() - started, 2)
+    if state_file is not None and state_file.exists():
+        state_file.unlink()
+    logger.info("heal: %d steps in %.0f s (stopped by %s), loss %.4f -> %.4f", log.steps,
+                log.seconds, log.stopped_by, log.train_loss[0] if log.train_loss else math.nan,
+                log.train_loss[-1] if log.train_loss else math.nan)  # fmt: skip
+    return _finish(model, cfg), log
+
+
+def _save_state(file: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                step: int, log: HealLog, settings: str) -> None:  # fmt: skip
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    torch.save({"settings": settings, "n_params": log.trainable_parameters, "step": step,
+                "params": [p.detach().clone() for p in params],
+                "optimizer": optimizer.state_dict(), "train_loss": log.train_loss,
+                "validation": log.validation}, tmp)  # fmt: skip
+    os.replace(tmp, file)
+
+
+def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -> Path:
+    """Training loss per step (smoothed) and validation loss of one or more heal runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, log in logs.items():
+        losses = torch.tensor(log.train_loss)
+        if len(losses) == 0:
+            continue
+        window = max(1, len(losses) // 25)
+        smooth = losses.unfold(0, window, 1).mean(-1) if len(losses) >= window else losses
+        line, = ax.plot(range(window, window + len(smooth)), smooth.tolist(),
+                        label=f"{name} train")  # fmt: skip
+        if log.validation:
+            steps, values = zip(*log.validation, strict=True)
+            ax.plot(steps, values, "o--", color=line.get_color(), label=f"{name} held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(teacher || student), top-k + rest")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, file)
+    return file
