@@ -252,6 +252,8 @@ def heal_model(
             logger.info("heal: resuming from step %d (%s)", start_step, state_file)
     order = torch.Generator().manual_seed(cfg.seed)
     model.train()
+    if val_targets and start_step == 0:  # where the unhealed slice starts
+        log.validation.append((0, _validation_loss(model, val_targets, cfg.temperature)))
     started = time.perf_counter()
     log.stopped_by = "steps"
     bar = tqdm(range(start_step, cfg.steps), desc="heal", unit="step", disable=not progress,

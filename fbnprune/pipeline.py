@@ -611,6 +611,11 @@ def run_pipeline(
     if stop >= 6 and recipe.heal.active(recipe.select.budget):
         checkpoints[f"{pipe.heal_layout}-healed"] = pipe.healed()
     elif stop >= 6:
+        if pipe.healed_dir.exists():  # healed from an earlier plan: it no longer matches
+            shutil.rmtree(pipe.healed_dir)
+            shutil.rmtree(run.path / "heal", ignore_errors=True)
+            run.forget("heal")
+            logger.info("heal: removed %s, healed from an earlier plan", pipe.healed_dir.name)
         logger.info("heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "
                     "set heal.enabled: true to heal anyway)", 100 * recipe.select.budget,
                     100 * recipe.heal.below_budget)  # fmt: skip

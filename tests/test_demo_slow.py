@@ -58,4 +58,10 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
                  "--no-progress"]) == 0  # fmt: skip
     ledger = json.loads((run / "run.json").read_text())["stages"]
     assert set(ledger) == {"collect:bbc-news", "discover:bbc-news", "select", "prune", "check",
-                           "save"}  # fmt: skip
+                           "save", "heal"}  # fmt: skip
+
+    # the demo heals (10% < heal.below_budget): distillation lowers the KD loss on held-out text
+    log = json.loads((run / "heal" / "log.json").read_text())
+    assert log["steps"] == 100 and log["stopped_by"] == "steps"
+    assert log["validation"][-1][1] < 0.8 * log["validation"][0][1]
+    assert (run / "checkpoint-compact-healed" / "model.safetensors").is_file()

@@ -207,5 +207,7 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path):
     assert again.stages["heal"].finished == summary.stages["heal"].finished
     bigger = recipe.model_copy(update={"select": recipe.select.model_copy(update={"budget": 0.6})})
     assert not bigger.heal.active(bigger.select.budget)
-    assert "compact-healed" not in run_pipeline(bigger, tmp_path / "run2",
-                                                progress=False).checkpoints  # fmt: skip
+    # in the same directory the stale healed checkpoint (of the 25% plan) is removed
+    assert "compact-healed" not in run_pipeline(bigger, run, progress=False).checkpoints
+    assert not healed_dir.exists() and "heal" not in json.loads(
+        (run / "run.json").read_text())["stages"]  # fmt: skip

@@ -83,8 +83,9 @@ def results_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
         f"{', '.join(f'{b:.0%}' for b in settings['budgets'])} of MLP units x "
         f"conditions {', '.join(present)}."
         f" Allocation `{settings['allocation']}` (floor {settings['min_per_layer']:.0%} per "
-        f"layer); hidden-site variants sliced ({settings['layout']} layout), output-site "
-        f"variants masked. Healing: {settings['heal']['method']} on "
+        f"layer, at most half the budget); hidden-site variants sliced "
+        f"({settings['layout']} layout), output-site variants masked. Healing: "
+        f"{settings['heal']['method']} on "
         f"{settings['heal']['modules']}, {settings['heal']['steps']} steps of KD on the "
         "calibration text. Every model scored by lm-eval on the same documents (outside "
         "calibration): "
@@ -168,6 +169,8 @@ def plot_task(results: Mapping[str, Any], task: str, file: Path) -> Path:
         ax.grid(alpha=0.3)
         if log:
             ax.set_yscale("log")
+        elif metric.startswith("acc"):
+            ax.set_ylim(0, 1)
     axes[0][0].set_ylabel(f"{task}: {metric}")
     handles: dict[str, Any] = {}
     for ax in axes[0]:

@@ -102,6 +102,12 @@ def bench_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def layer_floor(recipe: Recipe, budget: float) -> float:
+    """The recipe's per-layer floor, capped at half the budget so small budgets stay
+    feasible (a 5% floor cannot hold under a 5% budget)."""
+    return min(recipe.select.min_per_layer, budget / 2)
+
+
 class _Rows:
     """``bench/rows.jsonl``: one JSON object per finished variant, appended as they finish."""
 
@@ -153,7 +159,7 @@ class _Scores:
                                       for t in pipe.tasks], axis=0)  # fmt: skip
         select = SelectConfig(selector=variant.selector, budget=variant.budget,
                               allocation=recipe.select.allocation,
-                              min_per_layer=recipe.select.min_per_layer)  # fmt: skip
+                              min_per_layer=layer_floor(recipe, variant.budget))  # fmt: skip
         return pipe.build_plan(select, variant.fill, seed=variant.seed, scores=self.cache[key])
 
 

@@ -15,7 +15,7 @@ import warnings
 
 from fbnprune import __version__
 
-SUBCOMMANDS = ("run", "stages", "validate", "info", "export", "evaluate")
+SUBCOMMANDS = ("run", "stages", "validate", "info", "export", "evaluate", "bench", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: shown as one message, no traceback."""
     from fbnprune.adapters import UnsupportedArchitectureError
+    from fbnprune.analyze import AnalyzeError
+    from fbnprune.bench import BenchError
     from fbnprune.check import ParityError
     from fbnprune.collect import CollectError
     from fbnprune.data import DataError
     from fbnprune.discover import DiscoverError
     from fbnprune.evaluate import EvalError
     from fbnprune.export import ExportError
+    from fbnprune.heal import HealError
     from fbnprune.loading import ModelLoadError
     from fbnprune.plan import PlanError
     from fbnprune.recipe import RecipeError
@@ -52,7 +55,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (
         RecipeError, DataError, ModelLoadError, RunDirError, PlanError, SliceError,
         ParityError, CollectError, DiscoverError, SelectError, UnsupportedArchitectureError,
-        ExportError, EvalError,
+        ExportError, EvalError, BenchError, HealError, AnalyzeError,
     )  # fmt: skip
 
 

@@ -1,0 +1,59 @@
+"""Lesions (the seed paper's Tables 4 and 5): mask networks, measure the task metric.
+
+- Each template network alone, zeroed (the paper's lesion), with its size.
+- All templates together, against two random controls over several seeds: a random
+  ``random_fraction`` of all neurons (the paper's control) and a random set of the same size
+  as the templates' union (the control the paper lacked: a lesion's effect grows with its
+  size, so only a same-size control isolates the choice of neurons).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from fbnprune.analyze.metric import Metric
+from fbnprune.analyze.networks import NetworkSet
+from fbnprune.analyze.plans import lesion_plan, mean_std, random_set, score_under
+
+
+def run_lesions(
+    model: nn.Module, metric: Metric, templates: NetworkSet, layer_widths: list[int], *,
+    site: str, model_name: str, original: dict[str, float], random_fraction: float,
+    seeds: list[int], progress: bool = False, desc: str = "lesions",
+) -> dict[str, Any]:  # fmt: skip
+    """Lesion table of one task and site (numbers only; the caller adds seeds and ids)."""
+    n = sum(layer_widths)
+    plan_kw = dict(model=model_name, model_type=model.config.model_type, site=site)
+    union = templates.union()
+    jobs: list[tuple[str, int | None, Any]] = [
+        ("network", j, net) for j, net in enumerate(templates.members)
+    ]
+    jobs.append(("all", None, union))
+    for name, size in (("random_fraction", round(random_fraction * n)),
+                       ("random_same_size", int(union.sum()))):  # fmt: skip
+        jobs.extend((name, seed, random_set(n, size, seed)) for seed in seeds)
+
+    key = metric.primary
+    results: dict[str, Any] = {"networks": [], "all": None, "random_fraction": [],
+                               "random_same_size": []}  # fmt: skip
+    for kind, tag, lesioned in tqdm(jobs, desc=desc, leave=False, disable=not progress):
+        scores = score_under(model, metric, lesion_plan(lesioned, layer_widths, **plan_kw))
+        row = {"size": int(lesioned.sum()), "fraction": float(lesioned.sum() / n),
+               "scores": scores, "delta": scores[key] - original[key]}  # fmt: skip
+        if kind == "network":
+            results["networks"].append({"template": tag, **row})
+        elif kind == "all":
+            results["all"] = row
+        else:
+            results[kind].append({"seed": tag, **row})
+    for kind in ("random_fraction", "random_same_size"):
+        runs = results[kind]
+        results[f"{kind}_summary"] = {
+            "size": runs[0]["size"],
+            "fraction": runs[0]["fraction"],
+            **mean_std([r["scores"][key] for r in runs]),
+        }
+    return results

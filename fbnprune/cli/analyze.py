@@ -1,0 +1,120 @@
+"""``fbnprune analyze RECIPE --out DIR``: templates, recurrence, lesions, preservation curve."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {exc}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected comma-separated integers")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return names
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "analyze",
+        help="functional-network analysis: recurrence, lesions, preservation curve",
+        description="Reproduce the seed paper's analyses for a recipe's model and tasks: "
+        "template networks (group ICA per task) and their recurrence among networks of "
+        "single samples (IoU), templates shared across tasks, lesions of each network "
+        "against random controls, and the preservation curve (keep only the networks' "
+        "union at several n_components, zero and mean fill), at the hidden and output sites. "
+        "Writes report.md, analysis.json and PNG figures into --out. Defaults come from the "
+        "recipe's optional analyze: section; the flags override it.",
+        epilog="Example (small and quick): fbnprune analyze recipes/analyze-gemma3.yaml "
+        "--out runs/analyze-smoke --samples 8 --eval-docs 10 --components 10,32",
+    )
+    parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--samples", type=int, default=None, metavar="N",
+                        help="samples per task for templates, and as many for individual ICA "
+                        "(default 100)")  # fmt: skip
+    parser.add_argument("--templates", type=int, default=None, metavar="K", dest="n_templates",
+                        help="template networks per task (default 10)")  # fmt: skip
+    parser.add_argument("--components", type=_ints, default=None, metavar="K1,K2",
+                        dest="preserve_components",
+                        help="n_components of the preservation curve (default "
+                        "10,64,128,256,512)")  # fmt: skip
+    parser.add_argument("--eval-docs", type=int, default=None, metavar="M",
+                        help="documents scored per measured task (default 50)")  # fmt: skip
+    parser.add_argument("--metric-tasks", type=_names, default=None, metavar="T1,T2",
+                        help="tasks measured under lesions and preservation, 'all' or "
+                        "'none' (default: the first task)")  # fmt: skip
+    parser.add_argument("--sites", type=_names, default=None, metavar="S1,S2",
+                        help="hidden, output or both (default both)")  # fmt: skip
+    parser.add_argument("--seeds", type=_ints, default=None, metavar="S1,S2",
+                        dest="random_seeds", help="seeds of the random controls "
+                        "(default 0,1,2)")  # fmt: skip
+    parser.add_argument("--short-samples", choices=("merge", "reduce", "skip"), default=None,
+                        help="individual ICA on samples too short for their components "
+                        "(default merge)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(execute=execute)
+
+
+def execute(args: argparse.Namespace) -> int:
+    from fbnprune.analyze import analyze, metric_tasks, resolve_config
+    from fbnprune.analyze.run import check_out_dir
+    from fbnprune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    config = resolve_config(
+        recipe, samples=args.samples, n_templates=args.n_templates,
+        preserve_components=args.preserve_components, eval_docs=args.eval_docs,
+        metric_tasks=args.metric_tasks, sites=args.sites, random_seeds=args.random_seeds,
+        short_samples=args.short_samples, batch_size=args.batch_size,
+    )  # fmt: skip
+    metric_tasks(recipe, config)  # fail on a bad name before loading the model
+    check_out_dir(args.out, args.overwrite)
+    model = tokenizer = None
+    if args.device:
+        import torch
+
+        from fbnprune.loading import load_model
+
+        dtype = getattr(torch, recipe.dtype)
+        model, tokenizer = load_model(recipe.model, dtype=dtype, device=args.device)
+    result = analyze(recipe, args.out, config=config, model=model, tokenizer=tokenizer,
+                     overwrite=args.overwrite, progress=not args.no_progress)  # fmt: skip
+    print(summary(result.data))
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def summary(data: dict) -> str:
+    """A few lines: per measured task and site, the original metric, all-templates lesion,
+    same-size random lesion, and the preservation curve."""
+    lines = []
+    for task, metric in data["metrics"].items():
+        key = metric["primary"]
+        lines.append(f"{task}: original {key} {metric['original'][key]:.4g}")
+        for site, sd in data["sites"].items():
+            les = sd["lesions"][task]
+            same = les["random_same_size_summary"]
+            curve = ", ".join(f"k={r['k']} {100 * r['kept_fraction']:.1f}% -> "
+                              f"{r['zero'][key]:.3g}/{r['mean'][key]:.3g}"
+                              for r in sd["preservation"][task]["rows"])  # fmt: skip
+            lines.append(f"  {site}: all templates ({les['all']['size']} neurons) -> "
+                         f"{les['all']['scores'][key]:.4g}; random same size -> "
+                         f"{same['mean']:.4g} ± {same['std']:.2g}; keep union (zero/mean "
+                         f"fill): {curve}")  # fmt: skip
+    total = data["timings"].get("total")
+    if total is not None:
+        lines.append(f"total {total:.0f} s")
+    return "\n".join(lines)
