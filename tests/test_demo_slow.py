@@ -62,6 +62,7 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
 
     # the demo heals (10% < heal.below_budget): distillation lowers the KD loss on held-out text
     log = json.loads((run / "heal" / "log.json").read_text())
-    assert log["steps"] == 100 and log["stopped_by"] == "steps"
+    # 100 steps, unless heal.max_minutes (15) stops it first on a slow machine
+    assert (log["steps"] == 100 and log["stopped_by"] == "steps") or log["stopped_by"] == "time"
     assert log["validation"][-1][1] < 0.8 * log["validation"][0][1]
     assert (run / "checkpoint-compact-healed" / "model.safetensors").is_file()
