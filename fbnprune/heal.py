@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from fbnprune.adapters import get_adapter
 from fbnprune.collect import token_batches
+from fbnprune.io import save_figure
 from fbnprune.recipe import HealConfig
 
 logger = logging.getLogger(__name__)
@@ -337,9 +338,4 @@ def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, file)
-    return file
+    return save_figure(fig, file)

@@ -495,12 +495,7 @@ class Pipeline:
 
     def _save(self) -> dict:
         self.parity()
-        plan_text = self.plan_file.read_text()
-        extras = {
-            "fbnprune_plan.json": plan_text,
-            "fbnprune_recipe.yaml": self.recipe.to_yaml(),
-            "fbnprune_parity.json": (self.run.path / "parity.json").read_text(),
-        }
+        extras = self._checkpoint_extras()
         sizes = {}
         for layout in self.recipe.save.layouts:
             staging, final = self.staging_dir(layout), self.checkpoint_dir(layout)
@@ -516,6 +511,14 @@ class Pipeline:
         shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
         return {"safetensors_bytes": sizes}
 
+
+    def _checkpoint_extras(self) -> dict[str, str]:
+        """The files every saved checkpoint carries beside its weights."""
+        return {
+            "fbnprune_plan.json": self.plan_file.read_text(),
+            "fbnprune_recipe.yaml": self.recipe.to_yaml(),
+            "fbnprune_parity.json": (self.run.path / "parity.json").read_text(),
+        }
 
     # -- 7. heal -------------------------------------------------------------------------------
     def healed(self) -> Path:
@@ -558,12 +561,8 @@ class Pipeline:
         atomic_write_json(heal_dir / "log.json", log.to_dict())
         plot_loss({"healing": log}, heal_dir / "loss.png",
                   title=f"healing {self.recipe.model} ({layout}, {cfg.method})")
-        extras = {
-            "fbnprune_plan.json": self.plan_file.read_text(),
-            "fbnprune_recipe.yaml": self.recipe.to_yaml(),
-            "fbnprune_parity.json": (self.run.path / "parity.json").read_text(),
-            "fbnprune_heal.json": (heal_dir / "log.json").read_text(),
-        }
+        extras = {**self._checkpoint_extras(),
+                  "fbnprune_heal.json": (heal_dir / "log.json").read_text()}  # fmt: skip
         with atomic_directory(self.healed_dir) as tmp:
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
             for name, text in extras.items():

@@ -51,6 +51,15 @@ def model_type(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama with a char-level tokenizer, saved like any local checkpoint."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def random_batch(seed: int = 0, batch: int = 3, length: int = 10) -> dict[str, torch.Tensor]:
     """Token ids with right padding in all but the first row."""
     gen = torch.Generator().manual_seed(seed)

@@ -8,7 +8,6 @@ import logging
 import pytest
 import torch
 import yaml
-from conftest import tiny_model, tiny_tokenizer
 from PIL import Image
 
 from fbnprune.bench import Variant, grid, run_bench
@@ -34,17 +33,9 @@ def _isolated(tmp_path_factory, monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
-
-
-def recipe_dict(model_dir: str, **bench) -> dict:
+def recipe_dict(tiny_llama_dir: str, **bench) -> dict:
     return {
-        "name": "tiny-bench", "model": model_dir,
+        "name": "tiny-bench", "model": tiny_llama_dir,
         "tasks": [{"name": "news", "source": "builtin:bbc_news", "calibration_samples": 12,
                    "heldout_samples": 4, "max_length": 32}],
         "collect": {"batch_size": 4}, "discover": {"n_components": 8},
@@ -55,8 +46,8 @@ def recipe_dict(model_dir: str, **bench) -> dict:
     }  # fmt: skip
 
 
-def test_grid_covers_selectors_seeds_budgets_and_conditions(model_dir):
-    recipe = parse_recipe(recipe_dict(model_dir))
+def test_grid_covers_selectors_seeds_budgets_and_conditions(tiny_llama_dir):
+    recipe = parse_recipe(recipe_dict(tiny_llama_dir))
     variants = grid(recipe)
     keys = [v.key for v in variants]
     assert len(keys) == len(set(keys))
@@ -71,8 +62,8 @@ def test_grid_covers_selectors_seeds_budgets_and_conditions(model_dir):
     assert Variant("output", "ica", 0, 0.5, "zero").condition == "output"
 
 
-def test_bench_writes_table_plots_and_resumes(model_dir, tmp_path, caplog):
-    recipe = parse_recipe(recipe_dict(model_dir))
+def test_bench_writes_table_plots_and_resumes(tiny_llama_dir, tmp_path, caplog):
+    recipe = parse_recipe(recipe_dict(tiny_llama_dir))
     out = tmp_path / "run"
     results = run_bench(recipe, out, progress=False)
     bench = out / "bench"
@@ -113,9 +104,9 @@ def test_bench_writes_table_plots_and_resumes(model_dir, tmp_path, caplog):
     assert f"({len(grid(recipe))} done earlier)" in caplog.text
 
 
-def test_cli_overrides_and_errors(model_dir, tmp_path, capsys):
+def test_cli_overrides_and_errors(tiny_llama_dir, tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe_dict(model_dir)))
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_llama_dir)))
     rc = main(["bench", str(path), "--out", str(tmp_path / "run"), "--budgets", "50%",
                "--selectors", "magnitude", "--fills", "zero", "--heal-budgets", "",
                "--output-selectors", "", "--tasks", "bbc_topics", "--no-cost",
@@ -130,4 +121,4 @@ def test_cli_overrides_and_errors(model_dir, tmp_path, capsys):
     assert main(["bench", str(path), "--out", str(tmp_path / "bad"), "--budgets", "1.5"]) == 2
     assert "budgets must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="unknown key"):
-        parse_recipe({**recipe_dict(model_dir), "bench": {"budget": [0.1]}})
+        parse_recipe({**recipe_dict(tiny_llama_dir), "bench": {"budget": [0.1]}})

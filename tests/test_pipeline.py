@@ -8,22 +8,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from fbnprune.cli import main
 from fbnprune.pipeline import Pipeline, run_pipeline
 from fbnprune.recipe import parse_recipe
 from fbnprune.rundir import RunDir, RunDirError
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """A tiny random Llama with a char-level tokenizer, saved like any local checkpoint."""
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def recipe_dict(model_dir: str, **overrides) -> dict:
@@ -50,8 +40,8 @@ def write_recipe(tmp_path, data: dict):
     return path
 
 
-def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_dir, tmp_path):
-    recipe = parse_recipe(recipe_dict(tiny_dir))
+def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_llama_dir, tmp_path):
+    recipe = parse_recipe(recipe_dict(tiny_llama_dir))
     summary = run_pipeline(recipe, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     for name in ("run.json", "recipe.yaml", "plan.json", "prune.json", "parity.json"):
@@ -87,16 +77,16 @@ def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_dir, tmp_path):
     assert again.executed == []
 
 
-def test_changed_budget_recomputes_only_select_and_later(tiny_dir, tmp_path):
-    run_pipeline(parse_recipe(recipe_dict(tiny_dir)), tmp_path / "run", progress=False)
-    changed = parse_recipe(recipe_dict(tiny_dir, select={"budget": 0.5}))
+def test_changed_budget_recomputes_only_select_and_later(tiny_llama_dir, tmp_path):
+    run_pipeline(parse_recipe(recipe_dict(tiny_llama_dir)), tmp_path / "run", progress=False)
+    changed = parse_recipe(recipe_dict(tiny_llama_dir, select={"budget": 0.5}))
     pipe = Pipeline(changed, RunDir.open(tmp_path / "run"), progress=False)
     pipe.checkpoints()
     assert pipe.executed == ["select", "prune", "check", "save"]
 
 
-def test_interrupted_stage_resumes_cleanly(tiny_dir, tmp_path, monkeypatch):
-    recipe = parse_recipe(recipe_dict(tiny_dir))
+def test_interrupted_stage_resumes_cleanly(tiny_llama_dir, tmp_path, monkeypatch):
+    recipe = parse_recipe(recipe_dict(tiny_llama_dir))
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -112,8 +102,8 @@ def test_interrupted_stage_resumes_cleanly(tiny_dir, tmp_path, monkeypatch):
     assert "collect:news" not in pipe.executed and "discover:news" in pipe.executed
 
 
-def test_collect_records_only_real_tokens(tiny_dir, tmp_path):
-    recipe = parse_recipe(recipe_dict(tiny_dir))
+def test_collect_records_only_real_tokens(tiny_llama_dir, tmp_path):
+    recipe = parse_recipe(recipe_dict(tiny_llama_dir))
     run_pipeline(recipe, tmp_path / "run", until="collect", progress=False)
     pipe = Pipeline(recipe, RunDir.open(tmp_path / "run"), progress=False)
     acts = pipe.activations("news")
@@ -156,9 +146,9 @@ def test_existing_non_run_directory_is_refused(tmp_path):
         ({"discover": {"n_components": 4000}}, "needs more than 4000 tokens"),
     ],
 )
-def test_bad_input_gives_a_clear_error_and_exit_code(tiny_dir, tmp_path, capsys, overrides,
+def test_bad_input_gives_a_clear_error_and_exit_code(tiny_llama_dir, tmp_path, capsys, overrides,
                                                      message):  # fmt: skip
-    path = write_recipe(tmp_path, recipe_dict(tiny_dir, **overrides))
+    path = write_recipe(tmp_path, recipe_dict(tiny_llama_dir, **overrides))
     code = main(["-q", "run", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -167,12 +157,12 @@ def test_bad_input_gives_a_clear_error_and_exit_code(tiny_dir, tmp_path, capsys,
     assert not (tmp_path / "run" / "plan.json").exists()
 
 
-def test_empty_corpus_and_too_short_corpus(tiny_dir, tmp_path, capsys):
+def test_empty_corpus_and_too_short_corpus(tiny_llama_dir, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "short.txt").write_text("one doc\n\ntwo docs\n")
     for name in ("empty.txt", "short.txt"):
         tasks = [{"name": "t", "source": f"file:{tmp_path / name}"}]
-        path = write_recipe(tmp_path, recipe_dict(tiny_dir, tasks=tasks))
+        path = write_recipe(tmp_path, recipe_dict(tiny_llama_dir, tasks=tasks))
         assert main(["-q", "validate", str(path), "--data"]) == 2
         assert name in capsys.readouterr().err
 
@@ -194,8 +184,8 @@ def test_help_explains_every_subcommand(capsys):
         assert "usage: fbnprune" in capsys.readouterr().out
 
 
-def test_stage_subcommand_stops_after_its_stage(tiny_dir, tmp_path, capsys):
-    path = write_recipe(tmp_path, recipe_dict(tiny_dir))
+def test_stage_subcommand_stops_after_its_stage(tiny_llama_dir, tmp_path, capsys):
+    path = write_recipe(tmp_path, recipe_dict(tiny_llama_dir))
     assert main(["-q", "select", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert (tmp_path / "run" / "plan.json").is_file()
     assert not (tmp_path / "run" / "parity.json").exists()

@@ -11,14 +11,13 @@ a log axis.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fbnprune.io import atomic_write_json, atomic_write_text
+from fbnprune.io import atomic_write_json, atomic_write_text, save_figure
 
 CONDITIONS = {
     "zeroed": "hidden units, dropped = 0",
@@ -180,7 +179,7 @@ def plot_task(results: Mapping[str, Any], task: str, file: Path) -> Path:
                ncol=len(handles))  # fmt: skip
     fig.suptitle(f"{results['model']}: {task}", fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    return _save(fig, file)
+    return save_figure(fig, file)
 
 
 def plot_healing(results: Mapping[str, Any], file: Path) -> Path | None:
@@ -192,17 +191,6 @@ def plot_healing(results: Mapping[str, Any], file: Path) -> Path | None:
     if not logs:
         return None
     return plot_loss(logs, file, title=f"{results['model']}: healing (KD) in the benchmark")
-
-
-def _save(fig: Any, file: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, file)
-    return file
 
 
 def write_report(results: dict[str, Any], directory: Path) -> dict[str, Path]:

@@ -188,9 +188,10 @@ def run_bench(
     harness = Harness(cfg.tasks, include_paths=include, limit=cfg.limit,
                       batch_size=recipe.evaluate.batch_size,
                       max_length=recipe.evaluate.max_length)  # fmt: skip
-    for pipe in pipes.values():  # collect (and discover) before the clock of the grid starts
+    selectors = {"hidden": cfg.selectors, "output": cfg.output_selectors}
+    for site, pipe in pipes.items():  # collect (and discover) before the grid's clock starts
         for task in pipe.tasks:
-            if "ica" in cfg.selectors or "ica" in cfg.output_selectors:
+            if "ica" in selectors[site]:
                 pipe.ica_scores(task)
             else:
                 pipe.activations(task)

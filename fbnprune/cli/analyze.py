@@ -5,22 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {exc}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected comma-separated integers")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
-    return names
+from fbnprune.cli.args import ints, names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,18 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default 100)")  # fmt: skip
     parser.add_argument("--templates", type=int, default=None, metavar="K", dest="n_templates",
                         help="template networks per task (default 10)")  # fmt: skip
-    parser.add_argument("--components", type=_ints, default=None, metavar="K1,K2",
+    parser.add_argument("--components", type=ints, default=None, metavar="K1,K2",
                         dest="preserve_components",
                         help="n_components of the preservation curve (default "
                         "10,64,128,256,512)")  # fmt: skip
     parser.add_argument("--eval-docs", type=int, default=None, metavar="M",
                         help="documents scored per measured task (default 50)")  # fmt: skip
-    parser.add_argument("--metric-tasks", type=_names, default=None, metavar="T1,T2",
+    parser.add_argument("--metric-tasks", type=names, default=None, metavar="T1,T2",
                         help="tasks measured under lesions and preservation, 'all' or "
                         "'none' (default: the first task)")  # fmt: skip
-    parser.add_argument("--sites", type=_names, default=None, metavar="S1,S2",
+    parser.add_argument("--sites", type=names, default=None, metavar="S1,S2",
                         help="hidden, output or both (default both)")  # fmt: skip
-    parser.add_argument("--seeds", type=_ints, default=None, metavar="S1,S2",
+    parser.add_argument("--seeds", type=ints, default=None, metavar="S1,S2",
                         dest="random_seeds", help="seeds of the random controls "
                         "(default 0,1,2)")  # fmt: skip
     parser.add_argument("--short-samples", choices=("merge", "reduce", "skip"), default=None,

@@ -5,38 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fbnprune.cli.args import fractions, ints, names, optional_names
 from fbnprune.recipe import load_recipe
 
-
-def _fractions(text: str) -> list[float]:
-    try:
-        values = [float(v.strip().rstrip("%")) / (100 if v.strip().endswith("%") else 1)
-                  for v in text.split(",") if v.strip()]  # fmt: skip
-    except ValueError as exc:
-        message = f"expected fractions like 0.1,0.3 or 10%,30%: {exc}"
-        raise argparse.ArgumentTypeError(message) from None
-    return values
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in _names(text)]
-
-
 OVERRIDES = {  # flag -> (recipe.bench field, parser, help)
-    "--budgets": ("budgets", _fractions, "kept fractions, e.g. 0.05,0.1,0.2 or 10%%,30%%"),
-    "--selectors": ("selectors", _names, "ica, magnitude, wanda, random"),
-    "--random-seeds": ("random_seeds", _ints, "seeds of the random selector"),
-    "--fills": ("fills", _names, "zero, mean"),
-    "--heal-budgets": ("heal_budgets", _fractions, "budgets that also get a healed variant "
+    "--budgets": ("budgets", fractions, "kept fractions, e.g. 0.05,0.1,0.2 or 10%%,30%%"),
+    "--selectors": ("selectors", names, "ica, magnitude, wanda, random"),
+    "--random-seeds": ("random_seeds", ints, "seeds of the random selector"),
+    "--fills": ("fills", names, "zero, mean"),
+    "--heal-budgets": ("heal_budgets", fractions, "budgets that also get a healed variant "
                        "('' for none)"),
     "--heal-steps": ("heal_steps", int, "distillation steps per healed variant"),
-    "--output-selectors": ("output_selectors", _names, "selectors masked at the output "
+    "--output-selectors": ("output_selectors", optional_names, "selectors masked at the output "
                            "site ('' for none)"),
-    "--tasks": ("tasks", _names, "lm-eval tasks (suite: bbc_topics, word_problems, ppl_news, "
+    "--tasks": ("tasks", names, "lm-eval tasks (suite: bbc_topics, word_problems, ppl_news, "
                 "ppl_wiki, ppl_code)"),
     "--limit": ("limit", int, "documents per task"),
 }  # fmt: skip

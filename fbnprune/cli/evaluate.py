@@ -5,22 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fbnprune.cli.args import names, positive
 from fbnprune.evaluate.run import MODEL_KINDS
 from fbnprune.recipe import EVAL_SUITE_TASKS
-
-
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
-    return names
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory made by `fbnprune run`")
     parser.add_argument(
         "--tasks",
-        type=_names,
+        type=names,
         default=None,
         metavar="T1,T2",
         help="suite tasks, lm-eval task/group/tag names (built-ins outside the suite need "
@@ -50,28 +37,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--models",
-        type=_names,
+        type=names,
         default=list(MODEL_KINDS),
         metavar="K1,K2",
         help=f"which variants to score, from {','.join(MODEL_KINDS)} (default: all)",
     )
     parser.add_argument(
         "--limit",
-        type=_positive,
+        type=positive,
         default=None,
         metavar="N",
         help="at most N documents per task (default: the recipe's evaluate.limit, else all)",
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive,
         default=None,
         metavar="B",
         help="lm-eval batch size (default: the recipe's evaluate.batch_size, 8)",
     )
     parser.add_argument(
         "--max-length",
-        type=_positive,
+        type=positive,
         default=None,
         metavar="L",
         help="context window in tokens (default: the model's)",
