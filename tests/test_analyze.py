@@ -25,7 +25,7 @@ from fbnprune.analyze import (
     random_set,
 )
 from fbnprune.analyze.metric import ChoiceItem, ChoiceMetric, PerplexityMetric, target_logprobs
-from fbnprune.analyze.plans import score_under
+from fbnprune.analyze.plans import score_under, top_set
 from fbnprune.cli import main
 from fbnprune.hooks import site_widths
 from fbnprune.mask import masked
@@ -164,6 +164,13 @@ def test_random_set_is_seeded():
     assert not np.array_equal(a, random_set(100, 15, seed=4))
 
 
+def test_top_set_hand_computed():
+    spread = np.array([0.5, 3.0, 0.1, 3.0, 2.0])
+    assert top_set(spread, 2).tolist() == [False, True, False, True, False]
+    assert top_set(spread, 3).tolist() == [False, True, False, True, True]
+    assert not top_set(spread, 0).any()
+
+
 # --- metric ---------------------------------------------------------------------------------
 
 
@@ -271,6 +278,8 @@ def test_analysis_tables_have_the_right_shapes(analysis):
             assert [r["template"] for r in les["networks"]] == list(range(k))
             assert [r["seed"] for r in les["random_same_size"]] == [0, 1]
             assert les["random_same_size_summary"]["size"] == les["all"]["size"]
+            assert les["top_variance_same_size"]["size"] == les["all"]["size"]
+            assert 0 <= les["union_in_top_variance"] <= 1
             assert les["random_fraction_summary"]["size"] == round(0.15 * sum(sd["layer_widths"]))
             assert les["samples"]["eval"] == data["metrics"][t]["doc_ids"]
             pres = sd["preservation"][t]
@@ -298,6 +307,11 @@ def test_analysis_files(analysis):
     report = (out / "report.md").read_text()
     for heading in ("## 1. Templates and recurrence", "## 2. Lesions", "## 3. Preservation"):
         assert heading in report
+    assert report.count("| highest-variance neurons, same size |") == 4  # 2 tasks x 2 sites
+    # the preservation tables carry the less noisy secondary metric next to the primary one
+    for key, sec in (("acc", "gold_logprob"), ("nll", "ppl")):
+        header = f"| k | kept | share | {key} (zero fill) | {key} (mean fill) | {sec} (zero fill) |"
+        assert header in report
     kinds = {f["kind"] for f in saved["figures"]}
     assert kinds == {"maps", "layers", "cross_task", "preservation", "lesions"}
     for fig in saved["figures"]:

@@ -5,9 +5,10 @@
 - ``layers-SITE.png``: per-layer share of neurons kept: the union of each task's templates,
   and for measured tasks the union at every k of the preservation curve.
 - ``cross-task-iou-SITE.png``: IoU between the templates of all tasks.
-- ``preservation-TASK.png``: the task metric against the share of neurons kept (Figure 3).
-- ``lesions-TASK.png``: the metric change when each network, all of them, or random sets
-  are zeroed.
+- ``preservation-TASK.png``: the task metric, and its less noisy companion (gold answer
+  log-probability or perplexity), against the share of neurons kept (Figure 3).
+- ``lesions-TASK.png``: the metric change when each network, all of them, random sets or
+  the highest-variance neurons are zeroed.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, PercentFormatter
 
+from fbnprune.analyze.metric import secondary_key
 from fbnprune.analyze.plans import split_layers
 
 if TYPE_CHECKING:
@@ -118,28 +120,36 @@ def iou_heatmap(cross: dict[str, Any], site: str) -> Figure:
 
 
 def preservation_curve(data: dict[str, Any], task: str) -> Figure:
+    """Two panels: the primary metric (the paper's) and the secondary one (gold answer
+    log-probability or perplexity), which is less noisy on a few dozen documents."""
     metric = data["metrics"][task]
-    key = metric["primary"]
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
+    keys = [metric["primary"], secondary_key(metric)]
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     colors = {"hidden": "tab:blue", "output": "tab:red"}
-    for site, site_data in data["sites"].items():
-        rows = site_data["preservation"].get(task, {}).get("rows", [])
-        if not rows:
-            continue
-        x = [max(r["kept_fraction"], 1e-6) for r in rows]
-        for fill, style, marker in (("zero", "--", "x"), ("mean", "-", "o")):
-            ax.plot(x, [r[fill][key] for r in rows], style, marker=marker,
-                    color=colors.get(site), label=f"{site}, {fill} fill")  # fmt: skip
-        for r, xi in zip(rows, x, strict=True):
-            ax.annotate(f"k={r['k']}", (xi, r["mean"][key]), fontsize=6,
-                        textcoords="offset points", xytext=(3, 3))  # fmt: skip
-    ax.axhline(metric["original"][key], color="black", lw=1, label="original")
-    ax.set_xscale("log")
-    ax.set_xlabel("share of neurons kept (union of networks)")
-    ax.set_ylabel(key)
-    ax.set_title(f"{task}: preservation curve", fontsize=10)
-    ax.legend(fontsize=7)
+    for ax, key in zip(axes, keys, strict=True):
+        for site, site_data in data["sites"].items():
+            rows = site_data["preservation"].get(task, {}).get("rows", [])
+            if not rows:
+                continue
+            x = [max(r["kept_fraction"], 1e-6) for r in rows]
+            for fill, style, marker in (("zero", "--", "x"), ("mean", "-", "o")):
+                ax.plot(x, [r[fill][key] for r in rows], style, marker=marker,
+                        color=colors.get(site), label=f"{site}, {fill} fill")  # fmt: skip
+            for r, xi in zip(rows, x, strict=True):
+                ax.annotate(f"k={r['k']}", (xi, r["mean"][key]), fontsize=6,
+                            textcoords="offset points", xytext=(3, 3))  # fmt: skip
+        ax.axhline(metric["original"][key], color="black", lw=1, label="original")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if key == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("share of neurons kept (union of networks)")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{task}: preservation curve", fontsize=10)
     return fig
 
 
@@ -162,6 +172,11 @@ def lesion_bars(data: dict[str, Any], task: str) -> Figure:
             les["random_same_size_summary"]["std"],
         ]
         colors = ["tab:blue"] * len(les["networks"]) + ["tab:red", "tab:gray", "tab:gray"]
+        if "top_variance_same_size" in les:
+            labels.append("top variance same size")
+            values.append(les["top_variance_same_size"]["delta"])
+            errors.append(0.0)
+            colors.append("tab:orange")
         ax.bar(range(len(values)), values, yerr=errors, color=colors, capsize=3)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(values)), labels, rotation=45, fontsize=7, ha="right")

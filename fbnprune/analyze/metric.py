@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,12 @@ from fbnprune.data import Document
 from fbnprune.evaluate.suite import BBC_TOPICS, bbc_record, word_problem_record
 
 HEAD_CHUNK = 256  # positions per LM-head matmul (bounds memory for large vocabularies)
+
+
+def secondary_key(metric: dict[str, Any]) -> str:
+    """The less noisy companion of a recorded metric (``analysis.json``'s ``metrics[task]``):
+    ``gold_logprob`` for a choice metric, ``ppl`` for perplexity."""
+    return "gold_logprob" if metric["kind"] == "choice" else "ppl"
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,13 @@ def random_set(n: int, size: int, seed: int) -> np.ndarray:
     return chosen
 
 
+def top_set(values: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` neurons with the largest ``values`` (bool; ties broken by index)."""
+    chosen = np.zeros(values.shape[0], dtype=bool)
+    chosen[np.argsort(-np.asarray(values), kind="stable")[:size]] = True
+    return chosen
+
+
 def score_under(
     model: nn.Module, metric: Metric, plan: PrunePlan | None, *, progress: bool = False
 ) -> dict[str, float]:

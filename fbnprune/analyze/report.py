@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fbnprune.analyze.metric import secondary_key
 from fbnprune.io import atomic_write_text
 
 
@@ -19,10 +20,6 @@ def _num(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "n/a"
     return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
-
-
-def _secondary(metric: dict[str, Any]) -> str:
-    return "gold_logprob" if metric["kind"] == "choice" else "ppl"
 
 
 def _samples_caption(data: dict[str, Any], task: str, parts: tuple[str, ...]) -> str:
@@ -165,7 +162,7 @@ def _recurrence(data: dict[str, Any], site: str, figures: dict[tuple, str]) -> l
 def _lesions(data: dict[str, Any], task: str, site: str) -> list[str]:
     les = data["sites"][site]["lesions"][task]
     metric = data["metrics"][task]
-    key, sec = metric["primary"], _secondary(metric)
+    key, sec = metric["primary"], secondary_key(metric)
     base = les["original"]
     rows = [[f"network {r['template']}", r["size"], f"{100 * r['fraction']:.2f}%",
              _num(r["scores"][key]), f"{r['delta']:+.3f}", _num(r["scores"][sec])]
@@ -184,6 +181,16 @@ def _lesions(data: dict[str, Any], task: str, site: str) -> list[str]:
                        f"{_num(summary['mean'])} ± {_num(summary['std'])}",
                        f"{summary['mean'] - base[key]:+.3f}",
                        _num(sum(secs) / len(secs))])  # fmt: skip
+    loud = les.get("top_variance_same_size")
+    loud_note = ""
+    if loud is not None:
+        table5.append(["highest-variance neurons, same size", loud["size"],
+                       f"{100 * loud['fraction']:.2f}%", _num(loud["scores"][key]),
+                       f"{loud['delta']:+.3f}", _num(loud["scores"][sec])])  # fmt: skip
+        loud_note = (
+            " Last row: the neurons whose activations vary most over the template tokens; "
+            f"{100 * les['union_in_top_variance']:.0f}% of the templates' union is among them."
+        )
     note = f"acc stderr of the original: {base['acc_stderr']:.3f}. " if key == "acc" else ""
     caption = (
         f"{_samples_caption(data, task, ('template', 'eval'))}; seeds: ICA "
@@ -199,7 +206,7 @@ def _lesions(data: dict[str, Any], task: str, site: str) -> list[str]:
         _table(header, rows),
         "",
         "All templates together against random sets (Table 5; random rows: mean ± std "
-        f"over {len(les['seeds']['random_controls'])} seeds, {sec} averaged).",
+        f"over {len(les['seeds']['random_controls'])} seeds, {sec} averaged).{loud_note}",
         "",
         _table(header, table5),
         "",
@@ -209,7 +216,7 @@ def _lesions(data: dict[str, Any], task: str, site: str) -> list[str]:
 def _preservation(data: dict[str, Any], task: str, site: str) -> list[str]:
     pres = data["sites"][site]["preservation"][task]
     metric = data["metrics"][task]
-    key = metric["primary"]
+    key, sec = metric["primary"], secondary_key(metric)
     rows = [
         [
             r["k"],
@@ -217,6 +224,8 @@ def _preservation(data: dict[str, Any], task: str, site: str) -> list[str]:
             f"{100 * r['kept_fraction']:.2f}%",
             _num(r["zero"][key]),
             _num(r["mean"][key]),
+            _num(r["zero"][sec]),
+            _num(r["mean"][sec]),
             "yes" if r["converged"] else "no",
         ]
         for r in pres["rows"]
@@ -229,12 +238,12 @@ def _preservation(data: dict[str, Any], task: str, site: str) -> list[str]:
         "",
         f"Only the union of the networks found with k components is kept (Tables 8-10); "
         f"dropped neurons are zeroed or set to their mean over the template tokens. Original "
-        f"{key}: {_num(metric['original'][key])}. "
+        f"{key}: {_num(metric['original'][key])}, {sec}: {_num(metric['original'][sec])}. "
         f"{_samples_caption(data, task, ('template', 'eval'))}; ICA seed "
         f"{pres['seeds']['ica']}.{skipped}",
         "",
         _table(["k", "kept", "share", f"{key} (zero fill)", f"{key} (mean fill)",
-                "ICA converged"], rows),
+                f"{sec} (zero fill)", f"{sec} (mean fill)", "ICA converged"], rows),
         "",
     ]  # fmt: skip
 

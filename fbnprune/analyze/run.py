@@ -47,7 +47,7 @@ from fbnprune.analyze.samples import (
 from fbnprune.collect import Activations, collect_activations
 from fbnprune.io import atomic_directory, atomic_write_json
 from fbnprune.recipe import AnalyzeConfig, Recipe
-from fbnprune.select import column_means
+from fbnprune.select import column_means, rms_scores
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +317,8 @@ class _Runner:
                                                discover=recipe.discover, seed=recipe.seed,
                                                progress=self.progress)  # fmt: skip
             means = column_means(acts.matrix)
+            rms = rms_scores(acts.matrix).astype(np.float64)
+            spread = np.sqrt(np.maximum(rms**2 - means.astype(np.float64) ** 2, 0.0))
         if skipped:
             logger.warning(
                 "%s: n_components %s left out of the preservation curve: %d "
@@ -329,7 +331,8 @@ class _Runner:
             lesions = run_lesions(self.model, metric, templates, acts.layer_widths,
                                   original=self.original[task],
                                   random_fraction=config.random_fraction,
-                                  seeds=list(config.random_seeds), desc=f"lesions {tag}",
+                                  seeds=list(config.random_seeds), spread=spread,
+                                  desc=f"lesions {tag}",
                                   **common)  # fmt: skip
         with self.clock("preservation"):
             rows = run_preservation(self.model, metric, networks, means, acts.layer_widths,
