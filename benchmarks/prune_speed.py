@@ -24,7 +24,7 @@ import torch
 from fbnprune.cost import costs_markdown, measure_costs
 from fbnprune.loading import load_model
 from fbnprune.plan import PrunePlan
-from fbnprune.slicing import slice_model
+from fbnprune.slicing import SliceError, slice_model
 
 
 def main() -> None:
@@ -44,13 +44,13 @@ def main() -> None:
 
     plan = PrunePlan.load(args.run_dir / "plan.json")
     original, _ = load_model(args.model or plan.model)
-    models = {
-        "original": original,
-        **{
-            f"sliced-{layout}": slice_model(copy.deepcopy(original), plan, layout=layout).eval()
-            for layout in ("padded", "compact")
-        },
-    }
+    models = {"original": original}
+    for layout in ("padded", "compact"):
+        try:
+            models[f"sliced-{layout}"] = slice_model(copy.deepcopy(original), plan,
+                                                     layout=layout).eval()  # fmt: skip
+        except SliceError as exc:  # e.g. mean fill on a model without a down-projection bias
+            print(f"no {layout} slice: {exc}")
     devices = args.device or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
     print(f"{args.model or plan.model}: {plan.summary()}")
     report = {}

@@ -66,7 +66,7 @@ class GroupICA:
         X = np.asarray(X, dtype=np.float32)
         n_tokens, n_neurons = X.shape
         k = self.n_components
-        if n_tokens <= k or n_neurons <= k:
+        if not ica_feasible(k, n_tokens, n_neurons):
             raise DiscoverError(
                 f"group ICA with n_components={k} needs more than {k} tokens and neurons; "
                 f"got {n_tokens} tokens x {n_neurons} neurons. Collect more text or lower "
@@ -74,17 +74,10 @@ class GroupICA:
             )
         pca = PCA(n_components=k, svd_solver="randomized", random_state=self.random_state)
         reduced = pca.fit_transform(X)  # (tokens, k), centred inside
-        ica = FastICA(
-            n_components=k,
-            whiten="unit-variance",
-            max_iter=self.max_iter,
-            tol=self.tol,
+        maps, z, self.converged_, self.n_iter_ = ica_maps(
+            reduced, pca.components_, max_iter=self.max_iter, tol=self.tol,
             random_state=self.random_state,
-        )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            ica.fit(reduced.astype(np.float64))
-        self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        )  # fmt: skip
         if not self.converged_:
             warnings.warn(
                 f"FastICA did not converge in {self.max_iter} iterations; networks may be "
@@ -92,17 +85,12 @@ class GroupICA:
                 ConvergenceWarning,
                 stacklevel=2,
             )
-        # reduced ~= S @ A.T  and  X - mean ~= reduced @ V  =>  X - mean ~= S @ (A.T @ V)
-        maps = ica.mixing_.T @ pca.components_.astype(np.float64)  # (k, neurons)
-        z = _zscore_rows(maps)
-        flip = np.where((z**3).mean(axis=1) < 0, -1.0, 1.0)[:, None]
         self.mean_ = pca.mean_
         self.pca_components_ = pca.components_
         self.explained_variance_ratio_ = pca.explained_variance_ratio_
-        self.maps_ = (maps * flip).astype(np.float32)
-        self.z_maps_ = (z * flip).astype(np.float32)
+        self.maps_ = maps.astype(np.float32)
+        self.z_maps_ = z.astype(np.float32)
         self.networks_ = np.abs(self.z_maps_) >= self.threshold
-        self.n_iter_ = int(ica.n_iter_)
         return self
 
     def neuron_scores(self) -> np.ndarray:
@@ -112,6 +100,33 @@ class GroupICA:
     def union(self) -> np.ndarray:
         """Neurons in at least one network (the paper's "preserve all networks")."""
         return self.networks_.any(axis=0)
+
+
+def ica_feasible(k: int, n_tokens: int, n_neurons: int) -> bool:
+    """Whether a k-component group ICA of a tokens x neurons matrix is defined."""
+    return k < n_tokens and k < n_neurons
+
+
+def ica_maps(
+    reduced: np.ndarray, components: np.ndarray, *, max_iter: int, tol: float,
+    random_state: int | None,
+) -> tuple[np.ndarray, np.ndarray, bool, int]:  # fmt: skip
+    """FastICA on PCA-reduced data ``reduced`` (tokens, k) whose PCA ``components`` are
+    (k, neurons): the mixing matrix projected back to neurons (float64 maps, (k, neurons)),
+    the maps z-scored per row, both flipped to positive skew; whether FastICA converged and
+    its iterations."""
+    k = reduced.shape[1]
+    ica = FastICA(n_components=k, whiten="unit-variance", max_iter=max_iter, tol=tol,
+                  random_state=random_state)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        ica.fit(reduced.astype(np.float64))
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    # reduced ~= S @ A.T  and  X - mean ~= reduced @ V  =>  X - mean ~= S @ (A.T @ V)
+    maps = ica.mixing_.T @ components.astype(np.float64)
+    z = _zscore_rows(maps)
+    flip = np.where((z**3).mean(axis=1) < 0, -1.0, 1.0)[:, None]
+    return maps * flip, z * flip, converged, int(ica.n_iter_)
 
 
 def _zscore_rows(a: np.ndarray) -> np.ndarray:

@@ -324,8 +324,8 @@ def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -
         losses = torch.tensor(log.train_loss)
         if len(losses) == 0:
             continue
-        window = max(1, len(losses) // 25)
-        smooth = losses.unfold(0, window, 1).mean(-1) if len(losses) >= window else losses
+        window = max(1, len(losses) // 25)  # never longer than the losses
+        smooth = losses.unfold(0, window, 1).mean(-1)
         line, = ax.plot(range(window, window + len(smooth)), smooth.tolist(),
                         label=f"{name} train")  # fmt: skip
         if log.validation:

@@ -90,6 +90,7 @@ class Pipeline:
         pipelines of one model, e.g. the benchmark's two neuron sites)."""
         self.recipe, self.run, self.progress = recipe, run, progress
         self.executed: list[str] = []
+        self._merged_scores: dict[tuple[str, int], np.ndarray] = {}
         if model_and_tokenizer is not None:
             self.__dict__["model_and_tokenizer"] = model_and_tokenizer
 
@@ -308,18 +309,23 @@ class Pipeline:
         return sum(column_means(a.matrix).astype(np.float64) * a.n_tokens
                    for a in all_acts) / tokens  # fmt: skip
 
-    def build_plan(
-        self, select: SelectConfig, fill: str, *, seed: int, scores: np.ndarray | None = None
-    ) -> PrunePlan:
-        """The plan of one selection: tasks' scores merged by max (a union of tasks), the
-        budget allocated over layers, the fill of dropped units. ``scores`` (all units)
-        replaces the selector's when given."""
+    def merged_scores(self, selector: str, seed: int) -> np.ndarray:
+        """Every unit's score, the tasks' scores merged by max (a union of tasks); computed
+        once per (selector, seed) in this process."""
+        key = (selector, seed)
+        if key not in self._merged_scores:
+            self._merged_scores[key] = np.max(
+                [self.task_scores(t, selector, seed=seed) for t in self.tasks], axis=0
+            )
+        return self._merged_scores[key]
+
+    def build_plan(self, select: SelectConfig, fill: str, *, seed: int) -> PrunePlan:
+        """The plan of one selection: the merged scores, the budget allocated over layers,
+        the fill of dropped units."""
         r = self.recipe
         all_acts = {t: self.activations(t) for t in self.tasks}
         widths = next(iter(all_acts.values())).layer_widths
-        if scores is None:
-            scores = np.max([self.task_scores(t, select.selector, seed=seed)
-                             for t in self.tasks], axis=0)  # fmt: skip
+        scores = self.merged_scores(select.selector, seed)
         bounds = np.cumsum([0, *widths])
         layers = list(zip(bounds[:-1], bounds[1:], strict=True))
         kept = allocate([scores[a:b] for a, b in layers], select.budget,
@@ -426,6 +432,10 @@ class Pipeline:
         file = self.run.path / "parity.json"
         self._stage("check", self.check_key, [file], self._check)
         return ParityResult.from_dict(json.loads(file.read_text()))
+
+    def calibration_prompts(self) -> list[str]:
+        """Every task's calibration prompts, task after task."""
+        return [p for data in self.tasks.values() for p in data.prompts("calibration")]
 
     def heldout_prompts(self, n: int) -> list[str]:
         """Up to ``n`` held-out prompts, taken round-robin across tasks."""
@@ -538,8 +548,9 @@ class Pipeline:
         self.checkpoints()
         cfg, layout = self.recipe.heal, self.heal_layout
         heal_dir = self.run.path / "heal"
-        student = copy.deepcopy(self.sliced[layout])
-        texts = [p for data in self.tasks.values() for p in data.prompts("calibration")]
+        # one fresh slice of the layout healed (``self.sliced`` would build every layout)
+        student = slice_model(copy.deepcopy(self.model), self.plan(), layout=layout).eval()
+        texts = self.calibration_prompts()
         validation = self.heldout_prompts(len(texts))
         healed, log = heal_model(student, self.model, self.tokenizer, texts, cfg,
                                  validation=validation, state_file=heal_dir / "state.pt",
@@ -558,11 +569,11 @@ class Pipeline:
         if not result.passed:
             shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
             result.raise_if_failed()
-        atomic_write_json(heal_dir / "log.json", log.to_dict())
+        log_text = json.dumps(log.to_dict(), indent=2) + "\n"  # as atomic_write_json writes
+        atomic_write_text(heal_dir / "log.json", log_text)
         plot_loss({"healing": log}, heal_dir / "loss.png",
                   title=f"healing {self.recipe.model} ({layout}, {cfg.method})")
-        extras = {**self._checkpoint_extras(),
-                  "fbnprune_heal.json": (heal_dir / "log.json").read_text()}  # fmt: skip
+        extras = {**self._checkpoint_extras(), "fbnprune_heal.json": log_text}
         with atomic_directory(self.healed_dir) as tmp:
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
             for name, text in extras.items():

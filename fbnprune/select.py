@@ -103,11 +103,12 @@ def allocate(
         counts = _proportional_counts(widths, total)
         counts = [max(c, f) for c, f in zip(counts, floors, strict=True)]
         _trim_to_total(counts, floors, total)
-        return [sorted(_top(s, c).tolist()) for s, c in zip(layer_scores, counts, strict=True)]
+        pairs = zip(layer_scores, counts, strict=True)
+        return [sorted(top_indices(s, c).tolist()) for s, c in pairs]
     if policy != "global":
         raise SelectError(f"unknown allocation policy {policy!r} (global, uniform)")
 
-    chosen = [set(_top(s, f).tolist()) for s, f in zip(layer_scores, floors, strict=True)]
+    chosen = [set(top_indices(s, f).tolist()) for s, f in zip(layer_scores, floors, strict=True)]
     remaining = total - sum(floors)
     flat_scores = np.concatenate(layer_scores)
     layer_of = np.repeat(np.arange(len(widths)), widths)
@@ -128,7 +129,8 @@ def _rank(scores: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(scores)), -scores.astype(np.float64)))
 
 
-def _top(scores: np.ndarray, count: int) -> np.ndarray:
+def top_indices(scores: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` highest-scoring indices, ties broken by index."""
     return _rank(scores)[:count]
 
 

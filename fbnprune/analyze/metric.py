@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.adapters import get_adapter
-from fbnprune.collect import iter_batches
+from fbnprune.collect import iter_batches, pad_batch
 from fbnprune.data import Document
 from fbnprune.evaluate.suite import BBC_TOPICS, bbc_record, word_problem_record
 
@@ -50,16 +50,6 @@ class ChoiceItem:
     gold: int
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 @torch.inference_mode()
 def target_logprobs(
     model: nn.Module,
@@ -78,7 +68,7 @@ def target_logprobs(
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     device = next(model.parameters()).device
-    ids, mask = _pad(seqs, pad_id)
+    ids, mask = pad_batch(seqs, list(range(len(seqs))), pad_id)
     hidden = backbone(
         input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
     ).last_hidden_state

@@ -16,12 +16,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.decomposition import PCA, FastICA
+from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 
 from fbnprune.analyze.samples import Unit
-from fbnprune.discover import GroupICA
+from fbnprune.discover import GroupICA, ica_feasible, ica_maps
 from fbnprune.recipe import DiscoverConfig
 
 
@@ -52,11 +52,6 @@ class IndividualNetworks:
     not_converged: int
 
 
-def feasible(k: int, n_tokens: int, n_neurons: int) -> bool:
-    """Whether a k-component group ICA of this matrix is defined (as ``GroupICA`` requires)."""
-    return k < n_tokens and k < n_neurons
-
-
 def fit_group(matrix: np.ndarray, k: int, discover: DiscoverConfig, seed: int) -> NetworkSet:
     """``GroupICA(k)`` on a tokens x neurons matrix."""
     with warnings.catch_warnings():
@@ -84,18 +79,12 @@ def fit_individual(
                               not_converged)  # fmt: skip
 
 
-def _zscore_rows(a: np.ndarray) -> np.ndarray:
-    std = a.std(axis=1, keepdims=True)
-    std[std == 0] = 1.0
-    return (a - a.mean(axis=1, keepdims=True)) / std
-
-
 class ComponentSweep:
     """Group ICA at several ``n_components`` from one randomized PCA (see module doc)."""
 
     def __init__(self, matrix: np.ndarray, k_max: int, seed: int) -> None:
         n_tokens, n_neurons = matrix.shape
-        if not feasible(k_max, n_tokens, n_neurons):
+        if not ica_feasible(k_max, n_tokens, n_neurons):
             raise ValueError(f"k={k_max} needs more than {k_max} tokens and neurons")
         pca = PCA(n_components=k_max, svd_solver="randomized", random_state=seed)
         self.reduced = pca.fit_transform(np.asarray(matrix, dtype=np.float32))
@@ -105,12 +94,7 @@ class ComponentSweep:
     def networks(self, k: int, discover: DiscoverConfig) -> NetworkSet:
         if not 2 <= k <= self.k_max:
             raise ValueError(f"k={k} outside [2, {self.k_max}]")
-        ica = FastICA(n_components=k, whiten="unit-variance", max_iter=discover.max_iter,
-                      tol=discover.tol, random_state=self.seed)  # fmt: skip
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            ica.fit(self.reduced[:, :k].astype(np.float64))
-        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        z = _zscore_rows(ica.mixing_.T @ self.components[:k])
-        z *= np.where((z**3).mean(axis=1) < 0, -1.0, 1.0)[:, None]
+        _, z, converged, _ = ica_maps(self.reduced[:, :k], self.components[:k],
+                                      max_iter=discover.max_iter, tol=discover.tol,
+                                      random_state=self.seed)  # fmt: skip
         return NetworkSet(z.astype(np.float32), np.abs(z) >= discover.threshold, converged)

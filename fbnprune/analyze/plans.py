@@ -15,6 +15,7 @@ from torch import nn
 from fbnprune.analyze.metric import Metric
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
+from fbnprune.select import top_indices
 
 
 def split_layers(values: np.ndarray, layer_widths: list[int]) -> list[np.ndarray]:
@@ -56,7 +57,7 @@ def random_set(n: int, size: int, seed: int) -> np.ndarray:
 def top_set(values: np.ndarray, size: int) -> np.ndarray:
     """The ``size`` neurons with the largest ``values`` (bool; ties broken by index)."""
     chosen = np.zeros(values.shape[0], dtype=bool)
-    chosen[np.argsort(-np.asarray(values), kind="stable")[:size]] = True
+    chosen[top_indices(np.asarray(values), size)] = True
     return chosen
 
 

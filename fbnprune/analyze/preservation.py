@@ -12,8 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.analyze.metric import Metric
-from fbnprune.analyze.networks import ComponentSweep, NetworkSet, feasible
+from fbnprune.analyze.networks import ComponentSweep, NetworkSet
 from fbnprune.analyze.plans import keep_plan, score_under, split_layers
+from fbnprune.discover import ica_feasible
 from fbnprune.recipe import DiscoverConfig
 
 
@@ -24,7 +25,7 @@ def sweep_networks(
     """Networks for every feasible k (the templates for k = their own count) and the ks that
     were left out because the matrix has too few tokens or neurons for them."""
     n_tokens, n_neurons = matrix.shape
-    usable = [k for k in ks if feasible(k, n_tokens, n_neurons)]
+    usable = [k for k in ks if ica_feasible(k, n_tokens, n_neurons)]
     skipped = [k for k in ks if k not in usable]
     found: dict[int, NetworkSet] = {}
     rest = [k for k in usable if k != len(templates.members)]

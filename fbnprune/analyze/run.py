@@ -19,13 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sklearn
 import torch
-import transformers
 from pydantic import ValidationError
 from torch import nn
 
-from fbnprune import __version__
 from fbnprune.analyze.lesions import run_lesions
 from fbnprune.analyze.metric import Metric, build_metric
 from fbnprune.analyze.networks import (
@@ -46,6 +43,7 @@ from fbnprune.analyze.samples import (
 )
 from fbnprune.collect import Activations, collect_activations
 from fbnprune.io import atomic_directory, atomic_write_json
+from fbnprune.pipeline import versions
 from fbnprune.recipe import AnalyzeConfig, Recipe
 from fbnprune.select import column_means, rms_scores
 
@@ -102,12 +100,6 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise AnalyzeError(f"{out_dir} exists and is not empty; choose another --out or pass "
                            "--overwrite to replace it")  # fmt: skip
-
-
-def versions() -> dict[str, str]:
-    return {"fbnprune": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "scikit-learn": sklearn.__version__,
-            "numpy": np.__version__}  # fmt: skip
 
 
 class _Clock:
@@ -316,9 +308,9 @@ class _Runner:
             networks, skipped = sweep_networks(acts.matrix, config.preserve_components, templates,
                                                discover=recipe.discover, seed=recipe.seed,
                                                progress=self.progress)  # fmt: skip
-            means = column_means(acts.matrix)
-            rms = rms_scores(acts.matrix).astype(np.float64)
-            spread = np.sqrt(np.maximum(rms**2 - means.astype(np.float64) ** 2, 0.0))
+        means = column_means(acts.matrix)
+        rms = rms_scores(acts.matrix).astype(np.float64)
+        spread = np.sqrt(np.maximum(rms**2 - means.astype(np.float64) ** 2, 0.0))
         if skipped:
             logger.warning(
                 "%s: n_components %s left out of the preservation curve: %d "

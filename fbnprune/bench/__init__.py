@@ -6,6 +6,6 @@ and one PNG per task.
 """
 
 from fbnprune.bench.report import write_report
-from fbnprune.bench.run import BenchError, Variant, grid, run_bench
+from fbnprune.bench.run import BENCH_DIR, Variant, grid, run_bench
 
-__all__ = ["BenchError", "Variant", "grid", "run_bench", "write_report"]
+__all__ = ["BENCH_DIR", "Variant", "grid", "run_bench", "write_report"]

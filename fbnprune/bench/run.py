@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,10 +39,6 @@ from fbnprune.slicing import slice_model
 logger = logging.getLogger(__name__)
 
 BENCH_DIR = "bench"
-
-
-class BenchError(ValueError):
-    """A benchmark that cannot run as configured."""
 
 
 @dataclass(frozen=True)
@@ -144,23 +139,12 @@ def _pipelines(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, Pipelin
     return pipes
 
 
-class _Scores:
-    """Selector scores per (site, selector, seed), computed once."""
-
-    def __init__(self, pipes: dict[str, Pipeline]) -> None:
-        self.pipes = pipes
-        self.cache: dict[tuple[str, str, int], np.ndarray] = {}
-
-    def plan(self, variant: Variant, recipe: Recipe) -> PrunePlan:
-        pipe = self.pipes[variant.site]
-        key = (variant.site, variant.selector, variant.seed)
-        if key not in self.cache:
-            self.cache[key] = np.max([pipe.task_scores(t, variant.selector, seed=variant.seed)
-                                      for t in pipe.tasks], axis=0)  # fmt: skip
-        select = SelectConfig(selector=variant.selector, budget=variant.budget,
-                              allocation=recipe.select.allocation,
-                              min_per_layer=layer_floor(recipe, variant.budget))  # fmt: skip
-        return pipe.build_plan(select, variant.fill, seed=variant.seed, scores=self.cache[key])
+def variant_plan(pipes: dict[str, Pipeline], variant: Variant, recipe: Recipe) -> PrunePlan:
+    """The plan of one variant, built by the pipeline of its neuron site."""
+    select = SelectConfig(selector=variant.selector, budget=variant.budget,
+                          allocation=recipe.select.allocation,
+                          min_per_layer=layer_floor(recipe, variant.budget))  # fmt: skip
+    return pipes[variant.site].build_plan(select, variant.fill, seed=variant.seed)
 
 
 def run_bench(
@@ -196,7 +180,6 @@ def run_bench(
             else:
                 pipe.activations(task)
     rows = _Rows(bench_dir / "rows.jsonl", bench_fingerprint(recipe))
-    scores = _Scores(pipes)
     variants = grid(recipe)
     todo = [v for v in variants if v.key not in rows.rows]
     logger.info("bench: %d variants (%d done earlier), tasks %s, %s documents per task",
@@ -215,7 +198,7 @@ def run_bench(
     for variant in bar:
         bar.set_postfix_str(variant.key)
         t0 = time.perf_counter()
-        plan = scores.plan(variant, recipe)
+        plan = variant_plan(pipes, variant, recipe)
         row: dict[str, Any] = {"key": variant.key, **asdict(variant),
                                "condition": variant.condition, "kept": plan.n_kept,
                                "kept_fraction": plan.kept_fraction}  # fmt: skip
@@ -227,10 +210,10 @@ def run_bench(
             pruned = slice_model(copy.deepcopy(model), plan, layout=cfg.layout).eval()
             if variant.healed:
                 if teacher is None:
-                    calibration = [p for d in main.tasks.values()
-                                   for p in d.prompts("calibration")]  # fmt: skip
-                    teacher = prepare_targets(model, tokenizer, calibration, heal_cfg,
-                                              validation=main.heldout_prompts(8))  # fmt: skip
+                    teacher = prepare_targets(
+                        model, tokenizer, main.calibration_prompts(), heal_cfg,
+                        validation=main.heldout_prompts(8),
+                    )  # fmt: skip
                 pruned, log = heal_model(pruned, model, tokenizer, (), heal_cfg,
                                          targets=teacher, progress=False)  # fmt: skip
                 row["heal"] = _heal_summary(log)
@@ -244,7 +227,7 @@ def run_bench(
         logger.info("bench: %s (%.0f s): %s", variant.key, row["seconds"],
                     harness.summary(result))  # fmt: skip
     bar.close()
-    cost = _costs(recipe, scores, model) if cfg.cost else None
+    cost = _costs(recipe, pipes, model) if cfg.cost else None
     results = {
         "recipe": recipe.name,
         "model": recipe.model,
@@ -272,7 +255,7 @@ def _heal_summary(log: HealLog) -> dict[str, Any]:
             "validation": log.validation}  # fmt: skip
 
 
-def _costs(recipe: Recipe, scores: _Scores, model: nn.Module) -> dict[str, Any]:
+def _costs(recipe: Recipe, pipes: dict[str, Pipeline], model: nn.Module) -> dict[str, Any]:
     """Size and speed of the original and of one selector's slice (ICA's, when benched) at
     every budget in the benchmark's layout, and in the other layout at the recipe's budget
     where it exists; all measured interleaved."""
@@ -287,7 +270,7 @@ def _costs(recipe: Recipe, scores: _Scores, model: nn.Module) -> dict[str, Any]:
     def add(name: str, budget: float, layout: str) -> None:
         variant = Variant("hidden", selector, recipe.seed, budget, recipe.prune.fill)
         try:
-            models[name] = slice_model(copy.deepcopy(model), scores.plan(variant, recipe),
+            models[name] = slice_model(copy.deepcopy(model), variant_plan(pipes, variant, recipe),
                                        layout=layout).eval()  # fmt: skip
         except SliceError as exc:
             logger.info("cost: no %s (%s)", name, exc)

@@ -37,7 +37,6 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: shown as one message, no traceback."""
     from fbnprune.adapters import UnsupportedArchitectureError
     from fbnprune.analyze import AnalyzeError
-    from fbnprune.bench import BenchError
     from fbnprune.check import ParityError
     from fbnprune.collect import CollectError
     from fbnprune.data import DataError
@@ -55,7 +54,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (
         RecipeError, DataError, ModelLoadError, RunDirError, PlanError, SliceError,
         ParityError, CollectError, DiscoverError, SelectError, UnsupportedArchitectureError,
-        ExportError, EvalError, BenchError, HealError, AnalyzeError,
+        ExportError, EvalError, HealError, AnalyzeError,
     )  # fmt: skip
 
 

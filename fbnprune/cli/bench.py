@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fbnprune.bench import run_bench
+    from fbnprune.bench import BENCH_DIR, run_bench
     from fbnprune.recipe import parse_recipe
 
     recipe = load_recipe(args.recipe)
@@ -67,7 +67,7 @@ def execute(args: argparse.Namespace) -> int:
         recipe = parse_recipe(raw, origin=f"{args.recipe} (with command-line overrides)")
     results = run_bench(recipe, args.out, progress=not args.no_progress,
                         overwrite=args.overwrite)  # fmt: skip
-    bench_dir = args.out / "bench"
+    bench_dir = args.out / BENCH_DIR
     print(f"benchmark: {bench_dir / 'results.md'}")
     for name in results.get("figures", {}).values():
         print(f"figure: {bench_dir / name}")
