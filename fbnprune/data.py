@@ -14,7 +14,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,33 +37,72 @@ class Document:
     label: str | None = None
 
 
+Split = Literal["calibration", "heldout", "heal"]
+SPLITS: tuple[Split, ...] = ("calibration", "heldout", "heal")
+
+
+def cut_words(text: str, n: int | None) -> str:
+    """The first ``n`` whitespace-separated words of ``text`` joined by single spaces (the
+    whole text, unchanged, when ``n`` is None)."""
+    return text if n is None else " ".join(text.split()[:n])
+
+
+def render(template: str, text: str, max_words: int | None = None) -> str:
+    """``template`` with ``{text}`` replaced by ``text`` cut to ``max_words`` (braces in the
+    text are safe)."""
+    return template.replace("{text}", cut_words(text, max_words))
+
+
 @dataclass(frozen=True)
 class TaskData:
-    """A task's calibration and held-out documents and the template that makes prompts."""
+    """A task's documents per split and how they become prompts.
+
+    ``calibration`` feeds collect, discover, select and the refit; ``heldout`` the parity
+    check and healing's validation loss; ``heal`` (optional, further in-domain documents)
+    healing only. ``choices`` (label -> answer text) makes the task multiple choice: the
+    prompt is the question, the answer follows it.
+    """
 
     name: str
     template: str
     calibration: list[Document]
     heldout: list[Document]
+    heal: list[Document] = field(default_factory=list)
+    max_words: int | None = None
+    choices: dict[str, str] | None = None
 
-    def prompts(self, split: Literal["calibration", "heldout"]) -> list[str]:
-        """The template applied to every document of ``split`` (braces in text are safe)."""
-        if split not in ("calibration", "heldout"):
-            raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
-        docs = self.calibration if split == "calibration" else self.heldout
-        return [self.template.replace("{text}", doc.text) for doc in docs]
+    def split(self, split: Split) -> list[Document]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        return getattr(self, split)
+
+    def prompt(self, doc: Document) -> str:
+        return render(self.template, doc.text, self.max_words)
+
+    def prompts(self, split: Split) -> list[str]:
+        """The template applied to every document of ``split``."""
+        return [self.prompt(doc) for doc in self.split(split)]
+
+    def document_ids(self) -> dict[str, list[str]]:
+        """The ids of every split's documents."""
+        return {split: [d.id for d in self.split(split)] for split in SPLITS}
 
     def fingerprint(self) -> str:
-        """sha256 (first 16 hex digits) of the name, template and both splits' ids and texts."""
-        blob = json.dumps(
-            {
-                "name": self.name,
-                "template": self.template,
-                "calibration": [[d.id, d.text] for d in self.calibration],
-                "heldout": [[d.id, d.text] for d in self.heldout],
-            },
-            ensure_ascii=False,
-        ).encode()
+        """sha256 (first 16 hex digits) of the name, template and the splits' ids and texts
+        (and of the answer format and healing documents, where the task has them)."""
+        content: dict[str, Any] = {
+            "name": self.name,
+            "template": self.template,
+            "calibration": [[d.id, d.text] for d in self.calibration],
+            "heldout": [[d.id, d.text] for d in self.heldout],
+        }
+        if self.heal:
+            content["heal"] = [[d.id, d.text] for d in self.heal]
+        if self.max_words is not None:
+            content["max_words"] = self.max_words
+        if self.choices is not None:
+            content["choices"] = self.choices
+        blob = json.dumps(content, ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -136,25 +175,26 @@ def _jsonl_record(line: str, where: str, text_field: str) -> dict[str, Any]:
     return obj
 
 
-def _load_jsonl(path: Path, text_field: str) -> list[Document]:
-    """One JSON object per line: text in ``text_field``, optional ``id`` and ``label``."""
+def _load_jsonl(path: Path, text_field: str, label_field: str = "label") -> list[Document]:
+    """One JSON object per line: text in ``text_field``, optional ``id`` and label (in
+    ``label_field``)."""
     docs = []
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         obj = _jsonl_record(line, f"{path}:{lineno}", text_field)
         doc_id = str(obj["id"]) if obj.get("id") is not None else f"file:{len(docs)}"
-        label = None if obj.get("label") is None else str(obj["label"])
+        label = None if obj.get(label_field) is None else str(obj[label_field])
         docs.append(Document(id=doc_id, text=obj[text_field], label=label))
     return docs
 
 
-def _load_file(path: Path, text_field: str) -> list[Document]:
+def _load_file(path: Path, text_field: str, label_field: str) -> list[Document]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return _load_txt(path)
     if suffix == ".jsonl":
-        return _load_jsonl(path, text_field)
+        return _load_jsonl(path, text_field, label_field)
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .txt or .jsonl")
 
 
@@ -197,7 +237,12 @@ def _load_hf(name: str, text_field: str, split: str, hf_config: str | None) -> l
 
 
 def load_documents(
-    source: str, *, text_field: str = "text", split: str = "train", hf_config: str | None = None
+    source: str,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    split: str = "train",
+    hf_config: str | None = None,
 ) -> list[Document]:
     """All documents of ``source`` in source order; raise ``DataError`` if there are none.
 
@@ -212,11 +257,17 @@ def load_documents(
     if scheme == "builtin":
         docs = _load_builtin(rest)
     elif scheme == "file":
-        docs = _load_file(Path(rest).expanduser(), text_field)
+        docs = _load_file(Path(rest).expanduser(), text_field, label_field)
     elif scheme == "hf":
         docs = _load_hf(rest, text_field, split, hf_config)
+    elif scheme == "lmeval":
+        from fbnprune.lmeval_tasks import load_lmeval_task
+
+        docs = list(load_lmeval_task(rest).documents)
     else:
-        raise DataError(f"source {source!r}: unknown scheme {scheme!r}; use builtin, file or hf")
+        raise DataError(
+            f"source {source!r}: unknown scheme {scheme!r}; use builtin, file, hf or lmeval"
+        )
     if not docs:
         raise DataError(f"source {source!r} holds no documents")
     if not any(doc.text.strip() for doc in docs):
@@ -253,29 +304,63 @@ def _usable(docs: list[Document], task: str) -> list[Document]:
     return kept
 
 
+def _check_labels(docs: list[Document], task: str, choices: dict[str, str] | None) -> None:
+    """Every document of a multiple-choice task has a label that one of its choices answers."""
+    if choices is None:
+        return
+    bad = [d for d in docs if d.label not in choices]
+    if bad:
+        raise DataError(
+            f"task {task!r}: {len(bad)} document(s) have labels that no choice answers "
+            f"(e.g. {bad[0].id}: {bad[0].label!r}; choices: {', '.join(choices)})"
+        )
+
+
 def load_task(task: TaskConfig, *, seed: int) -> TaskData:
     """Load a task's documents and split them, after a seeded shuffle, into the first
-    ``calibration_samples`` (calibration) and the next ``heldout_samples`` (held-out).
+    ``calibration_samples`` (calibration), the next ``heldout_samples`` (held-out) and the
+    next ``heal_samples`` (healing only).
 
-    Empty documents and exact duplicate texts are dropped first, so the two splits share no
-    id and no text.
+    Empty documents and exact duplicate texts are dropped first, so the splits share no id
+    and no text. Adding healing documents never changes the other two splits.
     """
     docs = _usable(
         load_documents(
-            task.source, text_field=task.text_field, split=task.split, hf_config=task.hf_config
+            task.source,
+            text_field=task.text_field,
+            label_field=task.label_field,
+            split=task.split,
+            hf_config=task.hf_config,
         ),
         task.name,
     )
-    needed = task.calibration_samples + task.heldout_samples
-    if len(docs) < needed:
+    sizes = (task.calibration_samples, task.heldout_samples, task.heal_samples)
+    if len(docs) < sum(sizes):
         raise DataError(
             f"task {task.name!r}: source {task.source!r} has {len(docs)} usable documents, "
-            f"needs {needed} ({task.calibration_samples} calibration + "
-            f"{task.heldout_samples} held-out)"
+            f"needs {sum(sizes)} ({sizes[0]} calibration + {sizes[1]} held-out + "
+            f"{sizes[2]} healing)"
         )
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    picked = [docs[i] for i in order[:needed]]
-    calibration, heldout = picked[: task.calibration_samples], picked[task.calibration_samples :]
-    assert not {d.id for d in calibration} & {d.id for d in heldout}
-    return TaskData(task.name, task.template, calibration, heldout)
+    bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+    calibration, heldout, heal = (
+        [docs[i] for i in order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    )
+    choices = task_choices(task)
+    _check_labels(calibration + heldout + heal, task.name, choices)
+    ids = [{d.id for d in split} for split in (calibration, heldout, heal)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    return TaskData(
+        task.name, task.template, calibration, heldout, heal,
+        max_words=task.max_words, choices=choices,
+    )
+
+
+def task_choices(task: TaskConfig) -> dict[str, str] | None:
+    """The task's answers (label -> answer text): the recipe's, else an lm-eval task's own."""
+    if task.choices is not None or not task.source.startswith("lmeval:"):
+        return task.choices
+    from fbnprune.lmeval_tasks import load_lmeval_task
+
+    return load_lmeval_task(task.source.partition(":")[2]).choices

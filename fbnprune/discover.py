@@ -33,6 +33,9 @@ class GroupICA:
         max_iter: FastICA iterations.
         tol: FastICA tolerance.
         random_state: seed of the randomized PCA and of FastICA.
+        standardize: divide every neuron by its standard deviation before the PCA, so the
+            decomposition is not drawn to the loudest neurons (maps are then over
+            standardised neurons).
 
     Attributes:
         mean_: ndarray of shape (n_neurons,): per-neuron mean that was removed.
@@ -54,12 +57,14 @@ class GroupICA:
         max_iter: int = 400,
         tol: float = 1e-4,
         random_state: int | None = 0,
+        standardize: bool = False,
     ) -> None:
         self.n_components = n_components
         self.threshold = threshold
         self.max_iter = max_iter
         self.tol = tol
         self.random_state = random_state
+        self.standardize = standardize
 
     def fit(self, X: np.ndarray, y: None = None) -> GroupICA:
         """Fit on ``X`` of shape (n_tokens, n_neurons). Returns self."""
@@ -72,6 +77,11 @@ class GroupICA:
                 f"got {n_tokens} tokens x {n_neurons} neurons. Collect more text or lower "
                 "discover.n_components."
             )
+        if self.standardize:
+            std = X.std(axis=0, dtype=np.float64)
+            std[std == 0] = 1.0
+            self.scale_ = std.astype(np.float32)
+            X = X / self.scale_
         pca = PCA(n_components=k, svd_solver="randomized", random_state=self.random_state)
         reduced = pca.fit_transform(X)  # (tokens, k), centred inside
         maps, z, self.converged_, self.n_iter_ = ica_maps(

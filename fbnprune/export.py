@@ -11,7 +11,7 @@ transformers<4.58.
 
 An export whose inputs and options did not change is reused as it is (so a failed upload is
 retried by running the same command), one made from other inputs or options is rebuilt, and
-a folder that is not an export is only replaced with ``overwrite``.
+a folder that is not an export is never replaced (unless it is empty).
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def export_run(
         healed: export ``checkpoint-<layout>-healed/`` (the heal stage's distilled model).
         quantize: ``"int8"`` adds an optimum-quanto weight-only int8 copy in ``int8/``.
         onnx: add ``onnx/model.onnx`` (checked against PyTorch in onnxruntime).
-        overwrite: rebuild even when ``out_dir`` is up to date, or replace it when it holds
-            something other than an fbnprune export (an export of other inputs or options is
-            always rebuilt).
+        overwrite: rebuild even when ``out_dir`` is up to date (an export of other inputs or
+            options is always rebuilt). Only an earlier export or an empty folder is ever
+            replaced, never the working or home directory (``check_replaceable``).
         max_shard_size: largest safetensors file (``"5GB"``, ``"500MB"`` or bytes).
         repo_id: the Hub repository it is meant for (used in the card's loading code).
     """
@@ -141,6 +141,13 @@ def export_run(
             logger.info("export: %s is up to date, reusing it", out)
             return ExportResult(out, layout, True, list_files(out), previous)
         logger.info("export: %s is an export of other inputs or options; replacing it", out)
+    if out.exists():  # about to be replaced as a whole: only an earlier export or empty folder
+        from fbnprune.rundir import RunDirError, check_replaceable
+
+        try:
+            check_replaceable(out, markers=(EXPORT_REPORT,), kind="an fbnprune export")
+        except RunDirError as exc:
+            raise ExportError(str(exc)) from None
     parity = _read_json(run_dir / "parity.json") or _read_json(source / "fbnprune_parity.json")
     if parity is None:
         raise ExportError(f"{run_dir} has no parity report; run the check stage before exporting")

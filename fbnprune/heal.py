@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.adapters import get_adapter
-from fbnprune.collect import token_batches
+from fbnprune.collect import iter_batches, pad_batch, tokenize
 from fbnprune.io import save_figure
 from fbnprune.recipe import HealConfig
 
@@ -54,12 +54,19 @@ class HealError(ValueError):
 
 @dataclass
 class TeacherTargets:
-    """The teacher's top-k log-probabilities at every real (unpadded) position of a batch."""
+    """The teacher's top-k log-probabilities at every real (unpadded) position of a batch,
+    the last one included: distillation needs no next token, and after a task's question
+    the last position is the one that predicts the answer."""
 
     input_ids: torch.Tensor  # (batch, length)
     attention_mask: torch.Tensor  # (batch, length)
     top_ids: torch.Tensor  # (n_positions, k) token ids
     top_logprobs: torch.Tensor  # (n_positions, k) teacher log-probabilities
+    weights: torch.Tensor | None = None  # (n_positions,) loss weight of every position
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
 
 
 @dataclass
@@ -71,6 +78,8 @@ class HealLog:
     steps: int = 0
     seconds: float = 0.0
     stopped_by: str = ""
+    tokens: int = 0  # real tokens trained on
+    best_step: int | None = None  # the step whose weights were kept (early stopping)
     train_loss: list[float] = field(default_factory=list)  # one per step
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     resumed_from: int | None = None
@@ -80,24 +89,34 @@ class HealLog:
         return asdict(self)
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that predict a real next token: real and followed by a real token."""
-    return (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+def _last_position_weights(attention: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Weight 1 for every real position, ``last[row]`` for each row's last real one."""
+    weights = torch.ones_like(attention, dtype=torch.float32)
+    ends = attention.sum(dim=1) - 1
+    weights[torch.arange(len(ends)), ends] = last.float()
+    return weights[attention.bool()]
 
 
 @torch.no_grad()  # not inference_mode: the targets enter the student's autograd graph
 def teacher_targets(
     teacher: nn.Module, batches: Sequence[Batch], *, top_k: int, temperature: float = 1.0,
-    progress: bool = False,
+    last_weights: Sequence[torch.Tensor] | None = None, progress: bool = False,
 ) -> list[TeacherTargets]:  # fmt: skip
-    """Run the teacher once over the batches and keep its top-k next-token log-probs."""
+    """Run the teacher once over the batches and keep its top-k next-token log-probs at
+    every real position; ``last_weights`` (one (batch,) tensor per batch) weight each row's
+    last position."""
     teacher.eval()
     out = []
-    for input_ids, attention in tqdm(batches, desc="heal: teacher", disable=not progress):
-        logits = teacher(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-        logprobs = F.log_softmax(logits[_positions(attention)].float() / temperature, dim=-1)
+    for b, (input_ids, attention) in enumerate(
+        tqdm(batches, desc="heal: teacher", disable=not progress)
+    ):
+        logits = teacher(input_ids=input_ids, attention_mask=attention).logits
+        logprobs = F.log_softmax(logits[attention.bool()].float() / temperature, dim=-1)
         values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-        out.append(TeacherTargets(input_ids, attention, ids, values))
+        weights = None
+        if last_weights is not None:
+            weights = _last_position_weights(attention, last_weights[b])
+        out.append(TeacherTargets(input_ids, attention, ids, values, weights))
     return out
 
 
@@ -105,15 +124,18 @@ def distillation_loss(
     student_logits: torch.Tensor, target: TeacherTargets, temperature: float = 1.0
 ) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k tokens plus one "rest" bucket, mean
-    over positions, scaled by T^2 (Hinton et al.) so gradients keep their size across T."""
-    logits = student_logits[:, :-1][_positions(target.attention_mask)].float() / temperature
+    over positions (weighted by ``target.weights`` when given), scaled by T^2 (Hinton et
+    al.) so gradients keep their size across T."""
+    logits = student_logits[target.attention_mask.bool()].float() / temperature
     student = F.log_softmax(logits, dim=-1)
     s_top = student.gather(-1, target.top_ids)
     t_top = target.top_logprobs
     t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - 1e-6))
     s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
     kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
-    return kl.mean() * temperature**2
+    if target.weights is None:
+        return kl.mean() * temperature**2
+    return (kl * target.weights).sum() / target.weights.sum() * temperature**2
 
 
 def trainable_linears(model: nn.Module, modules: str) -> dict[str, nn.Module]:
@@ -187,18 +209,31 @@ def _validation_loss(model: nn.Module, targets: list[TeacherTargets], temperatur
 
 def prepare_targets(
     teacher: nn.Module, tokenizer: Any, texts: Sequence[str], cfg: HealConfig, *,
-    validation: Sequence[str] = (), progress: bool = False,
+    validation: Sequence[str] = (), questions: Sequence[bool] | None = None,
+    validation_questions: Sequence[bool] | None = None, progress: bool = False,
 ) -> tuple[list[TeacherTargets], list[TeacherTargets]]:  # fmt: skip
-    """The teacher's targets on the training texts and on the validation texts."""
+    """The teacher's targets on the training texts and on the validation texts.
+
+    ``questions`` (one flag per text) marks the prompts of multiple-choice tasks, whose last
+    position (the one that predicts the answer) weighs ``cfg.answer_weight``.
+    """
     if not texts:
         raise HealError("no text to heal on")
 
-    def run(prompts: Sequence[str], bar: bool) -> list[TeacherTargets]:
-        batches = token_batches(tokenizer, list(prompts), cfg.max_length, cfg.batch_size)
+    def run(prompts: Sequence[str], flags: Sequence[bool] | None, bar: bool):
+        ids = tokenize(tokenizer, list(prompts), cfg.max_length)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        groups = iter_batches([len(s) for s in ids], cfg.batch_size)
+        batches = [pad_batch(ids, g, pad_id) for g in groups]
+        last = None
+        if flags is not None and cfg.answer_weight != 1.0:
+            last = [torch.tensor([cfg.answer_weight if flags[i] else 1.0 for i in g])
+                    for g in groups]  # fmt: skip
         return teacher_targets(teacher, batches, top_k=cfg.top_k, temperature=cfg.temperature,
-                               progress=bar)  # fmt: skip
+                               last_weights=last, progress=bar)  # fmt: skip
 
-    return run(texts, progress), run(validation, False) if validation else []
+    train = run(texts, questions, progress)
+    return train, run(validation, validation_questions, False) if validation else []
 
 
 def heal_model(
@@ -209,6 +244,8 @@ def heal_model(
     cfg: HealConfig,
     *,
     validation: Sequence[str] = (),
+    questions: Sequence[bool] | None = None,
+    validation_questions: Sequence[bool] | None = None,
     targets: tuple[list[TeacherTargets], list[TeacherTargets]] | None = None,
     state_file: Path | None = None,
     progress: bool = True,
@@ -222,7 +259,10 @@ def heal_model(
         tokenizer: shared by both.
         texts: training text (the task's calibration prompts).
         cfg: steps, time budget, learning rate, method, batch shape.
-        validation: held-out text whose loss is logged every ``cfg.eval_every`` steps.
+        validation: held-out text whose loss is logged every ``cfg.eval_every`` steps (and
+            drives early stopping with ``cfg.patience``).
+        questions, validation_questions: per text, whether it is a multiple-choice prompt
+            whose last position (the answer's) weighs ``cfg.answer_weight``.
         targets: the teacher's (training, validation) targets from ``prepare_targets``,
             to share them between several students of one teacher.
         state_file: where training state is checkpointed every ``cfg.checkpoint_every``
@@ -234,6 +274,8 @@ def heal_model(
     """
     if targets is None:
         targets = prepare_targets(teacher, tokenizer, texts, cfg, validation=validation,
+                                  questions=questions,
+                                  validation_questions=validation_questions,
                                   progress=progress)  # fmt: skip
     targets, val_targets = targets
     torch.manual_seed(cfg.seed)
@@ -255,6 +297,9 @@ def heal_model(
     model.train()
     if val_targets and start_step == 0:  # where the unhealed slice starts
         log.validation.append((0, _validation_loss(model, val_targets, cfg.temperature)))
+    best = _EarlyStopping(params, cfg.patience, log.validation if start_step else [])
+    if val_targets and start_step == 0:
+        best.update(0, log.validation[0][1])  # the unhealed slice is a candidate too
     started = time.perf_counter()
     log.stopped_by = "steps"
     bar = tqdm(range(start_step, cfg.steps), desc="heal", unit="step", disable=not progress,
@@ -276,14 +321,21 @@ def heal_model(
         if not math.isfinite(value):
             raise HealError(f"healing diverged at step {step} (loss {value}); lower heal.lr")
         log.train_loss.append(value)
+        log.tokens += target.n_tokens
         bar.set_postfix(loss=f"{value:.4f}")
         if on_step is not None:
             on_step(step, value)
         done = step + 1
         if val_targets and (done % cfg.eval_every == 0 or done == cfg.steps):
             log.validation.append((done, _validation_loss(model, val_targets, cfg.temperature)))
+            if best.update(done, log.validation[-1][1]):
+                log.stopped_by = "patience"
+                break
         if state_file is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save_state(state_file, params, optimizer, done, log, settings_key)
+        if cfg.max_tokens is not None and log.tokens >= cfg.max_tokens:
+            log.stopped_by = "tokens"
+            break
         if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
             log.stopped_by = "time"
             if val_targets and log.validation and log.validation[-1][0] != done:
@@ -291,6 +343,7 @@ def heal_model(
                                                               cfg.temperature)))  # fmt: skip
             break
     bar.close()
+    log.best_step = best.restore()
     log.steps = len(log.train_loss)
     log.seconds = round(time.perf_counter() - started, 2)
     if state_file is not None and state_file.exists():
@@ -299,6 +352,39 @@ def heal_model(
                 log.seconds, log.stopped_by, log.train_loss[0] if log.train_loss else math.nan,
                 log.train_loss[-1] if log.train_loss else math.nan)  # fmt: skip
     return _finish(model, cfg), log
+
+
+class _EarlyStopping:
+    """Keeps a copy of the trained parameters at the best validation loss; says when the
+    loss has not improved for ``patience`` evaluations; puts the best weights back."""
+
+    def __init__(self, params: list[nn.Parameter], patience: int | None,
+                 history: list[tuple[int, float]]) -> None:  # fmt: skip
+        self.params, self.patience = params, patience
+        self.best_loss = min((v for _, v in history), default=math.inf)
+        self.best_step: int | None = None
+        self.best: list[torch.Tensor] | None = None
+        self.since = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record a validation loss; True when training should stop."""
+        if self.patience is None:
+            return False
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.since = loss, step, 0
+            self.best = [p.detach().clone() for p in self.params]
+            return False
+        self.since += 1
+        return self.since >= self.patience
+
+    def restore(self) -> int | None:
+        """Copy the best parameters back (when early stopping is on); their step."""
+        if self.best is None:
+            return None
+        with torch.no_grad():
+            for param, saved in zip(self.params, self.best, strict=True):
+                param.copy_(saved)
+        return self.best_step
 
 
 def _save_state(file: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,

@@ -35,6 +35,7 @@ from fbnprune.io import atomic_directory, atomic_write_json, atomic_write_text
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe, SelectConfig
+from fbnprune.refit import refit_plan
 from fbnprune.rundir import RunDir, StageRecord, measure, now
 from fbnprune.save import checkpoint_bytes, model_size, save_checkpoint
 from fbnprune.select import (
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("collect", "discover", "select", "prune", "check", "save", "heal")
 STAGING = ".staging"
+DOCUMENTS_FILE = "documents.json"
 
 
 def _hash(*parts: Any) -> str:
@@ -91,6 +93,7 @@ class Pipeline:
         self.recipe, self.run, self.progress = recipe, run, progress
         self.executed: list[str] = []
         self._merged_scores: dict[tuple[str, int], np.ndarray] = {}
+        self._sensitivity: dict[tuple, list[float]] = {}
         if model_and_tokenizer is not None:
             self.__dict__["model_and_tokenizer"] = model_and_tokenizer
 
@@ -256,6 +259,7 @@ class Pipeline:
             max_iter=cfg.max_iter,
             tol=cfg.tol,
             random_state=self.recipe.seed,
+            standardize=cfg.standardize,
         ).fit(acts.matrix)
         file = self.discover_file(task)
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -319,6 +323,17 @@ class Pipeline:
             )
         return self._merged_scores[key]
 
+    @staticmethod
+    def layer_bounds(widths: list[int]) -> list[tuple[int, int]]:
+        """(start, stop) of every layer's columns in the concatenated unit axis."""
+        bounds = np.cumsum([0, *widths]).tolist()
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    @property
+    def max_length(self) -> int:
+        """The longest prompt, in tokens, any task allows."""
+        return max(t.max_length for t in self.recipe.tasks)
+
     def build_plan(self, select: SelectConfig, fill: str, *, seed: int) -> PrunePlan:
         """The plan of one selection: the merged scores, the budget allocated over layers,
         the fill of dropped units."""
@@ -326,13 +341,21 @@ class Pipeline:
         all_acts = {t: self.activations(t) for t in self.tasks}
         widths = next(iter(all_acts.values())).layer_widths
         scores = self.merged_scores(select.selector, seed)
-        bounds = np.cumsum([0, *widths])
-        layers = list(zip(bounds[:-1], bounds[1:], strict=True))
-        kept = allocate([scores[a:b] for a, b in layers], select.budget,
-                        policy=select.allocation, min_per_layer=select.min_per_layer)  # fmt: skip
+        layers = self.layer_bounds(widths)
+        layer_scores = [scores[a:b] for a, b in layers]
+        sensitivity = None
+        if select.allocation == "sensitivity":
+            sensitivity = self.layer_sensitivity(select, seed)
+        kept = allocate(layer_scores, select.budget, policy=select.allocation,
+                        min_per_layer=select.min_per_layer, max_per_layer=select.max_per_layer,
+                        sensitivity=sensitivity, power=select.sensitivity_power)  # fmt: skip
         fill_values = None
         if fill == "mean":
             fill_values = [self.unit_means[a:b].astype(np.float32).tolist() for a, b in layers]
+        refit = None
+        if fill == "reconstruct":
+            refit = refit_plan(self.model, [a.matrix for a in all_acts.values()], list(widths),
+                               kept, ridge=r.prune.ridge, progress=self.progress)  # fmt: skip
         provenance: dict[str, Any] = {
             "recipe": r.name,
             "recipe_fingerprint": r.fingerprint(),
@@ -343,9 +366,18 @@ class Pipeline:
             "allocation": select.allocation,
             "min_per_layer": select.min_per_layer,
             "selector": select.selector,
+            "kept_per_layer": [len(k) for k in kept],
             "versions": versions(),
             "created": now(),
         }
+        if sensitivity is not None:
+            provenance["sensitivity"] = {
+                "kl_per_layer": sensitivity, "power": select.sensitivity_power,
+                "max_per_layer": select.max_per_layer, "samples": select.sensitivity_samples,
+                "why": "each layer alone cut to the budget (top units, mean fill); KL of the "
+                "next-token distribution from the original's on calibration prompts; units "
+                "per layer proportional to width * KL ** power within floor and cap",
+            }  # fmt: skip
         if select.selector == "ica":
             union = scores >= r.discover.threshold
             provenance.update(
@@ -361,7 +393,30 @@ class Pipeline:
         return PrunePlan(
             model=r.model, model_type=model_type, site=r.site, fill=fill,
             layer_widths=list(widths), kept=kept, fill_values=fill_values, provenance=provenance,
+            refit=refit,
         )  # fmt: skip
+
+    def layer_sensitivity(self, select: SelectConfig, seed: int) -> list[float]:
+        """Per layer, the KL from the original when that layer alone is cut to the budget
+        (``fbnprune.sensitivity``); computed once per (selector, seed, budget, samples)."""
+        from fbnprune.sensitivity import layer_sensitivity
+
+        key = (select.selector, seed, select.budget, select.sensitivity_samples)
+        if key not in self._sensitivity:
+            widths = self.activations(next(iter(self.tasks))).layer_widths
+            layers = self.layer_bounds(widths)
+            scores = self.merged_scores(select.selector, seed)
+            prompts = self.calibration_prompts()[: select.sensitivity_samples]
+            self._sensitivity[key] = layer_sensitivity(
+                self.model, self.tokenizer, prompts, [scores[a:b] for a, b in layers],
+                select.budget, unit_means=[self.unit_means[a:b] for a, b in layers],
+                model_name=self.recipe.model,
+                max_length=self.max_length, batch_size=self.recipe.collect.batch_size,
+                progress=self.progress,
+            )  # fmt: skip
+            logger.info("select: layer sensitivity (KL) %s",
+                        " ".join(f"{v:.3g}" for v in self._sensitivity[key]))  # fmt: skip
+        return self._sensitivity[key]
 
     def _select(self) -> dict:
         r = self.recipe
@@ -437,6 +492,21 @@ class Pipeline:
         """Every task's calibration prompts, task after task."""
         return [p for data in self.tasks.values() for p in data.prompts("calibration")]
 
+    def prompts_of(self, splits: tuple[str, ...]) -> tuple[list[str], list[bool]]:
+        """Every task's prompts of the given splits, and per prompt whether it is a
+        multiple-choice question (its last position predicts the answer)."""
+        prompts, questions = [], []
+        for data in self.tasks.values():
+            for split in splits:
+                batch = data.prompts(split)
+                prompts += batch
+                questions += [data.choices is not None] * len(batch)
+        return prompts, questions
+
+    def document_ids(self) -> dict[str, dict[str, list[str]]]:
+        """Per task and split, the ids of the documents this run uses (``documents.json``)."""
+        return {name: data.document_ids() for name, data in self.tasks.items()}
+
     def heldout_prompts(self, n: int) -> list[str]:
         """Up to ``n`` held-out prompts, taken round-robin across tasks."""
         per_task = [d.prompts("heldout") for d in self.tasks.values()]
@@ -459,7 +529,7 @@ class Pipeline:
         kwargs = dict(
             tokenizer=self.tokenizer,
             prompts=self.heldout_prompts(cfg.samples),
-            max_length=max(t.max_length for t in self.recipe.tasks),
+            max_length=self.max_length,
         )
         reloaded: dict[str, nn.Module] = {}
         for layout, model in self.sliced.items():
@@ -550,10 +620,12 @@ class Pipeline:
         heal_dir = self.run.path / "heal"
         # one fresh slice of the layout healed (``self.sliced`` would build every layout)
         student = slice_model(copy.deepcopy(self.model), self.plan(), layout=layout).eval()
-        texts = self.calibration_prompts()
-        validation = self.heldout_prompts(len(texts))
+        texts, questions = self.prompts_of(("calibration", "heal"))
+        validation, validation_questions = self.prompts_of(("heldout",))
         healed, log = heal_model(student, self.model, self.tokenizer, texts, cfg,
-                                 validation=validation, state_file=heal_dir / "state.pt",
+                                 validation=validation, questions=questions,
+                                 validation_questions=validation_questions,
+                                 state_file=heal_dir / "state.pt",
                                  progress=self.progress)  # fmt: skip
         staging = self.staging_dir(f"{layout}-healed")
         save_checkpoint(healed, self.tokenizer, staging)
@@ -563,7 +635,7 @@ class Pipeline:
         serialisation = check_parity(
             (f"healed-{layout}", healed, None), {f"reloaded-healed-{layout}": reloaded},
             tokenizer=self.tokenizer, prompts=self.heldout_prompts(self.recipe.check.samples),
-            max_length=max(t.max_length for t in self.recipe.tasks), atol=self.recipe.check.atol,
+            max_length=self.max_length, atol=self.recipe.check.atol,
         )  # fmt: skip
         result = ParityResult([serialisation])
         if not result.passed:
@@ -596,11 +668,17 @@ def run_pipeline(
     """Run the recipe's stages up to ``until`` into ``out``; reuse stages that are fresh."""
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
-    run = RunDir.open(out, overwrite=overwrite)
+    run = RunDir.open(out, overwrite=overwrite, protected=(recipe.model,))
     run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(),
                    versions=versions())  # fmt: skip
     atomic_write_text(run.path / "recipe.yaml", recipe.to_yaml())
     pipe = Pipeline(recipe, run, progress=progress)
+    atomic_write_json(run.path / DOCUMENTS_FILE, {
+        "note": "calibration: collect, discover, select, refit; heal: healing only; heldout: "
+        "parity check and healing's validation loss. Evaluation documents are drawn outside "
+        "all three (eval/suite/manifest.json).",
+        "tasks": pipe.document_ids(),
+    })  # fmt: skip
     plan = parity = None
     checkpoints: dict[str, Path] = {}
     stop = STAGES.index(until)

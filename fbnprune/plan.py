@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from fbnprune.io import atomic_write_text
+from fbnprune.refit import Refit, RefitError, file_digest
 
 PLAN_FORMAT_VERSION = 1
+FILLS = ("zero", "mean", "reconstruct")
 
 
 class PlanError(ValueError):
@@ -31,11 +33,15 @@ class PrunePlan:
         model: the model name the plan was made for.
         model_type: ``config.model_type`` of that model.
         site: ``hidden`` (MLP intermediate units) or ``output`` (MLP output channels).
-        fill: what dropped units are replaced with: ``zero`` or ``mean`` (calibration mean).
+        fill: how dropped units are compensated: ``zero``, ``mean`` (calibration mean folded
+            into the down bias) or ``reconstruct`` (kept down columns and a bias refit by
+            least squares, ``fbnprune.refit``; the tensors live in ``refit``).
         layer_widths: units per layer before pruning.
         kept: sorted kept indices per layer.
         fill_values: per layer, the value of every unit when ``fill == "mean"`` (else None).
         provenance: budget, selector, fingerprints, seed, versions, counts.
+        refit: the refit tensors when ``fill == "reconstruct"``; saved beside the plan's JSON
+            (``<plan>.refit.safetensors``, its sha256 in ``provenance["refit"]``).
     """
 
     model: str
@@ -47,6 +53,7 @@ class PrunePlan:
     fill_values: list[list[float]] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = PLAN_FORMAT_VERSION
+    refit: Refit | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,8 +84,13 @@ class PrunePlan:
         mask[torch.tensor(self.kept[layer], dtype=torch.long)] = True
         return mask
 
+    @property
+    def adds_bias(self) -> bool:
+        """Whether applying the plan adds a constant to the down projection's output."""
+        return self.fill in ("mean", "reconstruct")
+
     def fill_tensor(self, layer: int) -> torch.Tensor:
-        """Value of every unit of a layer when dropped (zeros for ``fill == "zero"``)."""
+        """Value of every unit of a layer when dropped (zeros unless ``fill == "mean"``)."""
         if self.fill_values is None:
             return torch.zeros(self.layer_widths[layer])
         return torch.tensor(self.fill_values[layer], dtype=torch.float32)
@@ -87,8 +99,8 @@ class PrunePlan:
     def validate(self) -> None:
         if self.site not in ("hidden", "output"):
             raise PlanError(f"site must be 'hidden' or 'output', got {self.site!r}")
-        if self.fill not in ("zero", "mean"):
-            raise PlanError(f"fill must be 'zero' or 'mean', got {self.fill!r}")
+        if self.fill not in FILLS:
+            raise PlanError(f"fill must be one of {', '.join(FILLS)}, got {self.fill!r}")
         if len(self.kept) != len(self.layer_widths):
             raise PlanError(
                 f"plan has {len(self.kept)} kept lists for {len(self.layer_widths)} layers"
@@ -104,6 +116,13 @@ class PrunePlan:
             widths = [len(v) for v in self.fill_values]
             if widths != self.layer_widths:
                 raise PlanError(f"fill_values widths {widths} != layer widths")
+        if self.fill == "reconstruct":
+            if self.refit is None:
+                raise PlanError("fill 'reconstruct' needs its refit tensors")
+            try:
+                self.refit.check_fits(self.kept_per_layer())
+            except RefitError as exc:
+                raise PlanError(str(exc)) from exc
 
     def check_fits(self, layer_widths: list[int], model_type: str) -> None:
         """Raise unless this plan was made for a model of these shapes."""
@@ -115,27 +134,39 @@ class PrunePlan:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("refit")
+        return data
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write the plan's JSON; a refit goes beside it, its digest into the provenance."""
+        path = Path(path)
+        if self.refit is not None:
+            file = refit_file(path)
+            self.provenance["refit"] = {"file": file.name, "sha256": self.refit.save(file),
+                                        "ridge": self.refit.ridge}  # fmt: skip
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PrunePlan:
+    def from_dict(cls, data: dict[str, Any], *, refit: Refit | None = None) -> PrunePlan:
         version = data.get("format_version")
         if version != PLAN_FORMAT_VERSION:
             raise PlanError(f"unsupported plan format_version {version!r}")
-        return cls(**data)
+        return cls(**data, refit=refit)
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
+        """Read a plan (and its refit tensors, checked against the recorded digest)."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise PlanError(f"cannot read plan {path}: {exc}") from exc
+        refit = None
+        if data.get("fill") == "reconstruct":
+            refit = _load_refit(path, data)
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, refit=refit)
         except TypeError as exc:
             raise PlanError(f"{path}: not a PrunePlan: {exc}") from exc
 
@@ -147,3 +178,20 @@ class PrunePlan:
             f"{self.n_kept}/{self.n_units} {self.site} units kept ({self.kept_fraction:.1%}), "
             f"fill={self.fill}; per layer: {per_layer}"
         )
+
+
+def refit_file(plan_path: Path) -> Path:
+    """Where a plan's refit tensors are stored: ``plan.json`` -> ``plan.refit.safetensors``."""
+    return plan_path.with_name(f"{plan_path.stem}.refit.safetensors")
+
+
+def _load_refit(path: Path, data: dict[str, Any]) -> Refit:
+    info = data.get("provenance", {}).get("refit")
+    if not info:
+        raise PlanError(f"{path}: fill 'reconstruct' but no refit recorded in its provenance")
+    file = path.with_name(info["file"])
+    if not file.is_file():
+        raise PlanError(f"{path}: its refit tensors {file.name} are missing")
+    if file_digest(file) != info["sha256"]:
+        raise PlanError(f"{file}: content differs from the digest recorded in {path.name}")
+    return Refit.load(file, len(data["layer_widths"]), info["ridge"])

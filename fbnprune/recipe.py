@@ -13,14 +13,21 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 RECIPE_VERSION = 1
 
 Site = Literal["hidden", "output"]
-Fill = Literal["zero", "mean"]
+Fill = Literal["zero", "mean", "reconstruct"]
 Layout = Literal["padded", "compact"]
-Allocation = Literal["global", "uniform"]
+Allocation = Literal["global", "uniform", "sensitivity"]
 Selector = Literal["ica", "magnitude", "random", "wanda"]
 
 
@@ -32,12 +39,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _text_slot(value: str) -> str:
+    if "{text}" not in value:
+        raise ValueError("template must contain the placeholder '{text}'")
+    return value
+
+
+class Wording(_Strict):
+    """Another way to ask a task's question: its own template and answer texts per label."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    template: str
+    choices: dict[str, str] = Field(min_length=2)
+
+    @field_validator("template")
+    @classmethod
+    def _has_text_slot(cls, value: str) -> str:
+        return _text_slot(value)
+
+
 class TaskConfig(_Strict):
     """One task: where its text comes from and how much of it is used.
 
     ``source`` is ``builtin:NAME`` (bbc_news, wikipedia, python_code, arithmetic),
     ``file:PATH`` (.txt: one document per blank-line-separated block; .jsonl: one object
-    per line) or ``hf:DATASET`` (Hugging Face ``datasets``; needs the network).
+    per line), ``hf:DATASET`` (Hugging Face ``datasets``; needs the network) or
+    ``lmeval:TASK.yaml`` (a multiple-choice lm-eval task: its ``doc_to_text`` is the prompt,
+    its ``doc_to_choice`` the answers, ``doc_to_target`` the label; ``fbnprune.lmeval_tasks``).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -48,24 +76,60 @@ class TaskConfig(_Strict):
     hf_config: str | None = None
     calibration_samples: int = Field(default=64, ge=1)
     heldout_samples: int = Field(default=16, ge=1)
+    heal_samples: int = Field(
+        default=0,
+        ge=0,
+        description="further documents for healing only, disjoint from calibration and "
+        "held-out (never evaluated on)",
+    )
     max_length: int = Field(default=128, ge=8)
+    max_words: int | None = Field(
+        default=None,
+        ge=1,
+        description="cut each document to its first N words before the template is applied, "
+        "so the question after {text} survives truncation",
+    )
+    choices: dict[str, str] | None = Field(
+        default=None,
+        description="label -> answer text (e.g. {sport: ' sport'}): the task is multiple "
+        "choice over these answers, the document's label picks the gold one",
+    )
+    label_field: str = Field(default="label", description="label key of .jsonl documents")
+    wordings: list[Wording] = Field(
+        default_factory=list,
+        description="other wordings of the same question (template and answers), scored by "
+        "evaluate and bench only, so a model tied to one template shows",
+    )
 
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme, sep, rest = value.partition(":")
-        if not sep or scheme not in {"builtin", "file", "hf"} or not rest:
+        if not sep or scheme not in {"builtin", "file", "hf", "lmeval"} or not rest:
             raise ValueError(
-                f"source {value!r} must look like 'builtin:NAME', 'file:PATH' or 'hf:DATASET'"
+                f"source {value!r} must look like 'builtin:NAME', 'file:PATH', 'hf:DATASET' "
+                "or 'lmeval:TASK.yaml'"
             )
         return value
 
     @field_validator("template")
     @classmethod
     def _has_text_slot(cls, value: str) -> str:
-        if "{text}" not in value:
-            raise ValueError("template must contain the placeholder '{text}'")
-        return value
+        return _text_slot(value)
+
+    @model_validator(mode="after")
+    def _wordings_match(self) -> TaskConfig:
+        for wording in self.wordings:
+            if self.choices is None and self.source.startswith("lmeval:"):
+                continue  # the lm-eval task's answers are known once it is loaded
+            if self.choices is None or set(wording.choices) != set(self.choices):
+                raise ValueError(
+                    f"wording {wording.name!r}: its choices must answer the task's labels "
+                    f"{sorted(self.choices or {})}, got {sorted(wording.choices)}"
+                )
+        if len({w.name for w in self.wordings}) != len(self.wordings):
+            raise ValueError("wording names must be unique")
+        return self
 
 
 class CollectConfig(_Strict):
@@ -78,6 +142,11 @@ class DiscoverConfig(_Strict):
     threshold: float = Field(default=3.6, gt=0)
     max_iter: int = Field(default=400, ge=10)
     tol: float = Field(default=1e-4, gt=0)
+    standardize: bool = Field(
+        default=False,
+        description="divide every neuron by its standard deviation before PCA, so ICA is not "
+        "drawn to the loudest neurons",
+    )
 
 
 class SelectConfig(_Strict):
@@ -86,6 +155,16 @@ class SelectConfig(_Strict):
     allocation: Allocation = "global"
     min_per_layer: float = Field(
         default=0.02, ge=0, lt=1, description="floor on the fraction kept in every layer"
+    )
+    max_per_layer: float = Field(
+        default=1.0, gt=0, le=1, description="cap on the fraction kept in any layer "
+        "(sensitivity allocation)",
+    )  # fmt: skip
+    sensitivity_samples: int = Field(
+        default=8, ge=1, description="calibration prompts on which each layer's cut is measured"
+    )
+    sensitivity_power: float = Field(
+        default=0.5, ge=0, description="units per layer grow as (KL of cutting it) ** power"
     )
 
     @field_validator("budget")
@@ -97,7 +176,21 @@ class SelectConfig(_Strict):
 
 
 class PruneConfig(_Strict):
+    """How dropped units are compensated.
+
+    ``zero`` drops them; ``mean`` adds their calibration mean's contribution to the down
+    projection's bias; ``reconstruct`` refits the kept down-projection columns and a bias by
+    ridge least squares so the MLP output on the calibration tokens is reproduced
+    (``fbnprune.refit``); with ``sequential`` each layer is refit on activations of a model
+    whose lower layers are already pruned and refit.
+    """
+
     fill: Fill = "mean"
+    ridge: float = Field(
+        default=1e-3, ge=0, description="ridge term of the refit, relative to the mean "
+        "diagonal of the kept units' Gram matrix",
+    )  # fmt: skip
+    sequential: bool = False
 
 
 class CheckConfig(_Strict):
@@ -130,6 +223,17 @@ class HealConfig(_Strict):
         default="mlp", description="linear layers trained: the MLPs' or all of the decoder's"
     )
     steps: int = Field(default=200, ge=1)
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="stop after training on this many tokens"
+    )
+    answer_weight: float = Field(
+        default=1.0, ge=0, description="weight of the answer position (the last token of a "
+        "multiple-choice task's prompt) against 1 for every other position",
+    )  # fmt: skip
+    patience: int | None = Field(
+        default=None, ge=1, description="stop when the validation loss has not improved for "
+        "this many evaluations (and keep the best weights)",
+    )  # fmt: skip
     max_minutes: float | None = Field(default=15, gt=0, description="stop after this long")
     lr: float = Field(default=5e-4, gt=0)
     warmup: float = Field(default=0.05, ge=0, lt=1, description="fraction of steps")
@@ -159,7 +263,12 @@ class EvaluateConfig(_Strict):
     files under ``include_paths``, or built-in lm-eval tasks (those need the network).
     """
 
-    tasks: list[str] = Field(default_factory=lambda: list(EVAL_SUITE_TASKS), min_length=1)
+    tasks: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="None: the recipe's own multiple-choice tasks (every wording) and the "
+        "suite's perplexity tasks (the whole suite when the recipe has no such task)",
+    )
     include_paths: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1, description="documents per task (all if None)")
     batch_size: int = Field(default=8, ge=1)
@@ -252,8 +361,19 @@ class BenchConfig(_Strict):
     fills: list[Fill] = Field(default_factory=lambda: ["zero", "mean"], min_length=1)
     heal_budgets: list[float] = Field(default_factory=lambda: [0.10])
     heal_steps: int | None = Field(default=40, ge=1, description="None: heal.steps")
+    heal_seeds: int = Field(
+        default=1, ge=1, description="random seeds healed (the random selector's first N)"
+    )
+    allocations: list[Allocation] | None = Field(
+        default=None, description="allocation policies compared (None: the recipe's)"
+    )
     output_selectors: list[Selector] = Field(default_factory=lambda: ["ica", "random"])
-    tasks: list[str] = Field(default_factory=lambda: ["bbc_topics", "ppl_news"], min_length=1)
+    tasks: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="None: the recipe's own multiple-choice tasks (every wording) and "
+        "ppl_news (bbc_topics and ppl_news when the recipe has none)",
+    )
     limit: int | None = Field(default=50, ge=1, description="documents per task")
     layout: Layout = "compact"
     cost: bool = True
@@ -310,17 +430,76 @@ class Recipe(_Strict):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; raise ``RecipeError`` with every problem listed."""
+    """Read and validate a recipe file; raise ``RecipeError`` with every problem listed.
+
+    The file must be UTF-8 YAML; a key given twice in one mapping is an error (plain YAML
+    would silently keep the last one)."""
     path = Path(path)
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))
+        hint = f"; pass one of the recipes in it: {', '.join(yamls)}" if yamls else ""
+        raise RecipeError(f"{path} is a directory, not a recipe file{hint}")
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
+    text = _read_recipe_text(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except _DuplicateKeyError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
     return parse_recipe(raw, origin=str(path))
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe's text, decoded as UTF-8 (a leading byte-order mark is allowed)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(
+            f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+            f"(line {line}) cannot be decoded; save the recipe as UTF-8"
+        ) from None
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
+                              deep: bool = False) -> dict:  # fmt: skip
+    seen: dict[object, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *anchor`` merges; explicit keys may override merged ones
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:
+            continue  # unhashable key: construct_mapping reports it
+        if first is not None:
+            raise _DuplicateKeyError(
+                f"duplicate key {key!r} at line {line} (first given at line {first}); YAML "
+                "would silently keep the last value: remove one of them"
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)  # fmt: skip
 
 
 def parse_recipe(raw: dict, *, origin: str = "<recipe>") -> Recipe:

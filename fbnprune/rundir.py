@@ -4,15 +4,26 @@
 memory. A stage whose recorded fingerprint equals the current one, and whose outputs exist,
 is reused; anything else is recomputed. Stage outputs are written atomically, so an
 interrupted stage leaves no partial file and simply runs again next time.
+
+Two guards protect what is not a run. ``check_replaceable`` is the one place that decides
+whether an existing output folder may be deleted and replaced (``--overwrite``, and the
+outputs of export and analyze): only an earlier output of the same kind, or an empty folder,
+and never the working directory, one of its parents, the home directory, the filesystem root,
+or a folder holding the recipe or the model. ``RunDir.lock`` holds a lock file (``.lock``)
+inside the folder for the length of a command, so that a second process writing into the same
+folder is refused at once, naming the holder (``.lock.json``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,10 +35,109 @@ import psutil
 from fbnprune.io import atomic_write_json
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+LOCK_HOLDER = ".lock.json"
+BOOKKEEPING = (LOCK_FILE, LOCK_HOLDER)  # do not make a folder non-empty
 
 
 class RunDirError(ValueError):
     """An output directory that cannot be used for this run."""
+
+
+class RunDirLockedError(RunDirError):
+    """An output directory that another process is writing into."""
+
+
+def is_empty_dir(path: Path) -> bool:
+    """Whether ``path`` holds nothing but lock bookkeeping."""
+    return all(child.name in BOOKKEEPING for child in Path(path).iterdir())
+
+
+def check_replaceable(
+    path: str | Path,
+    *,
+    protected: Iterable[str | os.PathLike[str] | None] = (),
+    markers: Iterable[str] = (RUN_FILE,),
+    kind: str = "an fbnprune run directory",
+) -> None:
+    """Raise ``RunDirError`` unless the existing folder ``path`` may be deleted and replaced.
+
+    Replaceable: a missing path, an empty folder, or one that holds one of ``markers`` (an
+    earlier output of the same ``kind``); never the working directory or one of its parents,
+    the home directory or one of its parents, the filesystem root, nor a folder that is or
+    contains one of the ``protected`` paths (the recipe file, a local model) that exist.
+    Nothing is changed on disk.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise RunDirError(f"{path} exists and is not a directory; choose another --out")
+    target = path.resolve()
+    shown = f"{path}" if str(path) == str(target) else f"{path} ({target})"
+    fix = "choose another --out (a new folder, or an earlier output of fbnprune)"
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    for what, hit in (
+        ("the filesystem root", target == Path(target.anchor)),
+        ("the working directory", target == cwd),
+        ("a parent of the working directory", target in cwd.parents),
+        ("the home directory", target == home),
+        ("a parent of the home directory", target in home.parents),
+    ):
+        if hit:
+            raise RunDirError(f"refusing to replace {shown}: it is {what}; {fix}")
+    for item in protected:
+        if item is None or str(item) == "":
+            continue
+        guarded = Path(os.path.expanduser(os.fspath(item)))
+        if not guarded.exists():
+            continue  # a Hub id or packaged name, not a path
+        guarded = guarded.resolve()
+        if guarded == target or target in guarded.parents:
+            raise RunDirError(f"refusing to replace {shown}: it holds {guarded}, an input of this "
+                              f"command (the recipe or the model); {fix}")  # fmt: skip
+    markers = tuple(markers)
+    if is_empty_dir(path) or any((path / name).is_file() for name in markers):
+        return
+    names = " or ".join(markers)
+    raise RunDirError(
+        f"refusing to replace {shown}: it is not empty and not {kind} (no {names}); "
+        f"--overwrite only replaces an earlier output of fbnprune. {fix[0].upper()}{fix[1:]}, "
+        "or empty or delete the folder yourself"
+    )
+
+
+def check_run_dir(
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    protected: Iterable[str | os.PathLike[str] | None] = (),
+) -> None:
+    """Raise ``RunDirError`` unless ``RunDir.open(path, overwrite=...)`` would accept ``path``;
+    changes nothing on disk (run it before taking the lock, which creates the folder)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} exists and is not a directory; choose another --out")
+    if not path.is_dir():
+        return
+    if overwrite:
+        check_replaceable(path, protected=protected)
+    elif not is_empty_dir(path) and not (path / RUN_FILE).is_file():
+        raise RunDirError(
+            f"{path} exists and is not an fbnprune run directory (no {RUN_FILE}); choose "
+            "another --out (--overwrite only replaces an earlier run or an empty folder)"
+        )
+
+
+def _clear(path: Path) -> None:
+    """Delete everything in ``path`` but the lock bookkeeping (the lock may be held)."""
+    for child in path.iterdir():
+        if child.name in BOOKKEEPING:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 @dataclass
@@ -46,25 +156,76 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def open(cls, path: Path, *, overwrite: bool = False) -> RunDir:
+    def open(
+        cls,
+        path: Path,
+        *,
+        overwrite: bool = False,
+        protected: Iterable[str | os.PathLike[str] | None] = (),
+    ) -> RunDir:
         """Use ``path`` for a run: new, an earlier fbnprune run (resumed), or refused.
 
         Args:
             path: the output directory.
-            overwrite: discard whatever is there first.
+            overwrite: discard an earlier run (or nothing, in an empty folder) first; any
+                other folder is refused (see ``check_replaceable``).
+            protected: paths the run reads (the recipe file, a local model); a folder that
+                holds one of them is never replaced.
         """
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise RunDirError(f"{path} exists and is not a directory")
-        if path.exists() and overwrite:
-            shutil.rmtree(path)
-        elif path.exists() and any(path.iterdir()) and not (path / RUN_FILE).is_file():
-            raise RunDirError(
-                f"{path} exists and is not an fbnprune run directory; choose another --out "
-                "or pass --overwrite to replace it"
-            )
+        check_run_dir(path, overwrite=overwrite, protected=protected)
+        if path.is_dir() and overwrite:
+            _clear(path)
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
+
+    # -- one process at a time ---------------------------------------------------------------
+    @contextmanager
+    def lock(self, command: str | None = None) -> Iterator[RunDir]:
+        """Hold this folder's lock (``.lock``) for the block; the folder is created if needed.
+
+        A second process asking for the same folder is refused at once with
+        ``RunDirLockedError``, naming the holder (its pid and command, from ``.lock.json``).
+        The lock is the operating system's (``filelock``), so it is released when the holder
+        exits, however it exits.
+        """
+        from filelock import FileLock, Timeout
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(self.path / LOCK_FILE, timeout=0)
+            lock.acquire()
+        except Timeout:
+            raise RunDirLockedError(
+                f"{self.path} is in use by another fbnprune process ({self.holder()}); wait for "
+                "it to finish, or choose another --out"
+            ) from None
+        except OSError as exc:
+            raise RunDirError(f"cannot lock {self.path}: {exc.strerror or exc}; check that the "
+                              "folder is writable, or choose another --out") from exc  # fmt: skip
+        holder = self.path / LOCK_HOLDER
+        try:
+            atomic_write_json(holder, {
+                "pid": os.getpid(),
+                "command": command if command is not None else _command_line(),
+                "since": now(),
+            })  # fmt: skip
+            yield self
+        finally:
+            try:
+                if json.loads(holder.read_text()).get("pid") == os.getpid():
+                    holder.unlink()
+            except (OSError, ValueError, AttributeError):
+                pass  # gone with the folder (replaced by an atomic output) or unreadable
+            lock.release()
+
+    def holder(self) -> str:
+        """Who holds the lock, as written in ``.lock.json``: ``pid N: COMMAND, since T``."""
+        try:
+            data = json.loads((self.path / LOCK_HOLDER).read_text())
+            return f"pid {data['pid']}: {data['command']}, since {data['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
 
     # -- ledger ----------------------------------------------------------------------------
     def ledger(self) -> dict[str, Any]:
@@ -120,3 +281,10 @@ def measure(interval: float = 0.05) -> Iterator[dict[str, float]]:
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _command_line() -> str:
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("__main__.py", "fbnprune"):
+        argv[0] = "fbnprune"
+    return shlex.join(argv)

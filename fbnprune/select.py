@@ -10,8 +10,10 @@ Scorers turn evidence into one score per neuron (higher = keep first):
 - ``random``: a seeded random permutation (the control).
 
 Ranking by score makes any budget reachable, whether or not it matches the networks' union.
-Allocation policies: ``global`` (one ranking over all layers) and ``uniform`` (the same
-fraction in every layer); both honour a per-layer floor so no layer is emptied by accident.
+Allocation policies: ``global`` (one ranking over all layers), ``uniform`` (the same
+fraction in every layer) and ``sensitivity`` (more units for the layers whose cut moves the
+model's output most, measured by ``fbnprune.sensitivity``); all honour a per-layer floor so
+no layer is emptied by accident.
 """
 
 from __future__ import annotations
@@ -77,14 +79,21 @@ def allocate(
     *,
     policy: str = "global",
     min_per_layer: float = 0.0,
+    max_per_layer: float = 1.0,
+    sensitivity: list[float] | None = None,
+    power: float = 0.5,
 ) -> list[list[int]]:
     """Kept indices per layer: exactly ``round(budget * n_neurons)`` in total.
 
     Args:
         layer_scores: one score array per layer (higher = keep first).
         budget: fraction of all neurons to keep, in (0, 1].
-        policy: ``global`` or ``uniform``.
+        policy: ``global``, ``uniform`` or ``sensitivity``.
         min_per_layer: floor on each layer's kept fraction (at least one unit when > 0).
+        max_per_layer: cap on each layer's kept fraction (``sensitivity`` only).
+        sensitivity: per layer, how much cutting that layer alone moves the output
+            (``sensitivity`` only).
+        power: a layer's share grows as ``sensitivity ** power`` (``sensitivity`` only).
 
     Returns:
         Sorted kept indices for every layer.
@@ -99,14 +108,17 @@ def allocate(
             f"the per-layer floor ({min_per_layer:.1%} of each layer = {sum(floors)} units) "
             f"exceeds the budget ({total} units); lower select.min_per_layer"
         )
-    if policy == "uniform":
-        counts = _proportional_counts(widths, total)
-        counts = [max(c, f) for c, f in zip(counts, floors, strict=True)]
-        _trim_to_total(counts, floors, total)
+    if policy in ("uniform", "sensitivity"):
+        if policy == "uniform":
+            counts = _proportional_counts(widths, total)
+            counts = [max(c, f) for c, f in zip(counts, floors, strict=True)]
+            _trim_to_total(counts, floors, total)
+        else:
+            counts = _sensitivity_counts(widths, total, floors, sensitivity, max_per_layer, power)
         pairs = zip(layer_scores, counts, strict=True)
         return [sorted(top_indices(s, c).tolist()) for s, c in pairs]
     if policy != "global":
-        raise SelectError(f"unknown allocation policy {policy!r} (global, uniform)")
+        raise SelectError(f"unknown allocation policy {policy!r} (global, uniform, sensitivity)")
 
     chosen = [set(top_indices(s, f).tolist()) for s, f in zip(layer_scores, floors, strict=True)]
     remaining = total - sum(floors)
@@ -141,6 +153,54 @@ def _proportional_counts(widths: list[int], total: int) -> list[int]:
     order = sorted(range(len(widths)), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in order[: total - sum(counts)]:
         counts[i] += 1
+    return counts
+
+
+def _sensitivity_counts(
+    widths: list[int], total: int, floors: list[int], sensitivity: list[float] | None,
+    max_per_layer: float, power: float,
+) -> list[int]:  # fmt: skip
+    """Units per layer proportional to ``width * sensitivity ** power`` within the bounds."""
+    if sensitivity is None or len(sensitivity) != len(widths):
+        raise SelectError("allocation 'sensitivity' needs one sensitivity per layer")
+    caps = [max(f, math.floor(max_per_layer * w)) for f, w in zip(floors, widths, strict=True)]
+    if sum(caps) < total:
+        raise SelectError(
+            f"the per-layer cap ({max_per_layer:.1%} of each layer = {sum(caps)} units) "
+            f"is below the budget ({total} units); raise select.max_per_layer"
+        )
+    pairs = zip(widths, sensitivity, strict=True)
+    weights = [w * max(float(s), 0.0) ** power for w, s in pairs]
+    return bounded_counts(weights, total, floors, caps)
+
+
+def bounded_counts(
+    weights: list[float], total: int, floors: list[int], caps: list[int]
+) -> list[int]:
+    """Integer counts summing to ``total``: ``clip(t * weight, floor, cap)`` per layer, with
+    the one scale ``t`` that makes them sum to ``total`` (found by bisection; the sum grows
+    with ``t``), then rounded by largest remainder within the caps."""
+    if not sum(floors) <= total <= sum(caps):
+        raise SelectError(f"no counts within the floors and caps sum to {total}")
+    w = np.asarray(weights, dtype=np.float64)
+    if not (w > 0).any():
+        w = np.ones_like(w)
+    lo, hi = np.asarray(floors, dtype=np.float64), np.asarray(caps, dtype=np.float64)
+    low, high = 0.0, 1.0
+    while np.clip(high * w, lo, hi).sum() < total:
+        high *= 2
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if np.clip(mid * w, lo, hi).sum() < total else (low, mid)
+    exact = np.clip(high * w, lo, hi)
+    counts = [int(math.floor(x)) for x in exact]
+    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order * 2:  # largest remainders first, within the caps
+        if sum(counts) >= total:
+            break
+        if counts[i] < caps[i]:
+            counts[i] += 1
+    _trim_to_total(counts, floors, total)
     return counts
 
 

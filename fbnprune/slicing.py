@@ -3,7 +3,9 @@
 For the ``hidden`` site, dropping unit ``i`` deletes row ``i`` of the input projections
 (gate/up, fused gate_up, or GPT-2's ``c_fc``; with their biases) and column ``i`` of the down
 projection. A dropped unit with a non-zero fill value contributes the constant
-``W_down[:, i] * fill_i``, which is folded into the down projection's bias.
+``W_down[:, i] * fill_i``, which is folded into the down projection's bias. With ``fill:
+reconstruct`` the kept columns of the down projection are the plan's refit ``V`` and the
+refit's ``c`` is added to its bias (``fbnprune.refit``).
 
 Layouts:
 - ``padded``: every layer is padded with zero units to the widest kept layer, so one stock
@@ -48,7 +50,9 @@ def slice_model(model: nn.Module, plan: PrunePlan, *, layout: str = "padded") ->
     plan.check_fits(site_widths(model, adapter, plan.site), model.config.model_type)
     if layout not in ("padded", "compact"):
         raise SliceError(f"layout must be 'padded' or 'compact', got {layout!r}")
-    needs_bias = plan.fill == "mean" and not adapter.always_bias
+    needs_bias = plan.adds_bias and not adapter.always_bias
+    if plan.site == "output" and plan.fill == "reconstruct":
+        raise SliceError("fill 'reconstruct' refits the down projection's inputs: site 'hidden'")
     if plan.site == "output":
         if needs_bias and adapter.bias_key is None:
             raise SliceError(_no_bias_message(adapter, "output"))
@@ -77,7 +81,7 @@ def compact_spec(adapter: MLPAdapter, widths: list[int], down_bias: bool) -> dic
 def _no_bias_message(adapter: MLPAdapter, site: str) -> str:
     what = "layout 'compact' or " if site == "hidden" else ""
     return (
-        f"fill 'mean' folds a constant into the down-projection bias, which stock "
+        f"fill 'mean' and 'reconstruct' add a constant to the down-projection bias, which stock "
         f"{adapter.family} configs cannot hold; use {what}fill 'zero'"
     )
 
@@ -88,7 +92,7 @@ def _slice_hidden_units(
     config = model.config
     kept_widths = plan.kept_per_layer()
     width = max(kept_widths)
-    use_bias_key = plan.fill == "mean" and adapter.bias_key is not None and layout == "padded"
+    use_bias_key = plan.adds_bias and adapter.bias_key is not None and layout == "padded"
     for index, layer in enumerate(adapter.get_layers(model)):
         kept = torch.tensor(plan.kept[index], dtype=torch.long)
         target = width if layout == "padded" else len(kept)
@@ -97,8 +101,9 @@ def _slice_hidden_units(
         shift = _fill_shift(adapter, down, plan, index)
         for name, proj in zip(adapter.in_projs, adapter.get_in_projs(layer), strict=True):
             setattr(mlp, name, _sliced_in_proj(adapter, proj, kept, target, add_bias=use_bias_key))
-        add_down_bias = plan.fill == "mean"
-        setattr(mlp, adapter.down, _sliced_down(adapter, down, kept, target, shift, add_down_bias))
+        columns = None if plan.refit is None else plan.refit.weights[index]
+        new_down = _sliced_down(adapter, down, kept, target, shift, plan.adds_bias, columns)
+        setattr(mlp, adapter.down, new_down)
 
     old = adapter.config_width(config)
     setattr(config, adapter.width_key, width)
@@ -107,16 +112,19 @@ def _slice_hidden_units(
         logger.info("config.%s: %s -> True", adapter.bias_key, getattr(config, adapter.bias_key))
         setattr(config, adapter.bias_key, True)
     if layout == "compact":
-        down_bias = plan.fill == "mean" and not adapter.always_bias
+        down_bias = plan.adds_bias and not adapter.always_bias
         setattr(config, COMPACT_KEY, compact_spec(adapter, kept_widths, down_bias))
         logger.info("config.%s: per-layer widths %s", COMPACT_KEY, kept_widths)
 
 
 def _fill_shift(adapter: MLPAdapter, down: nn.Module, plan: PrunePlan, index: int) -> torch.Tensor:
-    """``W_down[:, dropped] @ fill[dropped]``: the constant the dropped units contribute."""
+    """The constant added to the down projection's output: ``W_down[:, dropped] @
+    fill[dropped]`` (mean fill), the refit's bias (reconstruct), or zeros."""
     weight = down.weight.detach().double()
     if adapter.conv1d:
         weight = weight.T  # Conv1D stores (in, out)
+    if plan.refit is not None:
+        return plan.refit.biases[index].double().to(weight.device)
     fill = plan.fill_tensor(index).double()
     fill[plan.keep_mask(index)] = 0.0
     return weight @ fill  # (d_model,)
@@ -177,10 +185,17 @@ def _sliced_down(
     target: int,
     shift: torch.Tensor,
     add_bias: bool,
+    columns: torch.Tensor | None = None,
 ) -> nn.Module:
+    """The sliced down projection; ``columns`` (d_model, n_kept) replace the kept columns."""
     weight = down.weight.detach()
     unit_dim = 0 if adapter.conv1d else 1
-    new_w = _take_units(weight, kept, target, unit_dim)
+    if columns is not None:
+        refit = columns.to(device=weight.device, dtype=weight.dtype)
+        refit = refit.T if adapter.conv1d else refit
+        new_w = _take_units(refit, torch.arange(len(kept)), target, unit_dim)
+    else:
+        new_w = _take_units(weight, kept, target, unit_dim)
     n_out = weight.shape[1] if adapter.conv1d else weight.shape[0]
     bias = down.bias.detach().double() if down.bias is not None else None
     if add_bias or bias is not None:
@@ -195,7 +210,7 @@ def _sliced_down(
 
 def _zero_output_channels(model: nn.Module, adapter: MLPAdapter, plan: PrunePlan) -> None:
     """Output site: zero dropped channels' down-projection rows; bias = fill value."""
-    needs_bias = plan.fill == "mean" and not adapter.always_bias
+    needs_bias = plan.adds_bias and not adapter.always_bias
     if needs_bias:
         setattr(model.config, adapter.bias_key, True)
         logger.info("config.%s: -> True (bias holds the channel means)", adapter.bias_key)

@@ -15,7 +15,12 @@ from fbnprune.data import Document, load_documents, normalise
 from fbnprune.evaluate import SUITE, EvalError, Harness, build_suite, calibration_documents
 from fbnprune.evaluate.harness import primary_metric
 from fbnprune.evaluate.results import preferred_pruned
-from fbnprune.evaluate.suite import BBC_TOPICS, draw_documents, word_problem_record
+from fbnprune.evaluate.suite import (
+    BBC_TOPICS,
+    default_tasks,
+    draw_documents,
+    word_problem_record,
+)
 from fbnprune.pipeline import run_pipeline
 from fbnprune.recipe import EvaluateConfig, parse_recipe
 
@@ -76,7 +81,7 @@ def test_suite_never_overlaps_calibration(tmp_path):
          "heldout_samples": 10},
     ], evaluate={"choice_samples": 200, "perplexity_samples": 200}))  # fmt: skip
     calibration = calibration_documents(recipe)
-    assert len(calibration) == 3100
+    assert len(calibration) == 3130  # calibration and held-out documents of all three
     suite = build_suite(tmp_path / "suite", exclude=calibration, config=recipe.evaluate)
     cal_ids = {d.id for d in calibration}
     cal_texts = {normalise(d.text) for d in calibration}
@@ -89,7 +94,7 @@ def test_suite_never_overlaps_calibration(tmp_path):
         assert not {normalise(by_id[i].text) for i in ids} & cal_texts, name
     # the BBC corpus holds 100 duplicate articles under other ids: text matching catches them
     manifest = json.loads((tmp_path / "suite" / "manifest.json").read_text())
-    assert manifest["excluded_documents"] == 3100
+    assert manifest["excluded_documents"] == 3130
 
 
 def test_duplicate_text_under_another_id_is_excluded():
@@ -332,7 +337,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_recipes_without_evaluate_section_get_defaults():
     recipe = parse_recipe({k: v for k, v in recipe_dict().items() if k != "evaluate"})
     assert recipe.evaluate == EvaluateConfig()
-    assert recipe.evaluate.tasks == list(SUITE)
+    assert recipe.evaluate.tasks is None  # the recipe's own choice tasks, else the suite
+    assert default_tasks(recipe) == list(SUITE)  # this recipe's task has no choices
     with pytest.raises(ValueError, match="unknown key"):
         parse_recipe(recipe_dict(evaluate={"task": ["bbc_topics"]}))
 

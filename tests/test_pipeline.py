@@ -130,8 +130,9 @@ def test_existing_non_run_directory_is_refused(tmp_path):
     (tmp_path / "out" / "precious.txt").write_text("keep me")
     with pytest.raises(RunDirError, match="--overwrite"):
         RunDir.open(tmp_path / "out")
-    RunDir.open(tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "precious.txt").exists()
+    with pytest.raises(RunDirError, match="not an fbnprune run directory"):
+        RunDir.open(tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from fbnprune.adapters import UnsupportedArchitectureError, get_adapter
 from fbnprune.hooks import site_widths
 from fbnprune.mask import masked
 from fbnprune.plan import PlanError, PrunePlan
+from fbnprune.refit import Refit
 from fbnprune.save import save_checkpoint
 from fbnprune.slicing import COMPACT_KEY, SliceError, slice_model
 
@@ -29,8 +30,14 @@ def make_plan(model, site: str, fill: str, seed: int = 1) -> PrunePlan:
     fill_values = (
         [torch.randn(w, generator=gen).tolist() for w in widths] if fill == "mean" else None
     )
+    refit = None
+    if fill == "reconstruct":  # any columns and bias: slicing must carry them exactly
+        adapter = get_adapter(model)
+        d_model = adapter.output_width(adapter.get_layers(model)[0])
+        refit = Refit([torch.randn(d_model, len(k), generator=gen) for k in kept],
+                      [torch.randn(d_model, generator=gen) for _ in kept], ridge=0.0)
     return PrunePlan(model="tiny", model_type=model.config.model_type, site=site, fill=fill,
-                     layer_widths=widths, kept=kept, fill_values=fill_values)  # fmt: skip
+                     layer_widths=widths, kept=kept, fill_values=fill_values, refit=refit)
 
 
 def logits(model, batch) -> torch.Tensor:
@@ -38,7 +45,7 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch).logits[batch["attention_mask"].bool()]
 
 
-@pytest.mark.parametrize("fill", ["zero", "mean"])
+@pytest.mark.parametrize("fill", ["zero", "mean", "reconstruct"])
 @pytest.mark.parametrize("layout", ["padded", "compact"])
 def test_mask_equals_slice_equals_reloaded(model_type, layout, fill, tmp_path):
     model = tiny_model(model_type)
@@ -50,7 +57,7 @@ def test_mask_equals_slice_equals_reloaded(model_type, layout, fill, tmp_path):
     unpruned = logits(model, batch)
     assert (reference - unpruned).abs().max() > 1e-3, "the plan must change the model"
 
-    if fill == "mean" and layout == "padded" and not adapter.can_hold_down_bias():
+    if fill != "zero" and layout == "padded" and not adapter.can_hold_down_bias():
         with pytest.raises(SliceError, match="compact"):
             slice_model(copy.deepcopy(model), plan, layout=layout)
         return

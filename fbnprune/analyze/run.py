@@ -94,12 +94,23 @@ def metric_tasks(recipe: Recipe, config: AnalyzeConfig) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool, *, protected: tuple[Any, ...] = ()) -> None:
+    """Refuse an ``out_dir`` that is not new, empty, or (with ``overwrite``) an earlier
+    analysis; never one that is the working or home directory or holds the recipe or model."""
+    from fbnprune.rundir import RunDirError, check_replaceable, is_empty_dir
+
     if out_dir.exists() and not out_dir.is_dir():
         raise AnalyzeError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if not out_dir.is_dir():
+        return
+    if not overwrite and not is_empty_dir(out_dir):
         raise AnalyzeError(f"{out_dir} exists and is not empty; choose another --out or pass "
-                           "--overwrite to replace it")  # fmt: skip
+                           "--overwrite to replace an earlier analysis there")  # fmt: skip
+    try:  # the folder is replaced as a whole, even when empty
+        check_replaceable(out_dir, protected=protected, markers=("analysis.json",),
+                          kind="an fbnprune analysis")  # fmt: skip
+    except RunDirError as exc:
+        raise AnalyzeError(str(exc)) from None
 
 
 class _Clock:
@@ -145,7 +156,7 @@ def analyze(
     config = config or recipe.analyze
     out_dir = Path(out_dir)
     measured = metric_tasks(recipe, config)
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, protected=(recipe.model,))
     start = time.perf_counter()
     samples = {
         t.name: draw_samples(t, samples=config.samples,

@@ -22,7 +22,8 @@ from fbnprune.io import atomic_write_json, atomic_write_text, save_figure
 CONDITIONS = {
     "zeroed": "hidden units, dropped = 0",
     "mean": "hidden units, dropped = calibration mean",
-    "healed": "hidden units, mean, healed (KD)",
+    "reconstruct": "hidden units, down projection refit (least squares)",
+    "healed": "hidden units, healed (KD; the recipe's fill)",
     "output": "output channels (paper's site), masked, 0",
 }
 SELECTOR_ORDER = ("ica", "magnitude", "wanda", "random")

@@ -25,13 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.evaluate.harness import Harness
-from fbnprune.evaluate.suite import SUITE, build_suite, calibration_documents
+from fbnprune.evaluate.suite import build_suite, calibration_documents, catalog, recipe_tasks
 from fbnprune.heal import HealLog, heal_model, prepare_targets
 from fbnprune.io import atomic_write_text
 from fbnprune.mask import masked
 from fbnprune.pipeline import Pipeline, versions
 from fbnprune.plan import PrunePlan
-from fbnprune.recipe import Recipe, SelectConfig
+from fbnprune.recipe import Recipe
 from fbnprune.rundir import RunDir
 from fbnprune.save import count_parameters
 from fbnprune.slicing import slice_model
@@ -49,20 +49,30 @@ class Variant:
     selector: str
     seed: int
     budget: float
-    fill: str  # zero | mean
+    fill: str  # zero | mean | reconstruct
     healed: bool = False
+    allocation: str | None = None  # None: the recipe's
 
     @property
     def key(self) -> str:
         tail = "/healed" if self.healed else ""
-        return f"{self.site}/{self.selector}/seed{self.seed}/{self.budget:.4f}/{self.fill}{tail}"
+        alloc = f"/{self.allocation}" if self.allocation else ""
+        return (f"{self.site}/{self.selector}/seed{self.seed}/{self.budget:.4f}/{self.fill}"
+                f"{alloc}{tail}")  # fmt: skip
+
+    @property
+    def label(self) -> str:
+        """The selector as tables and plots name it (with a non-default allocation)."""
+        return f"{self.selector} ({self.allocation})" if self.allocation else self.selector
 
     @property
     def condition(self) -> str:
-        """The panel a variant is drawn in: zeroed, mean, healed, or output (masked)."""
+        """The panel a variant is drawn in: zeroed, mean, reconstruct, healed, or output."""
         if self.site == "output":
             return "output"
-        return "healed" if self.healed else ("mean" if self.fill == "mean" else "zeroed")
+        if self.healed:
+            return "healed"
+        return {"mean": "mean", "reconstruct": "reconstruct"}.get(self.fill, "zeroed")
 
 
 def grid(recipe: Recipe) -> list[Variant]:
@@ -75,15 +85,17 @@ def grid(recipe: Recipe) -> list[Variant]:
     def seeds(selector: str) -> list[int]:
         return cfg.random_seeds if selector == "random" else [recipe.seed]
 
-    hidden = [Variant("hidden", sel, seed, budget, fill)
+    allocations = [a if a != recipe.select.allocation else None
+                   for a in (cfg.allocations or [recipe.select.allocation])]  # fmt: skip
+    hidden = [Variant("hidden", sel, seed, budget, fill, allocation=alloc)
               for budget in cfg.budgets for sel in cfg.selectors for seed in seeds(sel)
-              for fill in cfg.fills]  # fmt: skip
+              for fill in cfg.fills for alloc in allocations]  # fmt: skip
     output = [Variant("output", sel, seed, budget, "zero")
               for budget in cfg.budgets for sel in cfg.output_selectors
               for seed in seeds(sel)[:1]]  # fmt: skip
     healed = [Variant("hidden", sel, seed, budget, recipe.prune.fill, healed=True)
               for budget in cfg.heal_budgets for sel in cfg.selectors
-              for seed in seeds(sel)[:1]]  # fmt: skip
+              for seed in seeds(sel)[: cfg.heal_seeds]]  # fmt: skip
     return hidden + output + healed
 
 
@@ -92,7 +104,8 @@ def bench_fingerprint(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json", include={
         "model", "dtype", "seed", "tasks", "collect", "discover", "evaluate", "heal",
     })  # fmt: skip
-    data["select"] = recipe.select.model_dump(include={"allocation", "min_per_layer"})
+    data["select"] = recipe.select.model_dump(exclude={"selector", "budget"})
+    data["prune"] = recipe.prune.model_dump()
     data["bench"] = recipe.bench.model_dump(include={"tasks", "limit", "layout", "heal_steps"})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -141,10 +154,20 @@ def _pipelines(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, Pipelin
 
 def variant_plan(pipes: dict[str, Pipeline], variant: Variant, recipe: Recipe) -> PrunePlan:
     """The plan of one variant, built by the pipeline of its neuron site."""
-    select = SelectConfig(selector=variant.selector, budget=variant.budget,
-                          allocation=recipe.select.allocation,
-                          min_per_layer=layer_floor(recipe, variant.budget))  # fmt: skip
+    select = recipe.select.model_copy(update={
+        "selector": variant.selector, "budget": variant.budget,
+        "allocation": variant.allocation or recipe.select.allocation,
+        "min_per_layer": layer_floor(recipe, variant.budget)})  # fmt: skip
     return pipes[variant.site].build_plan(select, variant.fill, seed=variant.seed)
+
+
+def bench_tasks(recipe: Recipe) -> list[str]:
+    """The bench's tasks: ``bench.tasks``, else the recipe's own multiple-choice tasks (every
+    wording) and ppl_news, else bbc_topics and ppl_news."""
+    if recipe.bench.tasks is not None:
+        return list(recipe.bench.tasks)
+    own = list(recipe_tasks(recipe))
+    return [*(own or ["bbc_topics"]), "ppl_news"]
 
 
 def run_bench(
@@ -155,7 +178,9 @@ def run_bench(
     from fbnprune.bench.report import write_report
 
     cfg = recipe.bench
-    suite_tasks = [t for t in cfg.tasks if t in SUITE]
+    tasks = bench_tasks(recipe)
+    known = catalog(recipe)
+    suite_tasks = [t for t in tasks if t in known]
     run = RunDir.open(Path(out), overwrite=overwrite)
     run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(),
                    versions=versions())  # fmt: skip
@@ -167,9 +192,9 @@ def run_bench(
     suite_dir = bench_dir / "suite"
     if suite_tasks:
         build_suite(suite_dir, exclude=calibration_documents(recipe, run.path),
-                    config=recipe.evaluate, tasks=suite_tasks)  # fmt: skip
+                    config=recipe.evaluate, tasks=suite_tasks, recipe=recipe)  # fmt: skip
     include = ([suite_dir] if suite_tasks else []) + list(recipe.evaluate.include_paths)
-    harness = Harness(cfg.tasks, include_paths=include, limit=cfg.limit,
+    harness = Harness(tasks, include_paths=include, limit=cfg.limit,
                       batch_size=recipe.evaluate.batch_size,
                       max_length=recipe.evaluate.max_length)  # fmt: skip
     selectors = {"hidden": cfg.selectors, "output": cfg.output_selectors}
@@ -199,7 +224,7 @@ def run_bench(
         bar.set_postfix_str(variant.key)
         t0 = time.perf_counter()
         plan = variant_plan(pipes, variant, recipe)
-        row: dict[str, Any] = {"key": variant.key, **asdict(variant),
+        row: dict[str, Any] = {"key": variant.key, **asdict(variant), "selector": variant.label,
                                "condition": variant.condition, "kept": plan.n_kept,
                                "kept_fraction": plan.kept_fraction}  # fmt: skip
         if variant.site == "output":
@@ -210,9 +235,11 @@ def run_bench(
             pruned = slice_model(copy.deepcopy(model), plan, layout=cfg.layout).eval()
             if variant.healed:
                 if teacher is None:
+                    texts, questions = main.prompts_of(("calibration", "heal"))
+                    validation, val_questions = main.prompts_of(("heldout",))
                     teacher = prepare_targets(
-                        model, tokenizer, main.calibration_prompts(), heal_cfg,
-                        validation=main.heldout_prompts(8),
+                        model, tokenizer, texts, heal_cfg, validation=validation,
+                        questions=questions, validation_questions=val_questions,
                     )  # fmt: skip
                 pruned, log = heal_model(pruned, model, tokenizer, (), heal_cfg,
                                          targets=teacher, progress=False)  # fmt: skip

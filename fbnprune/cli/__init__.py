@@ -1,8 +1,9 @@
 """Command line: ``fbnprune SUBCOMMAND ...`` (also ``python -m fbnprune``).
 
 Each subcommand lives in its own module with ``register(subparsers)`` and ``execute(args)``.
-Expected failures (bad recipe, data, model, directory, parity) print one clear message and
-exit with status 2; Ctrl-C exits 130 and leaves only complete files behind.
+Expected failures (bad recipe, data, model, directory, parity, a run directory in use by
+another process) print one clear message and exit with status 2 (``--debug`` adds the
+traceback); Ctrl-C exits 130 and leaves only complete files behind.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 import warnings
 
 from fbnprune import __version__
@@ -27,10 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fbnprune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"fbnprune.cli.{name}").register(sub)
+    for command in sub.choices.values():  # also accepted after the subcommand
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=DEBUG_HELP)  # fmt: skip
     return parser
+
+
+DEBUG_HELP = "show the full traceback of an error, not only its message"
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -76,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.execute(args) or 0)
     except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
         print("\ninterrupted; finished stages are kept, re-run the same command to resume",
               file=sys.stderr)  # fmt: skip
         return 130
     except expected_errors() as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"fbnprune {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier analysis in --out (only an fbnprune analysis "
+                        "or an empty folder is replaced; never the working or home directory, "
+                        "nor a folder holding the recipe or the model)")  # fmt: skip
     parser.add_argument("--samples", type=int, default=None, metavar="N",
                         help="samples per task for templates, and as many for individual ICA "
                         "(default 100)")  # fmt: skip
@@ -56,7 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def execute(args: argparse.Namespace) -> int:
     from fbnprune.analyze import analyze, metric_tasks, resolve_config
     from fbnprune.analyze.run import check_out_dir
+    from fbnprune.cli.run import inputs
     from fbnprune.recipe import load_recipe
+    from fbnprune.rundir import RunDir
 
     recipe = load_recipe(args.recipe)
     config = resolve_config(
@@ -66,17 +71,18 @@ def execute(args: argparse.Namespace) -> int:
         short_samples=args.short_samples, batch_size=args.batch_size,
     )  # fmt: skip
     metric_tasks(recipe, config)  # fail on a bad name before loading the model
-    check_out_dir(args.out, args.overwrite)
-    model = tokenizer = None
-    if args.device:
-        import torch
+    check_out_dir(args.out, args.overwrite, protected=inputs(args, recipe))
+    with RunDir(args.out).lock():  # one process at a time in --out
+        model = tokenizer = None
+        if args.device:
+            import torch
 
-        from fbnprune.loading import load_model
+            from fbnprune.loading import load_model
 
-        dtype = getattr(torch, recipe.dtype)
-        model, tokenizer = load_model(recipe.model, dtype=dtype, device=args.device)
-    result = analyze(recipe, args.out, config=config, model=model, tokenizer=tokenizer,
-                     overwrite=args.overwrite, progress=not args.no_progress)  # fmt: skip
+            dtype = getattr(torch, recipe.dtype)
+            model, tokenizer = load_model(recipe.model, dtype=dtype, device=args.device)
+        result = analyze(recipe, args.out, config=config, model=model, tokenizer=tokenizer,
+                         overwrite=args.overwrite, progress=not args.no_progress)  # fmt: skip
     print(summary(result.data))
     print(f"report: {args.out / 'report.md'}")
     return 0

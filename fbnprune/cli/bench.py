@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 from fbnprune.cli.args import fractions, ints, names, optional_names
+from fbnprune.cli.run import OVERWRITE_HELP, inputs
 from fbnprune.recipe import load_recipe
+from fbnprune.rundir import RunDir, check_run_dir
 
 OVERRIDES = {  # flag -> (recipe.bench field, parser, help)
     "--budgets": ("budgets", fractions, "kept fractions, e.g. 0.05,0.1,0.2 or 10%%,30%%"),
@@ -42,8 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/)")
     parser.add_argument("--out", type=Path, required=True,
                         help="run directory (collect/discover are shared with fbnprune run)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="discard whatever is in --out first")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--no-cost", action="store_true", help="skip the size/speed table")
     for flag, (_, kind, text) in OVERRIDES.items():
@@ -65,8 +66,10 @@ def execute(args: argparse.Namespace) -> int:
         raw = recipe.model_dump(mode="json")
         raw["bench"].update(overrides)
         recipe = parse_recipe(raw, origin=f"{args.recipe} (with command-line overrides)")
-    results = run_bench(recipe, args.out, progress=not args.no_progress,
-                        overwrite=args.overwrite)  # fmt: skip
+    check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
+    with RunDir(args.out).lock():  # one process at a time in --out
+        results = run_bench(recipe, args.out, progress=not args.no_progress,
+                            overwrite=args.overwrite)  # fmt: skip
     bench_dir = args.out / BENCH_DIR
     print(f"benchmark: {bench_dir / 'results.md'}")
     for name in results.get("figures", {}).values():

@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                         help="largest safetensors file, e.g. 5GB or 500MB (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="rebuild even if --out is up to date, or replace --out when it "
-                             "is not an fbnprune export")  # fmt: skip
+                        help="rebuild even if --out is up to date (an existing --out is only "
+                             "ever replaced when it is an fbnprune export or empty)")  # fmt: skip
     hub = parser.add_argument_group("Hugging Face Hub")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                      help="upload the folder to this model repository (namespace/name), "

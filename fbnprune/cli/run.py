@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from fbnprune.pipeline import STAGES, RunSummary, run_pipeline
-from fbnprune.recipe import load_recipe
+from fbnprune.recipe import Recipe, load_recipe
+from fbnprune.rundir import RunDir, check_run_dir
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,9 +15,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="run directory; an earlier run there is resumed, finished stages "
                              "whose inputs did not change are reused")  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true",
-                        help="discard whatever is in --out first")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+OVERWRITE_HELP = ("discard the earlier run in --out first (only an fbnprune run directory or an "
+                  "empty folder is replaced; never the working or home directory, nor a folder "
+                  "holding the recipe or the model)")  # fmt: skip
+
+
+def inputs(args: argparse.Namespace, recipe: Recipe) -> tuple[Path, str]:
+    """What a command reads and --overwrite must never delete: the recipe file, the model
+    (a local directory or .gguf file; a Hub id or packaged name is not a path and is skipped)."""
+    return args.recipe, recipe.model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,10 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
-    summary = run_pipeline(
-        recipe, args.out, until=args.until, overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
+    with RunDir(args.out).lock():  # one process at a time in --out
+        summary = run_pipeline(
+            recipe, args.out, until=args.until, overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )  # fmt: skip
     print(format_summary(summary))
     return 0
 

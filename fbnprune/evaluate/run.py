@@ -28,7 +28,13 @@ import torch
 
 from fbnprune.evaluate.harness import Harness, ModelAndTokenizer, ModelSpec
 from fbnprune.evaluate.results import build_results, write_results
-from fbnprune.evaluate.suite import SUITE, EvalError, build_suite, calibration_documents
+from fbnprune.evaluate.suite import (
+    EvalError,
+    build_suite,
+    calibration_documents,
+    catalog,
+    default_tasks,
+)
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe, load_recipe
@@ -76,15 +82,16 @@ def evaluate_run(
     recipe: Recipe = pipeline.recipe
     cfg = recipe.evaluate
     kinds = _check_kinds(models)
-    task_names = list(dict.fromkeys(tasks or cfg.tasks))
+    task_names = list(dict.fromkeys(tasks or cfg.tasks or default_tasks(recipe)))
     plan = _load_plan(run_dir) if set(kinds) - {"original"} else None
 
     include: list[str | Path] = []
-    suite_tasks = [t for t in task_names if t in SUITE]
+    known = catalog(recipe)
+    suite_tasks = [t for t in task_names if t in known]
     suite_dir = run_dir / EVAL_DIR / "suite"
     if suite_tasks:
         exclude = calibration_documents(recipe, run_dir)
-        build_suite(suite_dir, exclude=exclude, config=cfg, tasks=suite_tasks)
+        build_suite(suite_dir, exclude=exclude, config=cfg, tasks=suite_tasks, recipe=recipe)
     include += [suite_dir] if suite_tasks else []
     include += [*cfg.include_paths, *include_paths]
     harness = Harness(

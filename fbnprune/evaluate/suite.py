@@ -51,9 +51,9 @@ from typing import Any
 
 import yaml
 
-from fbnprune.data import Document, load_documents, load_task, normalise
+from fbnprune.data import Document, load_documents, load_task, normalise, render, task_choices
 from fbnprune.io import atomic_write_json, atomic_write_text
-from fbnprune.recipe import EVAL_SUITE_TASKS, EvaluateConfig, Recipe
+from fbnprune.recipe import EVAL_SUITE_TASKS, EvaluateConfig, Recipe, TaskConfig, Wording
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class EvalError(ValueError):
 
 @dataclass(frozen=True)
 class SuiteTask:
-    """One generated task: its corpus, kind and primary metric."""
+    """One generated task: its corpus, kind and primary metric; ``task`` and ``wording``
+    for a multiple-choice task defined by a recipe task (its template and answers)."""
 
     name: str
     source: str
@@ -83,6 +84,8 @@ class SuiteTask:
     metric: str
     higher_is_better: bool
     description: str
+    task: TaskConfig | None = None
+    wording: Wording | None = None
 
 
 SUITE: dict[str, SuiteTask] = {
@@ -101,6 +104,42 @@ SUITE: dict[str, SuiteTask] = {
     )
 }  # fmt: skip
 assert tuple(SUITE) == EVAL_SUITE_TASKS
+PERPLEXITY_TASKS = tuple(n for n, t in SUITE.items() if t.kind == "perplexity")
+
+
+def eval_name(task: TaskConfig, wording: Wording | None = None) -> str:
+    """The lm-eval name of a recipe task's multiple-choice evaluation (per wording)."""
+    base = re.sub(r"[^A-Za-z0-9_]", "_", task.name)
+    return base if wording is None else f"{base}_{wording.name}"
+
+
+def recipe_tasks(recipe: Recipe) -> dict[str, SuiteTask]:
+    """The multiple-choice evaluations the recipe's own tasks define: one per task with
+    ``choices``, and one per further wording."""
+    out: dict[str, SuiteTask] = {}
+    for task in recipe.tasks:
+        choices = task_choices(task)
+        if choices is None:
+            continue
+        for wording in (None, *task.wordings):
+            name = eval_name(task, wording)
+            what = f"{task.name}: {len(choices)}-way multiple choice"
+            if wording is not None:
+                what += f", wording {wording.name!r}"
+            out[name] = SuiteTask(name, task.source, "choice", "acc", True, what, task, wording)
+    return out
+
+
+def catalog(recipe: Recipe | None) -> dict[str, SuiteTask]:
+    """Every task ``build_suite`` can generate for ``recipe``."""
+    return {**SUITE, **(recipe_tasks(recipe) if recipe is not None else {})}
+
+
+def default_tasks(recipe: Recipe) -> list[str]:
+    """What is scored when no task is named: the recipe's own multiple-choice tasks (every
+    wording) and the suite's perplexity tasks; the whole suite when the recipe has none."""
+    own = list(recipe_tasks(recipe))
+    return [*own, *PERPLEXITY_TASKS] if own else list(SUITE)
 
 
 @dataclass(frozen=True)
@@ -116,18 +155,27 @@ class Suite:
 
 
 def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[Document]:
-    """Every calibration document of the recipe's tasks (same split as the pipeline's).
+    """Every document the run uses, of every split (calibration, held-out, healing; same
+    splits as the pipeline's): none of them is evaluated on.
 
-    With ``run_dir``, ids recorded by the collect stage (``collect/*/meta.json``) are added
-    too, as id-only documents, so a run made from data that has since changed is still
-    excluded by id.
+    With ``run_dir``, ids recorded by the run (``collect/*/meta.json``, ``documents.json``)
+    are added too, as id-only documents, so a run made from data that has since changed is
+    still excluded by id.
     """
-    docs = [d for t in recipe.tasks for d in load_task(t, seed=recipe.seed).calibration]
+    docs = []
+    for task in recipe.tasks:
+        data = load_task(task, seed=recipe.seed)
+        docs += data.calibration + data.heldout + data.heal
     if run_dir is not None:
         known = {d.id for d in docs}
+        ids: list[str] = []
         for meta_file in sorted(Path(run_dir).glob("collect/*/meta.json")):
-            ids = json.loads(meta_file.read_text()).get("sample_ids", [])
-            docs.extend(Document(id=i, text="") for i in ids if i not in known)
+            ids += json.loads(meta_file.read_text()).get("sample_ids", [])
+        documents = Path(run_dir) / "documents.json"
+        if documents.is_file():
+            for splits in json.loads(documents.read_text())["tasks"].values():
+                ids += [i for split in splits.values() for i in split]
+        docs.extend(Document(id=i, text="") for i in dict.fromkeys(ids) if i not in known)
     return docs
 
 
@@ -192,6 +240,19 @@ def bbc_record(doc: Document) -> dict[str, Any]:
             "gold": BBC_TOPICS.index(doc.label)}  # fmt: skip
 
 
+def choice_record(doc: Document, task: TaskConfig, wording: Wording | None) -> dict[str, Any]:
+    """A recipe task's question and answers, as its template and choices define them."""
+    template = task.template if wording is None else wording.template
+    own = task_choices(task)
+    answers = own if wording is None else wording.choices
+    assert own is not None and answers is not None
+    labels = list(own)
+    if doc.label not in labels:
+        raise EvalError(f"{doc.id}: label {doc.label!r} is not one of {labels}")
+    return {"id": doc.id, "prompt": render(template, doc.text, task.max_words),
+            "choices": [answers[label] for label in labels], "gold": labels.index(doc.label)}
+
+
 def word_problem_record(doc: Document, seed: int) -> dict[str, Any]:
     """The problem and four numbers: the answer and three near misses, in numeric order."""
     if doc.label is None or not doc.label.lstrip("-").isdigit():
@@ -229,7 +290,8 @@ def _task_yaml(task: SuiteTask, data_file: Path, cache_dir: Path) -> dict[str, A
             doc_to_text="prompt",
             doc_to_choice="choices",
             doc_to_target="gold",
-            target_delimiter=" ",
+            # a recipe task's answers are written with their own leading space
+            target_delimiter="" if task.task is not None else " ",
             metric_list=[
                 {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                 {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
@@ -250,6 +312,8 @@ def _task_yaml(task: SuiteTask, data_file: Path, cache_dir: Path) -> dict[str, A
 
 
 def _records(task: SuiteTask, docs: list[Document], config: EvaluateConfig) -> list[dict]:
+    if task.task is not None:
+        return [choice_record(d, task.task, task.wording) for d in docs]
     if task.name == "bbc_topics":
         return [bbc_record(d) for d in docs]
     if task.name == "word_problems":
@@ -264,6 +328,7 @@ def build_suite(
     config: EvaluateConfig | None = None,
     tasks: Iterable[str] | None = None,
     loader: Callable[[str], list[Document]] = load_documents,
+    recipe: Recipe | None = None,
 ) -> Suite:
     """Write the suite's YAML and JSONL files into ``directory`` and return it.
 
@@ -273,24 +338,39 @@ def build_suite(
         config: sizes, seed and word cap; ``EvaluateConfig()`` defaults if None.
         tasks: suite task names to generate (all of them if None).
         loader: reads a source into documents (``fbnprune.data.load_documents``).
+        recipe: its tasks with ``choices`` can be generated too (``recipe_tasks``).
     """
     config = config or EvaluateConfig()
+    known = catalog(recipe)
     names = list(SUITE) if tasks is None else list(dict.fromkeys(tasks))
-    unknown = [n for n in names if n not in SUITE]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise EvalError(f"not suite tasks: {', '.join(unknown)} (suite: {', '.join(SUITE)})")
+        raise EvalError(f"not suite tasks: {', '.join(unknown)} (suite: {', '.join(known)})")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     exclude = list(exclude)
     cache: dict[str, list[Document]] = {}
     doc_ids: dict[str, list[str]] = {}
     for name in names:
-        task = SUITE[name]
-        if task.source not in cache:
-            cache[task.source] = loader(task.source)
+        task = known[name]
+        source = task.source
+        if task.task is not None and not source.startswith("builtin:"):
+            spec = task.task
+            source = f"{source}|{spec.text_field}|{spec.label_field}|{spec.split}"
+            if source not in cache:
+                cache[source] = load_documents(
+                    spec.source, text_field=spec.text_field, label_field=spec.label_field,
+                    split=spec.split, hf_config=spec.hf_config,
+                )  # fmt: skip
+        elif source not in cache:
+            cache[source] = loader(source)
         n = config.choice_samples if task.kind == "choice" else config.perplexity_samples
-        docs = draw_documents(cache[task.source], n, exclude=exclude, seed=config.seed,
-                              balance_labels=name == "bbc_topics")  # fmt: skip
+        balance = name == "bbc_topics" or task.task is not None
+        pool = cache[source]
+        if task.task is not None:  # only documents whose label a choice answers
+            pool = [d for d in pool if d.label in (task_choices(task.task) or {})]
+        docs = draw_documents(pool, n, exclude=exclude, seed=config.seed,
+                              balance_labels=balance)  # fmt: skip
         if not docs:
             raise EvalError(f"{name}: no documents of {task.source} are left outside calibration")
         if len(docs) < n:
