@@ -368,6 +368,13 @@ def _how_to_load(facts: CardFacts) -> str:
     )
 
 
+FILL_NOTES = {
+    "mean": " (calibration mean, folded into the down-projection bias)",
+    "reconstruct": " (kept down-projection columns and a bias refit by least squares to "
+    "reproduce the original MLP output on the calibration tokens)",
+}
+
+
 def _what_was_kept(facts: CardFacts) -> str:
     plan, prov = facts.plan, facts.plan.provenance
     rows = [
@@ -378,9 +385,7 @@ def _what_was_kept(facts: CardFacts) -> str:
         ("budget", f"{prov['budget']:.1%} of units" if "budget" in prov else "n/a"),
         ("allocation", f"`{prov.get('allocation', '?')}` (at least "
                        f"{prov.get('min_per_layer', 0):.0%} of every layer)"),
-        ("fill of dropped units", f"`{plan.fill}`" + (" (calibration mean, folded into the "
-                                                       "down-projection bias)"
-                                                       if plan.fill == "mean" else "")),
+        ("fill of dropped units", f"`{plan.fill}`" + FILL_NOTES.get(plan.fill, "")),
         ("kept", f"{plan.n_kept:,} / {plan.n_units:,} ({plan.kept_fraction:.2%})"),
     ]  # fmt: skip
     if "n_components" in prov:

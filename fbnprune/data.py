@@ -87,16 +87,17 @@ class TaskData:
         """The ids of every split's documents."""
         return {split: [d.id for d in self.split(split)] for split in SPLITS}
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, *, heal: bool = True) -> str:
         """sha256 (first 16 hex digits) of the name, template and the splits' ids and texts
-        (and of the answer format and healing documents, where the task has them)."""
+        (and of the answer format, and with ``heal`` of the healing documents, where the
+        task has them)."""
         content: dict[str, Any] = {
             "name": self.name,
             "template": self.template,
             "calibration": [[d.id, d.text] for d in self.calibration],
             "heldout": [[d.id, d.text] for d in self.heldout],
         }
-        if self.heal:
+        if heal and self.heal:
             content["heal"] = [[d.id, d.text] for d in self.heal]
         if self.max_words is not None:
             content["max_words"] = self.max_words

@@ -292,6 +292,7 @@ def heal_model(
             optimizer.load_state_dict(state["optimizer"])
             start_step, log.train_loss = state["step"], state["train_loss"]
             log.validation, log.resumed_from = state["validation"], state["step"]
+            log.tokens = state.get("tokens", 0)
             logger.info("heal: resuming from step %d (%s)", start_step, state_file)
     order = torch.Generator().manual_seed(cfg.seed)
     model.train()
@@ -394,6 +395,7 @@ def _save_state(file: Path, params: list[nn.Parameter], optimizer: torch.optim.O
     torch.save({"settings": settings, "n_params": log.trainable_parameters, "step": step,
                 "params": [p.detach().clone() for p in params],
                 "optimizer": optimizer.state_dict(), "train_loss": log.train_loss,
+                "tokens": log.tokens,
                 "validation": log.validation}, tmp)  # fmt: skip
     os.replace(tmp, file)
 

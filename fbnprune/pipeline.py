@@ -123,9 +123,10 @@ class Pipeline:
     def collect_key(self, task: str) -> str:
         r = self.recipe
         cfg = next(t for t in r.tasks if t.name == task)
+        # healing documents and evaluation wordings change neither collection nor the plan
         return _hash(
-            r.model, r.dtype, r.site, cfg.model_dump(), r.collect.model_dump(),
-            self.tasks[task].fingerprint(),
+            r.model, r.dtype, r.site, cfg.model_dump(exclude={"heal_samples", "wordings"}),
+            r.collect.model_dump(), self.tasks[task].fingerprint(heal=False),
         )  # fmt: skip
 
     def discover_key(self, task: str) -> str:
@@ -150,7 +151,8 @@ class Pipeline:
 
     @functools.cached_property
     def heal_key(self) -> str:
-        return _hash(self.check_key, self.recipe.heal.model_dump())
+        heal_data = [data.fingerprint() for data in self.tasks.values()]
+        return _hash(self.check_key, self.recipe.heal.model_dump(), heal_data)
 
     # -- paths -------------------------------------------------------------------------------
     def collect_dir(self, task: str) -> Path:
@@ -353,7 +355,15 @@ class Pipeline:
         if fill == "mean":
             fill_values = [self.unit_means[a:b].astype(np.float32).tolist() for a, b in layers]
         refit = None
-        if fill == "reconstruct":
+        if fill == "reconstruct" and r.prune.sequential:
+            from fbnprune.sequential import sequential_refit
+
+            refit = sequential_refit(self.model, self.tokenizer, self.calibration_prompts(),
+                                     list(widths), kept, ridge=r.prune.ridge,
+                                     max_length=self.max_length,
+                                     batch_size=r.collect.batch_size,
+                                     progress=self.progress)  # fmt: skip
+        elif fill == "reconstruct":
             refit = refit_plan(self.model, [a.matrix for a in all_acts.values()], list(widths),
                                kept, ridge=r.prune.ridge, progress=self.progress)  # fmt: skip
         provenance: dict[str, Any] = {

@@ -165,3 +165,42 @@ def test_layer_sensitivity_measures_each_layers_cut():
     full = layer_sensitivity(model, tiny_tokenizer(), TEXTS[:4], scores, 1.0, unit_means=None,
                              max_length=48)  # fmt: skip
     assert max(full) < 1e-6  # keeping every unit moves nothing
+
+
+# --- sequential refit ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_sequential_refit_starts_like_the_plain_one_and_slices_exactly(model_type):
+    from fbnprune.sequential import sequential_refit
+
+    model = tiny_model(model_type)
+    acts = activations(model)
+    widths = acts.layer_widths
+    kept = [list(range(0, w, 3)) for w in widths]
+    plain = refit_plan(model, [acts.matrix], widths, kept, ridge=1e-3)
+    seq = sequential_refit(model, tiny_tokenizer(), TEXTS, widths, kept, ridge=1e-3,
+                           max_length=48, batch_size=4)  # fmt: skip
+    # layer 0 sees the same inputs either way; the layers above see the pruned model's
+    torch.testing.assert_close(seq.weights[0], plain.weights[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(seq.weights[-1], plain.weights[-1], atol=1e-4)
+    plan = PrunePlan(model="tiny", model_type=model_type, site="hidden", fill="reconstruct",
+                     layer_widths=widths, kept=kept, refit=seq)  # fmt: skip
+    batch = random_batch()
+    with torch.no_grad():
+        with masked(model, plan):
+            reference = model(**batch).logits
+        sliced = slice_model(copy.deepcopy(model), plan, layout="compact")
+        torch.testing.assert_close(sliced(**batch).logits, reference, atol=1e-5, rtol=0)
+
+
+def test_sequential_refit_with_every_unit_kept_is_the_original_projection():
+    from fbnprune.sequential import sequential_refit
+
+    model = tiny_model("llama")
+    widths = site_widths(model, get_adapter(model), "hidden")
+    kept = [list(range(w)) for w in widths]
+    seq = sequential_refit(model, tiny_tokenizer(), TEXTS, widths, kept, ridge=0.0,
+                           max_length=48, batch_size=4)  # fmt: skip
+    for w, d in zip(seq.weights, down_weights(model), strict=True):
+        np.testing.assert_allclose(w.numpy(), d, atol=1e-4)

@@ -268,3 +268,14 @@ def test_a_non_choice_lmeval_task_is_refused(tmp_path):
     with pytest.raises(DataError, match="multiple_choice"):
         load_task(TaskConfig(name="r", source=f"lmeval:{file}", calibration_samples=2,
                              heldout_samples=1), seed=0)
+
+
+def test_more_healing_documents_reuse_collection_and_plan(tiny_llama_dir, tmp_path):
+    first = run_pipeline(recipe(model=tiny_llama_dir), tmp_path / "run", until="select",
+                         progress=False)  # fmt: skip
+    more = recipe(model=tiny_llama_dir, tasks=[bbc_task(heal_samples=12)])
+    again = run_pipeline(more, tmp_path / "run", until="select", progress=False)
+    for stage in ("collect:bbc-news", "select"):
+        assert again.stages[stage].finished == first.stages[stage].finished  # reused
+    recorded = json.loads((tmp_path / "run" / "documents.json").read_text())
+    assert len(recorded["tasks"]["bbc-news"]["heal"]) == 12
