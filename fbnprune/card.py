@@ -331,7 +331,8 @@ def _healing(facts: CardFacts) -> str:
         "## Healing\n\n"
         f"After slicing, the model was distilled from the original: KL divergence between the "
         f"original's next-token distribution (top-{cfg.get('top_k')} tokens plus the rest) and "
-        f"this model's, on the recipe's calibration text only (never on evaluation text), "
+        f"this model's, on the task's prompts of the calibration and healing documents only (never on "
+        f"evaluation text; the document ids are in the run's documents.json), "
         f"training {what} ({how}; {heal.get('trainable_parameters', 0):,} parameters). "
         f"{heal.get('steps')} steps of {cfg.get('batch_size')} x {cfg.get('max_length')} tokens, "
         f"lr {cfg.get('lr')}, {heal.get('seconds', 0):.0f} s; training KD loss "
@@ -533,7 +534,7 @@ def _limitations(facts: CardFacts, base: BaseModel) -> str:
     items = [
         "Units were chosen for the recipe's tasks only; abilities those tasks do not exercise "
         "are likely lost. "
-        + ("Healing used only the calibration text of those tasks."
+        + ("Healing used only the calibration and healing documents of those tasks."
            if facts.heal else "It was not retrained after pruning."),
         "Only MLP units are removed; attention and embeddings keep their size, so the "
         "parameter reduction is well below the fraction of units removed.",

@@ -1,4 +1,4 @@
-"""The default demo recipe on the real packaged SmolLM2-135M (slow: a few minutes)."""
+"""The default demo recipe on the real packaged SmolLM2-135M (slow: about 15 minutes)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,18 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
 
     # the demo heals (10% < heal.below_budget): distillation lowers the KD loss on held-out text
     log = json.loads((run / "heal" / "log.json").read_text())
-    # 100 steps, unless heal.max_minutes (15) stops it first on a slow machine
-    assert (log["steps"] == 100 and log["stopped_by"] == "steps") or log["stopped_by"] == "time"
-    assert log["validation"][-1][1] < 0.8 * log["validation"][0][1]
+    assert log["stopped_by"] in ("steps", "time", "patience", "tokens") and log["steps"] > 0
+    best = min(v for _, v in log["validation"])
+    assert best < 0.6 * log["validation"][0][1]
     assert (run / "checkpoint-compact-healed" / "model.safetensors").is_file()
+    documents = json.loads((run / "documents.json").read_text())["tasks"]["bbc-news"]
+    assert [len(documents[s]) for s in ("calibration", "heldout", "heal")] == [64, 16, 448]
+
+    # and the healed 10% model does its task: BBC topics well above chance (0.20) on articles
+    # the run never used (the README's measured figures come from `fbnprune evaluate`)
+    assert main(["-q", "evaluate", str(run), "--tasks", "bbc_news", "--models", "checkpoint",
+                 "--limit", "60"]) == 0  # fmt: skip
+    results = json.loads((run / "eval" / "results.json").read_text())
+    scores = {m: r["bbc_news"]["acc"] for m, r in results["scores"].items()}
+    assert scores["checkpoint-compact-healed"] >= 0.40, scores
+    assert scores["checkpoint-compact-healed"] > scores["checkpoint-compact"] + 0.1, scores

@@ -87,8 +87,8 @@ def results_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
         f"({settings['layout']} layout), output-site variants masked. Healing: "
         f"{settings['heal']['method']} on "
         f"{settings['heal']['modules']}, {settings['heal']['steps']} steps of KD on the "
-        "calibration text. Every model scored by lm-eval on the same documents (outside "
-        "calibration): "
+        "task's prompts of the calibration and healing documents. Every model scored by "
+        "lm-eval on the same documents (outside every split the run uses): "
         + ", ".join(f"{t} ({i['metric']}, {i['n_docs']} docs)"
                     for t, i in results["tasks"].items())
         + ".",

@@ -4,7 +4,7 @@ Every variant is a ``PrunePlan`` built by the pipeline (``Pipeline.build_plan``)
 run's calibration activations: hidden-site variants are sliced (``BenchConfig.layout``; the
 check stage proves slicing equals masking, and sliced models run faster), output-site
 variants are masked (no architecture can drop an output channel). Every variant is scored
-by the same ``Harness`` (lm-eval, offline suite of documents outside calibration) as the
+by the same ``Harness`` (lm-eval, offline suite of documents outside the run's documents) as the
 original. Finished rows are appended to ``bench/rows.jsonl``; an interrupted benchmark run
 again with the same settings resumes where it stopped.
 """

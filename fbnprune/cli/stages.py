@@ -21,7 +21,8 @@ DESCRIPTIONS = {
     "check": "compare masked, sliced and saved-and-reloaded logits on held-out text "
     "(parity.json); fails beyond the tolerance",
     "save": "write the checked checkpoints (checkpoint-<layout>/) with plan and recipe",
-    "heal": "distil the original model into the sliced one on the calibration text "
+    "heal": "distil the original model into the sliced one on the task's prompts of the "
+    "calibration and healing documents "
     "(checkpoint-<layout>-healed/, heal/log.json, heal/loss.png); skipped unless the "
     "recipe's heal section is active (heal.enabled, or a budget below heal.below_budget)",
 }
