@@ -14,6 +14,7 @@ model's own dtype.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -73,20 +74,59 @@ class ParityReport:
 
 @dataclass
 class ParityResult:
-    """Several parity reports; passes when every gating report passes."""
+    """Several parity reports; passes when every gating report passes.
+
+    ``files`` records, per checked checkpoint folder (``checkpoint-padded``, ...), the sha256
+    of each of its files as they were when their logits were compared (``integrity``), so
+    that export and resume can prove they read the same bytes.
+    """
 
     reports: list[ParityReport]
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.reports if r.gating)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "reports": [r.to_dict() for r in self.reports]}
+        return {"passed": self.passed, "reports": [r.to_dict() for r in self.reports],
+                "files": self.files}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> ParityResult:
-        return cls([ParityReport.from_dict(r) for r in data["reports"]])
+        reports = [ParityReport.from_dict(r) for r in data["reports"]]
+        return cls(reports, dict(data.get("files", {})))
+
+    @classmethod
+    def parse(cls, data: object) -> ParityResult:
+        """``from_dict`` for data read from disk: ``ValueError`` naming what is malformed."""
+        try:
+            result = cls.from_dict(data)  # type: ignore[arg-type]
+            for report in result.reports:
+                report.atol = float(report.atol)
+                for c in report.comparisons:
+                    c.max_abs, c.mean_abs = float(c.max_abs), float(c.mean_abs)
+            if not all(isinstance(d, dict) for d in result.files.values()):
+                raise TypeError("files must map folders to {file: sha256}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a parity report ({type(exc).__name__}: {exc})") from None
+        return result
+
+    def problems(self, atol: float) -> list[str]:
+        """Why these figures do not prove parity at tolerance ``atol`` (judged from the
+        figures, not from any recorded flag): empty when every gating comparison is finite
+        and within both its report's tolerance and ``atol``."""
+        gating = [r for r in self.reports if r.gating]
+        if not any(r.comparisons for r in gating):
+            return ["it holds no gating comparison"]
+        out = []
+        for r in gating:
+            limit = min(r.atol, atol)
+            for c in r.comparisons:
+                if not math.isfinite(c.max_abs) or c.max_abs > limit:
+                    out.append(f"{c.name} vs {r.reference} ({r.dtype}): max|d| {c.max_abs:.3e} "
+                               f"> {limit:g}")  # fmt: skip
+        return out
 
     def table(self) -> str:
         return "\n".join(r.table() for r in self.reports)

@@ -141,7 +141,8 @@ def _load_builtin(name: str) -> list[Document]:
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise DataError(f"file not found: {path}")
+        raise DataError(f"file not found: {path} (a relative file: path in a recipe is "
+                        "resolved against the recipe's folder)")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -77,6 +77,14 @@ class GroupICA:
                 f"got {n_tokens} tokens x {n_neurons} neurons. Collect more text or lower "
                 "discover.n_components."
             )
+        if n_tokens < MIN_TOKENS_PER_COMPONENT * k:
+            warnings.warn(
+                f"only {n_tokens} tokens for {k} ICA components (fewer than "
+                f"{MIN_TOKENS_PER_COMPONENT} per component): networks will be noisy; collect "
+                "more text or lower discover.n_components",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if self.standardize:
             std = X.std(axis=0, dtype=np.float64)
             std[std == 0] = 1.0
@@ -110,6 +118,10 @@ class GroupICA:
     def union(self) -> np.ndarray:
         """Neurons in at least one network (the paper's "preserve all networks")."""
         return self.networks_.any(axis=0)
+
+
+# fewer calibration tokens than this per ICA component gives noisy networks
+MIN_TOKENS_PER_COMPONENT = 4
 
 
 def ica_feasible(k: int, n_tokens: int, n_neurons: int) -> bool:

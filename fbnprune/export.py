@@ -28,6 +28,7 @@ from typing import Any
 
 from fbnprune import __version__
 from fbnprune.check import ParityResult
+from fbnprune.integrity import digest_mismatches
 from fbnprune.io import atomic_directory, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def export_run(
     _check_out_dir(out, run_dir)
     options = {"layout": layout, "healed": healed, "quantize": quantize, "onnx": onnx,
                "max_shard_size": limit, "repo_id": repo_id}  # fmt: skip
+    parity = _verified_parity(run_dir, source, healed=healed)
     fingerprint = _fingerprint(run_dir, source, options)
     if out.exists() and not overwrite:
         previous = _read_json(out / EXPORT_REPORT)
@@ -148,13 +150,6 @@ def export_run(
             check_replaceable(out, markers=(EXPORT_REPORT,), kind="an fbnprune export")
         except RunDirError as exc:
             raise ExportError(str(exc)) from None
-    parity = _read_json(run_dir / "parity.json") or _read_json(source / "fbnprune_parity.json")
-    if parity is None:
-        raise ExportError(f"{run_dir} has no parity report; run the check stage before exporting")
-    if not parity.get("passed", False):
-        raise ExportError("the run's parity check failed; refusing to export:\n"
-                          + _parity_text(parity))
-
     from fbnprune.card import CardFacts, build_card, read_eval_results
     from fbnprune.plan import PrunePlan
 
@@ -242,6 +237,52 @@ def _check_out_dir(out: Path, run_dir: Path) -> None:
                               "folder")  # fmt: skip
 
 
+def _verified_parity(run_dir: Path, source: Path, *, healed: bool) -> dict:
+    """The run's parity report, once its figures prove parity at the recipe's tolerance and
+    ``source`` holds exactly the bytes that were checked; else ``ExportError`` saying why."""
+    atol = _recipe_atol(run_dir)
+    fix = (f"re-run `fbnprune run RECIPE --out {run_dir}`: it checks and saves the checkpoints "
+           "again")  # fmt: skip
+    reports = [("parity.json", run_dir / "parity.json")]
+    if healed:
+        reports.append(("heal/parity.json", run_dir / "heal" / "parity.json"))
+    results = {}
+    for name, path in reports:
+        if not path.is_file():
+            raise ExportError(f"{run_dir} has no {name}: the checkpoint was never checked; {fix}")
+        try:
+            results[name] = ParityResult.parse(json.loads(path.read_text()))
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            raise ExportError(f"{path} is unreadable ({exc}); refusing to export what cannot be "
+                              f"shown to be checked; {fix}") from None  # fmt: skip
+        problems = results[name].problems(atol)
+        if problems:
+            raise ExportError(f"{path}: the figures do not show parity at atol {atol:g} "
+                              f"({'; '.join(problems)}); refusing to export:\n"
+                              f"{results[name].table()}")  # fmt: skip
+    checked = results[reports[-1][0]].files.get(source.name)
+    if not checked:
+        raise ExportError(f"{reports[-1][1]} records no file digests of {source.name}/, so "
+                          f"nothing shows that its files are the checked ones; {fix}")
+    changed = digest_mismatches(source, checked)
+    if changed:
+        raise ExportError(f"{source} is not the checkpoint that was checked: "
+                          f"{'; '.join(changed)}; {fix}")  # fmt: skip
+    return results["parity.json"].to_dict()
+
+
+def _recipe_atol(run_dir: Path) -> float:
+    """The run recipe's ``check.atol`` (the default when the recipe is unreadable)."""
+    from fbnprune.recipe import CheckConfig
+
+    check = _yaml((run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file()
+                  else "").get("check")  # fmt: skip
+    try:
+        return CheckConfig(**check).atol if isinstance(check, dict) else CheckConfig().atol
+    except ValueError:
+        return CheckConfig().atol
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -260,17 +301,14 @@ def _yaml(text: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _parity_text(parity: dict) -> str:
-    return ParityResult.from_dict(parity).table()
-
-
 def _fingerprint(run_dir: Path, source: Path, options: dict[str, Any]) -> str:
     """Hash of the options and the inputs an export reads (weights by size and mtime)."""
     digest = hashlib.sha256(json.dumps([__version__, options], sort_keys=True).encode())
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"{path.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for name in ("plan.json", "parity.json", "prune.json", "recipe.yaml", str(RUN_EVAL)):
+    for name in ("plan.json", "parity.json", "heal/parity.json", "prune.json", "recipe.yaml",
+                 str(RUN_EVAL)):
         path = run_dir / name
         digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"<absent>"))
     return digest.hexdigest()[:16]

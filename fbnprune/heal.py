@@ -334,14 +334,17 @@ def heal_model(
                 break
         if state_file is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save_state(state_file, params, optimizer, done, log, settings_key)
-        if cfg.max_tokens is not None and log.tokens >= cfg.max_tokens:
-            log.stopped_by = "tokens"
-            break
-        if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
-            log.stopped_by = "time"
-            if val_targets and log.validation and log.validation[-1][0] != done:
+        out_of_tokens = cfg.max_tokens is not None and log.tokens >= cfg.max_tokens
+        out_of_time = (cfg.max_minutes is not None
+                       and time.perf_counter() - started > 60 * cfg.max_minutes)  # fmt: skip
+        if out_of_tokens or out_of_time:
+            log.stopped_by = "tokens" if out_of_tokens else "time"
+            if val_targets and log.validation[-1][0] != done:
+                # the last weights are a candidate too: without this, a budget that ends
+                # before the first evaluation would put the unhealed weights back
                 log.validation.append((done, _validation_loss(model, val_targets,
                                                               cfg.temperature)))  # fmt: skip
+                best.update(done, log.validation[-1][1])
             break
     bar.close()
     log.best_step = best.restore()

@@ -109,6 +109,20 @@ def upload_files(folder: Path) -> dict[str, int]:
     return {name: size for name, size in files.items() if name in kept}
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Raise ``HubError`` unless ``repo_id`` is a valid ``namespace/name`` (no network): run
+    it before writing anything meant for that repository."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise HubError(f"invalid repository id {repo_id!r}: {exc}", reason="invalid") from None
+    if "/" not in repo_id:
+        raise HubError(f"repository id {repo_id!r} needs a namespace: 'user/{repo_id}'",
+                       reason="invalid")  # fmt: skip
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -132,18 +146,10 @@ def push_folder(
         endpoint: the Hub URL; default ``HF_ENDPOINT`` or huggingface.co.
         dry_run: only list what would be uploaded; no network.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise HubError(f"{folder} is not a folder with files to upload", reason="invalid")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise HubError(f"invalid repository id {repo_id!r}: {exc}", reason="invalid") from None
-    if "/" not in repo_id:
-        raise HubError(f"repository id {repo_id!r} needs a namespace: 'user/{repo_id}'",
-                       reason="invalid")  # fmt: skip
+    check_repo_id(repo_id)
     endpoint = resolve_endpoint(endpoint)
     token = resolve_token(token)
     result = PushResult(repo_id=repo_id, endpoint=endpoint, revision=revision or "main",

@@ -34,7 +34,8 @@ def _task_name(spec: str) -> tuple[str, str | None]:
     if path.suffix.lower() not in (".yaml", ".yml"):
         return spec, None
     if not path.is_file():
-        raise DataError(f"lm-eval task file not found: {path}")
+        raise DataError(f"lm-eval task file not found: {path} (a relative path in a recipe "
+                        "is resolved against the recipe's folder)")
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(config, dict) or "task" not in config:
         raise DataError(f"{path}: not an lm-eval task YAML (no 'task' key)")

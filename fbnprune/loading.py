@@ -44,6 +44,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from fbnprune.integrity import folder_fingerprint, incomplete_weights
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -225,6 +227,7 @@ def _resolve_path(path: Path) -> Path:
     path = path.resolve()
     if path.is_dir():
         if (path / "config.json").is_file():
+            _check_weights_complete(path, fix="copy or download the model again")
             return path
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f" It holds GGUF files; pass one of them: {', '.join(ggufs)}." if ggufs else ""
@@ -237,6 +240,36 @@ def _resolve_path(path: Path) -> Path:
     raise ModelLoadError(
         f"{path} is a file but not a GGUF file; pass a .gguf file or a model directory."
     )
+
+
+def _check_weights_complete(folder: Path, *, fix: str) -> None:
+    broken = incomplete_weights(folder)
+    if broken:
+        listed = "; ".join(f"{name} is {why}" for name, why in broken.items())
+        raise ModelLoadError(f"{folder}: {listed}. The file was cut short (an interrupted copy "
+                             f"or download, or a full disk?): {fix}.")
+
+
+def model_fingerprint(name: str | os.PathLike[str]) -> str:
+    """What stage reuse keys on for a model: the content of its local folder (see
+    ``integrity.folder_fingerprint``; a weight file replaced at the same path changes it), or
+    the Hub id itself for a model ``from_pretrained`` finds by name."""
+    source = resolve_model(name)
+    if isinstance(source, Path):
+        return f"{source.name}:{_folder_fingerprint(source)}"
+    return str(source)
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_fingerprint_cached(folder: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    return folder_fingerprint(folder)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """``folder_fingerprint``, computed once per process while no file changes."""
+    stamp = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(folder.rglob("*")) if p.is_file())  # fmt: skip
+    return _folder_fingerprint_cached(folder, stamp)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -280,8 +313,12 @@ def converted_gguf(gguf: Path) -> Path:
     models.mkdir(parents=True, exist_ok=True)
     target = models / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (target / "config.json").is_file():
-        logger.debug("using converted %s from %s", gguf.name, target)
-        return target
+        broken = incomplete_weights(target)
+        if not broken:
+            logger.debug("using converted %s from %s", gguf.name, target)
+            return target
+        logger.warning("the cached conversion %s is incomplete (%s); converting again", target,
+                       "; ".join(f"{name}: {why}" for name, why in broken.items()))
     if target.exists():  # not ours: a complete conversion always has config.json
         shutil.rmtree(target)
     _sweep_stale_tmp(models)

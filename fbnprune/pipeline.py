@@ -27,10 +27,11 @@ from torch import nn
 
 from fbnprune import __version__
 from fbnprune.adapters import get_adapter
-from fbnprune.check import ParityResult, check_parity
+from fbnprune.check import ParityError, ParityResult, check_parity
 from fbnprune.collect import Activations, collect_activations
 from fbnprune.data import TaskData, load_task
 from fbnprune.discover import GroupICA
+from fbnprune.integrity import digest_mismatches, file_digests, sha256_file
 from fbnprune.io import atomic_directory, atomic_write_json, atomic_write_text
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
@@ -125,9 +126,18 @@ class Pipeline:
         cfg = next(t for t in r.tasks if t.name == task)
         # healing documents and evaluation wordings change neither collection nor the plan
         return _hash(
-            r.model, r.dtype, r.site, cfg.model_dump(exclude={"heal_samples", "wordings"}),
-            r.collect.model_dump(), self.tasks[task].fingerprint(heal=False),
+            r.model, self.model_fingerprint, r.dtype, r.site,
+            cfg.model_dump(exclude={"heal_samples", "wordings"}), r.collect.model_dump(),
+            self.tasks[task].fingerprint(heal=False),
         )  # fmt: skip
+
+    @functools.cached_property
+    def model_fingerprint(self) -> str:
+        """The model's content (``loading.model_fingerprint``): new weights at the same path
+        make every stage run again."""
+        from fbnprune.loading import model_fingerprint
+
+        return model_fingerprint(self.recipe.model)
 
     def discover_key(self, task: str) -> str:
         return _hash(self.collect_key(task), self.recipe.discover.model_dump(), self.recipe.seed)
@@ -141,15 +151,18 @@ class Pipeline:
         ]
         return _hash(upstream, r.select.model_dump(), r.prune.model_dump(), r.seed)
 
-    @functools.cached_property
+    @property
     def prune_key(self) -> str:
-        return _hash(self.select_key, self.recipe.save.model_dump())
+        """Also keyed on the plan's content, so an edited ``plan.json`` is pruned, checked
+        and saved again (read it after the select stage ran)."""
+        plan = sha256_file(self.plan_file) if self.plan_file.is_file() else None
+        return _hash(self.select_key, self.recipe.save.model_dump(), plan)
 
-    @functools.cached_property
+    @property
     def check_key(self) -> str:
         return _hash(self.prune_key, self.recipe.check.model_dump())
 
-    @functools.cached_property
+    @property
     def heal_key(self) -> str:
         heal_data = [data.fingerprint() for data in self.tasks.values()]
         return _hash(self.check_key, self.recipe.heal.model_dump(), heal_data)
@@ -189,8 +202,14 @@ class Pipeline:
             logger.info("%s: up to date, reusing %s", name, outputs[0].relative_to(self.run.path))
             return None
         logger.info("%s: running", name)
-        with measure() as m:
-            details = compute() or {}
+        try:
+            with measure() as m:
+                details = compute() or {}
+        except BaseException:
+            # staged checkpoints only live between check and save in one process: a failed
+            # or interrupted stage (a full disk, Ctrl-C) leaves none of its tens of MB behind
+            shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+            raise
         rec = StageRecord(key, round(m["seconds"], 2), round(m["peak_rss_mib"], 1), now(), details)
         self.run.mark_done(name, rec)
         self.executed.append(name)
@@ -454,6 +473,7 @@ class Pipeline:
 
     def prune_report(self) -> dict:
         file = self.run.path / "prune.json"
+        self.plan()
         self._stage("prune", self.prune_key, [file], self._prune)
         return json.loads(file.read_text())
 
@@ -495,6 +515,7 @@ class Pipeline:
     # -- 5. check ------------------------------------------------------------------------------
     def parity(self) -> ParityResult:
         file = self.run.path / "parity.json"
+        self.prune_report()
         self._stage("check", self.check_key, [file], self._check)
         return ParityResult.from_dict(json.loads(file.read_text()))
 
@@ -542,9 +563,11 @@ class Pipeline:
             max_length=self.max_length,
         )
         reloaded: dict[str, nn.Module] = {}
+        files: dict[str, dict[str, str]] = {}
         for layout, model in self.sliced.items():
             staging = self.staging_dir(layout)
             save_checkpoint(model, self.tokenizer, staging)
+            files[self.checkpoint_dir(layout).name] = file_digests(staging)
             reloaded[layout] = AutoModelForCausalLM.from_pretrained(
                 staging, dtype=dtype, trust_remote_code=layout == "compact"
             ).eval()
@@ -569,7 +592,7 @@ class Pipeline:
         }
         exact = check_parity(("masked", reference64, lambda: masked(reference64, plan)),
                              sliced64, atol=cfg.atol, **kwargs)  # fmt: skip
-        result = ParityResult([exact, serialisation, in_dtype])
+        result = ParityResult([exact, serialisation, in_dtype], files=files)
         logger.info("check:\n%s", result.table())
         atomic_write_json(self.run.path / "parity.json", result.to_dict())
         if not result.passed:
@@ -580,17 +603,39 @@ class Pipeline:
     # -- 6. save -------------------------------------------------------------------------------
     def checkpoints(self) -> dict[str, Path]:
         outputs = [self.checkpoint_dir(layout) for layout in self.recipe.save.layouts]
+        changed = self._changed_since_check(outputs)
+        if changed:
+            logger.warning("save: the saved checkpoints differ from the checked ones (%s); "
+                           "checking and saving them again", "; ".join(changed))  # fmt: skip
+            self.run.forget("check")
+            self.run.forget("save")
+        self.parity()
         self._stage("save", self.check_key, outputs, self._save)
         return dict(zip(self.recipe.save.layouts, outputs, strict=True))
 
+    def _changed_since_check(self, folders: list[Path]) -> list[str]:
+        """What differs in the saved checkpoints from the bytes the check stage compared
+        (only when the ledger says save is done: a run in progress has nothing to verify)."""
+        if not self.run.is_fresh("save", self.check_key, folders):
+            return []
+        files = self.parity().files
+        return [f"{folder.name}/{line}" for folder in folders
+                for line in digest_mismatches(folder, files.get(folder.name, {}))]  # fmt: skip
+
     def _save(self) -> dict:
-        self.parity()
+        if not all(self.staging_dir(layout).is_dir() for layout in self.recipe.save.layouts):
+            # checked in an earlier process, staging gone: check again (it saves the staging)
+            self.run.forget("check")
+            self.parity()
+        files = self.parity().files
         extras = self._checkpoint_extras()
         sizes = {}
         for layout in self.recipe.save.layouts:
             staging, final = self.staging_dir(layout), self.checkpoint_dir(layout)
-            if not staging.is_dir():  # check ran in an earlier process and staging is gone
-                save_checkpoint(self.sliced[layout], self.tokenizer, staging)
+            changed = digest_mismatches(staging, files.get(final.name, {}))
+            if changed:
+                raise ParityError(f"the staged {final.name} is not what was checked: "
+                                  f"{'; '.join(changed)}; run the command again")  # fmt: skip
             with atomic_directory(final) as tmp:
                 shutil.copytree(staging, tmp, dirs_exist_ok=True)
                 for name, text in extras.items():
@@ -613,9 +658,23 @@ class Pipeline:
     # -- 7. heal -------------------------------------------------------------------------------
     def healed(self) -> Path:
         """The healed checkpoint (``checkpoint-<layout>-healed/``), healing if needed."""
-        outputs = [self.healed_dir, self.run.path / "heal" / "log.json"]
+        self.checkpoints()
+        outputs = [self.healed_dir, self.run.path / "heal" / "log.json", self.heal_parity_file]
+        if self.run.is_fresh("heal", self.heal_key, outputs):
+            recorded = ParityResult.from_dict(json.loads(self.heal_parity_file.read_text()))
+            changed = digest_mismatches(self.healed_dir,
+                                        recorded.files.get(self.healed_dir.name, {}))
+            if changed:
+                logger.warning("heal: %s differs from the checked one (%s); healing again",
+                               self.healed_dir.name, "; ".join(changed))  # fmt: skip
+                self.run.forget("heal")
         self._stage("heal", self.heal_key, outputs, self._heal)
         return self.healed_dir
+
+    @property
+    def heal_parity_file(self) -> Path:
+        """The healed checkpoint's reload check and file digests."""
+        return self.run.path / "heal" / "parity.json"
 
     def _heal(self) -> dict:
         """Distil the original into a copy of the checked slice on the calibration prompts
@@ -625,7 +684,6 @@ class Pipeline:
 
         from fbnprune.heal import heal_model, plot_loss
 
-        self.checkpoints()
         cfg, layout = self.recipe.heal, self.heal_layout
         heal_dir = self.run.path / "heal"
         # one fresh slice of the layout healed (``self.sliced`` would build every layout)
@@ -647,10 +705,12 @@ class Pipeline:
             tokenizer=self.tokenizer, prompts=self.heldout_prompts(self.recipe.check.samples),
             max_length=self.max_length, atol=self.recipe.check.atol,
         )  # fmt: skip
-        result = ParityResult([serialisation])
+        result = ParityResult([serialisation],
+                              files={self.healed_dir.name: file_digests(staging)})
         if not result.passed:
             shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
             result.raise_if_failed()
+        atomic_write_json(self.heal_parity_file, result.to_dict())
         log_text = json.dumps(log.to_dict(), indent=2) + "\n"  # as atomic_write_json writes
         atomic_write_text(heal_dir / "log.json", log_text)
         plot_loss({"healing": log}, heal_dir / "loss.png",

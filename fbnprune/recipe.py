@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import (
@@ -37,6 +37,23 @@ class RecipeError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: object) -> object:
+        """YAML reads ``true``/``yes``/``on`` as booleans, which pydantic would take as 1:
+        ``budget: true`` must not mean 100%."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if isinstance(value, bool) and field and not _takes_bool(field.annotation):
+                    raise ValueError(f"{name}: expected a number or text, got the boolean {value}")
+        return data
+
+
+def _takes_bool(annotation: object) -> bool:
+    """Whether a field's type admits ``bool`` (``bool``, ``bool | None``, ...)."""
+    return annotation is bool or any(_takes_bool(arg) for arg in get_args(annotation))
 
 
 def _text_slot(value: str) -> str:
@@ -173,6 +190,17 @@ class SelectConfig(_Strict):
         if not 0 < value <= 1:
             raise ValueError(f"budget must be in (0, 1], got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _floor_and_cap_fit_the_budget(self) -> SelectConfig:
+        if self.min_per_layer > self.budget:
+            raise ValueError(f"min_per_layer ({self.min_per_layer:g}) is above the budget "
+                             f"({self.budget:g}): every layer would keep more than the whole "
+                             "model may; lower min_per_layer or raise the budget")  # fmt: skip
+        if self.max_per_layer < self.budget:
+            raise ValueError(f"max_per_layer ({self.max_per_layer:g}) is below the budget "
+                             f"({self.budget:g}): no layer may keep enough to reach it")
+        return self
 
 
 class PruneConfig(_Strict):
@@ -450,7 +478,25 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    return parse_recipe(raw, origin=str(path))
+    return parse_recipe(_paths_beside(raw, path.parent), origin=str(path))
+
+
+def _paths_beside(raw: dict, folder: Path) -> dict:
+    """Relative ``file:``/``lmeval:`` task sources, resolved against the recipe's folder (not
+    the working directory), so a recipe runs the same from anywhere."""
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, list):
+        return raw
+    resolved = []
+    for task in tasks:
+        source = task.get("source") if isinstance(task, dict) else None
+        scheme, sep, rest = source.partition(":") if isinstance(source, str) else ("", "", "")
+        is_path = scheme == "file" or Path(rest).suffix.lower() in (".yaml", ".yml")
+        if sep and scheme in ("file", "lmeval") and is_path and rest and \
+                not Path(rest).expanduser().is_absolute():
+            task = {**task, "source": f"{scheme}:{(folder / rest).resolve()}"}
+        resolved.append(task)
+    return {**raw, "tasks": resolved}
 
 
 def _read_recipe_text(path: Path) -> str:

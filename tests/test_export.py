@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from fbnprune.card import base_model_info, read_eval_results
 from fbnprune.check import ParityResult, check_parity
 from fbnprune.export import ExportError, export_run, list_files, load_int8, parse_size
 from fbnprune.hooks import site_widths
+from fbnprune.integrity import file_digests
 from fbnprune.io import atomic_write_json
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
@@ -83,7 +85,6 @@ def make_run(
     parity = check_parity(("masked", model, lambda: masked(model, plan)), candidates, tokenizer,
                           DOCS[:4], atol=ATOL, max_length=32)  # fmt: skip
     assert parity.passed
-    atomic_write_json(run / "parity.json", ParityResult([parity]).to_dict())
     sizes = {"original": model_size(model).__dict__}
     sizes.update({name: model_size(m).__dict__ for name, m in sliced.items()})
     atomic_write_json(run / "prune.json", {
@@ -93,10 +94,14 @@ def make_run(
                   for k, v in sizes.items()},
     })  # fmt: skip
     extras = {"fbnprune_plan.json": (run / "plan.json").read_text(),
-              "fbnprune_recipe.yaml": recipe.to_yaml(),
-              "fbnprune_parity.json": (run / "parity.json").read_text()}  # fmt: skip
+              "fbnprune_recipe.yaml": recipe.to_yaml()}  # fmt: skip
     for name, m in sliced.items():
         save_checkpoint(m, tokenizer, run / f"checkpoint-{name}", extra_files=extras)
+    # as the check stage records them: the digests of the files whose logits were compared
+    files = {f"checkpoint-{name}": file_digests(run / f"checkpoint-{name}") for name in sliced}
+    atomic_write_json(run / "parity.json", ParityResult([parity], files=files).to_dict())
+    for name in sliced:
+        shutil.copy2(run / "parity.json", run / f"checkpoint-{name}" / "fbnprune_parity.json")
     if evaluation is not None:
         atomic_write_json(run / "eval" / "results.json", evaluation)
     return run, sliced
@@ -268,10 +273,65 @@ def test_refuses_a_failed_parity_check(tmp_path):
     run_dir, _ = make_run(tmp_path, layouts=("padded",), evaluation=None)
     parity = json.loads((run_dir / "parity.json").read_text())
     parity["passed"], parity["reports"][0]["comparisons"][0]["passed"] = False, False
+    parity["reports"][0]["comparisons"][0]["max_abs"] = 0.5
     (run_dir / "parity.json").write_text(json.dumps(parity))
-    with pytest.raises(ExportError, match="parity check failed"):
+    with pytest.raises(ExportError, match="do not show parity"):
         export_run(run_dir)
     assert not (run_dir / "export-padded").exists()
+
+
+@pytest.fixture()
+def fresh_run(tmp_path):
+    run_dir, _ = make_run(tmp_path, layouts=("padded",), evaluation=None)
+    return run_dir
+
+
+def test_parity_is_judged_from_its_figures_not_its_flag(fresh_run):
+    parity = json.loads((fresh_run / "parity.json").read_text())
+    parity["reports"][0]["comparisons"][0]["max_abs"] = 5.0  # "passed": true stays
+    (fresh_run / "parity.json").write_text(json.dumps(parity))
+    with pytest.raises(ExportError, match=r"max\|d\| 5\.000e\+00 > 0\.0001"):
+        export_run(fresh_run)
+    parity["reports"][0]["comparisons"][0]["max_abs"] = float("nan")
+    (fresh_run / "parity.json").write_text(json.dumps(parity))
+    with pytest.raises(ExportError, match="do not show parity"):
+        export_run(fresh_run)
+    assert not (fresh_run / "export-padded").exists()
+
+
+def test_a_garbage_parity_report_is_refused_not_replaced(fresh_run):
+    (fresh_run / "parity.json").write_text('{"passed": true, "reports": [{"oops": 1}]}')
+    with pytest.raises(ExportError, match="parity.json is unreadable"):
+        export_run(fresh_run)
+    (fresh_run / "parity.json").unlink()  # the checkpoint's own copy is no substitute
+    with pytest.raises(ExportError, match="has no parity.json"):
+        export_run(fresh_run)
+    assert not (fresh_run / "export-padded").exists()
+
+
+@pytest.mark.parametrize("swap", ["random", "other model", "added file"])
+def test_export_refuses_a_checkpoint_that_is_not_the_checked_one(fresh_run, swap):
+    from safetensors.torch import load_file, save_file
+
+    weights = fresh_run / "checkpoint-padded" / "model.safetensors"
+    if swap == "random":  # same names and shapes, other values
+        tensors = {k: torch.randn_like(v) for k, v in load_file(weights).items()}
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif swap == "other model":  # another architecture's weights under the same name
+        save_file({"transformer.h.0.mlp.c_fc.weight": torch.ones(8, 4)}, weights)
+    else:
+        (fresh_run / "checkpoint-padded" / "extra.py").write_text("print('hi')\n")
+    with pytest.raises(ExportError, match="is not the checkpoint that was checked"):
+        export_run(fresh_run)
+    assert not (fresh_run / "export-padded").exists()
+
+
+def test_export_refuses_a_run_checked_before_digests_were_recorded(fresh_run):
+    parity = json.loads((fresh_run / "parity.json").read_text())
+    del parity["files"]
+    (fresh_run / "parity.json").write_text(json.dumps(parity))
+    with pytest.raises(ExportError, match="records no file digests"):
+        export_run(fresh_run)
 
 
 def test_missing_extra_gives_a_clear_error_and_writes_nothing(run, tmp_path, monkeypatch):

@@ -344,3 +344,32 @@ def test_packaged_model_matches_its_gguf(name: str) -> None:
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
     assert (resolve_model(name) / "generation_config.json").is_file()
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_cached_conversion_is_converted_again(
+    tiny_gguf: tuple[Path, LlamaForCausalLM], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, original = tiny_gguf
+    first = resolve_model(str(path))
+    _truncate(first / "model.safetensors")  # e.g. a disk that filled up during the copy
+    caplog.set_level(logging.WARNING, logger="fbnprune.loading")
+    again = resolve_model(str(path))
+    assert again == first and any("is incomplete" in r.message for r in caplog.records)
+    model, _ = load_model(str(path))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(_logits(model, ids), _logits(original, ids), atol=1e-5)
+
+
+def test_a_truncated_local_safetensors_file_is_named(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2)).save_pretrained(
+        model_dir)  # fmt: skip
+    _truncate(model_dir / "model.safetensors", keep=0.9)
+    with pytest.raises(ModelLoadError, match=r"model.safetensors is truncated: \d+ of \d+ bytes"):
+        load_model(str(model_dir))

@@ -197,6 +197,23 @@ def test_early_stopping_keeps_the_best_weights():
     assert float(distillation_loss(logits, target)) == pytest.approx(best_loss, rel=1e-4)
 
 
+@pytest.mark.parametrize("budget", [{"max_tokens": 300}, {"max_minutes": 1e-9}])
+def test_a_budget_that_ends_before_the_first_evaluation_keeps_the_trained_weights(budget):
+    """Stopped by tokens or time before any scheduled evaluation: the last weights are
+    evaluated and kept when better, never the unhealed step-0 weights put back."""
+    teacher = tiny_model("llama")
+    cfg = HealConfig(steps=60, batch_size=4, max_length=48, lr=3e-3, top_k=16, eval_every=50,
+                     patience=2, **{"max_minutes": None, **budget})  # fmt: skip
+    student = half_slice(teacher)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    healed, log = heal_model(student, teacher, tiny_tokenizer(), PROMPTS, cfg,
+                             validation=PROMPTS[:4], progress=False)  # fmt: skip
+    assert log.stopped_by in ("tokens", "time") and log.steps < 50
+    assert [step for step, _ in log.validation] == [0, log.steps]
+    assert log.validation[1][1] < log.validation[0][1] and log.best_step == log.steps
+    assert any(not torch.equal(before[n], p) for n, p in healed.named_parameters())
+
+
 def test_healing_trains_on_calibration_and_healing_documents_only(tiny_llama_dir, tmp_path,
                                                                   monkeypatch):  # fmt: skip
     import fbnprune.heal

@@ -2,15 +2,18 @@
 
 Each subcommand lives in its own module with ``register(subparsers)`` and ``execute(args)``.
 Expected failures (bad recipe, data, model, directory, parity, a run directory in use by
-another process) print one clear message and exit with status 2 (``--debug`` adds the
-traceback); Ctrl-C exits 130 and leaves only complete files behind.
+another process, a full disk or a read-only folder) print one clear message and exit with
+status 2 (``--debug`` adds the traceback); Ctrl-C, also during start-up, exits 130 and leaves
+only complete files behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -78,20 +81,59 @@ def configure_logging(quiet: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+# operating-system faults that are the machine's, not a bug: named, with what to do
+DISK_FAULTS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def disk_fault(exc: BaseException) -> str | None:
+    """One line for a full disk, a read-only or unwritable folder (raised as ``OSError``, or
+    by safetensors' Rust code as its own error that carries the OS message), else None."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FAULTS:
+        where = f" at {exc.filename}" if exc.filename else ""
+        return f"{DISK_FAULTS[exc.errno]}{where}"
+    text = str(exc)
+    for code, what in DISK_FAULTS.items():
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return f"{what} ({text.strip().splitlines()[0][:200]})"
+    return None
+
+
+def _prog(args: argparse.Namespace) -> str:
+    return f"fbnprune {args.command}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.quiet)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    args = argparse.Namespace(command="")
     try:
+        parser = build_parser()  # imports every subcommand: Ctrl-C may land here too
+        args = parser.parse_args(argv)
+        configure_logging(args.quiet)
         return int(args.execute(args) or 0)
     except KeyboardInterrupt:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         print("\ninterrupted; finished stages are kept, re-run the same command to resume",
               file=sys.stderr)  # fmt: skip
         return 130
     except expected_errors() as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"fbnprune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        fault = disk_fault(exc)
+        if fault is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{_prog(args)}: error: {fault}. Free space or choose a writable --out; "
+              "finished stages are kept (nothing half-written), so the same command resumes",
+              file=sys.stderr)  # fmt: skip
         return 2

@@ -74,6 +74,10 @@ def execute(args: argparse.Namespace) -> int:
                                          ("--dry-run", args.dry_run)) if value]  # fmt: skip
     if hub_only and not args.push_to_hub:
         args.parser.error(f"{', '.join(hub_only)} only make(s) sense with --push-to-hub REPO_ID")
+    if args.push_to_hub:  # a bad id is refused before the export folder is written
+        from fbnprune.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
     result = export_run(
         args.run_dir, args.out, layout=args.layout, healed=args.healed, quantize=args.quantize,
         onnx=args.onnx, overwrite=args.overwrite, max_shard_size=args.max_shard_size,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-from fbnprune.recipe import load_recipe
+from fbnprune.recipe import Recipe, RecipeError, load_recipe
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,12 +35,57 @@ def execute(args: argparse.Namespace) -> int:
             f"budget {recipe.select.budget:.0%}, site {recipe.site})"
         )
         if args.data:
-            from fbnprune.data import load_task
-
-            counts = []
-            for task in recipe.tasks:
-                data = load_task(task, seed=recipe.seed)
-                counts.append(f"{task.name}: {len(data.calibration)}+{len(data.heldout)} docs")
-            line += "; " + ", ".join(counts)
+            line += "; " + ", ".join(check_data(recipe))
         print(line)
     return 0
+
+
+def check_data(recipe: Recipe) -> list[str]:
+    """Load every task's documents and the model's tokenizer, and raise ``RecipeError`` for
+    what the run would hit later: more ICA components than calibration tokens or units.
+    Warns when there are fewer than 4 tokens per component. Returns one summary per task."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fbnprune.collect import tokenize
+    from fbnprune.data import load_task
+    from fbnprune.discover import MIN_TOKENS_PER_COMPONENT, ica_feasible
+    from fbnprune.loading import resolve_model
+
+    documents = {task.name: load_task(task, seed=recipe.seed) for task in recipe.tasks}
+    source = resolve_model(recipe.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    units = _units(AutoConfig.from_pretrained(source), recipe.site)
+    k = recipe.discover.n_components
+    summaries = []
+    for task in recipe.tasks:
+        data = documents[task.name]
+        tokens = sum(len(ids) for ids in tokenize(tokenizer, data.prompts("calibration"),
+                                                  task.max_length))  # fmt: skip
+        where = f"task {task.name!r}"
+        uses_ica = recipe.select.selector == "ica"
+        if uses_ica and not ica_feasible(k, tokens, units or k + 1):
+            raise RecipeError(
+                f"{where}: discover.n_components={k} needs more than {k} calibration tokens "
+                f"and units; the calibration documents give {tokens} tokens"
+                + (f" and the model {units} units" if units else "")
+                + "; lower discover.n_components or raise calibration_samples/max_length"
+            )
+        if uses_ica and tokens < MIN_TOKENS_PER_COMPONENT * k:
+            logger.warning("%s: only %d calibration tokens for %d ICA components (fewer than "
+                           "%d per component): networks will be noisy; collect more text or "
+                           "lower discover.n_components", where, tokens, k,
+                           MIN_TOKENS_PER_COMPONENT)  # fmt: skip
+        summaries.append(f"{task.name}: {len(data.calibration)}+{len(data.heldout)} docs, "
+                         f"{tokens} calibration tokens")  # fmt: skip
+    return summaries
+
+
+def _units(config: object, site: str) -> int | None:
+    """MLP units at ``site`` from a model config, when its names are the usual ones."""
+    config = getattr(config, "text_config", None) or config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    width = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+             if site == "hidden" else getattr(config, "hidden_size", None))  # fmt: skip
+    if site == "hidden" and width is None and getattr(config, "n_embd", None):
+        width = 4 * config.n_embd  # gpt2's default inner width
+    return layers * width if layers and width else None
