@@ -16,10 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="score the original, masked, sliced and saved models with lm-eval",
         description="Score a run's models on the same lm-eval tasks with the same settings, "
         "in one process: the original, the original masked by plan.json, the model sliced in "
-        "memory (one per layout) and every saved checkpoint-*/ directory. The offline suite "
-        f"({', '.join(EVAL_SUITE_TASKS)}) is generated into RUN_DIR/eval/suite/ from "
-        "documents outside the run's calibration set. Writes RUN_DIR/eval/results.json and "
-        "RUN_DIR/eval/results.md.",
+        "memory (one per layout) and every saved checkpoint-*/ directory (healed ones "
+        "included). The offline suite (the recipe's own multiple-choice tasks, one per "
+        f"wording, and {', '.join(EVAL_SUITE_TASKS)}) is generated into RUN_DIR/eval/suite/ "
+        "from documents outside every split the run used (documents.json). Writes "
+        "RUN_DIR/eval/results.json and RUN_DIR/eval/results.md.",
         epilog="Multiple-choice tasks report acc: acc_norm divides each label's "
         "log-likelihood by its length in characters, which favours the longest label when "
         "labels are single words. Example: fbnprune evaluate runs/demo --limit 40 "
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="T1,T2",
         help="suite tasks, lm-eval task/group/tag names (built-ins outside the suite need "
         "the network) or names from --include-path (default: the recipe's evaluate.tasks, "
-        f"else {','.join(EVAL_SUITE_TASKS)})",
+        "else the recipe's own multiple-choice tasks and the perplexity tasks; the whole "
+        "suite when it has none)",
     )
     parser.add_argument(
         "--models",
