@@ -132,24 +132,24 @@ def export_run(
     _check_out_dir(out, run_dir)
     options = {"layout": layout, "healed": healed, "quantize": quantize, "onnx": onnx,
                "max_shard_size": limit, "repo_id": repo_id}  # fmt: skip
-    parity = _verified_parity(run_dir, source, healed=healed)
-    fingerprint = _fingerprint(run_dir, source, options)
-    if out.exists() and not overwrite:
-        previous = _read_json(out / EXPORT_REPORT)
-        if previous is None:
+    previous = _read_json(out / EXPORT_REPORT) if out.exists() else None
+    if out.exists():  # may be replaced as a whole: only an earlier export or an empty folder
+        if previous is None and not overwrite:
             raise ExportError(f"{out} exists and is not an fbnprune export; pass --overwrite to "
                               "replace it, or choose another --out")  # fmt: skip
-        if previous.get("fingerprint") == fingerprint:
-            logger.info("export: %s is up to date, reusing it", out)
-            return ExportResult(out, layout, True, list_files(out), previous)
-        logger.info("export: %s is an export of other inputs or options; replacing it", out)
-    if out.exists():  # about to be replaced as a whole: only an earlier export or empty folder
         from fbnprune.rundir import RunDirError, check_replaceable
 
         try:
             check_replaceable(out, markers=(EXPORT_REPORT,), kind="an fbnprune export")
         except RunDirError as exc:
             raise ExportError(str(exc)) from None
+    parity = _verified_parity(run_dir, source, healed=healed)
+    fingerprint = _fingerprint(run_dir, source, options)
+    if previous is not None and not overwrite:
+        if previous.get("fingerprint") == fingerprint:
+            logger.info("export: %s is up to date, reusing it", out)
+            return ExportResult(out, layout, True, list_files(out), previous)
+        logger.info("export: %s is an export of other inputs or options; replacing it", out)
     from fbnprune.card import CardFacts, build_card, read_eval_results
     from fbnprune.plan import PrunePlan
 
