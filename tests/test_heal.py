@@ -193,7 +193,8 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path):
     exported = export_run(run, healed=True)
     assert exported.out_dir == run / "export-compact-healed" and exported.layout == "compact"
     card = (exported.out_dir / "README.md").read_text()
-    assert "## Healing" in card and "calibration text only" in card and "-healed" in card
+    assert "## Healing" in card and "-healed" in card
+    assert "calibration and healing documents only" in card
     assert "with no retraining" not in card
     reloaded = AutoModelForCausalLM.from_pretrained(exported.out_dir, trust_remote_code=True)
     assert torch.equal(reloaded(ids).logits, healed(ids).logits)
