@@ -74,6 +74,6 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
     assert main(["-q", "evaluate", str(run), "--tasks", "bbc_news", "--models", "checkpoint",
                  "--limit", "60"]) == 0  # fmt: skip
     results = json.loads((run / "eval" / "results.json").read_text())
-    scores = {m: r["bbc_news"]["acc"] for m, r in results["scores"].items()}
+    scores = results["tasks"]["bbc_news"]["models"]
     assert scores["checkpoint-compact-healed"] >= 0.40, scores
     assert scores["checkpoint-compact-healed"] > scores["checkpoint-compact"] + 0.1, scores
