@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from fbnprune.errors import FbnpruneError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(FbnpruneError, ValueError):
     """The model's family has no adapter."""
 
 

@@ -23,9 +23,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fbnprune.collect import token_batches
+from fbnprune.errors import FbnpruneError
 
 
-class ParityError(AssertionError):
+class ParityError(FbnpruneError, AssertionError):
     """A candidate's logits differ from the reference beyond tolerance."""
 
 

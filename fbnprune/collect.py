@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fbnprune.adapters import get_adapter
+from fbnprune.errors import FbnpruneError
 from fbnprune.hooks import SiteHooks, site_widths
 
 logger = logging.getLogger(__name__)
 
 
-class CollectError(ValueError):
+class CollectError(FbnpruneError, ValueError):
     """Input that cannot produce an activation matrix."""
 
 

@@ -9,7 +9,6 @@ A source is ``builtin:NAME`` (offline corpora, see ``fbnprune.corpora``), ``file
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import random
@@ -19,12 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fbnprune import corpora
+from fbnprune.errors import FbnpruneError
 from fbnprune.recipe import TaskConfig
+from fbnprune.rundir.runner import digest
 
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(FbnpruneError, ValueError):
     """A source that cannot be read, or holds too little usable text."""
 
 
@@ -103,8 +104,7 @@ class TaskData:
             content["max_words"] = self.max_words
         if self.choices is not None:
             content["choices"] = self.choices
-        blob = json.dumps(content, ensure_ascii=False).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest(json.dumps(content, ensure_ascii=False).encode())
 
 
 # --- built-in corpora -----------------------------------------------------------------------

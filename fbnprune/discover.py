@@ -18,8 +18,10 @@ import numpy as np
 from sklearn.decomposition import PCA, FastICA
 from sklearn.exceptions import ConvergenceWarning
 
+from fbnprune.errors import FbnpruneError
 
-class DiscoverError(ValueError):
+
+class DiscoverError(FbnpruneError, ValueError):
     """Data that group ICA cannot decompose as asked."""
 
 

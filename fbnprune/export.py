@@ -28,24 +28,32 @@ from typing import Any
 
 from fbnprune import __version__
 from fbnprune.check import ParityResult
+from fbnprune.errors import FbnpruneError
 from fbnprune.integrity import digest_mismatches
 from fbnprune.io import atomic_directory, atomic_write_json
+from fbnprune.rundir.layout import (
+    CHECKPOINT_HEAL,
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_RECIPE,
+    EVAL_DIR,
+    LAYOUTS,
+    STAGING,
+    RunLayout,
+)
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("padded", "compact")
 QUANTIZATIONS = ("int8",)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 EXPORT_REPORT = "fbnprune_export.json"
 EVAL_FILE = "fbnprune_eval.json"
 EVAL_TABLE = "fbnprune_eval.md"
-RUN_EVAL = Path("eval") / "results.json"
 INT8_DIR = "int8"
 QMAP_FILE = "quanto_qmap.json"
 ONNX_FILE = "onnx/model.onnx"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 ONNX_MIN_ATOL = 1e-3  # onnxruntime and PyTorch kernels differ by float rounding
-RUN_ENTRIES = ("collect", "discover", "eval", ".staging")  # never exported into
+RUN_ENTRIES = ("collect", "discover", EVAL_DIR, STAGING)  # never exported into
 FALLBACK_TEXTS = (
     "The committee published its annual report on Tuesday, with figures for every region.",
     "def add(a, b):\n    return a + b\n",
@@ -54,7 +62,7 @@ FALLBACK_TEXTS = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(FbnpruneError, ValueError):
     """A run directory, option or output folder that cannot be exported as asked."""
 
 
@@ -120,7 +128,8 @@ def export_run(
         repo_id: the Hub repository it is meant for (used in the card's loading code).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "plan.json").is_file():
+    run = RunLayout(run_dir)
+    if not run.plan_file.is_file():
         raise ExportError(f"{run_dir} is not an fbnprune run directory (no plan.json); run "
                           "`fbnprune run RECIPE --out RUN_DIR` first")  # fmt: skip
     layout, source = _checkpoint(run_dir, layout, healed)
@@ -151,21 +160,21 @@ def export_run(
             return ExportResult(out, layout, True, list_files(out), previous)
         logger.info("export: %s is an export of other inputs or options; replacing it", out)
     from fbnprune.card import CardFacts, build_card, read_eval_results
-    from fbnprune.plan import PrunePlan
 
-    plan = PrunePlan.load(run_dir / "plan.json")
-    recipe_file = run_dir / "recipe.yaml"
+    plan = run.read_plan()
+    recipe_file = run.recipe_file
     if not recipe_file.is_file():
-        recipe_file = source / "fbnprune_recipe.yaml"
+        recipe_file = source / CHECKPOINT_RECIPE
     recipe_text = recipe_file.read_text() if recipe_file.is_file() else ""
     with atomic_directory(out) as tmp:
         _copy_non_weights(source, tmp)
         weights = _write_weights(source, tmp, limit)
-        for name, target in ((RUN_EVAL, EVAL_FILE), (RUN_EVAL.with_suffix(".md"), EVAL_TABLE)):
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, tmp / target)
-        if recipe_text and not (tmp / "fbnprune_recipe.yaml").exists():
-            (tmp / "fbnprune_recipe.yaml").write_text(recipe_text)
+        results = run.eval_results_file
+        for name, target in ((results, EVAL_FILE), (results.with_suffix(".md"), EVAL_TABLE)):
+            if name.is_file():
+                shutil.copy2(name, tmp / target)
+        if recipe_text and not (tmp / CHECKPOINT_RECIPE).exists():
+            (tmp / CHECKPOINT_RECIPE).write_text(recipe_text)
         formats: dict[str, dict[str, Any]] = {}
         if quantize or onnx:
             texts, origin = _evaluation_texts(recipe_text)
@@ -188,10 +197,10 @@ def export_run(
         atomic_write_json(tmp / EXPORT_REPORT, report)
         facts = CardFacts(
             plan=plan, layout=layout, recipe=_yaml(recipe_text), parity=parity,
-            prune=_read_json(run_dir / "prune.json"),
-            scores=read_eval_results(run_dir / RUN_EVAL, layout, healed=healed),
+            prune=_read_json(run.prune_file),
+            scores=read_eval_results(run.eval_results_file, layout, healed=healed),
             export_bytes=export_bytes, formats=formats, repo_id=repo_id,
-            heal=_read_json(source / "fbnprune_heal.json") if healed else None,
+            heal=_read_json(source / CHECKPOINT_HEAL) if healed else None,
         )  # fmt: skip
         build_card(facts).save(tmp / "README.md")
     logger.info("export: wrote %s (%s layout)", out, layout)
@@ -202,16 +211,17 @@ def export_run(
 def _checkpoint(run_dir: Path, layout: str | None, healed: bool = False) -> tuple[str, Path]:
     if layout is not None and layout not in LAYOUTS:
         raise ExportError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    run = RunLayout(run_dir)
     if healed:
-        done = [name for name in LAYOUTS if (run_dir / f"checkpoint-{name}-healed").is_dir()]
+        done = [name for name in LAYOUTS if run.checkpoint_dir(name, healed=True).is_dir()]
         if layout is None and done:
             layout = done[0]
         if layout not in done:
             raise ExportError(f"{run_dir} has no checkpoint-{layout or '<layout>'}-healed/; run "
                               "the heal stage (`fbnprune heal RECIPE --out RUN_DIR`, with "
                               "heal.enabled: true if the budget is above heal.below_budget)")
-        return layout, run_dir / f"checkpoint-{layout}-healed"
-    available = [name for name in LAYOUTS if (run_dir / f"checkpoint-{name}").is_dir()]
+        return layout, run.checkpoint_dir(layout, healed=True)
+    available = [name for name in LAYOUTS if run.checkpoint_dir(name).is_dir()]
     if not available:
         raise ExportError(f"{run_dir} has no checkpoint-padded/ or checkpoint-compact/; run the "
                           "save stage first (`fbnprune run RECIPE --out RUN_DIR`)")  # fmt: skip
@@ -221,7 +231,7 @@ def _checkpoint(run_dir: Path, layout: str | None, healed: bool = False) -> tupl
         raise ExportError(f"{run_dir} has no checkpoint-{layout}/ (it has: "
                           f"{', '.join(available)}); add {layout!r} to the recipe's "
                           "save.layouts and re-run")  # fmt: skip
-    return layout, run_dir / f"checkpoint-{layout}"
+    return layout, run.checkpoint_dir(layout)
 
 
 def _check_out_dir(out: Path, run_dir: Path) -> None:
@@ -232,7 +242,7 @@ def _check_out_dir(out: Path, run_dir: Path) -> None:
                           "outside it or inside it under a new name")  # fmt: skip
     if run_r in out_r.parents:
         top = out_r.relative_to(run_r).parts[0]
-        if top.startswith("checkpoint-") or top in RUN_ENTRIES or (run_r / top).is_file():
+        if top.startswith(CHECKPOINT_PREFIX) or top in RUN_ENTRIES or (run_r / top).is_file():
             raise ExportError(f"--out {out} lies inside the run's own {top!r}; choose another "
                               "folder")  # fmt: skip
 
@@ -243,9 +253,10 @@ def _verified_parity(run_dir: Path, source: Path, *, healed: bool) -> dict:
     atol = _recipe_atol(run_dir)
     fix = (f"re-run `fbnprune run RECIPE --out {run_dir}`: it checks and saves the checkpoints "
            "again")  # fmt: skip
-    reports = [("parity.json", run_dir / "parity.json")]
+    run = RunLayout(run_dir)
+    reports = [(run.relative(run.parity_file), run.parity_file)]
     if healed:
-        reports.append(("heal/parity.json", run_dir / "heal" / "parity.json"))
+        reports.append((run.relative(run.heal_parity_file), run.heal_parity_file))
     results = {}
     for name, path in reports:
         if not path.is_file():
@@ -268,15 +279,15 @@ def _verified_parity(run_dir: Path, source: Path, *, healed: bool) -> dict:
     if changed:
         raise ExportError(f"{source} is not the checkpoint that was checked: "
                           f"{'; '.join(changed)}; {fix}")  # fmt: skip
-    return results["parity.json"].to_dict()
+    return results[reports[0][0]].to_dict()
 
 
 def _recipe_atol(run_dir: Path) -> float:
     """The run recipe's ``check.atol`` (the default when the recipe is unreadable)."""
     from fbnprune.recipe import CheckConfig
 
-    check = _yaml((run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file()
-                  else "").get("check")  # fmt: skip
+    recipe_file = RunLayout(run_dir).recipe_file
+    check = _yaml(recipe_file.read_text() if recipe_file.is_file() else "").get("check")
     try:
         return CheckConfig(**check).atol if isinstance(check, dict) else CheckConfig().atol
     except ValueError:
@@ -307,9 +318,10 @@ def _fingerprint(run_dir: Path, source: Path, options: dict[str, Any]) -> str:
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"{path.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for name in ("plan.json", "parity.json", "heal/parity.json", "prune.json", "recipe.yaml",
-                 str(RUN_EVAL)):
-        path = run_dir / name
+    run = RunLayout(run_dir)
+    for path in (run.plan_file, run.parity_file, run.heal_parity_file, run.prune_file,
+                 run.recipe_file, run.eval_results_file):  # fmt: skip
+        name = run.relative(path)
         digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"<absent>"))
     return digest.hexdigest()[:16]
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from fbnprune.adapters import get_adapter
 from fbnprune.collect import iter_batches, pad_batch, tokenize
+from fbnprune.errors import FbnpruneError
 from fbnprune.io import save_figure
 from fbnprune.recipe import HealConfig
 
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class HealError(ValueError):
+class HealError(FbnpruneError, ValueError):
     """Healing cannot run as configured."""
 
 

@@ -44,6 +44,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from fbnprune.errors import FbnpruneError
 from fbnprune.integrity import folder_fingerprint, incomplete_weights
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ _VERIFY_ATOL = 1e-5
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(FbnpruneError, ValueError):
     """A model that cannot be found, converted or loaded; the message says what to do."""
 
 

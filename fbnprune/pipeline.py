@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -32,31 +31,25 @@ from fbnprune.collect import Activations, collect_activations
 from fbnprune.data import TaskData, load_task
 from fbnprune.discover import GroupICA
 from fbnprune.integrity import digest_mismatches, file_digests, sha256_file
-from fbnprune.io import atomic_directory, atomic_write_json, atomic_write_text
+from fbnprune.io import atomic_directory, atomic_write_text
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe, SelectConfig
 from fbnprune.refit import refit_plan
-from fbnprune.rundir import RunDir, StageRecord, measure, now
-from fbnprune.save import checkpoint_bytes, model_size, save_checkpoint
-from fbnprune.select import (
-    allocate,
-    column_means,
-    magnitude_scores,
-    random_scores,
-    wanda_scores,
+from fbnprune.rundir import RunDir, RunLayout, StageRecord, fingerprint, measure, now
+from fbnprune.rundir.layout import (
+    CHECKPOINT_HEAL,
+    CHECKPOINT_PARITY,
+    CHECKPOINT_PLAN,
+    CHECKPOINT_RECIPE,
 )
+from fbnprune.save import checkpoint_bytes, model_size, save_checkpoint
+from fbnprune.select import allocate, column_means, layer_bounds, unit_scores
 from fbnprune.slicing import SliceError, slice_model
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("collect", "discover", "select", "prune", "check", "save", "heal")
-STAGING = ".staging"
-DOCUMENTS_FILE = "documents.json"
-
-
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:
@@ -92,6 +85,7 @@ class Pipeline:
         """``model_and_tokenizer``: the recipe's model, already loaded (shared between
         pipelines of one model, e.g. the benchmark's two neuron sites)."""
         self.recipe, self.run, self.progress = recipe, run, progress
+        self.layout = RunLayout(run.path)
         self.executed: list[str] = []
         self._merged_scores: dict[tuple[str, int], np.ndarray] = {}
         self._sensitivity: dict[tuple, list[float]] = {}
@@ -125,7 +119,7 @@ class Pipeline:
         r = self.recipe
         cfg = next(t for t in r.tasks if t.name == task)
         # healing documents and evaluation wordings change neither collection nor the plan
-        return _hash(
+        return fingerprint(
             r.model, self.model_fingerprint, r.dtype, r.site,
             cfg.model_dump(exclude={"heal_samples", "wordings"}), r.collect.model_dump(),
             self.tasks[task].fingerprint(heal=False),
@@ -140,7 +134,8 @@ class Pipeline:
         return model_fingerprint(self.recipe.model)
 
     def discover_key(self, task: str) -> str:
-        return _hash(self.collect_key(task), self.recipe.discover.model_dump(), self.recipe.seed)
+        r = self.recipe
+        return fingerprint(self.collect_key(task), r.discover.model_dump(), r.seed)
 
     @functools.cached_property
     def select_key(self) -> str:
@@ -149,40 +144,40 @@ class Pipeline:
             self.discover_key(t) if r.select.selector == "ica" else self.collect_key(t)
             for t in self.tasks
         ]
-        return _hash(upstream, r.select.model_dump(), r.prune.model_dump(), r.seed)
+        return fingerprint(upstream, r.select.model_dump(), r.prune.model_dump(), r.seed)
 
     @property
     def prune_key(self) -> str:
         """Also keyed on the plan's content, so an edited ``plan.json`` is pruned, checked
         and saved again (read it after the select stage ran)."""
         plan = sha256_file(self.plan_file) if self.plan_file.is_file() else None
-        return _hash(self.select_key, self.recipe.save.model_dump(), plan)
+        return fingerprint(self.select_key, self.recipe.save.model_dump(), plan)
 
     @property
     def check_key(self) -> str:
-        return _hash(self.prune_key, self.recipe.check.model_dump())
+        return fingerprint(self.prune_key, self.recipe.check.model_dump())
 
     @property
     def heal_key(self) -> str:
         heal_data = [data.fingerprint() for data in self.tasks.values()]
-        return _hash(self.check_key, self.recipe.heal.model_dump(), heal_data)
+        return fingerprint(self.check_key, self.recipe.heal.model_dump(), heal_data)
 
     # -- paths -------------------------------------------------------------------------------
     def collect_dir(self, task: str) -> Path:
-        return self.run.path / "collect" / task
+        return self.layout.collect_dir(task)
 
     def discover_file(self, task: str) -> Path:
-        return self.run.path / "discover" / f"{task}.npz"
+        return self.layout.discover_file(task)
 
     @property
     def plan_file(self) -> Path:
-        return self.run.path / "plan.json"
+        return self.layout.plan_file
 
     def checkpoint_dir(self, layout: str) -> Path:
-        return self.run.path / f"checkpoint-{layout}"
+        return self.layout.checkpoint_dir(layout)
 
     def staging_dir(self, layout: str) -> Path:
-        return self.run.path / STAGING / f"checkpoint-{layout}"
+        return self.layout.staging_dir(layout)
 
     @property
     def heal_layout(self) -> str:
@@ -193,7 +188,7 @@ class Pipeline:
 
     @property
     def healed_dir(self) -> Path:
-        return self.run.path / f"checkpoint-{self.heal_layout}-healed"
+        return self.layout.checkpoint_dir(self.heal_layout, healed=True)
 
     # -- stage runner ------------------------------------------------------------------------
     def _stage(self, name: str, key: str, outputs: list[Path], compute) -> Any:
@@ -208,7 +203,7 @@ class Pipeline:
         except BaseException:
             # staged checkpoints only live between check and save in one process: a failed
             # or interrupted stage (a full disk, Ctrl-C) leaves none of its tens of MB behind
-            shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+            shutil.rmtree(self.layout.staging_root, ignore_errors=True)
             raise
         rec = StageRecord(key, round(m["seconds"], 2), round(m["peak_rss_mib"], 1), now(), details)
         self.run.mark_done(name, rec)
@@ -219,9 +214,9 @@ class Pipeline:
     # -- 1. collect --------------------------------------------------------------------------
     def activations(self, task: str) -> Activations:
         directory = self.collect_dir(task)
-        outputs = [directory / "activations.npy", directory / "meta.json"]
+        outputs = [self.layout.activations_file(task), self.layout.collect_meta_file(task)]
         self._stage(f"collect:{task}", self.collect_key(task), outputs, lambda: self._collect(task))
-        meta = json.loads((directory / "meta.json").read_text())
+        meta = self.layout.read_collect_meta(task)
         acts = Activations.load(directory, meta["layer_widths"], meta["site"])
         acts.tokens_per_second = meta["tokens_per_second"]
         return acts
@@ -238,14 +233,14 @@ class Pipeline:
             site=self.recipe.site,
             max_length=cfg.max_length,
             batch_size=self.recipe.collect.batch_size,
-            out_file=directory / "activations.npy" if memmap else None,
+            out_file=self.layout.activations_file(task) if memmap else None,
             progress=self.progress,
         )
         if not memmap:
             tmp = directory / ".activations.npy.tmp"
             with open(tmp, "wb") as handle:
                 np.save(handle, acts.matrix)
-            os.replace(tmp, directory / "activations.npy")
+            os.replace(tmp, self.layout.activations_file(task))
         acts.save(directory)
         meta = {
             "task": task,
@@ -257,7 +252,7 @@ class Pipeline:
             "tokens_per_second": acts.tokens_per_second,
             "sample_ids": [d.id for d in self.tasks[task].calibration],
         }
-        atomic_write_json(directory / "meta.json", meta)
+        self.layout.write_collect_meta(task, meta)
         return {k: meta[k] for k in ("n_tokens", "n_samples", "tokens_per_second")}
 
     # -- 2. discover ---------------------------------------------------------------------------
@@ -317,14 +312,7 @@ class Pipeline:
         """One score per unit of the task's calibration activations (higher: keep first)."""
         if selector == "ica":
             return self.ica_scores(task)
-        acts = self.activations(task)
-        if selector == "magnitude":
-            return magnitude_scores(acts.matrix)
-        if selector == "wanda":
-            return wanda_scores(self.model, acts.matrix)
-        if selector == "random":
-            return random_scores(acts.matrix.shape[1], seed)
-        raise ValueError(f"unknown selector {selector!r}")
+        return unit_scores(selector, self.model, self.activations(task).matrix, seed=seed)
 
     @functools.cached_property
     def unit_means(self) -> np.ndarray:
@@ -344,11 +332,7 @@ class Pipeline:
             )
         return self._merged_scores[key]
 
-    @staticmethod
-    def layer_bounds(widths: list[int]) -> list[tuple[int, int]]:
-        """(start, stop) of every layer's columns in the concatenated unit axis."""
-        bounds = np.cumsum([0, *widths]).tolist()
-        return list(zip(bounds[:-1], bounds[1:], strict=True))
+    layer_bounds = staticmethod(layer_bounds)
 
     @property
     def max_length(self) -> int:
@@ -416,9 +400,7 @@ class Pipeline:
                 threshold_union_fraction=float(union.mean()),
                 threshold_union_per_layer=[int(union[a:b].sum()) for a, b in layers],
             )
-        model_type = json.loads(
-            (self.collect_dir(next(iter(self.tasks))) / "meta.json").read_text()
-        )["model_type"]
+        model_type = self.layout.read_collect_meta(next(iter(self.tasks)))["model_type"]
         return PrunePlan(
             model=r.model, model_type=model_type, site=r.site, fill=fill,
             layer_widths=list(widths), kept=kept, fill_values=fill_values, provenance=provenance,
@@ -472,10 +454,9 @@ class Pipeline:
         }
 
     def prune_report(self) -> dict:
-        file = self.run.path / "prune.json"
         self.plan()
-        self._stage("prune", self.prune_key, [file], self._prune)
-        return json.loads(file.read_text())
+        self._stage("prune", self.prune_key, [self.layout.prune_file], self._prune)
+        return self.layout.read_prune_report()
 
     def _prune(self) -> dict:
         plan = self.plan()
@@ -503,7 +484,7 @@ class Pipeline:
             "padded_width": max(plan.kept_per_layer()),
             "sizes": sizes,
         }
-        atomic_write_json(self.run.path / "prune.json", report)
+        self.layout.write_prune_report(report)
         for name, s in sizes.items():
             if "parameters" in s:
                 logger.info("prune: %-8s %9.2f M params  %8.1f MiB", name, s["parameters"] / 1e6,
@@ -514,10 +495,9 @@ class Pipeline:
 
     # -- 5. check ------------------------------------------------------------------------------
     def parity(self) -> ParityResult:
-        file = self.run.path / "parity.json"
         self.prune_report()
-        self._stage("check", self.check_key, [file], self._check)
-        return ParityResult.from_dict(json.loads(file.read_text()))
+        self._stage("check", self.check_key, [self.layout.parity_file], self._check)
+        return self.layout.read_parity()
 
     def calibration_prompts(self) -> list[str]:
         """Every task's calibration prompts, task after task."""
@@ -594,9 +574,9 @@ class Pipeline:
                              sliced64, atol=cfg.atol, **kwargs)  # fmt: skip
         result = ParityResult([exact, serialisation, in_dtype], files=files)
         logger.info("check:\n%s", result.table())
-        atomic_write_json(self.run.path / "parity.json", result.to_dict())
+        self.layout.write_parity(result)
         if not result.passed:
-            shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+            shutil.rmtree(self.layout.staging_root, ignore_errors=True)
             result.raise_if_failed()
         return {"max_abs": result.worst(), "passed": result.passed}
 
@@ -643,25 +623,25 @@ class Pipeline:
             shutil.rmtree(staging)
             sizes[layout] = checkpoint_bytes(final)
             logger.info("save: %s (%.1f MiB of safetensors)", final, sizes[layout] / 2**20)
-        shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+        shutil.rmtree(self.layout.staging_root, ignore_errors=True)
         return {"safetensors_bytes": sizes}
 
 
     def _checkpoint_extras(self) -> dict[str, str]:
         """The files every saved checkpoint carries beside its weights."""
         return {
-            "fbnprune_plan.json": self.plan_file.read_text(),
-            "fbnprune_recipe.yaml": self.recipe.to_yaml(),
-            "fbnprune_parity.json": (self.run.path / "parity.json").read_text(),
+            CHECKPOINT_PLAN: self.plan_file.read_text(),
+            CHECKPOINT_RECIPE: self.recipe.to_yaml(),
+            CHECKPOINT_PARITY: self.layout.parity_file.read_text(),
         }
 
     # -- 7. heal -------------------------------------------------------------------------------
     def healed(self) -> Path:
         """The healed checkpoint (``checkpoint-<layout>-healed/``), healing if needed."""
         self.checkpoints()
-        outputs = [self.healed_dir, self.run.path / "heal" / "log.json", self.heal_parity_file]
+        outputs = [self.healed_dir, self.layout.heal_log_file, self.heal_parity_file]
         if self.run.is_fresh("heal", self.heal_key, outputs):
-            recorded = ParityResult.from_dict(json.loads(self.heal_parity_file.read_text()))
+            recorded = self.layout.read_parity(healed=True)
             changed = digest_mismatches(self.healed_dir,
                                         recorded.files.get(self.healed_dir.name, {}))
             if changed:
@@ -674,7 +654,7 @@ class Pipeline:
     @property
     def heal_parity_file(self) -> Path:
         """The healed checkpoint's reload check and file digests."""
-        return self.run.path / "heal" / "parity.json"
+        return self.layout.heal_parity_file
 
     def _heal(self) -> dict:
         """Distil the original into a copy of the checked slice on the calibration prompts
@@ -685,7 +665,7 @@ class Pipeline:
         from fbnprune.heal import heal_model, plot_loss
 
         cfg, layout = self.recipe.heal, self.heal_layout
-        heal_dir = self.run.path / "heal"
+        heal_dir = self.layout.heal_dir
         # one fresh slice of the layout healed (``self.sliced`` would build every layout)
         student = slice_model(copy.deepcopy(self.model), self.plan(), layout=layout).eval()
         texts, questions = self.prompts_of(("calibration", "heal"))
@@ -708,19 +688,19 @@ class Pipeline:
         result = ParityResult([serialisation],
                               files={self.healed_dir.name: file_digests(staging)})
         if not result.passed:
-            shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+            shutil.rmtree(self.layout.staging_root, ignore_errors=True)
             result.raise_if_failed()
-        atomic_write_json(self.heal_parity_file, result.to_dict())
+        self.layout.write_parity(result, healed=True)
         log_text = json.dumps(log.to_dict(), indent=2) + "\n"  # as atomic_write_json writes
-        atomic_write_text(heal_dir / "log.json", log_text)
+        atomic_write_text(self.layout.heal_log_file, log_text)
         plot_loss({"healing": log}, heal_dir / "loss.png",
                   title=f"healing {self.recipe.model} ({layout}, {cfg.method})")
-        extras = {**self._checkpoint_extras(), "fbnprune_heal.json": log_text}
+        extras = {**self._checkpoint_extras(), CHECKPOINT_HEAL: log_text}
         with atomic_directory(self.healed_dir) as tmp:
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
             for name, text in extras.items():
                 atomic_write_text(tmp / name, text)
-        shutil.rmtree(self.run.path / STAGING, ignore_errors=True)
+        shutil.rmtree(self.layout.staging_root, ignore_errors=True)
         logger.info("heal: saved %s", self.healed_dir)
         return {"steps": log.steps, "stopped_by": log.stopped_by,
                 "loss_first": log.train_loss[0], "loss_last": log.train_loss[-1],
@@ -741,14 +721,9 @@ def run_pipeline(
     run = RunDir.open(out, overwrite=overwrite, protected=(recipe.model,))
     run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(),
                    versions=versions())  # fmt: skip
-    atomic_write_text(run.path / "recipe.yaml", recipe.to_yaml())
     pipe = Pipeline(recipe, run, progress=progress)
-    atomic_write_json(run.path / DOCUMENTS_FILE, {
-        "note": "calibration: collect, discover, select, refit; heal: healing only; heldout: "
-        "parity check and healing's validation loss. Evaluation documents are drawn outside "
-        "all three (eval/suite/manifest.json).",
-        "tasks": pipe.document_ids(),
-    })  # fmt: skip
+    atomic_write_text(pipe.layout.recipe_file, recipe.to_yaml())
+    pipe.layout.write_documents(pipe.document_ids())
     plan = parity = None
     checkpoints: dict[str, Path] = {}
     stop = STAGES.index(until)
@@ -771,7 +746,7 @@ def run_pipeline(
     elif stop >= 6:
         if pipe.healed_dir.exists():  # healed from an earlier plan: it no longer matches
             shutil.rmtree(pipe.healed_dir)
-            shutil.rmtree(run.path / "heal", ignore_errors=True)
+            shutil.rmtree(pipe.layout.heal_dir, ignore_errors=True)
             run.forget("heal")
             logger.info("heal: removed %s, healed from an earlier plan", pipe.healed_dir.name)
         logger.info("heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fbnprune.errors import FbnpruneError
 from fbnprune.io import atomic_write_text
 from fbnprune.refit import Refit, RefitError, file_digest
 
@@ -21,7 +22,7 @@ PLAN_FORMAT_VERSION = 1
 FILLS = ("zero", "mean", "reconstruct")
 
 
-class PlanError(ValueError):
+class PlanError(FbnpruneError, ValueError):
     """A plan that is inconsistent or does not fit the model it is applied to."""
 
 

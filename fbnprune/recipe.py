@@ -7,7 +7,6 @@ normalised recipe; run directories use per-stage fingerprints to decide what to 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Literal, get_args
@@ -22,6 +21,9 @@ from pydantic import (
     model_validator,
 )
 
+from fbnprune.errors import FbnpruneError
+from fbnprune.rundir.runner import digest
+
 RECIPE_VERSION = 1
 
 Site = Literal["hidden", "output"]
@@ -31,7 +33,7 @@ Allocation = Literal["global", "uniform", "sensitivity"]
 Selector = Literal["ica", "magnitude", "random", "wanda"]
 
 
-class RecipeError(ValueError):
+class RecipeError(FbnpruneError, ValueError):
     """A recipe that cannot be read or does not validate."""
 
 
@@ -450,8 +452,7 @@ class Recipe(_Strict):
         data = self.model_dump(mode="json")
         if parts:
             data = {k: data[k] for k in parts}
-        blob = json.dumps(data, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest(json.dumps(data, sort_keys=True).encode())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -32,11 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.adapters import get_adapter
+from fbnprune.errors import FbnpruneError
 
 CHUNK_ROWS = 4096
 
 
-class RefitError(ValueError):
+class RefitError(FbnpruneError, ValueError):
     """A refit that cannot be computed or does not fit its plan."""
 
 

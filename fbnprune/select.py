@@ -19,15 +19,17 @@ no layer is emptied by accident.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from fbnprune.adapters import get_adapter
+from fbnprune.errors import FbnpruneError
 
 
-class SelectError(ValueError):
+class SelectError(FbnpruneError, ValueError):
     """A selection that cannot be made as asked."""
 
 
@@ -71,6 +73,27 @@ def wanda_scores(model: nn.Module, matrix: np.ndarray) -> np.ndarray:
 
 def random_scores(n_neurons: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n_neurons).astype(np.float32)
+
+
+# selectors that score units from activations alone (``ica`` needs the discover stage)
+ACTIVATION_SCORERS: dict[str, Callable[[nn.Module, np.ndarray, int], np.ndarray]] = {
+    "magnitude": lambda model, matrix, seed: magnitude_scores(matrix),
+    "wanda": lambda model, matrix, seed: wanda_scores(model, matrix),
+    "random": lambda model, matrix, seed: random_scores(matrix.shape[1], seed),
+}
+
+
+def unit_scores(selector: str, model: nn.Module, matrix: np.ndarray, *, seed: int) -> np.ndarray:
+    """One score per unit (higher: keep first) by an activation selector of the registry."""
+    if selector not in ACTIVATION_SCORERS:
+        raise ValueError(f"unknown selector {selector!r}")
+    return ACTIVATION_SCORERS[selector](model, matrix, seed)
+
+
+def layer_bounds(widths: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) of every layer's columns in the concatenated unit axis."""
+    bounds = np.cumsum([0, *widths]).tolist()
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def allocate(

@@ -26,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fbnprune.adapters import MLPAdapter, get_adapter
+from fbnprune.errors import FbnpruneError
 from fbnprune.hooks import site_widths
 from fbnprune.plan import PrunePlan
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 COMPACT_KEY = "fbnprune_compact"
 
 
-class SliceError(ValueError):
+class SliceError(FbnpruneError, ValueError):
     """A plan that cannot be sliced as asked."""
 
 

@@ -23,6 +23,8 @@ from fbnprune.io import atomic_write_json
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import parse_recipe
+from fbnprune.rundir import RunLayout
+from fbnprune.rundir.layout import CHECKPOINT_PARITY, CHECKPOINT_PLAN, CHECKPOINT_RECIPE
 from fbnprune.save import model_size, save_checkpoint
 from fbnprune.slicing import slice_model
 
@@ -54,7 +56,8 @@ def make_run(
 
     Returns the run directory and the sliced model of each layout (the export's reference).
     """
-    run = root / "run"
+    layout = RunLayout(root / "run")
+    run = layout.root
     run.mkdir(parents=True)
     (root / "docs.txt").write_text("\n\n".join(DOCS))
     recipe = parse_recipe({
@@ -78,8 +81,8 @@ def make_run(
                     "calibration_tokens": {"topics": 200}, "versions": {"torch": torch.__version__},
                     "created": "2025-01-01T00:00:00+00:00"},
     )  # fmt: skip
-    plan.save(run / "plan.json")
-    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    plan.save(layout.plan_file)
+    layout.recipe_file.write_text(recipe.to_yaml())
     sliced = {name: slice_model(copy.deepcopy(model), plan, layout=name).eval() for name in layouts}
     candidates = {f"sliced-{name}": m for name, m in sliced.items()}
     parity = check_parity(("masked", model, lambda: masked(model, plan)), candidates, tokenizer,
@@ -87,23 +90,23 @@ def make_run(
     assert parity.passed
     sizes = {"original": model_size(model).__dict__}
     sizes.update({name: model_size(m).__dict__ for name, m in sliced.items()})
-    atomic_write_json(run / "prune.json", {
+    layout.write_prune_report({
         "site": "hidden", "layouts": list(layouts), "kept_per_layer": plan.kept_per_layer(),
         "width_before": widths, "padded_width": max(plan.kept_per_layer()),
         "sizes": {k: {"parameters": v["parameters"], "bytes": v["bytes"]}
                   for k, v in sizes.items()},
     })  # fmt: skip
-    extras = {"fbnprune_plan.json": (run / "plan.json").read_text(),
-              "fbnprune_recipe.yaml": recipe.to_yaml()}  # fmt: skip
+    extras = {CHECKPOINT_PLAN: layout.plan_file.read_text(), CHECKPOINT_RECIPE: recipe.to_yaml()}
     for name, m in sliced.items():
-        save_checkpoint(m, tokenizer, run / f"checkpoint-{name}", extra_files=extras)
+        save_checkpoint(m, tokenizer, layout.checkpoint_dir(name), extra_files=extras)
     # as the check stage records them: the digests of the files whose logits were compared
-    files = {f"checkpoint-{name}": file_digests(run / f"checkpoint-{name}") for name in sliced}
-    atomic_write_json(run / "parity.json", ParityResult([parity], files=files).to_dict())
+    files = {layout.checkpoint_dir(name).name: file_digests(layout.checkpoint_dir(name))
+             for name in sliced}  # fmt: skip
+    layout.write_parity(ParityResult([parity], files=files))
     for name in sliced:
-        shutil.copy2(run / "parity.json", run / f"checkpoint-{name}" / "fbnprune_parity.json")
+        shutil.copy2(layout.parity_file, layout.checkpoint_dir(name) / CHECKPOINT_PARITY)
     if evaluation is not None:
-        atomic_write_json(run / "eval" / "results.json", evaluation)
+        atomic_write_json(layout.eval_results_file, evaluation)
     return run, sliced
 
 

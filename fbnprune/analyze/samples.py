@@ -13,17 +13,18 @@ out (``skip``); the report counts each case.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
 
 from fbnprune.data import Document, load_documents, load_task
+from fbnprune.errors import FbnpruneError
 from fbnprune.evaluate.suite import draw_documents
 from fbnprune.recipe import TaskConfig
+from fbnprune.rundir.runner import digest
 
 
-class AnalyzeError(ValueError):
+class AnalyzeError(FbnpruneError, ValueError):
     """An analysis that cannot be run as asked (sizes, task names, output directory)."""
 
 
@@ -49,7 +50,7 @@ class TaskSamples:
 
 def id_fingerprint(ids: list[str]) -> str:
     """Short hash of an id list, to name a sample set in a table caption."""
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]
+    return digest(json.dumps(ids).encode(), 12)
 
 
 def draw_samples(task: TaskConfig, *, samples: int, eval_docs: int, seed: int) -> TaskSamples:

@@ -19,6 +19,7 @@ import traceback
 import warnings
 
 from fbnprune import __version__
+from fbnprune.errors import FbnpruneError
 
 SUBCOMMANDS = ("run", "stages", "validate", "info", "export", "evaluate", "bench", "analyze")
 
@@ -43,31 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEBUG_HELP = "show the full traceback of an error, not only its message"
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: shown as one message, no traceback."""
-    from fbnprune.adapters import UnsupportedArchitectureError
-    from fbnprune.analyze import AnalyzeError
-    from fbnprune.check import ParityError
-    from fbnprune.collect import CollectError
-    from fbnprune.data import DataError
-    from fbnprune.discover import DiscoverError
-    from fbnprune.evaluate import EvalError
-    from fbnprune.export import ExportError
-    from fbnprune.heal import HealError
-    from fbnprune.loading import ModelLoadError
-    from fbnprune.plan import PlanError
-    from fbnprune.recipe import RecipeError
-    from fbnprune.rundir import RunDirError
-    from fbnprune.select import SelectError
-    from fbnprune.slicing import SliceError
-
-    return (
-        RecipeError, DataError, ModelLoadError, RunDirError, PlanError, SliceError,
-        ParityError, CollectError, DiscoverError, SelectError, UnsupportedArchitectureError,
-        ExportError, EvalError, HealError, AnalyzeError,
-    )  # fmt: skip
 
 
 def configure_logging(quiet: bool) -> None:
@@ -122,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; finished stages are kept, re-run the same command to resume",
               file=sys.stderr)  # fmt: skip
         return 130
-    except expected_errors() as exc:
+    except FbnpruneError as exc:  # every error that is the user's to fix
         if debug:
             traceback.print_exc()
         print(f"{_prog(args)}: error: {exc}", file=sys.stderr)

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run a recipe end to end into one run directory: the plan (plan.json), "
         "the parity report (parity.json), one checkpoint per layout "
         "(checkpoint-padded/, checkpoint-compact/) and, when the recipe's heal section is "
-        "active (by default below 50%% kept), a distilled checkpoint-<layout>-healed/ with "
+        "active (by default below 50% kept), a distilled checkpoint-<layout>-healed/ with "
         "heal/log.json and heal/loss.png.",
     )
     add_run_arguments(parser)

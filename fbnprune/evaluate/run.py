@@ -38,12 +38,12 @@ from fbnprune.evaluate.suite import (
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe, load_recipe
+from fbnprune.rundir.layout import EVAL_DIR, LAYOUTS, RunLayout, checkpoint_name
 from fbnprune.save import count_parameters
 
 logger = logging.getLogger(__name__)
 
 MODEL_KINDS = ("original", "masked", "sliced", "checkpoint")
-EVAL_DIR = "eval"
 
 
 def evaluate_run(
@@ -154,11 +154,9 @@ def model_variants(
             variants[f"sliced-{layout}"] = _sliced(pipeline, plan, layout, info)
             described[f"sliced-{layout}"] = info
     if "checkpoint" in kinds:
-        order = {f"checkpoint-{layout}": i for i, layout in enumerate(("padded", "compact"))}
-        dirs = sorted(
-            (d for d in run_dir.glob("checkpoint-*") if (d / "config.json").is_file()),
-            key=lambda d: (order.get(d.name, len(order)), d.name),
-        )
+        order = {checkpoint_name(layout): i for i, layout in enumerate(LAYOUTS)}
+        dirs = sorted(RunLayout(run_dir).saved_checkpoints(),
+                      key=lambda d: (order.get(d.name, len(order)), d.name))  # fmt: skip
         if not dirs:
             logger.warning("no saved checkpoint-*/ in %s; run the save stage to score one",
                            run_dir)  # fmt: skip
@@ -249,13 +247,13 @@ def _check_kinds(models: Sequence[str]) -> list[str]:
 
 
 def _load_plan(run_dir: Path) -> PrunePlan:
-    file = run_dir / "plan.json"
-    if not file.is_file():
+    run = RunLayout(run_dir)
+    if not run.plan_file.is_file():
         raise EvalError(
             f"{run_dir} holds no plan.json, so there is no pruned model to score; run "
             "`fbnprune select` (or `fbnprune run`) first, or pass --models original"
         )
-    return PrunePlan.load(file)
+    return run.read_plan()
 
 
 def _plan_summary(plan: PrunePlan | None) -> dict[str, Any] | None:

@@ -52,8 +52,10 @@ from typing import Any
 import yaml
 
 from fbnprune.data import Document, load_documents, load_task, normalise, render, task_choices
+from fbnprune.errors import FbnpruneError
 from fbnprune.io import atomic_write_json, atomic_write_text
 from fbnprune.recipe import EVAL_SUITE_TASKS, EvaluateConfig, Recipe, TaskConfig, Wording
+from fbnprune.rundir.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ PERPLEXITY_METRICS = {  # metric -> lm-eval aggregation; lower is better for all
 }
 
 
-class EvalError(ValueError):
+class EvalError(FbnpruneError, ValueError):
     """An evaluation that cannot be set up: unknown task, too few documents, bad run."""
 
 
@@ -169,11 +171,11 @@ def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[D
     if run_dir is not None:
         known = {d.id for d in docs}
         ids: list[str] = []
-        for meta_file in sorted(Path(run_dir).glob("collect/*/meta.json")):
-            ids += json.loads(meta_file.read_text()).get("sample_ids", [])
-        documents = Path(run_dir) / "documents.json"
-        if documents.is_file():
-            for splits in json.loads(documents.read_text())["tasks"].values():
+        run = RunLayout(Path(run_dir))
+        for meta in run.read_all_collect_meta():
+            ids += meta.get("sample_ids", [])
+        if run.documents_file.is_file():
+            for splits in run.read_documents()["tasks"].values():
                 ids += [i for split in splits.values() for i in split]
         docs.extend(Document(id=i, text="") for i in dict.fromkeys(ids) if i not in known)
     return docs

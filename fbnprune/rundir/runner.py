@@ -16,6 +16,7 @@ folder is refused at once, naming the holder (``.lock.json``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -32,15 +33,26 @@ from typing import Any
 
 import psutil
 
+from fbnprune.errors import FbnpruneError
 from fbnprune.io import atomic_write_json
+from fbnprune.rundir.layout import RUN_FILE
 
-RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 LOCK_HOLDER = ".lock.json"
 BOOKKEEPING = (LOCK_FILE, LOCK_HOLDER)  # do not make a folder non-empty
 
 
-class RunDirError(ValueError):
+def digest(blob: bytes, length: int = 16) -> str:
+    """The first ``length`` hex digits of ``blob``'s sha256: the one short hash of fbnprune."""
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def fingerprint(*parts: Any) -> str:
+    """The short hash of ``parts`` as sorted-key JSON: a stage's key, from its inputs."""
+    return digest(json.dumps(parts, sort_keys=True).encode())
+
+
+class RunDirError(FbnpruneError, ValueError):
     """An output directory that cannot be used for this run."""
 
 

@@ -1,0 +1,181 @@
+"""``RunLayout``: the one place that knows the names and formats of a run directory's files.
+
+::
+
+    run.json                  ledger: per stage its fingerprint, wall time, peak memory
+    recipe.yaml               the recipe, as validated
+    documents.json            per task and split, the ids of the documents used
+    collect/<task>/           activations.npy, meta.json (collect metadata)
+    discover/<task>.npz       ICA scores, z maps, explained variance
+    plan.json                 the PrunePlan (beside it plan.refit.safetensors when refit)
+    prune.json                sizes and widths of the sliced layouts
+    parity.json               the check stage's ParityResult, with checkpoint digests
+    checkpoint-<layout>/      a saved checkpoint (padded | compact); -healed when healed
+    heal/                     log.json, loss.png, parity.json of the healed checkpoint
+    eval/results.json         the evaluate command's EvalResults
+    .staging/                 checkpoints between check and save (one process only)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fbnprune.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from fbnprune.check import ParityResult
+    from fbnprune.plan import PrunePlan
+
+RUN_FILE = "run.json"
+RECIPE_FILE = "recipe.yaml"
+DOCUMENTS_FILE = "documents.json"
+PLAN_FILE = "plan.json"
+PRUNE_FILE = "prune.json"
+PARITY_FILE = "parity.json"
+STAGING = ".staging"
+HEAL_DIR = "heal"
+EVAL_DIR = "eval"
+RESULTS_FILE = "results.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+HEALED_SUFFIX = "-healed"
+LAYOUTS = ("padded", "compact")
+# the files every saved checkpoint carries beside its weights
+CHECKPOINT_PLAN, CHECKPOINT_RECIPE = "fbnprune_plan.json", "fbnprune_recipe.yaml"
+CHECKPOINT_PARITY, CHECKPOINT_HEAL = "fbnprune_parity.json", "fbnprune_heal.json"
+
+
+def checkpoint_name(layout: str, *, healed: bool = False) -> str:
+    """``checkpoint-<layout>`` (``-healed`` appended for the healed checkpoint)."""
+    return f"{CHECKPOINT_PREFIX}{layout}{HEALED_SUFFIX if healed else ''}"
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run directory's files, and typed reads and writes of them."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- paths -----------------------------------------------------------------------------
+    @property
+    def run_file(self) -> Path:
+        return self.root / RUN_FILE
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.root / RECIPE_FILE
+
+    @property
+    def documents_file(self) -> Path:
+        return self.root / DOCUMENTS_FILE
+
+    def collect_dir(self, task: str) -> Path:
+        return self.root / "collect" / task
+
+    def activations_file(self, task: str) -> Path:
+        return self.collect_dir(task) / "activations.npy"
+
+    def collect_meta_file(self, task: str) -> Path:
+        return self.collect_dir(task) / "meta.json"
+
+    def discover_file(self, task: str) -> Path:
+        return self.root / "discover" / f"{task}.npz"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.root / PLAN_FILE
+
+    @property
+    def prune_file(self) -> Path:
+        return self.root / PRUNE_FILE
+
+    @property
+    def parity_file(self) -> Path:
+        return self.root / PARITY_FILE
+
+    def checkpoint_dir(self, layout: str, *, healed: bool = False) -> Path:
+        return self.root / checkpoint_name(layout, healed=healed)
+
+    @property
+    def staging_root(self) -> Path:
+        return self.root / STAGING
+
+    def staging_dir(self, layout: str) -> Path:
+        return self.staging_root / f"{CHECKPOINT_PREFIX}{layout}"
+
+    @property
+    def heal_dir(self) -> Path:
+        return self.root / HEAL_DIR
+
+    @property
+    def heal_log_file(self) -> Path:
+        return self.heal_dir / "log.json"
+
+    @property
+    def heal_parity_file(self) -> Path:
+        return self.heal_dir / PARITY_FILE
+
+    @property
+    def eval_results_file(self) -> Path:
+        return self.root / EVAL_DIR / RESULTS_FILE
+
+    def relative(self, path: Path) -> str:
+        """``path`` inside the run directory, as a POSIX string (``heal/parity.json``)."""
+        return path.relative_to(self.root).as_posix()
+
+    def saved_checkpoints(self) -> list[Path]:
+        """Every saved ``checkpoint-*/`` folder holding a ``config.json``, sorted by name."""
+        return sorted(d for d in self.root.glob(f"{CHECKPOINT_PREFIX}*")
+                      if (d / "config.json").is_file())  # fmt: skip
+
+    # -- typed reads and writes ------------------------------------------------------------
+    def read_plan(self) -> PrunePlan:
+        from fbnprune.plan import PrunePlan
+
+        return PrunePlan.load(self.plan_file)
+
+    def read_parity(self, *, healed: bool = False) -> ParityResult:
+        from fbnprune.check import ParityResult
+
+        file = self.heal_parity_file if healed else self.parity_file
+        return ParityResult.from_dict(read_json(file))
+
+    def write_parity(self, result: ParityResult, *, healed: bool = False) -> None:
+        atomic_write_json(self.heal_parity_file if healed else self.parity_file, result.to_dict())
+
+    def read_prune_report(self) -> dict[str, Any]:
+        return dict(read_json(self.prune_file))
+
+    def write_prune_report(self, report: dict[str, Any]) -> None:
+        atomic_write_json(self.prune_file, report)
+
+    def read_collect_meta(self, task: str) -> dict[str, Any]:
+        return dict(read_json(self.collect_meta_file(task)))
+
+    def write_collect_meta(self, task: str, meta: dict[str, Any]) -> None:
+        atomic_write_json(self.collect_meta_file(task), meta)
+
+    def read_all_collect_meta(self) -> list[dict[str, Any]]:
+        """Every task's collect metadata, in the order of the tasks' folder names."""
+        files = sorted(self.root.glob("collect/*/meta.json"))
+        return [dict(read_json(file)) for file in files]
+
+    def read_documents(self) -> dict[str, Any]:
+        return dict(read_json(self.documents_file))
+
+    def write_documents(self, document_ids: dict[str, dict[str, list[str]]]) -> None:
+        atomic_write_json(self.documents_file, {
+            "note": "calibration: collect, discover, select, refit; heal: healing only; "
+            "heldout: parity check and healing's validation loss. Evaluation documents are "
+            "drawn outside all three (eval/suite/manifest.json).",
+            "tasks": document_ids,
+        })  # fmt: skip
