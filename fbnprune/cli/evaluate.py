@@ -89,5 +89,7 @@ def execute(args: argparse.Namespace) -> int:
         max_length=args.max_length,
     )  # fmt: skip
     print(results_markdown(results), end="")
-    print(f"results: {args.run_dir / 'eval' / 'results.json'}")
+    from fbnprune.rundir.layout import RunLayout
+
+    print(f"results: {RunLayout(args.run_dir).eval_results_file}")
     return 0

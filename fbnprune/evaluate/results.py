@@ -31,13 +31,12 @@ from typing import Any
 
 from fbnprune.evaluate.harness import Scores, TaskInfo
 from fbnprune.io import atomic_write_json, atomic_write_text
+from fbnprune.rundir.layout import LAYOUTS, RESULTS_FILE, checkpoint_name
 
 RESULTS_VERSION = 1
 PRUNED_PREFERENCE = (
-    "sliced-padded",
-    "sliced-compact",
-    "checkpoint-padded",
-    "checkpoint-compact",
+    *(f"sliced-{layout}" for layout in LAYOUTS),
+    *(checkpoint_name(layout) for layout in LAYOUTS),
     "masked",
 )
 
@@ -122,7 +121,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 def write_results(results: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:
     """Write ``results.json`` and ``results.md`` into ``directory`` (atomically)."""
     directory = Path(directory)
-    json_file, md_file = directory / "results.json", directory / "results.md"
+    json_file = directory / RESULTS_FILE
+    md_file = json_file.with_suffix(".md")
     atomic_write_json(json_file, results)
     atomic_write_text(md_file, results_markdown(results))
     return json_file, md_file
