@@ -150,7 +150,7 @@ class Pipeline:
     def prune_key(self) -> str:
         """Also keyed on the plan's content, so an edited ``plan.json`` is pruned, checked
         and saved again (read it after the select stage ran)."""
-        plan = sha256_file(self.plan_file) if self.plan_file.is_file() else None
+        plan = sha256_file(self.layout.plan_file) if self.layout.plan_file.is_file() else None
         return fingerprint(self.select_key, self.recipe.save.model_dump(), plan)
 
     @property
@@ -163,22 +163,6 @@ class Pipeline:
         return fingerprint(self.check_key, self.recipe.heal.model_dump(), heal_data)
 
     # -- paths -------------------------------------------------------------------------------
-    def collect_dir(self, task: str) -> Path:
-        return self.layout.collect_dir(task)
-
-    def discover_file(self, task: str) -> Path:
-        return self.layout.discover_file(task)
-
-    @property
-    def plan_file(self) -> Path:
-        return self.layout.plan_file
-
-    def checkpoint_dir(self, layout: str) -> Path:
-        return self.layout.checkpoint_dir(layout)
-
-    def staging_dir(self, layout: str) -> Path:
-        return self.layout.staging_dir(layout)
-
     @property
     def heal_layout(self) -> str:
         """Healing trains the compact slice when the recipe saves one (LoRA adapters would
@@ -213,7 +197,7 @@ class Pipeline:
 
     # -- 1. collect --------------------------------------------------------------------------
     def activations(self, task: str) -> Activations:
-        directory = self.collect_dir(task)
+        directory = self.layout.collect_dir(task)
         outputs = [self.layout.activations_file(task), self.layout.collect_meta_file(task)]
         self._stage(f"collect:{task}", self.collect_key(task), outputs, lambda: self._collect(task))
         meta = self.layout.read_collect_meta(task)
@@ -223,7 +207,7 @@ class Pipeline:
 
     def _collect(self, task: str) -> dict:
         cfg = next(t for t in self.recipe.tasks if t.name == task)
-        directory = self.collect_dir(task)
+        directory = self.layout.collect_dir(task)
         directory.mkdir(parents=True, exist_ok=True)
         memmap = self.recipe.collect.storage == "memmap"
         acts = collect_activations(
@@ -257,7 +241,7 @@ class Pipeline:
 
     # -- 2. discover ---------------------------------------------------------------------------
     def ica_scores(self, task: str) -> np.ndarray:
-        file = self.discover_file(task)
+        file = self.layout.discover_file(task)
         if not self.run.is_fresh(f"discover:{task}", self.discover_key(task), [file]):
             self.activations(task)  # run collect first, so stages log in order
         self._stage(
@@ -277,7 +261,7 @@ class Pipeline:
             random_state=self.recipe.seed,
             standardize=cfg.standardize,
         ).fit(acts.matrix)
-        file = self.discover_file(task)
+        file = self.layout.discover_file(task)
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.tmp.npz")
         np.savez(
@@ -299,11 +283,11 @@ class Pipeline:
 
     # -- 3. select ---------------------------------------------------------------------------
     def plan(self) -> PrunePlan:
-        if not self.run.is_fresh("select", self.select_key, [self.plan_file]):
+        if not self.run.is_fresh("select", self.select_key, [self.layout.plan_file]):
             for task in self.tasks:  # upstream stages first, so stages log in order
                 self._task_scores(task)
-        self._stage("select", self.select_key, [self.plan_file], self._select)
-        return PrunePlan.load(self.plan_file)
+        self._stage("select", self.select_key, [self.layout.plan_file], self._select)
+        return PrunePlan.load(self.layout.plan_file)
 
     def _task_scores(self, task: str) -> np.ndarray:
         return self.task_scores(task, self.recipe.select.selector, seed=self.recipe.seed)
@@ -433,7 +417,7 @@ class Pipeline:
         r = self.recipe
         plan = self.build_plan(r.select, r.prune.fill, seed=r.seed)
         provenance = plan.provenance
-        plan.save(self.plan_file)
+        plan.save(self.layout.plan_file)
         logger.info("select: %s", plan.summary())
         if "threshold_union_units" in provenance:
             logger.info(
@@ -545,9 +529,9 @@ class Pipeline:
         reloaded: dict[str, nn.Module] = {}
         files: dict[str, dict[str, str]] = {}
         for layout, model in self.sliced.items():
-            staging = self.staging_dir(layout)
+            staging = self.layout.staging_dir(layout)
             save_checkpoint(model, self.tokenizer, staging)
-            files[self.checkpoint_dir(layout).name] = file_digests(staging)
+            files[self.layout.checkpoint_dir(layout).name] = file_digests(staging)
             reloaded[layout] = AutoModelForCausalLM.from_pretrained(
                 staging, dtype=dtype, trust_remote_code=layout == "compact"
             ).eval()
@@ -582,7 +566,7 @@ class Pipeline:
 
     # -- 6. save -------------------------------------------------------------------------------
     def checkpoints(self) -> dict[str, Path]:
-        outputs = [self.checkpoint_dir(layout) for layout in self.recipe.save.layouts]
+        outputs = [self.layout.checkpoint_dir(layout) for layout in self.recipe.save.layouts]
         changed = self._changed_since_check(outputs)
         if changed:
             logger.warning("save: the saved checkpoints differ from the checked ones (%s); "
@@ -603,7 +587,7 @@ class Pipeline:
                 for line in digest_mismatches(folder, files.get(folder.name, {}))]  # fmt: skip
 
     def _save(self) -> dict:
-        if not all(self.staging_dir(layout).is_dir() for layout in self.recipe.save.layouts):
+        if not all(self.layout.staging_dir(layout).is_dir() for layout in self.recipe.save.layouts):
             # checked in an earlier process, staging gone: check again (it saves the staging)
             self.run.forget("check")
             self.parity()
@@ -611,7 +595,7 @@ class Pipeline:
         extras = self._checkpoint_extras()
         sizes = {}
         for layout in self.recipe.save.layouts:
-            staging, final = self.staging_dir(layout), self.checkpoint_dir(layout)
+            staging, final = self.layout.staging_dir(layout), self.layout.checkpoint_dir(layout)
             changed = digest_mismatches(staging, files.get(final.name, {}))
             if changed:
                 raise ParityError(f"the staged {final.name} is not what was checked: "
@@ -630,7 +614,7 @@ class Pipeline:
     def _checkpoint_extras(self) -> dict[str, str]:
         """The files every saved checkpoint carries beside its weights."""
         return {
-            CHECKPOINT_PLAN: self.plan_file.read_text(),
+            CHECKPOINT_PLAN: self.layout.plan_file.read_text(),
             CHECKPOINT_RECIPE: self.recipe.to_yaml(),
             CHECKPOINT_PARITY: self.layout.parity_file.read_text(),
         }
@@ -675,7 +659,7 @@ class Pipeline:
                                  validation_questions=validation_questions,
                                  state_file=heal_dir / "state.pt",
                                  progress=self.progress)  # fmt: skip
-        staging = self.staging_dir(f"{layout}-healed")
+        staging = self.layout.staging_dir(f"{layout}-healed")
         save_checkpoint(healed, self.tokenizer, staging)
         reloaded = AutoModelForCausalLM.from_pretrained(
             staging, dtype=getattr(torch, self.recipe.dtype), trust_remote_code=layout == "compact"
