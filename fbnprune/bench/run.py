@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import json
 import logging
 import time
@@ -33,6 +32,7 @@ from fbnprune.pipeline import Pipeline, versions
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe
 from fbnprune.rundir import RunDir
+from fbnprune.rundir.runner import digest
 from fbnprune.save import count_parameters
 from fbnprune.slicing import slice_model
 
@@ -107,7 +107,7 @@ def bench_fingerprint(recipe: Recipe) -> str:
     data["select"] = recipe.select.model_dump(exclude={"selector", "budget"})
     data["prune"] = recipe.prune.model_dump()
     data["bench"] = recipe.bench.model_dump(include={"tasks", "limit", "layout", "heal_steps"})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(json.dumps(data, sort_keys=True).encode())
 
 
 def layer_floor(recipe: Recipe, budget: float) -> float:
