@@ -24,9 +24,10 @@ import torch
 
 from fbnprune.adapters import get_adapter
 from fbnprune.collect import collect_activations, token_batches
-from fbnprune.pipeline import Pipeline, run_pipeline
 from fbnprune.recipe import load_recipe
 from fbnprune.rundir import RunDir
+from fbnprune.rundir.context import RunContext
+from fbnprune.stages.pipeline import run_pipeline
 
 
 @torch.inference_mode()
@@ -58,10 +59,10 @@ def main() -> None:
         print(f"  {name:<24}{rec.seconds:>9.1f}{rec.peak_rss_mib:>14.0f}")
     print(f"  {'total':<24}{total:>9.1f}")
 
-    pipe = Pipeline(recipe, RunDir.open(out), progress=False)
-    model, tokenizer = pipe.model, pipe.tokenizer
+    ctx = RunContext(recipe, RunDir.open(out), progress=False)
+    model, tokenizer = ctx.model, ctx.tokenizer
     task = recipe.tasks[0]
-    prompts = pipe.tasks[task.name].prompts("calibration")[: args.samples]
+    prompts = ctx.tasks[task.name].prompts("calibration")[: args.samples]
     batch, length = recipe.collect.batch_size, task.max_length
     backbone = get_adapter(model).get_backbone(model)
     tmp = Path(tempfile.mkdtemp(prefix="fbnprune-bench-collect-"))

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from fbnprune.pipeline import RunSummary
     from fbnprune.plan import PrunePlan
     from fbnprune.recipe import Recipe
+    from fbnprune.stages.pipeline import RunSummary
 
 
 def run(
@@ -36,9 +36,9 @@ def run(
     Returns:
         The summary the CLI prints: stage times, the plan, parity, checkpoints.
     """
-    from fbnprune.pipeline import run_pipeline
     from fbnprune.recipe import Recipe, load_recipe
     from fbnprune.rundir import RunDir, check_run_dir
+    from fbnprune.stages.pipeline import run_pipeline
 
     recipe_file = None
     if not isinstance(recipe, Recipe):
@@ -93,11 +93,11 @@ def prune(
 
     from fbnprune.collect import collect_activations
     from fbnprune.discover import GroupICA
-    from fbnprune.pipeline import versions
     from fbnprune.plan import PrunePlan
     from fbnprune.recipe import DiscoverConfig, PruneConfig, SelectConfig
     from fbnprune.refit import refit_plan
     from fbnprune.rundir import now
+    from fbnprune.rundir.runner import versions
     from fbnprune.select import allocate, column_means, layer_bounds, unit_scores
     from fbnprune.slicing import slice_model
 

@@ -21,8 +21,8 @@ from fbnprune.evaluate.suite import (
     draw_documents,
     word_problem_record,
 )
-from fbnprune.pipeline import run_pipeline
 from fbnprune.recipe import EvaluateConfig, parse_recipe
+from fbnprune.stages.pipeline import run_pipeline
 
 SMALL = {"choice_samples": 10, "perplexity_samples": 4, "perplexity_max_words": 48}
 VARIANTS = ["original", "masked", "sliced-padded", "sliced-compact",

@@ -21,10 +21,10 @@ from fbnprune.heal import (
     teacher_targets,
     trainable_linears,
 )
-from fbnprune.pipeline import run_pipeline
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import HealConfig, parse_recipe
 from fbnprune.slicing import slice_model
+from fbnprune.stages.pipeline import run_pipeline
 
 GOODS = ["stock", "bond", "oil", "gold", "grain", "coffee", "copper", "wheat"]
 TEXTS = [f"the {w} market rose by {i} points on monday" for i, w in enumerate(GOODS)]

@@ -18,10 +18,9 @@ from test_pipeline import recipe_dict, write_recipe
 
 from fbnprune import integrity
 from fbnprune.cli import disk_fault, main
-from fbnprune.pipeline import Pipeline, run_pipeline
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import RecipeError, load_recipe, parse_recipe
-from fbnprune.rundir import RunDir
+from fbnprune.stages.pipeline import run_pipeline
 
 
 @pytest.fixture()
@@ -72,10 +71,9 @@ def test_digest_mismatches_name_changed_missing_and_added_files(tmp_path):
 def test_new_weights_at_the_same_model_path_rerun_every_stage(finished_run, model_dir):
     recipe, run = finished_run
     tiny_model("llama", seed=7).save_pretrained(model_dir)  # same path, other weights
-    pipe = Pipeline(recipe, RunDir.open(run), progress=False)
-    pipe.checkpoints()
-    assert pipe.executed[:2] == ["collect:news", "discover:news"]
-    assert "save" in pipe.executed
+    summary = run_pipeline(recipe, run, until="save", progress=False)
+    assert summary.executed[:2] == ["collect:news", "discover:news"]
+    assert "save" in summary.executed
     saved = load_file(run / "checkpoint-padded" / "model.safetensors")
     new = tiny_model("llama", seed=7).state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"  # attention is not pruned: copied as is
@@ -88,13 +86,12 @@ def test_an_edited_plan_is_pruned_checked_and_saved_again(finished_run):
     plan["kept"][0] = plan["kept"][0][:3]  # a valid-looking edit: layer 0 keeps 3 units
     plan["fill_values"] = plan.get("fill_values")
     (run / "plan.json").write_text(json.dumps(plan))
-    pipe = Pipeline(recipe, RunDir.open(run), progress=False)
-    pipe.checkpoints()
-    assert pipe.executed == ["prune", "check", "save"]  # select is kept: the edit is honoured
+    summary = run_pipeline(recipe, run, until="save", progress=False)
+    assert summary.executed == ["prune", "check", "save"]  # select is kept: the edit is honoured
     shipped = PrunePlan.load(run / "checkpoint-padded" / "fbnprune_plan.json")
     assert shipped.kept_per_layer()[0] == 3
     assert json.loads((run / "prune.json").read_text())["kept_per_layer"][0] == 3
-    assert pipe.parity().passed
+    assert summary.parity.passed
 
 
 def test_a_changed_checkpoint_is_checked_and_saved_again_on_resume(finished_run, caplog):
@@ -102,9 +99,8 @@ def test_a_changed_checkpoint_is_checked_and_saved_again_on_resume(finished_run,
     weights = run / "checkpoint-padded" / "model.safetensors"
     tensors = {k: torch.randn_like(v) for k, v in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
-    pipe = Pipeline(recipe, RunDir.open(run), progress=False)
-    pipe.checkpoints()
-    assert pipe.executed == ["check", "save"]
+    summary = run_pipeline(recipe, run, until="save", progress=False)
+    assert summary.executed == ["check", "save"]
     assert "differ from the checked ones" in caplog.text
     files = json.loads((run / "parity.json").read_text())["files"]["checkpoint-padded"]
     assert integrity.digest_mismatches(run / "checkpoint-padded", files) == []
@@ -124,7 +120,7 @@ def test_a_full_disk_or_read_only_folder_is_one_message(model_dir, tmp_path, mon
         real(model, tokenizer, directory, **kwargs)
         raise OSError(code, "injected", str(Path(directory) / "model.safetensors"))
 
-    monkeypatch.setattr("fbnprune.pipeline.save_checkpoint", fill_up)
+    monkeypatch.setattr("fbnprune.stages.save.save_checkpoint", fill_up)
     code_out = main(["-q", "run", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
     assert code_out == 2 and "Traceback" not in err

@@ -11,9 +11,11 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from fbnprune.cli import main
-from fbnprune.pipeline import Pipeline, run_pipeline
 from fbnprune.recipe import parse_recipe
 from fbnprune.rundir import RunDir, RunDirError
+from fbnprune.rundir.context import RunContext
+from fbnprune.stages.collect import collect
+from fbnprune.stages.pipeline import run_pipeline
 
 
 def recipe_dict(model_dir: str, **overrides) -> dict:
@@ -72,17 +74,15 @@ def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_llama_dir, tmp_p
     assert sizes["padded"]["parameters"] < sizes["original"]["parameters"]
 
     # a second run reuses every stage
-    again = Pipeline(recipe, RunDir.open(run), progress=False)
-    again.checkpoints()
+    again = run_pipeline(recipe, run, until="save", progress=False)
     assert again.executed == []
 
 
 def test_changed_budget_recomputes_only_select_and_later(tiny_llama_dir, tmp_path):
     run_pipeline(parse_recipe(recipe_dict(tiny_llama_dir)), tmp_path / "run", progress=False)
     changed = parse_recipe(recipe_dict(tiny_llama_dir, select={"budget": 0.5}))
-    pipe = Pipeline(changed, RunDir.open(tmp_path / "run"), progress=False)
-    pipe.checkpoints()
-    assert pipe.executed == ["select", "prune", "check", "save"]
+    summary = run_pipeline(changed, tmp_path / "run", until="save", progress=False)
+    assert summary.executed == ["select", "prune", "check", "save"]
 
 
 def test_interrupted_stage_resumes_cleanly(tiny_llama_dir, tmp_path, monkeypatch):
@@ -91,29 +91,29 @@ def test_interrupted_stage_resumes_cleanly(tiny_llama_dir, tmp_path, monkeypatch
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fbnprune.pipeline.GroupICA.fit", interrupt)
+    monkeypatch.setattr("fbnprune.discover.GroupICA.fit", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(recipe, tmp_path / "run", progress=False)
     assert not list((tmp_path / "run").rglob("*.tmp*"))
     assert not (tmp_path / "run" / "plan.json").exists()
     monkeypatch.undo()
-    pipe = Pipeline(recipe, RunDir.open(tmp_path / "run"), progress=False)
-    pipe.checkpoints()
-    assert "collect:news" not in pipe.executed and "discover:news" in pipe.executed
+    summary = run_pipeline(recipe, tmp_path / "run", until="save", progress=False)
+    assert "collect:news" not in summary.executed and "discover:news" in summary.executed
 
 
 def test_collect_records_only_real_tokens(tiny_llama_dir, tmp_path):
     recipe = parse_recipe(recipe_dict(tiny_llama_dir))
     run_pipeline(recipe, tmp_path / "run", until="collect", progress=False)
-    pipe = Pipeline(recipe, RunDir.open(tmp_path / "run"), progress=False)
-    acts = pipe.activations("news")
-    prompts = pipe.tasks["news"].prompts("calibration")
+    ctx = RunContext(recipe, RunDir.open(tmp_path / "run"), progress=False)
+    acts = collect(ctx, "news")
+    assert ctx.run.executed == []  # reused
+    prompts = ctx.tasks["news"].prompts("calibration")
     lengths = [
-        len(ids) for ids in pipe.tokenizer(prompts, truncation=True, max_length=32)["input_ids"]
+        len(ids) for ids in ctx.tokenizer(prompts, truncation=True, max_length=32)["input_ids"]
     ]
     assert acts.n_tokens == sum(lengths)
     # rows equal an unbatched forward pass of each sample alone (padding did not leak in)
-    model, tok = pipe.model, pipe.tokenizer
+    model, tok = ctx.model, ctx.tokenizer
     ids = torch.tensor([tok(prompts[1], truncation=True, max_length=32)["input_ids"]])
     seen = []
     down = model.model.layers[1].mlp.down_proj

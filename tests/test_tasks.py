@@ -21,10 +21,10 @@ from fbnprune.evaluate.suite import (
     recipe_tasks,
 )
 from fbnprune.heal import distillation_loss, heal_model, teacher_targets
-from fbnprune.pipeline import run_pipeline
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import HealConfig, RecipeError, TaskConfig, parse_recipe
 from fbnprune.slicing import slice_model
+from fbnprune.stages.pipeline import run_pipeline
 
 CHOICES = {t: f" {t}" for t in ("business", "entertainment", "politics", "sport", "tech")}
 ALT = {"business": " Business", "entertainment": " Arts", "politics": " Politics",

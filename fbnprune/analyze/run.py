@@ -43,8 +43,8 @@ from fbnprune.analyze.samples import (
 )
 from fbnprune.collect import Activations, collect_activations
 from fbnprune.io import atomic_directory, atomic_write_json
-from fbnprune.pipeline import versions
 from fbnprune.recipe import AnalyzeConfig, Recipe
+from fbnprune.rundir.runner import versions
 from fbnprune.select import column_means, rms_scores
 
 logger = logging.getLogger(__name__)

@@ -1,12 +1,13 @@
 """Score the benchmark grid of one recipe in one process.
 
-Every variant is a ``PrunePlan`` built by the pipeline (``Pipeline.build_plan``) from the
-run's calibration activations: hidden-site variants are sliced (``BenchConfig.layout``; the
-check stage proves slicing equals masking, and sliced models run faster), output-site
-variants are masked (no architecture can drop an output channel). Every variant is scored
-by the same ``Harness`` (lm-eval, offline suite of documents outside the run's documents) as the
-original. Finished rows are appended to ``bench/rows.jsonl``; an interrupted benchmark run
-again with the same settings resumes where it stopped.
+Every variant is a ``PrunePlan`` built as the select stage builds the recipe's
+(``stages.select.build_plan``) from the run's calibration activations: hidden-site variants
+are sliced (``BenchConfig.layout``; the check stage proves slicing equals masking, and
+sliced models run faster), output-site variants are masked (no architecture can drop an
+output channel). Every variant is scored by the same ``Harness`` (lm-eval, offline suite of
+documents outside the run's documents) as the original. Finished rows are appended to
+``bench/rows.jsonl``; an interrupted benchmark run again with the same settings resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ from fbnprune.evaluate.suite import build_suite, calibration_documents, catalog,
 from fbnprune.heal import HealLog, heal_model, prepare_targets
 from fbnprune.io import atomic_write_text
 from fbnprune.mask import masked
-from fbnprune.pipeline import Pipeline, versions
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe
 from fbnprune.rundir import RunDir
-from fbnprune.rundir.runner import digest
+from fbnprune.rundir.context import RunContext
+from fbnprune.rundir.runner import digest, versions
 from fbnprune.save import count_parameters
 from fbnprune.slicing import slice_model
+from fbnprune.stages.calibration import Calibration
+from fbnprune.stages.collect import collect
+from fbnprune.stages.discover import discover
+from fbnprune.stages.select import build_plan
 
 logger = logging.getLogger(__name__)
 
@@ -137,28 +142,36 @@ class _Rows:
             handle.write(json.dumps(row) + "\n")
 
 
-def _pipelines(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, Pipeline]:
-    """One pipeline per neuron site the grid needs; the recipe's own site uses the run
+def _contexts(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, RunContext]:
+    """One context per neuron site the grid needs; the recipe's own site uses the run
     directory (reusing ``fbnprune run``'s collect and discover), the other one a
     sub-directory; both share one loaded model."""
-    main = Pipeline(recipe, run, progress=progress)
-    pipes = {recipe.site: main}
+    main = RunContext(recipe, run, progress=progress)
+    contexts = {recipe.site: main}
     needed = {"hidden"} | ({"output"} if recipe.bench.output_selectors else set())
     for site in needed - {recipe.site}:
         sub = RunDir.open(run.path / BENCH_DIR / f"site-{site}")
-        pipes[site] = Pipeline(recipe.model_copy(update={"site": site}), sub,
-                               progress=progress,
-                               model_and_tokenizer=main.model_and_tokenizer)  # fmt: skip
-    return pipes
+        contexts[site] = RunContext(recipe.model_copy(update={"site": site}), sub,
+                                    progress=progress,
+                                    model_and_tokenizer=main.model_and_tokenizer)  # fmt: skip
+    return contexts
 
 
-def variant_plan(pipes: dict[str, Pipeline], variant: Variant, recipe: Recipe) -> PrunePlan:
-    """The plan of one variant, built by the pipeline of its neuron site."""
+def _calibration(ctx: RunContext, selectors: list[str]) -> Calibration:
+    """Collect (and, for the ica selector, discover) every task of one site's context."""
+    acts = {task: collect(ctx, task) for task in ctx.tasks}
+    networks = {task: discover(ctx, task, acts[task]) for task in ctx.tasks
+                if "ica" in selectors}  # fmt: skip
+    return Calibration(ctx, acts, networks)
+
+
+def variant_plan(cals: dict[str, Calibration], variant: Variant, recipe: Recipe) -> PrunePlan:
+    """The plan of one variant, built from the calibration data of its neuron site."""
     select = recipe.select.model_copy(update={
         "selector": variant.selector, "budget": variant.budget,
         "allocation": variant.allocation or recipe.select.allocation,
         "min_per_layer": layer_floor(recipe, variant.budget)})  # fmt: skip
-    return pipes[variant.site].build_plan(select, variant.fill, seed=variant.seed)
+    return build_plan(cals[variant.site], select, variant.fill, seed=variant.seed)
 
 
 def bench_tasks(recipe: Recipe) -> list[str]:
@@ -186,8 +199,8 @@ def run_bench(
                    versions=versions())  # fmt: skip
     atomic_write_text(run.path / "recipe.yaml", recipe.to_yaml())
     bench_dir = run.path / BENCH_DIR
-    pipes = _pipelines(recipe, run, progress)
-    main = pipes[recipe.site]
+    contexts = _contexts(recipe, run, progress)
+    main = contexts[recipe.site]
     model, tokenizer = main.model, main.tokenizer
     suite_dir = bench_dir / "suite"
     if suite_tasks:
@@ -198,12 +211,8 @@ def run_bench(
                       batch_size=recipe.evaluate.batch_size,
                       max_length=recipe.evaluate.max_length)  # fmt: skip
     selectors = {"hidden": cfg.selectors, "output": cfg.output_selectors}
-    for site, pipe in pipes.items():  # collect (and discover) before the grid's clock starts
-        for task in pipe.tasks:
-            if "ica" in selectors[site]:
-                pipe.ica_scores(task)
-            else:
-                pipe.activations(task)
+    # collect (and discover) before the grid's clock starts
+    cals = {site: _calibration(ctx, selectors[site]) for site, ctx in contexts.items()}
     rows = _Rows(bench_dir / "rows.jsonl", bench_fingerprint(recipe))
     variants = grid(recipe)
     todo = [v for v in variants if v.key not in rows.rows]
@@ -223,7 +232,7 @@ def run_bench(
     for variant in bar:
         bar.set_postfix_str(variant.key)
         t0 = time.perf_counter()
-        plan = variant_plan(pipes, variant, recipe)
+        plan = variant_plan(cals, variant, recipe)
         row: dict[str, Any] = {"key": variant.key, **asdict(variant), "selector": variant.label,
                                "condition": variant.condition, "kept": plan.n_kept,
                                "kept_fraction": plan.kept_fraction}  # fmt: skip
@@ -254,7 +263,7 @@ def run_bench(
         logger.info("bench: %s (%.0f s): %s", variant.key, row["seconds"],
                     harness.summary(result))  # fmt: skip
     bar.close()
-    cost = _costs(recipe, pipes, model) if cfg.cost else None
+    cost = _costs(recipe, cals, model) if cfg.cost else None
     results = {
         "recipe": recipe.name,
         "model": recipe.model,
@@ -264,8 +273,8 @@ def run_bench(
                      "allocation": recipe.select.allocation,
                      "min_per_layer": recipe.select.min_per_layer,
                      "heal": heal_cfg.model_dump(mode="json"), "harness": harness.settings(),
-                     "calibration_tokens": {t: main.activations(t).n_tokens
-                                            for t in main.tasks},
+                     "calibration_tokens": {t: a.n_tokens for t, a
+                                            in cals[recipe.site].activations.items()},
                      "grid_seconds": round(time.perf_counter() - started, 1)},
         "fingerprint": rows.fingerprint,
         "versions": versions(),
@@ -282,7 +291,7 @@ def _heal_summary(log: HealLog) -> dict[str, Any]:
             "validation": log.validation}  # fmt: skip
 
 
-def _costs(recipe: Recipe, pipes: dict[str, Pipeline], model: nn.Module) -> dict[str, Any]:
+def _costs(recipe: Recipe, cals: dict[str, Calibration], model: nn.Module) -> dict[str, Any]:
     """Size and speed of the original and of one selector's slice (ICA's, when benched) at
     every budget in the benchmark's layout, and in the other layout at the recipe's budget
     where it exists; all measured interleaved."""
@@ -297,7 +306,7 @@ def _costs(recipe: Recipe, pipes: dict[str, Pipeline], model: nn.Module) -> dict
     def add(name: str, budget: float, layout: str) -> None:
         variant = Variant("hidden", selector, recipe.seed, budget, recipe.prune.fill)
         try:
-            models[name] = slice_model(copy.deepcopy(model), variant_plan(pipes, variant, recipe),
+            models[name] = slice_model(copy.deepcopy(model), variant_plan(cals, variant, recipe),
                                        layout=layout).eval()  # fmt: skip
         except SliceError as exc:
             logger.info("cost: no %s (%s)", name, exc)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fbnprune.pipeline import STAGES, RunSummary, run_pipeline
 from fbnprune.recipe import Recipe, load_recipe
 from fbnprune.rundir import RunDir, check_run_dir
+from fbnprune.stages.pipeline import STAGES, RunSummary, run_pipeline
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ set (``RUN_DIR/eval/suite/``), loads the tasks once, scores every requested vari
 same settings and writes ``RUN_DIR/eval/results.json`` and ``results.md``.
 
 Variants (``--models``):
-- ``original``: the recipe's model, as loaded by the pipeline.
+- ``original``: the recipe's model, as the run loads it (``RunContext``).
 - ``masked``: the original inside ``masked(model, plan)`` (hooks; no weights change).
 - ``sliced``: one per layout of the recipe (``sliced-padded``, ``sliced-compact``), sliced in
   memory from a copy of the original, built when its turn comes and dropped after.
@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fbnprune.evaluate.harness import Harness, ModelAndTokenizer, ModelSpec
 from fbnprune.evaluate.results import build_results, write_results
 from fbnprune.evaluate.suite import (
@@ -38,6 +36,8 @@ from fbnprune.evaluate.suite import (
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe, load_recipe
+from fbnprune.rundir import RunDir
+from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.layout import EVAL_DIR, LAYOUTS, RunLayout, checkpoint_name
 from fbnprune.save import count_parameters
 
@@ -56,7 +56,7 @@ def evaluate_run(
     include_paths: Sequence[str | Path] = (),
     device: str | None = None,
     max_length: int | None = None,
-    pipeline: Any = None,
+    context: RunContext | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
     """Score the run's model variants on the same tasks; return (and write) the results.
@@ -68,18 +68,15 @@ def evaluate_run(
         models: kinds of variant, from ``MODEL_KINDS``.
         limit, batch_size, max_length: override the recipe's ``evaluate`` settings.
         include_paths: more directories of lm-eval YAML tasks (besides the recipe's).
-        device: where models run (None: where they are, the CPU for the pipeline's).
-        pipeline: a ``fbnprune.pipeline.Pipeline`` to take the original model from (one
-            is made from ``recipe.yaml`` if None; pass one to reuse a loaded model).
+        device: where models run (None: where they are, the CPU for the run's).
+        context: the run's ``RunContext``, to take the original model from (one is made
+            from ``recipe.yaml`` if None; pass one to reuse a loaded model).
         write: write ``eval/results.json`` and ``eval/results.md``.
     """
     run_dir = Path(run_dir)
-    if pipeline is None:
-        from fbnprune.pipeline import Pipeline
-        from fbnprune.rundir import RunDir
-
-        pipeline = Pipeline(run_recipe(run_dir), RunDir(run_dir), progress=False)
-    recipe: Recipe = pipeline.recipe
+    if context is None:
+        context = RunContext(run_recipe(run_dir), RunDir(run_dir), progress=False)
+    recipe = context.recipe
     cfg = recipe.evaluate
     kinds = _check_kinds(models)
     task_names = list(dict.fromkeys(tasks or cfg.tasks or default_tasks(recipe)))
@@ -100,7 +97,7 @@ def evaluate_run(
         max_length=max_length or cfg.max_length,
     )  # fmt: skip
 
-    variants, described = model_variants(pipeline, plan, kinds, run_dir)
+    variants, described = model_variants(context, plan, kinds, run_dir)
     timings: dict[str, float] = {}
     scores = harness.score_all(variants, timings=timings)
     settings = {
@@ -133,25 +130,25 @@ def run_recipe(run_dir: Path) -> Recipe:
 
 
 def model_variants(
-    pipeline: Any, plan: PrunePlan | None, kinds: Sequence[str], run_dir: Path
+    context: RunContext, plan: PrunePlan | None, kinds: Sequence[str], run_dir: Path
 ) -> tuple[dict[str, ModelSpec], dict[str, dict[str, Any]]]:
     """The variants to score (name -> model spec) and a description of each, which the
     specs complete (parameters) when they are built."""
     variants: dict[str, ModelSpec] = {}
     described: dict[str, dict[str, Any]] = {}
-    recipe = pipeline.recipe
+    recipe = context.recipe
     if "original" in kinds:
-        variants["original"] = (pipeline.model, pipeline.tokenizer)
+        variants["original"] = (context.model, context.tokenizer)
         described["original"] = {"source": recipe.model,
-                                 "parameters": count_parameters(pipeline.model)}  # fmt: skip
+                                 "parameters": count_parameters(context.model)}  # fmt: skip
     if "masked" in kinds and plan is not None:
-        variants["masked"] = _masked(pipeline, plan)
+        variants["masked"] = _masked(context, plan)
         described["masked"] = {"source": "original with plan.json applied by hooks",
                                "kept_fraction": plan.kept_fraction}  # fmt: skip
     if "sliced" in kinds and plan is not None:
         for layout in recipe.save.layouts:
             info = {"source": f"original sliced in memory ({layout} layout)"}
-            variants[f"sliced-{layout}"] = _sliced(pipeline, plan, layout, info)
+            variants[f"sliced-{layout}"] = _sliced(context, plan, layout, info)
             described[f"sliced-{layout}"] = info
     if "checkpoint" in kinds:
         order = {checkpoint_name(layout): i for i, layout in enumerate(LAYOUTS)}
@@ -162,7 +159,7 @@ def model_variants(
                            run_dir)  # fmt: skip
         for directory in dirs:
             info = {"source": str(directory.resolve())}
-            variants[directory.name] = _checkpoint(pipeline, directory, info)
+            variants[directory.name] = _checkpoint(context, directory, info)
             described[directory.name] = info
     if not variants:
         raise EvalError(f"nothing to evaluate for --models {','.join(kinds)} in {run_dir}")
@@ -173,7 +170,7 @@ def eval_versions() -> dict[str, str]:
     import datasets
     import lm_eval
 
-    from fbnprune.pipeline import versions
+    from fbnprune.rundir.runner import versions
 
     return {**versions(), "lm_eval": lm_eval.__version__, "datasets": datasets.__version__}
 
@@ -181,26 +178,28 @@ def eval_versions() -> dict[str, str]:
 # --- variants ---------------------------------------------------------------------------------
 
 
-def _masked(pipeline: Any, plan: PrunePlan) -> Callable[[], contextlib.AbstractContextManager]:
+def _masked(
+    context: RunContext, plan: PrunePlan
+) -> Callable[[], contextlib.AbstractContextManager]:
     @contextlib.contextmanager
     def enter() -> Iterator[ModelAndTokenizer]:
-        with masked(pipeline.model, plan):
-            yield pipeline.model, pipeline.tokenizer
+        with masked(context.model, plan):
+            yield context.model, context.tokenizer
 
     return enter
 
 
 def _sliced(
-    pipeline: Any, plan: PrunePlan, layout: str, info: dict[str, Any]
+    context: RunContext, plan: PrunePlan, layout: str, info: dict[str, Any]
 ) -> Callable[[], contextlib.AbstractContextManager]:
     @contextlib.contextmanager
     def enter() -> Iterator[ModelAndTokenizer]:
         from fbnprune.slicing import slice_model
 
-        model = slice_model(copy.deepcopy(pipeline.model), plan, layout=layout).eval()
+        model = slice_model(copy.deepcopy(context.model), plan, layout=layout).eval()
         info["parameters"] = count_parameters(model)
         try:
-            yield model, pipeline.tokenizer
+            yield model, context.tokenizer
         finally:
             del model
             gc.collect()
@@ -209,7 +208,7 @@ def _sliced(
 
 
 def _checkpoint(
-    pipeline: Any, directory: Path, info: dict[str, Any]
+    context: RunContext, directory: Path, info: dict[str, Any]
 ) -> Callable[[], contextlib.AbstractContextManager]:
     @contextlib.contextmanager
     def enter() -> Iterator[ModelAndTokenizer]:
@@ -218,13 +217,13 @@ def _checkpoint(
         config = json.loads((directory / "config.json").read_text())
         remote = "auto_map" in config
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=getattr(torch, pipeline.recipe.dtype), trust_remote_code=remote
+            directory, dtype=context.dtype, trust_remote_code=remote
         ).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError):
             logger.warning("%s: no loadable tokenizer, using the original's", directory)
-            tokenizer = pipeline.tokenizer
+            tokenizer = context.tokenizer
         info.update(parameters=count_parameters(model), trust_remote_code=remote)
         try:
             yield model, tokenizer

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +36,9 @@ import psutil
 
 from fbnprune.errors import FbnpruneError
 from fbnprune.io import atomic_write_json
-from fbnprune.rundir.layout import RUN_FILE
+from fbnprune.rundir.layout import RUN_FILE, RunLayout
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 LOCK_HOLDER = ".lock.json"
@@ -166,6 +169,7 @@ class RunDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.executed: list[str] = []  # the stages this process computed, in order
 
     @classmethod
     def open(
@@ -262,6 +266,33 @@ class RunDir:
         data["stages"].pop(stage, None)
         atomic_write_json(self.path / RUN_FILE, data)
 
+    def stage(
+        self,
+        name: str,
+        key: str,
+        outputs: list[Path],
+        compute: Callable[[], dict[str, Any] | None],
+    ) -> StageRecord | None:
+        """Reuse a fresh stage's outputs, or ``compute`` them (it returns the ledger's
+        details) and record time and memory."""
+        if self.is_fresh(name, key, outputs):
+            logger.info("%s: up to date, reusing %s", name, outputs[0].relative_to(self.path))
+            return None
+        logger.info("%s: running", name)
+        try:
+            with measure() as m:
+                details = compute() or {}
+        except BaseException:
+            # staged checkpoints only live between check and save in one process: a failed
+            # or interrupted stage (a full disk, Ctrl-C) leaves none of its tens of MB behind
+            shutil.rmtree(RunLayout(self.path).staging_root, ignore_errors=True)
+            raise
+        rec = StageRecord(key, round(m["seconds"], 2), round(m["peak_rss_mib"], 1), now(), details)
+        self.mark_done(name, rec)
+        self.executed.append(name)
+        logger.info("%s: done in %.1f s (peak RSS %.0f MiB)", name, rec.seconds, rec.peak_rss_mib)
+        return rec
+
     def write_meta(self, **meta: Any) -> None:
         data = self.ledger()
         data.update(meta)
@@ -289,6 +320,24 @@ def measure(interval: float = 0.05) -> Iterator[dict[str, float]]:
         thread.join()
         result["seconds"] = time.perf_counter() - start
         result["peak_rss_mib"] = max(result["peak_rss_mib"], proc.memory_info().rss / 2**20)
+
+
+def versions() -> dict[str, str]:
+    """The versions of fbnprune and the libraries its results depend on."""
+    import numpy as np
+    import sklearn
+    import torch
+    import transformers
+
+    from fbnprune import __version__
+
+    return {
+        "fbnprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def now() -> str:

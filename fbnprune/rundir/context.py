@@ -1,0 +1,112 @@
+"""``RunContext``: what the stages, bench, evaluate and analyze read of one run.
+
+The recipe, the run directory (its ledger and layout), the model and tokenizer (loaded on
+first use), the dtype, the tasks' documents and the prompts drawn from them. It computes no
+stage: the stages (``fbnprune.stages``) take it as their first input.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from fbnprune.rundir.layout import RunLayout
+from fbnprune.rundir.runner import RunDir
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fbnprune.data import Split, TaskData
+    from fbnprune.recipe import Recipe
+
+
+class RunContext:
+    """One recipe over one run directory, with its model and tasks loaded lazily."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run: RunDir,
+        *,
+        progress: bool = True,
+        model_and_tokenizer: tuple[nn.Module, Any] | None = None,
+    ) -> None:
+        """``model_and_tokenizer``: the recipe's model, already loaded (shared between the
+        contexts of one model, e.g. the benchmark's two neuron sites)."""
+        self.recipe, self.run, self.progress = recipe, run, progress
+        self.layout = RunLayout(run.path)
+        if model_and_tokenizer is not None:
+            self.__dict__["model_and_tokenizer"] = model_and_tokenizer
+
+    # -- the model -------------------------------------------------------------------------
+    @functools.cached_property
+    def model_and_tokenizer(self) -> tuple[nn.Module, Any]:
+        from fbnprune.adapters import get_adapter
+        from fbnprune.loading import load_model
+
+        model, tokenizer = load_model(self.recipe.model, dtype=self.dtype)
+        get_adapter(model)  # fail early on unsupported architectures
+        return model, tokenizer
+
+    @property
+    def model(self) -> nn.Module:
+        return self.model_and_tokenizer[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model_and_tokenizer[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.recipe.dtype)  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def model_fingerprint(self) -> str:
+        """The model's content (``loading.model_fingerprint``): new weights at the same path
+        make every stage run again."""
+        from fbnprune.loading import model_fingerprint
+
+        return model_fingerprint(self.recipe.model)
+
+    # -- the tasks and their prompts -------------------------------------------------------
+    @functools.cached_property
+    def tasks(self) -> dict[str, TaskData]:
+        from fbnprune.data import load_task
+
+        return {t.name: load_task(t, seed=self.recipe.seed) for t in self.recipe.tasks}
+
+    @property
+    def max_length(self) -> int:
+        """The longest prompt, in tokens, any task allows."""
+        return max(t.max_length for t in self.recipe.tasks)
+
+    def calibration_prompts(self) -> list[str]:
+        """Every task's calibration prompts, task after task."""
+        return [p for data in self.tasks.values() for p in data.prompts("calibration")]
+
+    def prompts_of(self, splits: tuple[Split, ...]) -> tuple[list[str], list[bool]]:
+        """Every task's prompts of the given splits, and per prompt whether it is a
+        multiple-choice question (its last position predicts the answer)."""
+        prompts: list[str] = []
+        questions: list[bool] = []
+        for data in self.tasks.values():
+            for split in splits:
+                batch = data.prompts(split)
+                prompts += batch
+                questions += [data.choices is not None] * len(batch)
+        return prompts, questions
+
+    def heldout_prompts(self, n: int) -> list[str]:
+        """Up to ``n`` held-out prompts, taken round-robin across tasks."""
+        per_task = [d.prompts("heldout") for d in self.tasks.values()]
+        out: list[str] = []
+        for i in range(max(len(p) for p in per_task)):
+            out.extend(p[i] for p in per_task if i < len(p))
+        return out[:n]
+
+    def document_ids(self) -> dict[str, dict[str, list[str]]]:
+        """Per task and split, the ids of the documents this run uses."""
+        return {name: data.document_ids() for name, data in self.tasks.items()}

@@ -1,0 +1,90 @@
+"""``Calibration``: what the select stage reads, and the unit scores derived from it.
+
+Each task's calibration activations and (for the ``ica`` selector) its network scores;
+from them, per selector and seed, every unit's score merged over tasks, the units' means
+(the ``mean`` fill) and the layers' sensitivity, each computed once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+from fbnprune.collect import Activations
+from fbnprune.recipe import SelectConfig
+from fbnprune.rundir.context import RunContext
+from fbnprune.select import SelectError, column_means, layer_bounds, unit_scores
+from fbnprune.stages.discover import NetworkScores
+
+logger = logging.getLogger(__name__)
+
+
+class Calibration:
+    """The calibration data of one run: activations per task, network scores per task."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        activations: dict[str, Activations],
+        networks: dict[str, NetworkScores] | None = None,
+    ) -> None:
+        self.ctx, self.activations, self.networks = ctx, activations, networks or {}
+        self._merged: dict[tuple[str, int], np.ndarray] = {}
+        self._sensitivity: dict[tuple[str, int, float, int], list[float]] = {}
+
+    @property
+    def layer_widths(self) -> list[int]:
+        return list(next(iter(self.activations.values())).layer_widths)
+
+    @property
+    def layers(self) -> list[tuple[int, int]]:
+        """Each layer's (start, stop) in the flat unit index."""
+        return layer_bounds(self.layer_widths)
+
+    def task_scores(self, task: str, selector: str, *, seed: int) -> np.ndarray:
+        """One score per unit of the task's calibration activations (higher: keep first)."""
+        if selector == "ica":
+            if task not in self.networks:
+                raise SelectError(f"no network scores of task {task!r}: run discover first")
+            return self.networks[task].scores
+        return unit_scores(selector, self.ctx.model, self.activations[task].matrix, seed=seed)
+
+    def merged_scores(self, selector: str, seed: int) -> np.ndarray:
+        """Every unit's score, the tasks' scores merged by max (a union of tasks)."""
+        key = (selector, seed)
+        if key not in self._merged:
+            self._merged[key] = np.max(
+                [self.task_scores(t, selector, seed=seed) for t in self.activations], axis=0
+            )
+        return self._merged[key]
+
+    @functools.cached_property
+    def unit_means(self) -> np.ndarray:
+        """Every unit's mean over the calibration tokens of all tasks (the ``mean`` fill)."""
+        acts = list(self.activations.values())
+        tokens = sum(a.n_tokens for a in acts)
+        return sum(column_means(a.matrix).astype(np.float64) * a.n_tokens
+                   for a in acts) / tokens  # fmt: skip
+
+    def layer_sensitivity(self, select: SelectConfig, seed: int) -> list[float]:
+        """Per layer, the KL from the original when that layer alone is cut to the budget
+        (``fbnprune.sensitivity``)."""
+        from fbnprune.sensitivity import layer_sensitivity
+
+        key = (select.selector, seed, select.budget, select.sensitivity_samples)
+        if key not in self._sensitivity:
+            ctx, layers = self.ctx, self.layers
+            scores = self.merged_scores(select.selector, seed)
+            prompts = ctx.calibration_prompts()[: select.sensitivity_samples]
+            self._sensitivity[key] = layer_sensitivity(
+                ctx.model, ctx.tokenizer, prompts, [scores[a:b] for a, b in layers],
+                select.budget, unit_means=[self.unit_means[a:b] for a, b in layers],
+                model_name=ctx.recipe.model,
+                max_length=ctx.max_length, batch_size=ctx.recipe.collect.batch_size,
+                progress=ctx.progress,
+            )  # fmt: skip
+            logger.info("select: layer sensitivity (KL) %s",
+                        " ".join(f"{v:.3g}" for v in self._sensitivity[key]))  # fmt: skip
+        return self._sensitivity[key]

@@ -1,0 +1,60 @@
+"""Stage 1, collect: each task's calibration activations (tokens x units), on disk."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from fbnprune.collect import Activations, collect_activations
+from fbnprune.rundir.context import RunContext
+from fbnprune.stages.keys import collect_key
+
+
+def collect(ctx: RunContext, task: str) -> Activations:
+    """The task's calibration activations: reused when fresh, else recorded."""
+    layout = ctx.layout
+    outputs = [layout.activations_file(task), layout.collect_meta_file(task)]
+    ctx.run.stage(f"collect:{task}", collect_key(ctx, task), outputs,
+                  lambda: _collect(ctx, task))  # fmt: skip
+    meta = layout.read_collect_meta(task)
+    acts = Activations.load(layout.collect_dir(task), meta["layer_widths"], meta["site"])
+    acts.tokens_per_second = meta["tokens_per_second"]
+    return acts
+
+
+def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
+    recipe, layout = ctx.recipe, ctx.layout
+    cfg = next(t for t in recipe.tasks if t.name == task)
+    directory = layout.collect_dir(task)
+    directory.mkdir(parents=True, exist_ok=True)
+    memmap = recipe.collect.storage == "memmap"
+    acts = collect_activations(
+        ctx.model,
+        ctx.tokenizer,
+        ctx.tasks[task].prompts("calibration"),
+        site=recipe.site,
+        max_length=cfg.max_length,
+        batch_size=recipe.collect.batch_size,
+        out_file=layout.activations_file(task) if memmap else None,
+        progress=ctx.progress,
+    )
+    if not memmap:
+        tmp = directory / ".activations.npy.tmp"
+        with open(tmp, "wb") as handle:
+            np.save(handle, acts.matrix)
+        os.replace(tmp, layout.activations_file(task))
+    acts.save(directory)
+    meta = {
+        "task": task,
+        "model_type": ctx.model.config.model_type,
+        "site": acts.site,
+        "n_tokens": acts.n_tokens,
+        "n_samples": len(ctx.tasks[task].calibration),
+        "layer_widths": acts.layer_widths,
+        "tokens_per_second": acts.tokens_per_second,
+        "sample_ids": [d.id for d in ctx.tasks[task].calibration],
+    }
+    layout.write_collect_meta(task, meta)
+    return {k: meta[k] for k in ("n_tokens", "n_samples", "tokens_per_second")}

@@ -1,0 +1,62 @@
+"""Stage 2, discover: group ICA of a task's activations, one network score per unit."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fbnprune.collect import Activations
+from fbnprune.discover import GroupICA
+from fbnprune.rundir.context import RunContext
+from fbnprune.stages.keys import discover_key
+
+
+@dataclass(frozen=True)
+class NetworkScores:
+    """A task's ICA evidence per unit: ``scores`` of shape (n_units,), max |z| over maps."""
+
+    task: str
+    scores: np.ndarray
+
+
+def discover(ctx: RunContext, task: str, activations: Activations) -> NetworkScores:
+    """The task's network scores: reused when fresh, else fitted on ``activations``."""
+    file = ctx.layout.discover_file(task)
+    ctx.run.stage(f"discover:{task}", discover_key(ctx, task), [file],
+                  lambda: _discover(ctx, task, activations))  # fmt: skip
+    with np.load(file) as data:
+        return NetworkScores(task, data["scores"])
+
+
+def _discover(ctx: RunContext, task: str, acts: Activations) -> dict[str, Any]:
+    cfg = ctx.recipe.discover
+    ica = GroupICA(
+        n_components=cfg.n_components,
+        threshold=cfg.threshold,
+        max_iter=cfg.max_iter,
+        tol=cfg.tol,
+        random_state=ctx.recipe.seed,
+        standardize=cfg.standardize,
+    ).fit(acts.matrix)
+    file = ctx.layout.discover_file(task)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp.npz")
+    np.savez(
+        tmp,
+        scores=ica.neuron_scores(),
+        z_maps=ica.z_maps_,
+        explained_variance_ratio=ica.explained_variance_ratio_,
+        layer_widths=np.asarray(acts.layer_widths),
+    )
+    os.replace(tmp, file)
+    sizes = ica.networks_.sum(axis=1)
+    return {
+        "n_iter": ica.n_iter_,
+        "converged": ica.converged_,
+        "explained_variance": float(ica.explained_variance_ratio_.sum()),
+        "network_size_median": float(np.median(sizes)),
+        "union_units": int(ica.union().sum()),
+    }

@@ -1,0 +1,99 @@
+"""Stage 7, heal: distil the original into a copy of the checked slice, save it like the
+unhealed checkpoints (stage -> reload -> parity -> publish)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fbnprune.check import ParityResult
+from fbnprune.integrity import digest_mismatches
+from fbnprune.io import atomic_write_text
+from fbnprune.plan import PrunePlan
+from fbnprune.recipe import Recipe
+from fbnprune.rundir.context import RunContext
+from fbnprune.rundir.layout import CHECKPOINT_HEAL
+from fbnprune.slicing import slice_model
+from fbnprune.stages.keys import heal_key
+from fbnprune.stages.save import checkpoint_extras, publish, reload_parity, stage_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def heal_layout(recipe: Recipe) -> str:
+    """Healing trains the compact slice when the recipe saves one (LoRA adapters would
+    bring the padded layout's zero units to life), else the padded one."""
+    layouts = recipe.save.layouts
+    return "compact" if "compact" in layouts else layouts[0]
+
+
+def heal(ctx: RunContext, plan: PrunePlan) -> Path:
+    """The healed checkpoint (``checkpoint-<layout>-healed/``): reused when fresh and
+    unchanged since its check, else healed from ``plan``'s slice."""
+    layout = ctx.layout
+    healed_dir = layout.checkpoint_dir(heal_layout(ctx.recipe), healed=True)
+    outputs = [healed_dir, layout.heal_log_file, layout.heal_parity_file]
+    key = heal_key(ctx)
+    if ctx.run.is_fresh("heal", key, outputs):
+        recorded = layout.read_parity(healed=True)
+        changed = digest_mismatches(healed_dir, recorded.files.get(healed_dir.name, {}))
+        if changed:
+            logger.warning("heal: %s differs from the checked one (%s); healing again",
+                           healed_dir.name, "; ".join(changed))  # fmt: skip
+            ctx.run.forget("heal")
+    ctx.run.stage("heal", key, outputs, lambda: _heal(ctx, plan))
+    return healed_dir
+
+
+def discard_healed(ctx: RunContext) -> None:
+    """Healing is off for this recipe: remove a healed checkpoint of an earlier plan."""
+    recipe = ctx.recipe
+    healed_dir = ctx.layout.checkpoint_dir(heal_layout(recipe), healed=True)
+    if healed_dir.exists():  # healed from an earlier plan: it no longer matches
+        shutil.rmtree(healed_dir)
+        shutil.rmtree(ctx.layout.heal_dir, ignore_errors=True)
+        ctx.run.forget("heal")
+        logger.info("heal: removed %s, healed from an earlier plan", healed_dir.name)
+    logger.info("heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "
+                "set heal.enabled: true to heal anyway)", 100 * recipe.select.budget,
+                100 * recipe.heal.below_budget)  # fmt: skip
+
+
+def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
+    """Distil on the calibration and healing prompts (held-out prompts only for the logged
+    validation loss); the saved checkpoint must reload bit for bit."""
+    from fbnprune.heal import heal_model, plot_loss
+
+    cfg, layout = ctx.recipe.heal, heal_layout(ctx.recipe)
+    heal_dir = ctx.layout.heal_dir
+    # one fresh slice of the layout healed (not every layout the recipe saves)
+    student = slice_model(copy.deepcopy(ctx.model), plan, layout=layout).eval()
+    texts, questions = ctx.prompts_of(("calibration", "heal"))
+    validation, validation_questions = ctx.prompts_of(("heldout",))
+    healed, log = heal_model(student, ctx.model, ctx.tokenizer, texts, cfg,
+                             validation=validation, questions=questions,
+                             validation_questions=validation_questions,
+                             state_file=heal_dir / "state.pt",
+                             progress=ctx.progress)  # fmt: skip
+    staged = stage_checkpoint(ctx, healed, layout, healed=True)
+    report = reload_parity(ctx, staged, healed)
+    result = ParityResult([report], files={staged.final.name: staged.files})
+    if not result.passed:
+        shutil.rmtree(ctx.layout.staging_root, ignore_errors=True)
+        result.raise_if_failed()
+    ctx.layout.write_parity(result, healed=True)
+    log_text = json.dumps(log.to_dict(), indent=2) + "\n"  # as atomic_write_json writes
+    atomic_write_text(ctx.layout.heal_log_file, log_text)
+    plot_loss({"healing": log}, heal_dir / "loss.png",
+              title=f"healing {ctx.recipe.model} ({layout}, {cfg.method})")
+    extras = {**checkpoint_extras(ctx), CHECKPOINT_HEAL: log_text}
+    publish(staged.staging, staged.final, staged.files, extras)
+    shutil.rmtree(ctx.layout.staging_root, ignore_errors=True)
+    logger.info("heal: saved %s", staged.final)
+    return {"steps": log.steps, "stopped_by": log.stopped_by,
+            "loss_first": log.train_loss[0], "loss_last": log.train_loss[-1],
+            "reload_max_abs": result.worst()}  # fmt: skip

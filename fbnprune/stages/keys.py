@@ -1,0 +1,54 @@
+"""Every stage's key: the fingerprint of its inputs, as ``run.json`` records it.
+
+A stage whose recorded key equals the current one (and whose outputs exist) is reused.
+Each key folds in its predecessor's, so a change upstream reruns everything after it.
+"""
+
+from __future__ import annotations
+
+from fbnprune.integrity import sha256_file
+from fbnprune.rundir import fingerprint
+from fbnprune.rundir.context import RunContext
+
+
+def collect_key(ctx: RunContext, task: str) -> str:
+    r = ctx.recipe
+    cfg = next(t for t in r.tasks if t.name == task)
+    # healing documents and evaluation wordings change neither collection nor the plan
+    return fingerprint(
+        r.model, ctx.model_fingerprint, r.dtype, r.site,
+        cfg.model_dump(exclude={"heal_samples", "wordings"}), r.collect.model_dump(),
+        ctx.tasks[task].fingerprint(heal=False),
+    )  # fmt: skip
+
+
+def discover_key(ctx: RunContext, task: str) -> str:
+    r = ctx.recipe
+    return fingerprint(collect_key(ctx, task), r.discover.model_dump(), r.seed)
+
+
+def select_key(ctx: RunContext) -> str:
+    r = ctx.recipe
+    upstream = [
+        discover_key(ctx, t) if r.select.selector == "ica" else collect_key(ctx, t)
+        for t in ctx.tasks
+    ]
+    return fingerprint(upstream, r.select.model_dump(), r.prune.model_dump(), r.seed)
+
+
+def prune_key(ctx: RunContext) -> str:
+    """Also keyed on the plan's content, so an edited plan is pruned, checked and saved
+    again (read it after the select stage ran)."""
+    file = ctx.layout.plan_file
+    plan = sha256_file(file) if file.is_file() else None
+    return fingerprint(select_key(ctx), ctx.recipe.save.model_dump(), plan)
+
+
+def check_key(ctx: RunContext) -> str:
+    """The key of check, and of save (which publishes what check compared)."""
+    return fingerprint(prune_key(ctx), ctx.recipe.check.model_dump())
+
+
+def heal_key(ctx: RunContext) -> str:
+    heal_data = [data.fingerprint() for data in ctx.tasks.values()]
+    return fingerprint(check_key(ctx), ctx.recipe.heal.model_dump(), heal_data)
