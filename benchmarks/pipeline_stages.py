@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from fbnprune.adapters import get_adapter
 from fbnprune.collect import collect_activations, token_batches
+from fbnprune.models.adapters import get_adapter
 from fbnprune.recipe import load_recipe
 from fbnprune.rundir import RunDir
 from fbnprune.rundir.context import RunContext

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fbnprune.cost import costs_markdown, measure_costs
-from fbnprune.loading import load_model
+from fbnprune.models.loading import load_model
 from fbnprune.plan import PrunePlan
 from fbnprune.slicing import SliceError, slice_model
 

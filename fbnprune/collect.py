@@ -20,9 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fbnprune.adapters import get_adapter
 from fbnprune.errors import FbnpruneError
-from fbnprune.hooks import SiteHooks, site_widths
+from fbnprune.models.adapters import get_adapter
+from fbnprune.models.hooks import SiteHooks, site_widths
 
 logger = logging.getLogger(__name__)
 

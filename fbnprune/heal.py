@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fbnprune.adapters import get_adapter
 from fbnprune.collect import iter_batches, pad_batch, tokenize
 from fbnprune.errors import FbnpruneError
 from fbnprune.io import save_figure
+from fbnprune.models.adapters import get_adapter
 from fbnprune.recipe import HealConfig
 
 logger = logging.getLogger(__name__)

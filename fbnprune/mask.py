@@ -14,8 +14,8 @@ import contextlib
 import torch
 from torch import nn
 
-from fbnprune.adapters import MLPAdapter, get_adapter
-from fbnprune.hooks import SiteHooks, site_widths
+from fbnprune.models.adapters import MLPAdapter, get_adapter
+from fbnprune.models.hooks import SiteHooks, site_widths
 from fbnprune.plan import PrunePlan
 from fbnprune.refit import down_weights
 

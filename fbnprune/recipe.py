@@ -84,7 +84,7 @@ class TaskConfig(_Strict):
     ``file:PATH`` (.txt: one document per blank-line-separated block; .jsonl: one object
     per line), ``hf:DATASET`` (Hugging Face ``datasets``; needs the network) or
     ``lmeval:TASK.yaml`` (a multiple-choice lm-eval task: its ``doc_to_text`` is the prompt,
-    its ``doc_to_choice`` the answers, ``doc_to_target`` the label; ``fbnprune.lmeval_tasks``).
+    its ``doc_to_choice`` the answers, ``doc_to_target`` the label; ``fbnprune.data.lmeval``).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from fbnprune.adapters import get_adapter
 from fbnprune.errors import FbnpruneError
+from fbnprune.models.adapters import get_adapter
 
 CHUNK_ROWS = 4096
 

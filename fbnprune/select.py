@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fbnprune.adapters import get_adapter
 from fbnprune.errors import FbnpruneError
+from fbnprune.models.adapters import get_adapter
 
 
 class SelectError(FbnpruneError, ValueError):

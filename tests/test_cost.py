@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from fbnprune.adapters import get_adapter
 from fbnprune.cost import (
     Cost,
     costs_markdown,
@@ -22,7 +21,8 @@ from fbnprune.cost import (
     safetensors_bytes,
     timed_greedy,
 )
-from fbnprune.hooks import site_widths
+from fbnprune.models.adapters import get_adapter
+from fbnprune.models.hooks import site_widths
 from fbnprune.plan import PrunePlan
 from fbnprune.save import checkpoint_bytes, count_parameters, model_size, save_checkpoint
 from fbnprune.slicing import slice_model

@@ -1,4 +1,4 @@
-"""Tests for fbnprune.data: built-in corpora, file sources, splits, prompts and errors."""
+"""Tests for fbnprune.data.tasks: built-in corpora, file sources, splits, prompts and errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fbnprune.data import (
+from fbnprune.data.tasks import (
     BUILTIN_SOURCES,
     DataError,
     Document,

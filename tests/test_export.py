@@ -13,15 +13,15 @@ from conftest import random_batch, tiny_model, tiny_tokenizer
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-from fbnprune.adapters import get_adapter
-from fbnprune.card import base_model_info, read_eval_results
 from fbnprune.check import ParityResult, check_parity
-from fbnprune.export import ExportError, export_run, list_files, load_int8, parse_size
-from fbnprune.hooks import site_widths
 from fbnprune.integrity import file_digests
 from fbnprune.io import atomic_write_json
 from fbnprune.mask import masked
+from fbnprune.models.adapters import get_adapter
+from fbnprune.models.hooks import site_widths
 from fbnprune.plan import PrunePlan
+from fbnprune.publish.card import base_model_info, read_eval_results
+from fbnprune.publish.export import ExportError, export_run, list_files, load_int8, parse_size
 from fbnprune.recipe import parse_recipe
 from fbnprune.rundir import RunLayout
 from fbnprune.rundir.layout import CHECKPOINT_PARITY, CHECKPOINT_PLAN, CHECKPOINT_RECIPE

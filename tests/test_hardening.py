@@ -17,7 +17,7 @@ import yaml
 from fbnprune.analyze import AnalyzeError
 from fbnprune.analyze.run import check_out_dir
 from fbnprune.cli import main
-from fbnprune.export import ExportError, export_run
+from fbnprune.publish.export import ExportError, export_run
 from fbnprune.recipe import RecipeError, load_recipe
 from fbnprune.rundir import (
     LOCK_FILE,

@@ -12,7 +12,6 @@ from conftest import VOCAB, tiny_model, tiny_tokenizer
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from fbnprune.export import ExportError, export_run
 from fbnprune.heal import (
     HealError,
     TeacherTargets,
@@ -22,6 +21,7 @@ from fbnprune.heal import (
     trainable_linears,
 )
 from fbnprune.plan import PrunePlan
+from fbnprune.publish.export import ExportError, export_run
 from fbnprune.recipe import HealConfig, parse_recipe
 from fbnprune.slicing import slice_model
 from fbnprune.stages.pipeline import run_pipeline

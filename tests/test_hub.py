@@ -24,8 +24,8 @@ import yaml
 from huggingface_hub import ModelCard
 from test_export import make_run
 
-from fbnprune.export import export_run, list_files
-from fbnprune.hub import HubError, push_folder
+from fbnprune.publish.export import export_run, list_files
+from fbnprune.publish.hub import HubError, push_folder
 
 pytestmark = pytest.mark.hub
 

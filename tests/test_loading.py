@@ -15,8 +15,8 @@ from gguf import MODEL_ARCH, GGUFWriter, get_tensor_name_map
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fbnprune import loading
-from fbnprune.loading import (
+from fbnprune.models import loading
+from fbnprune.models.loading import (
     PACKAGED_MODELS,
     ModelLoadError,
     PackagedModel,
@@ -162,7 +162,7 @@ def test_gguf_conversion_is_cached(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     path, _ = tiny_gguf
-    caplog.set_level(logging.INFO, logger="fbnprune.loading")
+    caplog.set_level(logging.INFO, logger="fbnprune.models.loading")
     calls: list[Path] = []
     convert = loading._convert
     monkeypatch.setattr(loading, "_convert", lambda g, out: (calls.append(g), convert(g, out)))
@@ -357,7 +357,7 @@ def test_a_truncated_cached_conversion_is_converted_again(
     path, original = tiny_gguf
     first = resolve_model(str(path))
     _truncate(first / "model.safetensors")  # e.g. a disk that filled up during the copy
-    caplog.set_level(logging.WARNING, logger="fbnprune.loading")
+    caplog.set_level(logging.WARNING, logger="fbnprune.models.loading")
     again = resolve_model(str(path))
     assert again == first and any("is incomplete" in r.message for r in caplog.records)
     model, _ = load_model(str(path))

@@ -9,9 +9,9 @@ import torch
 from conftest import random_batch, tiny_model
 from transformers import AutoModelForCausalLM
 
-from fbnprune.adapters import UnsupportedArchitectureError, get_adapter
-from fbnprune.hooks import site_widths
 from fbnprune.mask import masked
+from fbnprune.models.adapters import UnsupportedArchitectureError, get_adapter
+from fbnprune.models.hooks import site_widths
 from fbnprune.plan import PlanError, PrunePlan
 from fbnprune.refit import Refit
 from fbnprune.save import save_checkpoint

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import random_batch, tiny_model, tiny_tokenizer
 
-from fbnprune.adapters import get_adapter
 from fbnprune.collect import collect_activations
-from fbnprune.hooks import site_widths
 from fbnprune.mask import masked
+from fbnprune.models.adapters import get_adapter
+from fbnprune.models.hooks import site_widths
 from fbnprune.plan import PlanError, PrunePlan, refit_file
 from fbnprune.refit import down_weights, refit_plan, solve_layer
 from fbnprune.select import SelectError, allocate, bounded_counts

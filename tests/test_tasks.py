@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from fbnprune.collect import token_batches
-from fbnprune.data import DataError, cut_words, load_task, normalise
+from fbnprune.data.tasks import DataError, cut_words, load_task, normalise
 from fbnprune.evaluate.suite import (
     build_suite,
     calibration_documents,

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fbnprune.adapters import get_adapter
 from fbnprune.collect import iter_batches, pad_batch
-from fbnprune.data import Document
+from fbnprune.data.tasks import Document
 from fbnprune.evaluate.suite import BBC_TOPICS, bbc_record, word_problem_record
+from fbnprune.models.adapters import get_adapter
 
 HEAD_CHUNK = 256  # positions per LM-head matmul (bounds memory for large vocabularies)
 

@@ -165,7 +165,7 @@ def analyze(
         for t in recipe.tasks
     }  # fmt: skip
     if model is None or tokenizer is None:
-        from fbnprune.loading import load_model
+        from fbnprune.models.loading import load_model
 
         model, tokenizer = load_model(recipe.model, dtype=getattr(torch, recipe.dtype))
     model.eval()

@@ -77,7 +77,7 @@ def execute(args: argparse.Namespace) -> int:
         if args.device:
             import torch
 
-            from fbnprune.loading import load_model
+            from fbnprune.models.loading import load_model
 
             dtype = getattr(torch, recipe.dtype)
             model, tokenizer = load_model(recipe.model, dtype=dtype, device=args.device)

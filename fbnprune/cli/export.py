@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fbnprune.export import export_run
+    from fbnprune.publish.export import export_run
 
     hub_only = [flag for flag, value in (("--private", args.private), ("--revision", args.revision),
                                          ("--commit-message", args.commit_message),
@@ -75,7 +75,7 @@ def execute(args: argparse.Namespace) -> int:
     if hub_only and not args.push_to_hub:
         args.parser.error(f"{', '.join(hub_only)} only make(s) sense with --push-to-hub REPO_ID")
     if args.push_to_hub:  # a bad id is refused before the export folder is written
-        from fbnprune.hub import check_repo_id
+        from fbnprune.publish.hub import check_repo_id
 
         check_repo_id(args.push_to_hub)
     result = export_run(
@@ -85,7 +85,7 @@ def execute(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(result.summary())
     if args.push_to_hub:
-        from fbnprune.hub import push_folder
+        from fbnprune.publish.hub import push_folder
 
         pushed = push_folder(
             result.out_dir, args.push_to_hub, private=args.private, revision=args.revision,

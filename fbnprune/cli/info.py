@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fbnprune.adapters import ADAPTERS
-    from fbnprune.data import BUILTIN_SOURCES
-    from fbnprune.loading import PACKAGED_MODELS
+    from fbnprune.data.tasks import BUILTIN_SOURCES
+    from fbnprune.models.adapters import ADAPTERS
+    from fbnprune.models.loading import PACKAGED_MODELS
 
     print("architectures (config.model_type):")
     for adapter in ADAPTERS:

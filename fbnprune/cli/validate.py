@@ -47,9 +47,9 @@ def check_data(recipe: Recipe) -> list[str]:
     from transformers import AutoConfig, AutoTokenizer
 
     from fbnprune.collect import tokenize
-    from fbnprune.data import load_task
+    from fbnprune.data.tasks import load_task
     from fbnprune.discover import MIN_TOKENS_PER_COMPONENT, ica_feasible
-    from fbnprune.loading import resolve_model
+    from fbnprune.models.loading import resolve_model
 
     documents = {task.name: load_task(task, seed=recipe.seed) for task in recipe.tasks}
     source = resolve_model(recipe.model)

@@ -51,7 +51,7 @@ from typing import Any
 
 import yaml
 
-from fbnprune.data import Document, load_documents, load_task, normalise, render, task_choices
+from fbnprune.data.tasks import Document, load_documents, load_task, normalise, render, task_choices
 from fbnprune.errors import FbnpruneError
 from fbnprune.io import atomic_write_json, atomic_write_text
 from fbnprune.recipe import EVAL_SUITE_TASKS, EvaluateConfig, Recipe, TaskConfig, Wording
@@ -339,7 +339,7 @@ def build_suite(
         exclude: documents that must not be evaluated on (the run's calibration set).
         config: sizes, seed and word cap; ``EvaluateConfig()`` defaults if None.
         tasks: suite task names to generate (all of them if None).
-        loader: reads a source into documents (``fbnprune.data.load_documents``).
+        loader: reads a source into documents (``fbnprune.data.tasks.load_documents``).
         recipe: its tasks with ``choices`` can be generated too (``recipe_tasks``).
     """
     config = config or EvaluateConfig()

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from fbnprune.data import Split, TaskData
+    from fbnprune.data.tasks import Split, TaskData
     from fbnprune.recipe import Recipe
 
 
@@ -42,8 +42,8 @@ class RunContext:
     # -- the model -------------------------------------------------------------------------
     @functools.cached_property
     def model_and_tokenizer(self) -> tuple[nn.Module, Any]:
-        from fbnprune.adapters import get_adapter
-        from fbnprune.loading import load_model
+        from fbnprune.models.adapters import get_adapter
+        from fbnprune.models.loading import load_model
 
         model, tokenizer = load_model(self.recipe.model, dtype=self.dtype)
         get_adapter(model)  # fail early on unsupported architectures
@@ -67,14 +67,14 @@ class RunContext:
     def model_fingerprint(self) -> str:
         """The model's content (``loading.model_fingerprint``): new weights at the same path
         make every stage run again."""
-        from fbnprune.loading import model_fingerprint
+        from fbnprune.models.loading import model_fingerprint
 
         return model_fingerprint(self.recipe.model)
 
     # -- the tasks and their prompts -------------------------------------------------------
     @functools.cached_property
     def tasks(self) -> dict[str, TaskData]:
-        from fbnprune.data import load_task
+        from fbnprune.data.tasks import load_task
 
         return {t.name: load_task(t, seed=self.recipe.seed) for t in self.recipe.tasks}
 

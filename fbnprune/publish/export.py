@@ -81,7 +81,7 @@ class ExportResult:
         return sum(self.files.values())
 
     def summary(self) -> str:
-        from fbnprune.card import human_bytes
+        from fbnprune.publish.card import human_bytes
 
         verb = "up to date, reused" if self.reused else "written"
         lines = [f"export ({self.layout}) {verb}: {self.out_dir}"]
@@ -159,7 +159,7 @@ def export_run(
             logger.info("export: %s is up to date, reusing it", out)
             return ExportResult(out, layout, True, list_files(out), previous)
         logger.info("export: %s is an export of other inputs or options; replacing it", out)
-    from fbnprune.card import CardFacts, build_card, read_eval_results
+    from fbnprune.publish.card import CardFacts, build_card, read_eval_results
 
     plan = run.read_plan()
     recipe_file = run.recipe_file
@@ -427,7 +427,7 @@ def _require(module: str, extra: str, flag: str) -> None:
 def _evaluation_texts(recipe_text: str, n: int = 8) -> tuple[list[str], str]:
     """The run's held-out prompts (round-robin over tasks), or fixed fallback sentences."""
     try:
-        from fbnprune.data import load_task
+        from fbnprune.data.tasks import load_task
         from fbnprune.recipe import parse_recipe
 
         recipe = parse_recipe(_yaml(recipe_text))

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 TAGS = ["pruned", "fbnprune", "functional-networks"]
 UNKNOWN_LICENSE = "other"
 
-# Offline packaged models (see ``fbnprune.loading``): their Hub ids and licenses.
+# Offline packaged models (see ``fbnprune.models.loading``): their Hub ids and licenses.
 KNOWN_BASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "gemma3-270m": ("google/gemma-3-270m", "gemma"),
@@ -160,7 +160,7 @@ def _number(value: Any, metric: str) -> float | None:
 def base_model_info(name: str) -> BaseModel:
     """Hub id and license of the base model ``name`` (a packaged name, Hub id or local dir)."""
     try:  # the loader's table is authoritative when it knows the model
-        from fbnprune.loading import PACKAGED_MODELS
+        from fbnprune.models.loading import PACKAGED_MODELS
 
         packaged = PACKAGED_MODELS.get(name)
     except ImportError:

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fbnprune.export import ExportError
+from fbnprune.publish.export import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class PushResult:
         return sum(self.files.values())
 
     def summary(self) -> str:
-        from fbnprune.card import human_bytes
+        from fbnprune.publish.card import human_bytes
 
         target = f"{self.endpoint.rstrip('/')}/{self.repo_id} (branch {self.revision})"
         if self.dry_run:

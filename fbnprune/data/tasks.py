@@ -1,6 +1,6 @@
 """Task text: read documents from a source and split them into calibration and held-out sets.
 
-A source is ``builtin:NAME`` (offline corpora, see ``fbnprune.corpora``), ``file:PATH``
+A source is ``builtin:NAME`` (offline corpora, see ``fbnprune.data.corpora``), ``file:PATH``
 (``.txt``: blank-line-separated documents; ``.jsonl``: one JSON object per line) or
 ``hf:DATASET`` (Hugging Face ``datasets``, needs the network). ``load_task`` turns a
 ``TaskConfig`` into a ``TaskData`` whose two splits are disjoint and fixed by the seed.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fbnprune import corpora
+from fbnprune.data import corpora
 from fbnprune.errors import FbnpruneError
 from fbnprune.recipe import TaskConfig
 from fbnprune.rundir.runner import digest
@@ -263,7 +263,7 @@ def load_documents(
     elif scheme == "hf":
         docs = _load_hf(rest, text_field, split, hf_config)
     elif scheme == "lmeval":
-        from fbnprune.lmeval_tasks import load_lmeval_task
+        from fbnprune.data.lmeval import load_lmeval_task
 
         docs = list(load_lmeval_task(rest).documents)
     else:
@@ -363,6 +363,6 @@ def task_choices(task: TaskConfig) -> dict[str, str] | None:
     """The task's answers (label -> answer text): the recipe's, else an lm-eval task's own."""
     if task.choices is not None or not task.source.startswith("lmeval:"):
         return task.choices
-    from fbnprune.lmeval_tasks import load_lmeval_task
+    from fbnprune.data.lmeval import load_lmeval_task
 
     return load_lmeval_task(task.source.partition(":")[2]).choices

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from fbnprune.adapters import MLPAdapter
+from fbnprune.models.adapters import MLPAdapter
 
 SiteFn = Callable[[int, torch.Tensor], torch.Tensor | None]
 """Called as ``fn(layer_index, values)`` with values of shape (batch, seq, width); may return

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from fbnprune.data import DataError, Document
+from fbnprune.data.tasks import DataError, Document
 
 
 @dataclass(frozen=True)
