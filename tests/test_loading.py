@@ -15,7 +15,7 @@ from gguf import MODEL_ARCH, GGUFWriter, get_tensor_name_map
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fbnprune.models import loading
+from fbnprune.models import gguf
 from fbnprune.models.loading import (
     PACKAGED_MODELS,
     ModelLoadError,
@@ -130,7 +130,7 @@ def test_gguf_converts_to_a_plain_directory(tiny_gguf: tuple[Path, LlamaForCausa
     assert directory.name.startswith("tiny-llama-")
     files = {p.name for p in directory.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    assert {"generation_config.json", loading.CONVERSION_RECORD} <= files
+    assert {"generation_config.json", gguf.CONVERSION_RECORD} <= files
     config = json.loads((directory / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -162,10 +162,10 @@ def test_gguf_conversion_is_cached(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     path, _ = tiny_gguf
-    caplog.set_level(logging.INFO, logger="fbnprune.models.loading")
+    caplog.set_level(logging.INFO, logger="fbnprune.models.gguf")
     calls: list[Path] = []
-    convert = loading._convert
-    monkeypatch.setattr(loading, "_convert", lambda g, out: (calls.append(g), convert(g, out)))
+    convert = gguf._convert
+    monkeypatch.setattr(gguf, "_convert", lambda g, out: (calls.append(g), convert(g, out)))
 
     first = resolve_model(str(path))
     stamp = (first / "model.safetensors").stat().st_mtime_ns
@@ -195,18 +195,18 @@ def test_a_failed_conversion_leaves_nothing(
     tiny_gguf: tuple[Path, LlamaForCausalLM], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _ = tiny_gguf
-    verify = loading._verify
+    verify = gguf._verify
 
     def fail(out: Path, expected: torch.Tensor) -> None:
         assert (out / "model.safetensors").is_file()  # it fails after writing
         raise ModelLoadError("injected failure")
 
-    monkeypatch.setattr(loading, "_verify", fail)
+    monkeypatch.setattr(gguf, "_verify", fail)
     with pytest.raises(ModelLoadError, match="injected"):
         resolve_model(str(path))
     assert _cache_entries() == []
 
-    monkeypatch.setattr(loading, "_verify", verify)
+    monkeypatch.setattr(gguf, "_verify", verify)
     assert (resolve_model(str(path)) / "config.json").is_file()
 
 
@@ -214,7 +214,7 @@ def test_stale_temporary_directories_are_swept(tiny_gguf: tuple[Path, LlamaForCa
     path, _ = tiny_gguf
     stale = cache_dir() / "models" / ".tmp-killed-run"
     stale.mkdir(parents=True)
-    old = stale.stat().st_mtime - 2 * loading._STALE_TMP_SECONDS
+    old = stale.stat().st_mtime - 2 * gguf._STALE_TMP_SECONDS
     os.utime(stale, (old, old))
 
     resolve_model(str(path))
@@ -357,7 +357,7 @@ def test_a_truncated_cached_conversion_is_converted_again(
     path, original = tiny_gguf
     first = resolve_model(str(path))
     _truncate(first / "model.safetensors")  # e.g. a disk that filled up during the copy
-    caplog.set_level(logging.WARNING, logger="fbnprune.models.loading")
+    caplog.set_level(logging.WARNING, logger="fbnprune.models.gguf")
     again = resolve_model(str(path))
     assert again == first and any("is incomplete" in r.message for r in caplog.records)
     model, _ = load_model(str(path))
