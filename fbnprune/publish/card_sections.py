@@ -1,0 +1,295 @@
+"""The prose of a model card, one function per section, from its ``CardFacts``."""
+
+from __future__ import annotations
+
+from fbnprune.check import ParityResult
+from fbnprune.publish.card_facts import (
+    UNKNOWN_LICENSE,
+    BaseModel,
+    CardFacts,
+    model_name,
+    task_datasets,
+)
+
+
+def sections(facts: CardFacts, base: BaseModel) -> list[str]:
+    return [
+        _intro(facts, base),
+        _how_to_load(facts),
+        _what_was_kept(facts),
+        _healing(facts),
+        _evaluation(facts, base),
+        _parity(facts),
+        _sizes(facts),
+        _formats(facts),
+        _provenance(facts),
+        _limitations(facts, base),
+    ]
+
+
+def human_bytes(n: float | None) -> str:
+    """``n`` bytes in B, KiB, MiB or GiB."""
+    if n is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _intro(facts: CardFacts, base: BaseModel) -> str:
+    plan, prov = facts.plan, facts.plan.provenance
+    link = f"[{base.hub_id}](https://huggingface.co/{base.hub_id})" if base.hub_id else \
+        f"`{plan.model}`"  # fmt: skip
+    tasks = ", ".join(f"`{t}`" for t in task_datasets(facts.recipe)) or "its calibration text"
+    what = "MLP intermediate units" if plan.site == "hidden" else "MLP output channels"
+    selector = prov.get("selector", "?")
+    how = ("to the functional networks (group ICA of MLP activations) used by the tasks"
+           if selector == "ica" else f"with the `{selector}` selector (a baseline) for the tasks")
+    return (
+        f"# {model_name(facts)}\n\n"
+        f"{link}, pruned with fbnprune {how} {tasks}: it keeps **{plan.n_kept:,} of "
+        f"{plan.n_units:,} {what} ({plan.kept_fraction:.1%})**, "
+        + ("then healed by distillation from the original (see Healing). "
+           if facts.heal else "with no retraining. ")
+        + "Attention, embeddings and norms keep their shapes."
+    )
+
+
+def _healing(facts: CardFacts) -> str:
+    heal = facts.heal
+    if not heal:
+        return ""
+    cfg = heal.get("settings", {})
+    losses = heal.get("train_loss") or [float("nan")]
+    validation = heal.get("validation") or []
+    held = (f" Held-out KD loss: {validation[0][1]:.3f} at step {validation[0][0]} -> "
+            f"{validation[-1][1]:.3f} at step {validation[-1][0]}." if validation else "")
+    what = "the MLPs" if cfg.get("modules") == "mlp" else "every decoder linear layer"
+    how = "their weights" if heal.get("method") == "full" else \
+        f"LoRA adapters of rank {cfg.get('lora_rank')}, merged into the weights"  # fmt: skip
+    return (
+        "## Healing\n\n"
+        f"After slicing, the model was distilled from the original: KL divergence between the "
+        f"original's next-token distribution (top-{cfg.get('top_k')} tokens plus the rest) and "
+        f"this model's, on the task's prompts of the calibration and healing documents only "
+        f"(never on evaluation text; the document ids are in the run's documents.json), "
+        f"training {what} ({how}; {heal.get('trainable_parameters', 0):,} parameters). "
+        f"{heal.get('steps')} steps of {cfg.get('batch_size')} x {cfg.get('max_length')} tokens, "
+        f"lr {cfg.get('lr')}, {heal.get('seconds', 0):.0f} s; training KD loss "
+        f"{losses[0]:.3f} -> {losses[-1]:.3f}.{held} The log is `fbnprune_heal.json`. The "
+        "parity table below proves the slice before healing; healing changes the weights, so "
+        "this model differs from the masked original by design."
+    )
+
+
+def _how_to_load(facts: CardFacts) -> str:
+    where = facts.repo_id or "path/to/this/folder"
+    if facts.layout == "compact":
+        load = (
+            f'model = AutoModelForCausalLM.from_pretrained("{where}", trust_remote_code=True)\n'
+        )
+        note = (
+            "Layout **compact**: every layer has exactly its kept width. Stock configs hold one "
+            "MLP width, so the checkpoint ships `modeling_fbnprune.py` (a stock transformers "
+            "class whose MLPs are resized before loading) and `config.auto_map`; loading needs "
+            "`trust_remote_code=True`. Read that file before trusting it."
+        )
+    else:
+        load = f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
+        note = (
+            "Layout **padded**: every layer is padded with zero units to the widest kept layer, "
+            "so one stock `intermediate_size` describes the model and stock "
+            "`from_pretrained` (and other stock loaders) read it; the zero units contribute "
+            "exactly nothing."
+        )
+    return (
+        "## How to load\n\n" + note + "\n\n```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n' + load + "```"
+    )
+
+
+FILL_NOTES = {
+    "mean": " (calibration mean, folded into the down-projection bias)",
+    "reconstruct": " (kept down-projection columns and a bias refit by least squares to "
+    "reproduce the original MLP output on the calibration tokens)",
+}
+
+
+def _what_was_kept(facts: CardFacts) -> str:
+    plan, prov = facts.plan, facts.plan.provenance
+    rows = [
+        ("site", f"`{plan.site}` (" + ("MLP intermediate units, the down projection's inputs"
+                                        if plan.site == "hidden" else
+                                        "MLP output channels; shapes are kept") + ")"),
+        ("selector", f"`{prov.get('selector', '?')}`"),
+        ("budget", f"{prov['budget']:.1%} of units" if "budget" in prov else "n/a"),
+        ("allocation", f"`{prov.get('allocation', '?')}` (at least "
+                       f"{prov.get('min_per_layer', 0):.0%} of every layer)"),
+        ("fill of dropped units", f"`{plan.fill}`" + FILL_NOTES.get(plan.fill, "")),
+        ("kept", f"{plan.n_kept:,} / {plan.n_units:,} ({plan.kept_fraction:.2%})"),
+    ]  # fmt: skip
+    if "n_components" in prov:
+        rows.append(("ICA", f"{prov['n_components']} components, z >= {prov.get('threshold')}"
+                            f"; the plain threshold union alone would keep "
+                            f"{prov.get('threshold_union_units', '?'):,} units"))  # fmt: skip
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    kept = plan.kept_per_layer()
+    widths = sorted(set(plan.layer_widths))
+    of = f"of {widths[0]:,}" if len(widths) == 1 else "of each layer's width"
+    lines = ["| layers | kept units per layer (" + of + ") |", "|---|---|"]
+    for start in range(0, len(kept), 10):
+        chunk = kept[start:start + 10]
+        lines.append(f"| {start}-{start + len(chunk) - 1} | {' '.join(map(str, chunk))} |")
+    return "## What was kept\n\n" + table + "\n\n" + "\n".join(lines) + (
+        "\n\nThe kept indices of every layer are in `fbnprune_plan.json`."
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _score(value: float | None, stderr: float | None) -> str:
+    return _fmt(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
+
+
+def _evaluation(facts: CardFacts, base: BaseModel) -> str:
+    if not facts.scores:
+        return ("## Evaluation\n\nNo evaluation results were recorded for this run "
+                "(`fbnprune evaluate` writes them to `eval/results.json`). Evaluate it on your "
+                "task before relying on it.")  # fmt: skip
+    lines = ["| task | metric | docs | original | pruned | change |", "|---|---|---|---|---|---|"]
+    for s in facts.scores:
+        change = "n/a"
+        if s.pruned is not None and s.original is not None:
+            change = f"{s.pruned - s.original:+.4f}"
+        arrow = "" if s.higher_is_better else " (lower is better)"
+        lines.append(f"| {s.task} | {s.metric}{arrow} | {s.n_docs or 'n/a'} | "
+                     f"{_score(s.original, s.original_stderr)} | "
+                     f"{_score(s.pruned, s.pruned_stderr)} | {change} |")  # fmt: skip
+    variants = sorted({s.variant for s in facts.scores if s.variant})
+    notes = [f"Original = `{base.name}` before pruning, scored in the same run with the same "
+             "settings (± standard error)."]  # fmt: skip
+    if variants:
+        notes.append(f"Pruned = the evaluated variant {', '.join(f'`{v}`' for v in variants)}.")
+    others = sorted({k for s in facts.scores for k in s.extra})
+    if others:
+        notes.append(f"Other variants scored (see `fbnprune_eval.json`): {', '.join(others)}.")
+    return "## Evaluation\n\n" + " ".join(notes) + "\n\n" + "\n".join(lines)
+
+
+def _parity(facts: CardFacts) -> str:
+    if not facts.parity:
+        return ""
+    result = ParityResult.from_dict(facts.parity)
+    lines = [
+        "| reference | candidate | dtype | max abs diff | mean abs diff | tolerance | passed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result.reports:
+        for c in r.comparisons:
+            passed = ("yes" if c.passed else "NO") if r.gating else "for information"
+            lines.append(f"| {r.reference} | {c.name} | {r.dtype} | {c.max_abs:.2e} | "
+                         f"{c.mean_abs:.2e} | {r.atol:g} | {passed} |")  # fmt: skip
+    return (
+        "## Parity\n\nThe plan applied by hooks to the original (`masked`) and the sliced model "
+        "compute the same logits: in float64, where rounding cannot hide a wrong unit, and for "
+        "the saved checkpoint against the in-memory slice. In float32 the changed summation "
+        "order alone moves logits slightly; that row is for information. Held-out tokens: "
+        f"{result.reports[0].n_tokens}.\n\n" + "\n".join(lines)
+    )
+
+def _sizes(facts: CardFacts) -> str:
+    sizes = (facts.prune or {}).get("sizes", {})
+    lines = ["| model | parameters | bytes (in memory) |", "|---|---|---|"]
+    for name in ("original", "padded", "compact"):
+        s = sizes.get(name)
+        if not s:
+            continue
+        if "parameters" in s:
+            mark = " (this export)" if name == facts.layout else ""
+            params, size = f"{s['parameters'] / 1e6:,.2f} M", human_bytes(s["bytes"])
+            lines.append(f"| {name}{mark} | {params} | {size} |")
+        else:
+            lines.append(f"| {name} | unavailable: {s.get('unavailable', '?')} | |")
+    text = "## Size\n\n"
+    if len(lines) > 2:
+        text += "\n".join(lines) + "\n\n"
+    return text + f"Safetensors files of this export: {human_bytes(facts.export_bytes)}."
+
+
+def _formats(facts: CardFacts) -> str:
+    parts = []
+    q = facts.formats.get("int8")
+    if q:
+        ppl = q.get("perplexity", {})
+        parts.append(
+            f"### int8 (`{q['path']}/`, optimum-quanto weight-only qint8)\n\n"
+            f"{human_bytes(q['bytes'])} of safetensors (unquantized: "
+            f"{human_bytes(q.get('reference_bytes'))}). Against "
+            f"the unquantized slice over {q.get('n_tokens', '?')} tokens: max abs logit diff "
+            f"{q['max_abs']:.3g}, mean {q['mean_abs']:.3g}, top-1 agreement "
+            f"{q['top1_agreement']:.1%}, perplexity {ppl.get('reference', float('nan')):.3f} -> "
+            f"{ppl.get('quantized', float('nan')):.3f}. Task metrics were not re-measured for "
+            "int8. Only linear layers are quantized: embeddings keep their precision"
+            + (", and so does the tied `lm_head`" if q.get("excluded") else "") + ". Load it "
+            "(transformers cannot read quanto weights itself):\n\n```python\n"
+            + q["load_snippet"] + "```"
+        )
+    o = facts.formats.get("onnx")
+    if o:
+        parts.append(
+            f"### ONNX (`{o['path']}`)\n\nExported with `torch.onnx.export(dynamo=True)`; inputs "
+            "`input_ids`, `attention_mask` (dynamic batch and sequence), output `logits` (no KV "
+            f"cache). onnxruntime vs PyTorch: max abs logit diff {o['max_abs']:.2e} over "
+            f"{o.get('n_tokens', '?')} tokens. ({human_bytes(o['bytes'])})"
+        )
+    return "## Other formats\n\n" + "\n\n".join(parts) if parts else ""
+
+
+def _provenance(facts: CardFacts) -> str:
+    prov = facts.plan.provenance
+    rows = [
+        ("base model", f"`{facts.plan.model}` ({facts.plan.model_type})"),
+        ("recipe", f"`{prov.get('recipe', facts.recipe.get('name', '?'))}`, fingerprint "
+                   f"`{prov.get('recipe_fingerprint', '?')}` (`fbnprune_recipe.yaml`)"),
+        ("seed", str(prov.get("seed", facts.recipe.get("seed", "?")))),
+        ("task data", ", ".join(f"{t} `{h}`" for t, h in (prov.get("tasks") or {}).items())
+         or "n/a"),
+        ("calibration tokens", ", ".join(f"{t}: {n:,}" for t, n in
+                                         (prov.get("calibration_tokens") or {}).items()) or "n/a"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items())
+         or "n/a"),
+        ("planned", str(prov.get("created", "n/a"))),
+    ]  # fmt: skip
+    return ("## Provenance\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+            + "\n\nFiles: `fbnprune_plan.json` (kept indices, fill values, provenance), "
+            "`fbnprune_recipe.yaml`, `fbnprune_parity.json`, `fbnprune_export.json`"
+            + (", `fbnprune_eval.json`" if facts.scores else "") + ".")  # fmt: skip
+
+
+def _limitations(facts: CardFacts, base: BaseModel) -> str:
+    plan = facts.plan
+    items = [
+        "Units were chosen for the recipe's tasks only; abilities those tasks do not exercise "
+        "are likely lost. "
+        + ("Healing used only the calibration and healing documents of those tasks."
+           if facts.heal else "It was not retrained after pruning."),
+        "Only MLP units are removed; attention and embeddings keep their size, so the "
+        "parameter reduction is well below the fraction of units removed.",
+    ]
+    if plan.site == "output":
+        items.append("Output-site pruning zeroes channels but keeps every shape: this export "
+                     "is no smaller or faster than the original.")
+    elif facts.layout == "padded":
+        items.append(f"Padded layout: every layer carries {max(plan.kept_per_layer())} units "
+                     "(the widest kept layer); narrower layers compute on zero padding.")
+    if not facts.scores:
+        items.append("No evaluation results are attached.")
+    if base.license_note:
+        items.append(base.license_note)
+    if base.license != UNKNOWN_LICENSE:
+        items.append(f"Use is governed by the base model's license (`{base.license}`).")
+    return "## Limitations\n\n" + "\n".join(f"- {i}" for i in items)
