@@ -21,7 +21,8 @@ from fbnprune.models.adapters import get_adapter
 from fbnprune.models.hooks import site_widths
 from fbnprune.plan import PrunePlan
 from fbnprune.publish.card import base_model_info, read_eval_results
-from fbnprune.publish.export import ExportError, export_run, list_files, load_int8, parse_size
+from fbnprune.publish.export import ExportError, export_run, list_files, parse_size
+from fbnprune.publish.formats.int8 import load_int8
 from fbnprune.recipe import parse_recipe
 from fbnprune.rundir import RunLayout
 from fbnprune.rundir.layout import CHECKPOINT_PARITY, CHECKPOINT_PLAN, CHECKPOINT_RECIPE

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fbnprune.publish.export import ExportError
+from fbnprune.publish.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
