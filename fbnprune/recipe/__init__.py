@@ -1,0 +1,180 @@
+"""Recipes: the validated YAML that drives a run.
+
+A recipe names the model, the tasks and every stage's settings. Unknown keys are errors
+(``extra="forbid"``), so a typo never passes silently. ``Recipe.fingerprint`` hashes the
+normalised recipe; run directories use per-stage fingerprints to decide what to reuse.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from fbnprune.recipe.base import RECIPE_VERSION, RecipeError, Site, _Strict
+from fbnprune.recipe.commands import EVAL_SUITE_TASKS, AnalyzeConfig, BenchConfig, EvaluateConfig
+from fbnprune.recipe.stages import (
+    CheckConfig,
+    CollectConfig,
+    DiscoverConfig,
+    HealConfig,
+    PruneConfig,
+    SaveConfig,
+    SelectConfig,
+)
+from fbnprune.recipe.tasks import TaskConfig, Wording
+from fbnprune.rundir.runner import digest
+
+__all__ = [
+    "EVAL_SUITE_TASKS", "RECIPE_VERSION", "AnalyzeConfig", "BenchConfig", "CheckConfig",
+    "CollectConfig", "DiscoverConfig", "EvaluateConfig", "HealConfig", "PruneConfig", "Recipe",
+    "RecipeError", "SaveConfig", "SelectConfig", "TaskConfig", "Wording", "load_recipe",
+    "parse_recipe",
+]  # fmt: skip
+
+
+class Recipe(_Strict):
+    """A whole run: model, tasks and stage settings."""
+
+    version: Literal[1] = RECIPE_VERSION
+    name: str = "fbnprune-run"
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    site: Site = "hidden"
+    seed: int = 0
+    tasks: list[TaskConfig] = Field(min_length=1)
+    collect: CollectConfig = CollectConfig()
+    discover: DiscoverConfig = DiscoverConfig()
+    select: SelectConfig = SelectConfig()
+    prune: PruneConfig = PruneConfig()
+    check: CheckConfig = CheckConfig()
+    save: SaveConfig = SaveConfig()
+    heal: HealConfig = HealConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    bench: BenchConfig = BenchConfig()
+    analyze: AnalyzeConfig = AnalyzeConfig()
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        return tasks
+
+    def fingerprint(self, *parts: str) -> str:
+        """Hash of the given top-level sections (all of them when none are named)."""
+        data = self.model_dump(mode="json")
+        if parts:
+            data = {k: data[k] for k in parts}
+        return digest(json.dumps(data, sort_keys=True).encode())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; raise ``RecipeError`` with every problem listed.
+
+    The file must be UTF-8 YAML; a key given twice in one mapping is an error (plain YAML
+    would silently keep the last one)."""
+    path = Path(path)
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))
+        hint = f"; pass one of the recipes in it: {', '.join(yamls)}" if yamls else ""
+        raise RecipeError(f"{path} is a directory, not a recipe file{hint}")
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    text = _read_recipe_text(path)
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except _DuplicateKeyError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    return parse_recipe(_paths_beside(raw, path.parent), origin=str(path))
+
+
+def _paths_beside(raw: dict, folder: Path) -> dict:
+    """Relative ``file:``/``lmeval:`` task sources, resolved against the recipe's folder (not
+    the working directory), so a recipe runs the same from anywhere."""
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, list):
+        return raw
+    resolved = []
+    for task in tasks:
+        source = task.get("source") if isinstance(task, dict) else None
+        scheme, sep, rest = source.partition(":") if isinstance(source, str) else ("", "", "")
+        is_path = scheme == "file" or Path(rest).suffix.lower() in (".yaml", ".yml")
+        if sep and scheme in ("file", "lmeval") and is_path and rest and \
+                not Path(rest).expanduser().is_absolute():
+            task = {**task, "source": f"{scheme}:{(folder / rest).resolve()}"}
+        resolved.append(task)
+    return {**raw, "tasks": resolved}
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe's text, decoded as UTF-8 (a leading byte-order mark is allowed)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(
+            f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+            f"(line {line}) cannot be decoded; save the recipe as UTF-8"
+        ) from None
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
+                              deep: bool = False) -> dict:  # fmt: skip
+    seen: dict[object, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *anchor`` merges; explicit keys may override merged ones
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:
+            continue  # unhashable key: construct_mapping reports it
+        if first is not None:
+            raise _DuplicateKeyError(
+                f"duplicate key {key!r} at line {line} (first given at line {first}); YAML "
+                "would silently keep the last value: remove one of them"
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)  # fmt: skip
+
+
+def parse_recipe(raw: dict, *, origin: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a mapping."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{origin}: invalid recipe ({exc.error_count()} problem(s)):"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  - {where}: {msg}")
+        raise RecipeError("\n".join(lines)) from None

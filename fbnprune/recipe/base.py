@@ -1,0 +1,42 @@
+"""What every recipe section shares: unknown keys and booleans-for-numbers are errors."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from fbnprune.errors import FbnpruneError
+
+RECIPE_VERSION = 1
+
+Site = Literal["hidden", "output"]
+Fill = Literal["zero", "mean", "reconstruct"]
+Layout = Literal["padded", "compact"]
+Allocation = Literal["global", "uniform", "sensitivity"]
+Selector = Literal["ica", "magnitude", "random", "wanda"]
+
+
+class RecipeError(FbnpruneError, ValueError):
+    """A recipe that cannot be read or does not validate."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: object) -> object:
+        """YAML reads ``true``/``yes``/``on`` as booleans, which pydantic would take as 1:
+        ``budget: true`` must not mean 100%."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if isinstance(value, bool) and field and not _takes_bool(field.annotation):
+                    raise ValueError(f"{name}: expected a number or text, got the boolean {value}")
+        return data
+
+
+def _takes_bool(annotation: object) -> bool:
+    """Whether a field's type admits ``bool`` (``bool``, ``bool | None``, ...)."""
+    return annotation is bool or any(_takes_bool(arg) for arg in get_args(annotation))

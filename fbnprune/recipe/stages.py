@@ -1,0 +1,141 @@
+"""The sections of the stages: collect, discover, select, prune, check, save, heal."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, _Strict
+
+
+class CollectConfig(_Strict):
+    batch_size: int = Field(default=8, ge=1)
+    storage: Literal["memory", "memmap"] = "memmap"
+
+
+class DiscoverConfig(_Strict):
+    n_components: int = Field(default=128, ge=2)
+    threshold: float = Field(default=3.6, gt=0)
+    max_iter: int = Field(default=400, ge=10)
+    tol: float = Field(default=1e-4, gt=0)
+    standardize: bool = Field(
+        default=False,
+        description="divide every neuron by its standard deviation before PCA, so ICA is not "
+        "drawn to the loudest neurons",
+    )
+
+
+class SelectConfig(_Strict):
+    selector: Selector = "ica"
+    budget: float = Field(default=0.10, description="fraction of MLP units kept, in (0, 1]")
+    allocation: Allocation = "global"
+    min_per_layer: float = Field(
+        default=0.02, ge=0, lt=1, description="floor on the fraction kept in every layer"
+    )
+    max_per_layer: float = Field(
+        default=1.0, gt=0, le=1, description="cap on the fraction kept in any layer "
+        "(sensitivity allocation)",
+    )  # fmt: skip
+    sensitivity_samples: int = Field(
+        default=8, ge=1, description="calibration prompts on which each layer's cut is measured"
+    )
+    sensitivity_power: float = Field(
+        default=0.5, ge=0, description="units per layer grow as (KL of cutting it) ** power"
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_range(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _floor_and_cap_fit_the_budget(self) -> SelectConfig:
+        if self.min_per_layer > self.budget:
+            raise ValueError(f"min_per_layer ({self.min_per_layer:g}) is above the budget "
+                             f"({self.budget:g}): every layer would keep more than the whole "
+                             "model may; lower min_per_layer or raise the budget")  # fmt: skip
+        if self.max_per_layer < self.budget:
+            raise ValueError(f"max_per_layer ({self.max_per_layer:g}) is below the budget "
+                             f"({self.budget:g}): no layer may keep enough to reach it")
+        return self
+
+
+class PruneConfig(_Strict):
+    """How dropped units are compensated.
+
+    ``zero`` drops them; ``mean`` adds their calibration mean's contribution to the down
+    projection's bias; ``reconstruct`` refits the kept down-projection columns and a bias by
+    ridge least squares so the MLP output on the calibration tokens is reproduced
+    (``fbnprune.refit``); with ``sequential`` each layer is refit on activations of a model
+    whose lower layers are already pruned and refit.
+    """
+
+    fill: Fill = "mean"
+    ridge: float = Field(
+        default=1e-3, ge=0, description="ridge term of the refit, relative to the mean "
+        "diagonal of the kept units' Gram matrix",
+    )  # fmt: skip
+    sequential: bool = False
+
+
+class CheckConfig(_Strict):
+    samples: int = Field(default=4, ge=1, description="held-out prompts compared")
+    atol: float = Field(
+        default=1e-4,
+        gt=0,
+        description="max |delta logits| allowed: masked vs sliced in float64, and sliced vs "
+        "saved-and-reloaded in the model's dtype",
+    )
+
+
+class SaveConfig(_Strict):
+    layouts: list[Layout] = Field(default_factory=lambda: ["padded"], min_length=1)
+
+
+class HealConfig(_Strict):
+    """The ``heal`` stage: distil the original model into the sliced one (``fbnprune.heal``).
+
+    ``enabled: null`` (the default) heals when ``select.budget < below_budget``: no structured
+    pruning method reports usable models without recovery below ~80% kept (FLAP, LLM-Pruner
+    recover at 20% removed), and unhealed fbnprune models of 30% kept and less fall to chance
+    on SmolLM2 (see the benchmark in the README).
+    """
+
+    enabled: bool | None = None
+    below_budget: float = Field(default=0.5, gt=0, le=1)
+    method: Literal["full", "lora"] = "full"
+    modules: Literal["mlp", "all"] = Field(
+        default="mlp", description="linear layers trained: the MLPs' or all of the decoder's"
+    )
+    steps: int = Field(default=200, ge=1)
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="stop after training on this many tokens"
+    )
+    answer_weight: float = Field(
+        default=1.0, ge=0, description="weight of the answer position (the last token of a "
+        "multiple-choice task's prompt) against 1 for every other position",
+    )  # fmt: skip
+    patience: int | None = Field(
+        default=None, ge=1, description="stop when the validation loss has not improved for "
+        "this many evaluations (and keep the best weights)",
+    )  # fmt: skip
+    max_minutes: float | None = Field(default=15, gt=0, description="stop after this long")
+    lr: float = Field(default=5e-4, gt=0)
+    warmup: float = Field(default=0.05, ge=0, lt=1, description="fraction of steps")
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    max_length: int = Field(default=128, ge=8, description="tokens per calibration document")
+    top_k: int = Field(default=64, ge=1, description="teacher log-probs kept per position")
+    temperature: float = Field(default=1.0, gt=0)
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: float = Field(default=32, gt=0)
+    eval_every: int = Field(default=25, ge=1, description="held-out loss every N steps")
+    checkpoint_every: int = Field(default=50, ge=1, description="training state every N steps")
+    seed: int = 0
+
+    def active(self, budget: float) -> bool:
+        return self.enabled if self.enabled is not None else budget < self.below_budget

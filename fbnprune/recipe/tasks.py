@@ -1,0 +1,100 @@
+"""The ``tasks`` section: where each task's text comes from and how it becomes prompts."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from fbnprune.recipe.base import _Strict
+
+
+def _text_slot(value: str) -> str:
+    if "{text}" not in value:
+        raise ValueError("template must contain the placeholder '{text}'")
+    return value
+
+
+class Wording(_Strict):
+    """Another way to ask a task's question: its own template and answer texts per label."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    template: str
+    choices: dict[str, str] = Field(min_length=2)
+
+    @field_validator("template")
+    @classmethod
+    def _has_text_slot(cls, value: str) -> str:
+        return _text_slot(value)
+
+
+class TaskConfig(_Strict):
+    """One task: where its text comes from and how much of it is used.
+
+    ``source`` is ``builtin:NAME`` (bbc_news, wikipedia, python_code, arithmetic),
+    ``file:PATH`` (.txt: one document per blank-line-separated block; .jsonl: one object
+    per line), ``hf:DATASET`` (Hugging Face ``datasets``; needs the network) or
+    ``lmeval:TASK.yaml`` (a multiple-choice lm-eval task: its ``doc_to_text`` is the prompt,
+    its ``doc_to_choice`` the answers, ``doc_to_target`` the label; ``fbnprune.data.lmeval``).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str
+    template: str = "{text}"
+    text_field: str = "text"
+    split: str = "train"
+    hf_config: str | None = None
+    calibration_samples: int = Field(default=64, ge=1)
+    heldout_samples: int = Field(default=16, ge=1)
+    heal_samples: int = Field(
+        default=0,
+        ge=0,
+        description="further documents for healing only, disjoint from calibration and "
+        "held-out (never evaluated on)",
+    )
+    max_length: int = Field(default=128, ge=8)
+    max_words: int | None = Field(
+        default=None,
+        ge=1,
+        description="cut each document to its first N words before the template is applied, "
+        "so the question after {text} survives truncation",
+    )
+    choices: dict[str, str] | None = Field(
+        default=None,
+        description="label -> answer text (e.g. {sport: ' sport'}): the task is multiple "
+        "choice over these answers, the document's label picks the gold one",
+    )
+    label_field: str = Field(default="label", description="label key of .jsonl documents")
+    wordings: list[Wording] = Field(
+        default_factory=list,
+        description="other wordings of the same question (template and answers), scored by "
+        "evaluate and bench only, so a model tied to one template shows",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme, sep, rest = value.partition(":")
+        if not sep or scheme not in {"builtin", "file", "hf", "lmeval"} or not rest:
+            raise ValueError(
+                f"source {value!r} must look like 'builtin:NAME', 'file:PATH', 'hf:DATASET' "
+                "or 'lmeval:TASK.yaml'"
+            )
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _has_text_slot(cls, value: str) -> str:
+        return _text_slot(value)
+
+    @model_validator(mode="after")
+    def _wordings_match(self) -> TaskConfig:
+        for wording in self.wordings:
+            if self.choices is None and self.source.startswith("lmeval:"):
+                continue  # the lm-eval task's answers are known once it is loaded
+            if self.choices is None or set(wording.choices) != set(self.choices):
+                raise ValueError(
+                    f"wording {wording.name!r}: its choices must answer the task's labels "
+                    f"{sorted(self.choices or {})}, got {sorted(wording.choices)}"
+                )
+        if len({w.name for w in self.wordings}) != len(self.wordings):
+            raise ValueError("wording names must be unique")
+        return self
