@@ -34,40 +34,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fbnprune.collect import iter_batches, pad_batch, tokenize
-from fbnprune.errors import FbnpruneError
+from fbnprune.distill import (
+    HealError,
+    TeacherTargets,
+    distillation_loss,
+    prepare_targets,
+    validation_loss,
+)
 from fbnprune.io import save_figure
 from fbnprune.models.adapters import get_adapter
 from fbnprune.recipe import HealConfig
 
+__all__ = ["HealError", "HealLog", "heal_model", "plot_loss", "trainable_linears"]
+
 logger = logging.getLogger(__name__)
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class HealError(FbnpruneError, ValueError):
-    """Healing cannot run as configured."""
-
-
-@dataclass
-class TeacherTargets:
-    """The teacher's top-k log-probabilities at every real (unpadded) position of a batch,
-    the last one included: distillation needs no next token, and after a task's question
-    the last position is the one that predicts the answer."""
-
-    input_ids: torch.Tensor  # (batch, length)
-    attention_mask: torch.Tensor  # (batch, length)
-    top_ids: torch.Tensor  # (n_positions, k) token ids
-    top_logprobs: torch.Tensor  # (n_positions, k) teacher log-probabilities
-    weights: torch.Tensor | None = None  # (n_positions,) loss weight of every position
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
 
 
 @dataclass
@@ -88,55 +71,6 @@ class HealLog:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _last_position_weights(attention: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Weight 1 for every real position, ``last[row]`` for each row's last real one."""
-    weights = torch.ones_like(attention, dtype=torch.float32)
-    ends = attention.sum(dim=1) - 1
-    weights[torch.arange(len(ends)), ends] = last.float()
-    return weights[attention.bool()]
-
-
-@torch.no_grad()  # not inference_mode: the targets enter the student's autograd graph
-def teacher_targets(
-    teacher: nn.Module, batches: Sequence[Batch], *, top_k: int, temperature: float = 1.0,
-    last_weights: Sequence[torch.Tensor] | None = None, progress: bool = False,
-) -> list[TeacherTargets]:  # fmt: skip
-    """Run the teacher once over the batches and keep its top-k next-token log-probs at
-    every real position; ``last_weights`` (one (batch,) tensor per batch) weight each row's
-    last position."""
-    teacher.eval()
-    out = []
-    for b, (input_ids, attention) in enumerate(
-        tqdm(batches, desc="heal: teacher", disable=not progress)
-    ):
-        logits = teacher(input_ids=input_ids, attention_mask=attention).logits
-        logprobs = F.log_softmax(logits[attention.bool()].float() / temperature, dim=-1)
-        values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-        weights = None
-        if last_weights is not None:
-            weights = _last_position_weights(attention, last_weights[b])
-        out.append(TeacherTargets(input_ids, attention, ids, values, weights))
-    return out
-
-
-def distillation_loss(
-    student_logits: torch.Tensor, target: TeacherTargets, temperature: float = 1.0
-) -> torch.Tensor:
-    """KL(teacher || student) over the teacher's top-k tokens plus one "rest" bucket, mean
-    over positions (weighted by ``target.weights`` when given), scaled by T^2 (Hinton et
-    al.) so gradients keep their size across T."""
-    logits = student_logits[target.attention_mask.bool()].float() / temperature
-    student = F.log_softmax(logits, dim=-1)
-    s_top = student.gather(-1, target.top_ids)
-    t_top = target.top_logprobs
-    t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - 1e-6))
-    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
-    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
-    if target.weights is None:
-        return kl.mean() * temperature**2
-    return (kl * target.weights).sum() / target.weights.sum() * temperature**2
 
 
 def trainable_linears(model: nn.Module, modules: str) -> dict[str, nn.Module]:
@@ -196,45 +130,6 @@ def _lr_at(step: int, cfg: HealConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, cfg.steps - warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-@torch.no_grad()
-def _validation_loss(model: nn.Module, targets: list[TeacherTargets], temperature: float) -> float:
-    model.eval()
-    losses = [float(distillation_loss(model(input_ids=t.input_ids,
-                                            attention_mask=t.attention_mask).logits,
-                                      t, temperature)) for t in targets]  # fmt: skip
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def prepare_targets(
-    teacher: nn.Module, tokenizer: Any, texts: Sequence[str], cfg: HealConfig, *,
-    validation: Sequence[str] = (), questions: Sequence[bool] | None = None,
-    validation_questions: Sequence[bool] | None = None, progress: bool = False,
-) -> tuple[list[TeacherTargets], list[TeacherTargets]]:  # fmt: skip
-    """The teacher's targets on the training texts and on the validation texts.
-
-    ``questions`` (one flag per text) marks the prompts of multiple-choice tasks, whose last
-    position (the one that predicts the answer) weighs ``cfg.answer_weight``.
-    """
-    if not texts:
-        raise HealError("no text to heal on")
-
-    def run(prompts: Sequence[str], flags: Sequence[bool] | None, bar: bool):
-        ids = tokenize(tokenizer, list(prompts), cfg.max_length)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        groups = iter_batches([len(s) for s in ids], cfg.batch_size)
-        batches = [pad_batch(ids, g, pad_id) for g in groups]
-        last = None
-        if flags is not None and cfg.answer_weight != 1.0:
-            last = [torch.tensor([cfg.answer_weight if flags[i] else 1.0 for i in g])
-                    for g in groups]  # fmt: skip
-        return teacher_targets(teacher, batches, top_k=cfg.top_k, temperature=cfg.temperature,
-                               last_weights=last, progress=bar)  # fmt: skip
-
-    train = run(texts, questions, progress)
-    return train, run(validation, validation_questions, False) if validation else []
 
 
 def heal_model(
@@ -298,7 +193,7 @@ def heal_model(
     order = torch.Generator().manual_seed(cfg.seed)
     model.train()
     if val_targets and start_step == 0:  # where the unhealed slice starts
-        log.validation.append((0, _validation_loss(model, val_targets, cfg.temperature)))
+        log.validation.append((0, validation_loss(model, val_targets, cfg.temperature)))
     best = _EarlyStopping(params, cfg.patience, log.validation if start_step else [])
     if val_targets and start_step == 0:
         best.update(0, log.validation[0][1])  # the unhealed slice is a candidate too
@@ -329,7 +224,7 @@ def heal_model(
             on_step(step, value)
         done = step + 1
         if val_targets and (done % cfg.eval_every == 0 or done == cfg.steps):
-            log.validation.append((done, _validation_loss(model, val_targets, cfg.temperature)))
+            log.validation.append((done, validation_loss(model, val_targets, cfg.temperature)))
             if best.update(done, log.validation[-1][1]):
                 log.stopped_by = "patience"
                 break
@@ -343,7 +238,7 @@ def heal_model(
             if val_targets and log.validation[-1][0] != done:
                 # the last weights are a candidate too: without this, a budget that ends
                 # before the first evaluation would put the unhealed weights back
-                log.validation.append((done, _validation_loss(model, val_targets,
+                log.validation.append((done, validation_loss(model, val_targets,
                                                               cfg.temperature)))  # fmt: skip
                 best.update(done, log.validation[-1][1])
             break

@@ -12,14 +12,8 @@ from conftest import VOCAB, tiny_model, tiny_tokenizer
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from fbnprune.heal import (
-    HealError,
-    TeacherTargets,
-    distillation_loss,
-    heal_model,
-    teacher_targets,
-    trainable_linears,
-)
+from fbnprune.distill import HealError, TeacherTargets, distillation_loss, teacher_targets
+from fbnprune.heal import heal_model, trainable_linears
 from fbnprune.plan import PrunePlan
 from fbnprune.publish.export import ExportError, export_run
 from fbnprune.recipe import HealConfig, parse_recipe

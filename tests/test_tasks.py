@@ -14,13 +14,14 @@ from conftest import tiny_model, tiny_tokenizer
 
 from fbnprune.collect import token_batches
 from fbnprune.data.tasks import DataError, cut_words, load_task, normalise
+from fbnprune.distill import distillation_loss, teacher_targets
 from fbnprune.evaluate.suite import (
     build_suite,
     calibration_documents,
     default_tasks,
     recipe_tasks,
 )
-from fbnprune.heal import distillation_loss, heal_model, teacher_targets
+from fbnprune.heal import heal_model
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import HealConfig, RecipeError, TaskConfig, parse_recipe
 from fbnprune.slicing import slice_model

@@ -24,9 +24,10 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from fbnprune.distill import prepare_targets
 from fbnprune.evaluate.harness import Harness
 from fbnprune.evaluate.suite import build_suite, calibration_documents, catalog, recipe_tasks
-from fbnprune.heal import HealLog, heal_model, prepare_targets
+from fbnprune.heal import HealLog, heal_model
 from fbnprune.io import atomic_write_text
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan

@@ -1,0 +1,132 @@
+"""Distillation targets and loss: the teacher's top-k next-token log-probabilities at every
+real position (``TeacherTargets``), and the KL of the student's distribution on the same
+k+1 buckets (the top-k tokens and one bucket holding the remaining mass)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fbnprune.collect import iter_batches, pad_batch, tokenize
+from fbnprune.errors import FbnpruneError
+from fbnprune.recipe import HealConfig
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class HealError(FbnpruneError, ValueError):
+    """Healing cannot run as configured."""
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k log-probabilities at every real (unpadded) position of a batch,
+    the last one included: distillation needs no next token, and after a task's question
+    the last position is the one that predicts the answer."""
+
+    input_ids: torch.Tensor  # (batch, length)
+    attention_mask: torch.Tensor  # (batch, length)
+    top_ids: torch.Tensor  # (n_positions, k) token ids
+    top_logprobs: torch.Tensor  # (n_positions, k) teacher log-probabilities
+    weights: torch.Tensor | None = None  # (n_positions,) loss weight of every position
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _last_position_weights(attention: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Weight 1 for every real position, ``last[row]`` for each row's last real one."""
+    weights = torch.ones_like(attention, dtype=torch.float32)
+    ends = attention.sum(dim=1) - 1
+    weights[torch.arange(len(ends)), ends] = last.float()
+    return weights[attention.bool()]
+
+
+@torch.no_grad()  # not inference_mode: the targets enter the student's autograd graph
+def teacher_targets(
+    teacher: nn.Module, batches: Sequence[Batch], *, top_k: int, temperature: float = 1.0,
+    last_weights: Sequence[torch.Tensor] | None = None, progress: bool = False,
+) -> list[TeacherTargets]:  # fmt: skip
+    """Run the teacher once over the batches and keep its top-k next-token log-probs at
+    every real position; ``last_weights`` (one (batch,) tensor per batch) weight each row's
+    last position."""
+    teacher.eval()
+    out = []
+    for b, (input_ids, attention) in enumerate(
+        tqdm(batches, desc="heal: teacher", disable=not progress)
+    ):
+        logits = teacher(input_ids=input_ids, attention_mask=attention).logits
+        logprobs = F.log_softmax(logits[attention.bool()].float() / temperature, dim=-1)
+        values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        weights = None
+        if last_weights is not None:
+            weights = _last_position_weights(attention, last_weights[b])
+        out.append(TeacherTargets(input_ids, attention, ids, values, weights))
+    return out
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, target: TeacherTargets, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher || student) over the teacher's top-k tokens plus one "rest" bucket, mean
+    over positions (weighted by ``target.weights`` when given), scaled by T^2 (Hinton et
+    al.) so gradients keep their size across T."""
+    logits = student_logits[target.attention_mask.bool()].float() / temperature
+    student = F.log_softmax(logits, dim=-1)
+    s_top = student.gather(-1, target.top_ids)
+    t_top = target.top_logprobs
+    t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    kl = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+    if target.weights is None:
+        return kl.mean() * temperature**2
+    return (kl * target.weights).sum() / target.weights.sum() * temperature**2
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, targets: list[TeacherTargets], temperature: float) -> float:
+    model.eval()
+    losses = [float(distillation_loss(model(input_ids=t.input_ids,
+                                            attention_mask=t.attention_mask).logits,
+                                      t, temperature)) for t in targets]  # fmt: skip
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def prepare_targets(
+    teacher: nn.Module, tokenizer: Any, texts: Sequence[str], cfg: HealConfig, *,
+    validation: Sequence[str] = (), questions: Sequence[bool] | None = None,
+    validation_questions: Sequence[bool] | None = None, progress: bool = False,
+) -> tuple[list[TeacherTargets], list[TeacherTargets]]:  # fmt: skip
+    """The teacher's targets on the training texts and on the validation texts.
+
+    ``questions`` (one flag per text) marks the prompts of multiple-choice tasks, whose last
+    position (the one that predicts the answer) weighs ``cfg.answer_weight``.
+    """
+    if not texts:
+        raise HealError("no text to heal on")
+
+    def run(prompts: Sequence[str], flags: Sequence[bool] | None, bar: bool):
+        ids = tokenize(tokenizer, list(prompts), cfg.max_length)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        groups = iter_batches([len(s) for s in ids], cfg.batch_size)
+        batches = [pad_batch(ids, g, pad_id) for g in groups]
+        last = None
+        if flags is not None and cfg.answer_weight != 1.0:
+            last = [torch.tensor([cfg.answer_weight if flags[i] else 1.0 for i in g])
+                    for g in groups]  # fmt: skip
+        return teacher_targets(teacher, batches, top_k=cfg.top_k, temperature=cfg.temperature,
+                               last_weights=last, progress=bar)  # fmt: skip
+
+    train = run(texts, questions, progress)
+    return train, run(validation, validation_questions, False) if validation else []
