@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from fbnprune.errors import FbnpruneError
 from fbnprune.models.adapters import get_adapter
 from fbnprune.models.hooks import SiteHooks, site_widths
+from fbnprune.rundir.layout import ACTIVATIONS_FILE, SAMPLE_INDEX_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,12 @@ class Activations:
 
     def save(self, directory: Path) -> None:
         """Write ``sample_index.npy`` and ``meta``; the matrix is saved by ``collect``."""
-        np.save(directory / "sample_index.npy", self.sample_index)
+        np.save(directory / SAMPLE_INDEX_FILE, self.sample_index)
 
     @classmethod
     def load(cls, directory: Path, layer_widths: list[int], site: str) -> Activations:
-        matrix = np.load(directory / "activations.npy", mmap_mode="r")
-        sample_index = np.load(directory / "sample_index.npy")
+        matrix = np.load(directory / ACTIVATIONS_FILE, mmap_mode="r")
+        sample_index = np.load(directory / SAMPLE_INDEX_FILE)
         return cls(matrix, sample_index, layer_widths, site)
 
 

@@ -6,6 +6,7 @@ and one PNG per task.
 """
 
 from fbnprune.bench.report import write_report
-from fbnprune.bench.run import BENCH_DIR, Variant, grid, run_bench
+from fbnprune.bench.run import Variant, grid, run_bench
+from fbnprune.rundir.layout import BENCH_DIR
 
 __all__ = ["BENCH_DIR", "Variant", "grid", "run_bench", "write_report"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fbnprune.io import atomic_write_json, atomic_write_text, save_figure
+from fbnprune.rundir.layout import BENCH_ROWS, RESULTS_FILE, RESULTS_TABLE
 
 CONDITIONS = {
     "zeroed": "hidden units, dropped = 0",
@@ -126,8 +127,8 @@ def results_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
     if cost:
         lines += [f"## Cost (slices of the `{cost['selector']}` plans, CPU, measured "
                   "interleaved in one process)", "", cost["markdown"].strip(), ""]  # fmt: skip
-    lines += [f"Grid time: {settings['grid_seconds'] / 60:.1f} min. Rows: `rows.jsonl`; "
-              "everything: `results.json`.", ""]  # fmt: skip
+    lines += [f"Grid time: {settings['grid_seconds'] / 60:.1f} min. Rows: `{BENCH_ROWS}`; "
+              f"everything: `{RESULTS_FILE}`.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -206,9 +207,9 @@ def write_report(results: dict[str, Any], directory: Path) -> dict[str, Path]:
         files["healing"] = healing
     figures = {name: path.name for name, path in files.items()}
     results["figures"] = figures
-    atomic_write_json(directory / "results.json", _finite(results))
-    atomic_write_text(directory / "results.md", results_markdown(results, figures))
-    files["json"], files["markdown"] = directory / "results.json", directory / "results.md"
+    files["json"], files["markdown"] = directory / RESULTS_FILE, directory / RESULTS_TABLE
+    atomic_write_json(files["json"], _finite(results))
+    atomic_write_text(files["markdown"], results_markdown(results, figures))
     return files
 
 

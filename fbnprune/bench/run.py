@@ -34,6 +34,7 @@ from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe
 from fbnprune.rundir import RunDir
 from fbnprune.rundir.context import RunContext
+from fbnprune.rundir.layout import RunLayout
 from fbnprune.rundir.runner import digest, versions
 from fbnprune.save import count_parameters
 from fbnprune.slicing import slice_model
@@ -44,7 +45,6 @@ from fbnprune.stages.select import build_plan
 
 logger = logging.getLogger(__name__)
 
-BENCH_DIR = "bench"
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def _contexts(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, RunConte
     contexts = {recipe.site: main}
     needed = {"hidden"} | ({"output"} if recipe.bench.output_selectors else set())
     for site in needed - {recipe.site}:
-        sub = RunDir.open(run.path / BENCH_DIR / f"site-{site}")
+        sub = RunDir.open(main.layout.bench_site_dir(site))
         contexts[site] = RunContext(recipe.model_copy(update={"site": site}), sub,
                                     progress=progress,
                                     model_and_tokenizer=main.model_and_tokenizer)  # fmt: skip
@@ -198,12 +198,13 @@ def run_bench(
     run = RunDir.open(Path(out), overwrite=overwrite)
     run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(),
                    versions=versions())  # fmt: skip
-    atomic_write_text(run.path / "recipe.yaml", recipe.to_yaml())
-    bench_dir = run.path / BENCH_DIR
+    layout = RunLayout(run.path)
+    atomic_write_text(layout.recipe_file, recipe.to_yaml())
+    bench_dir = layout.bench_dir
     contexts = _contexts(recipe, run, progress)
     main = contexts[recipe.site]
     model, tokenizer = main.model, main.tokenizer
-    suite_dir = bench_dir / "suite"
+    suite_dir = layout.bench_suite_dir
     if suite_tasks:
         build_suite(suite_dir, exclude=calibration_documents(recipe, run.path),
                     config=recipe.evaluate, tasks=suite_tasks, recipe=recipe)  # fmt: skip
@@ -214,7 +215,7 @@ def run_bench(
     selectors = {"hidden": cfg.selectors, "output": cfg.output_selectors}
     # collect (and discover) before the grid's clock starts
     cals = {site: _calibration(ctx, selectors[site]) for site, ctx in contexts.items()}
-    rows = _Rows(bench_dir / "rows.jsonl", bench_fingerprint(recipe))
+    rows = _Rows(layout.bench_rows_file, bench_fingerprint(recipe))
     variants = grid(recipe)
     todo = [v for v in variants if v.key not in rows.rows]
     logger.info("bench: %d variants (%d done earlier), tasks %s, %s documents per task",

@@ -8,7 +8,8 @@ from pathlib import Path
 from fbnprune.cli.args import fractions, ints, names, optional_names
 from fbnprune.cli.run import OVERWRITE_HELP, inputs
 from fbnprune.recipe import load_recipe
-from fbnprune.rundir import RunDir, check_run_dir
+from fbnprune.rundir import RunDir, RunLayout, check_run_dir
+from fbnprune.rundir.layout import BENCH_DIR, BENCH_ROWS, RESULTS_FILE, RESULTS_TABLE
 
 OVERRIDES = {  # flag -> (recipe.bench field, parser, help)
     "--budgets": ("budgets", fractions, "kept fractions, e.g. 0.05,0.1,0.2 or 10%%,30%%"),
@@ -36,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "at the heal budgets, and the paper's output site masked; then measure size and "
         "CPU prefill/decode speed of the slices against the original, interleaved in one "
         "process. The grid is the recipe's bench section; flags override it. Writes "
-        "OUT/bench/results.json, results.md, <task>.png and healing.png. An interrupted "
-        "benchmark resumes from bench/rows.jsonl.",
+        f"OUT/{BENCH_DIR}/{RESULTS_FILE}, {RESULTS_TABLE}, <task>.png and healing.png. An "
+        f"interrupted benchmark resumes from {BENCH_DIR}/{BENCH_ROWS}.",
         epilog="Example: fbnprune bench recipes/demo.yaml --out runs/demo "
         "(reuses the collect and discover stages of `fbnprune run` in the same directory).",
     )
@@ -53,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fbnprune.bench import BENCH_DIR, run_bench
+    from fbnprune.bench import run_bench
     from fbnprune.recipe import parse_recipe
 
     recipe = load_recipe(args.recipe)
@@ -70,8 +71,8 @@ def execute(args: argparse.Namespace) -> int:
     with RunDir(args.out).lock():  # one process at a time in --out
         results = run_bench(recipe, args.out, progress=not args.no_progress,
                             overwrite=args.overwrite)  # fmt: skip
-    bench_dir = args.out / BENCH_DIR
-    print(f"benchmark: {bench_dir / 'results.md'}")
+    bench_dir = RunLayout(args.out).bench_dir
+    print(f"benchmark: {bench_dir / RESULTS_TABLE}")
     for name in results.get("figures", {}).values():
         print(f"figure: {bench_dir / name}")
     return 0

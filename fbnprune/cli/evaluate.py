@@ -8,6 +8,15 @@ from pathlib import Path
 from fbnprune.cli.args import names, positive
 from fbnprune.evaluate.run import MODEL_KINDS
 from fbnprune.recipe import EVAL_SUITE_TASKS
+from fbnprune.rundir.layout import (
+    CHECKPOINT_PREFIX,
+    DOCUMENTS_FILE,
+    EVAL_DIR,
+    PLAN_FILE,
+    RESULTS_FILE,
+    RESULTS_TABLE,
+    SUITE_DIR,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,12 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score the original, masked, sliced and saved models with lm-eval",
         description="Score a run's models on the same lm-eval tasks with the same settings, "
-        "in one process: the original, the original masked by plan.json, the model sliced in "
-        "memory (one per layout) and every saved checkpoint-*/ directory (healed ones "
+        f"in one process: the original, the original masked by {PLAN_FILE}, the model sliced in "
+        f"memory (one per layout) and every saved {CHECKPOINT_PREFIX}*/ directory (healed ones "
         "included). The offline suite (the recipe's own multiple-choice tasks, one per "
-        f"wording, and {', '.join(EVAL_SUITE_TASKS)}) is generated into RUN_DIR/eval/suite/ "
-        "from documents outside every split the run used (documents.json). Writes "
-        "RUN_DIR/eval/results.json and RUN_DIR/eval/results.md.",
+        f"wording, and {', '.join(EVAL_SUITE_TASKS)}) is generated into "
+        f"RUN_DIR/{EVAL_DIR}/{SUITE_DIR}/ from documents outside every split the run used "
+        f"({DOCUMENTS_FILE}). Writes RUN_DIR/{EVAL_DIR}/{RESULTS_FILE} and "
+        f"RUN_DIR/{EVAL_DIR}/{RESULTS_TABLE}.",
         epilog="Multiple-choice tasks report acc: acc_norm divides each label's "
         "log-likelihood by its length in characters, which favours the longest label when "
         "labels are single words. Example: fbnprune evaluate runs/demo --limit 40 "

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-EPILOG = """\
+from fbnprune.rundir.layout import EXPORT_PREFIX, checkpoint_name
+
+EPILOG = f"""\
 examples:
-  fbnprune export runs/demo                          # runs/demo/export-padded/
+  fbnprune export runs/demo                          # runs/demo/{EXPORT_PREFIX}padded/
   fbnprune export runs/demo --layout compact --quantize int8 --onnx
   fbnprune export runs/demo --push-to-hub me/smollm2-bbc-pruned --dry-run
   HF_TOKEN=... fbnprune export runs/demo --push-to-hub me/smollm2-bbc-pruned --private
@@ -33,13 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a run directory written by `fbnprune run`")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None,
-                        help="folder to write (default: RUN_DIR/export-LAYOUT[-healed])")
+                        help=f"folder to write (default: RUN_DIR/{EXPORT_PREFIX}LAYOUT[-healed])")
     parser.add_argument("--layout", choices=("padded", "compact"), default=None,
                         help="which checkpoint to export (default: padded if the run saved "
                              "it, else compact); compact needs trust_remote_code=True")  # fmt: skip
     parser.add_argument("--healed", action="store_true",
                         help="export the heal stage's distilled checkpoint "
-                             "(checkpoint-LAYOUT-healed/) instead of the unhealed slice")
+                             f"({checkpoint_name('LAYOUT', healed=True)}/) instead of the "
+                             "unhealed slice")
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="also write int8/: optimum-quanto weight-only int8, with its size "
                              "and logit/perplexity change (needs fbnprune[quantize])")  # fmt: skip

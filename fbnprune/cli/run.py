@@ -7,6 +7,15 @@ from pathlib import Path
 
 from fbnprune.recipe import Recipe, load_recipe
 from fbnprune.rundir import RunDir, check_run_dir
+from fbnprune.rundir.layout import (
+    HEAL_DIR,
+    HEAL_LOG,
+    HEAL_PLOT,
+    LAYOUTS,
+    PARITY_FILE,
+    PLAN_FILE,
+    checkpoint_name,
+)
 from fbnprune.stages.pipeline import STAGES, RunSummary, run_pipeline
 
 
@@ -34,11 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "run",
         help="run every stage: collect, discover, select, prune, check, save, heal",
-        description="Run a recipe end to end into one run directory: the plan (plan.json), "
-        "the parity report (parity.json), one checkpoint per layout "
-        "(checkpoint-padded/, checkpoint-compact/) and, when the recipe's heal section is "
-        "active (by default below 50% kept), a distilled checkpoint-<layout>-healed/ with "
-        "heal/log.json and heal/loss.png.",
+        description=f"Run a recipe end to end into one run directory: the plan ({PLAN_FILE}), "
+        f"the parity report ({PARITY_FILE}), one checkpoint per layout "
+        f"({', '.join(f'{checkpoint_name(layout)}/' for layout in LAYOUTS)}) and, when the "
+        "recipe's heal section is active (by default below 50% kept), a distilled "
+        f"{checkpoint_name('<layout>', healed=True)}/ with {HEAL_DIR}/{HEAL_LOG} and "
+        f"{HEAL_DIR}/{HEAL_PLOT}.",
     )
     add_run_arguments(parser)
     parser.add_argument("--until", choices=STAGES, default="heal",

@@ -9,21 +9,34 @@ from __future__ import annotations
 import argparse
 
 from fbnprune.cli.run import add_run_arguments, execute
+from fbnprune.rundir.layout import (
+    ACTIVATIONS_FILE,
+    COLLECT_DIR,
+    DISCOVER_DIR,
+    HEAL_DIR,
+    HEAL_LOG,
+    HEAL_PLOT,
+    PARITY_FILE,
+    PLAN_FILE,
+    PRUNE_FILE,
+    checkpoint_name,
+)
 
+_CHECKPOINT, _HEALED = checkpoint_name("<layout>"), checkpoint_name("<layout>", healed=True)
 DESCRIPTIONS = {
     "collect": "record MLP neuron values per real token of each task's calibration text "
-    "(collect/<task>/activations.npy: tokens x neurons)",
+    f"({COLLECT_DIR}/<task>/{ACTIVATIONS_FILE}: tokens x neurons)",
     "discover": "group ICA per task: randomized PCA, FastICA, maps z-scored over neurons "
-    "(discover/<task>.npz)",
+    f"({DISCOVER_DIR}/<task>.npz)",
     "select": "rank neurons by network evidence and keep the budget under the allocation "
-    "policy (plan.json)",
-    "prune": "slice the model in memory for each layout; report sizes (prune.json)",
+    f"policy ({PLAN_FILE})",
+    "prune": f"slice the model in memory for each layout; report sizes ({PRUNE_FILE})",
     "check": "compare masked, sliced and saved-and-reloaded logits on held-out text "
-    "(parity.json); fails beyond the tolerance",
-    "save": "write the checked checkpoints (checkpoint-<layout>/) with plan and recipe",
+    f"({PARITY_FILE}); fails beyond the tolerance",
+    "save": f"write the checked checkpoints ({_CHECKPOINT}/) with plan and recipe",
     "heal": "distil the original model into the sliced one on the task's prompts of the "
     "calibration and healing documents "
-    "(checkpoint-<layout>-healed/, heal/log.json, heal/loss.png); skipped unless the "
+    f"({_HEALED}/, {HEAL_DIR}/{HEAL_LOG}, {HEAL_DIR}/{HEAL_PLOT}); skipped unless the "
     "recipe's heal section is active (heal.enabled, or a budget below heal.below_budget)",
 }
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from fbnprune.evaluate.harness import Scores, TaskInfo
 from fbnprune.io import atomic_write_json, atomic_write_text
-from fbnprune.rundir.layout import LAYOUTS, RESULTS_FILE, checkpoint_name
+from fbnprune.rundir.layout import LAYOUTS, RESULTS_FILE, RESULTS_TABLE, checkpoint_name
 
 RESULTS_VERSION = 1
 PRUNED_PREFERENCE = (
@@ -113,7 +113,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     notes.append(
         "Multiple choice reports `acc` (argmax of the summed log-likelihood); `acc_norm` "
         "divides by the label's length in characters, which favours the longest label for "
-        "one-word labels and is kept in results.json only."
+        f"one-word labels and is kept in {RESULTS_FILE} only."
     )
     return "\n".join(lines + notes) + "\n"
 
@@ -122,7 +122,7 @@ def write_results(results: Mapping[str, Any], directory: str | Path) -> tuple[Pa
     """Write ``results.json`` and ``results.md`` into ``directory`` (atomically)."""
     directory = Path(directory)
     json_file = directory / RESULTS_FILE
-    md_file = json_file.with_suffix(".md")
+    md_file = directory / RESULTS_TABLE
     atomic_write_json(json_file, results)
     atomic_write_text(md_file, results_markdown(results))
     return json_file, md_file

@@ -38,7 +38,14 @@ from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe, load_recipe
 from fbnprune.rundir import RunDir
 from fbnprune.rundir.context import RunContext
-from fbnprune.rundir.layout import EVAL_DIR, LAYOUTS, RunLayout, checkpoint_name
+from fbnprune.rundir.layout import (
+    CHECKPOINT_PREFIX,
+    LAYOUTS,
+    PLAN_FILE,
+    RECIPE_FILE,
+    RunLayout,
+    checkpoint_name,
+)
 from fbnprune.save import count_parameters
 
 logger = logging.getLogger(__name__)
@@ -85,7 +92,8 @@ def evaluate_run(
     include: list[str | Path] = []
     known = catalog(recipe)
     suite_tasks = [t for t in task_names if t in known]
-    suite_dir = run_dir / EVAL_DIR / "suite"
+    layout = RunLayout(run_dir)
+    suite_dir = layout.eval_suite_dir
     if suite_tasks:
         exclude = calibration_documents(recipe, run_dir)
         build_suite(suite_dir, exclude=exclude, config=cfg, tasks=suite_tasks, recipe=recipe)
@@ -114,7 +122,7 @@ def evaluate_run(
     results = build_results(scores, harness.tasks, models=described, settings=settings,
                             versions=eval_versions())  # fmt: skip
     if write:
-        json_file, md_file = write_results(results, run_dir / EVAL_DIR)
+        json_file, md_file = write_results(results, layout.eval_dir)
         logger.info("evaluation results: %s, %s", json_file, md_file)
     return results
 
@@ -123,9 +131,9 @@ def run_recipe(run_dir: Path) -> Recipe:
     """The recipe a run directory was made with (``RUN_DIR/recipe.yaml``)."""
     if not run_dir.is_dir():
         raise EvalError(f"run directory not found: {run_dir}")
-    file = run_dir / "recipe.yaml"
+    file = RunLayout(run_dir).recipe_file
     if not file.is_file():
-        raise EvalError(f"{run_dir} holds no recipe.yaml; is it an fbnprune run directory?")
+        raise EvalError(f"{run_dir} holds no {RECIPE_FILE}; is it an fbnprune run directory?")
     return load_recipe(file)
 
 
@@ -143,7 +151,7 @@ def model_variants(
                                  "parameters": count_parameters(context.model)}  # fmt: skip
     if "masked" in kinds and plan is not None:
         variants["masked"] = _masked(context, plan)
-        described["masked"] = {"source": "original with plan.json applied by hooks",
+        described["masked"] = {"source": f"original with {PLAN_FILE} applied by hooks",
                                "kept_fraction": plan.kept_fraction}  # fmt: skip
     if "sliced" in kinds and plan is not None:
         for layout in recipe.save.layouts:
@@ -155,8 +163,8 @@ def model_variants(
         dirs = sorted(RunLayout(run_dir).saved_checkpoints(),
                       key=lambda d: (order.get(d.name, len(order)), d.name))  # fmt: skip
         if not dirs:
-            logger.warning("no saved checkpoint-*/ in %s; run the save stage to score one",
-                           run_dir)  # fmt: skip
+            logger.warning("no saved %s*/ in %s; run the save stage to score one",
+                           CHECKPOINT_PREFIX, run_dir)  # fmt: skip
         for directory in dirs:
             info = {"source": str(directory.resolve())}
             variants[directory.name] = _checkpoint(context, directory, info)
@@ -249,7 +257,7 @@ def _load_plan(run_dir: Path) -> PrunePlan:
     run = RunLayout(run_dir)
     if not run.plan_file.is_file():
         raise EvalError(
-            f"{run_dir} holds no plan.json, so there is no pruned model to score; run "
+            f"{run_dir} holds no {PLAN_FILE}, so there is no pruned model to score; run "
             "`fbnprune select` (or `fbnprune run`) first, or pass --models original"
         )
     return run.read_plan()

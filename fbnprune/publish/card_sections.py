@@ -10,6 +10,15 @@ from fbnprune.publish.card_facts import (
     model_name,
     task_datasets,
 )
+from fbnprune.rundir.layout import (
+    CHECKPOINT_HEAL,
+    CHECKPOINT_PARITY,
+    CHECKPOINT_PLAN,
+    CHECKPOINT_RECIPE,
+    DOCUMENTS_FILE,
+    EVAL_DIR,
+    RESULTS_FILE,
+)
 
 
 def sections(facts: CardFacts, base: BaseModel) -> list[str]:
@@ -73,11 +82,11 @@ def _healing(facts: CardFacts) -> str:
         f"After slicing, the model was distilled from the original: KL divergence between the "
         f"original's next-token distribution (top-{cfg.get('top_k')} tokens plus the rest) and "
         f"this model's, on the task's prompts of the calibration and healing documents only "
-        f"(never on evaluation text; the document ids are in the run's documents.json), "
+        f"(never on evaluation text; the document ids are in the run's {DOCUMENTS_FILE}), "
         f"training {what} ({how}; {heal.get('trainable_parameters', 0):,} parameters). "
         f"{heal.get('steps')} steps of {cfg.get('batch_size')} x {cfg.get('max_length')} tokens, "
         f"lr {cfg.get('lr')}, {heal.get('seconds', 0):.0f} s; training KD loss "
-        f"{losses[0]:.3f} -> {losses[-1]:.3f}.{held} The log is `fbnprune_heal.json`. The "
+        f"{losses[0]:.3f} -> {losses[-1]:.3f}.{held} The log is `{CHECKPOINT_HEAL}`. The "
         "parity table below proves the slice before healing; healing changes the weights, so "
         "this model differs from the masked original by design."
     )
@@ -143,7 +152,7 @@ def _what_was_kept(facts: CardFacts) -> str:
         chunk = kept[start:start + 10]
         lines.append(f"| {start}-{start + len(chunk) - 1} | {' '.join(map(str, chunk))} |")
     return "## What was kept\n\n" + table + "\n\n" + "\n".join(lines) + (
-        "\n\nThe kept indices of every layer are in `fbnprune_plan.json`."
+        f"\n\nThe kept indices of every layer are in `{CHECKPOINT_PLAN}`."
     )
 
 
@@ -158,7 +167,8 @@ def _score(value: float | None, stderr: float | None) -> str:
 def _evaluation(facts: CardFacts, base: BaseModel) -> str:
     if not facts.scores:
         return ("## Evaluation\n\nNo evaluation results were recorded for this run "
-                "(`fbnprune evaluate` writes them to `eval/results.json`). Evaluate it on your "
+                f"(`fbnprune evaluate` writes them to `{EVAL_DIR}/{RESULTS_FILE}`). "
+                "Evaluate it on your "
                 "task before relying on it.")  # fmt: skip
     lines = ["| task | metric | docs | original | pruned | change |", "|---|---|---|---|---|---|"]
     for s in facts.scores:
@@ -254,7 +264,7 @@ def _provenance(facts: CardFacts) -> str:
     rows = [
         ("base model", f"`{facts.plan.model}` ({facts.plan.model_type})"),
         ("recipe", f"`{prov.get('recipe', facts.recipe.get('name', '?'))}`, fingerprint "
-                   f"`{prov.get('recipe_fingerprint', '?')}` (`fbnprune_recipe.yaml`)"),
+                   f"`{prov.get('recipe_fingerprint', '?')}` (`{CHECKPOINT_RECIPE}`)"),
         ("seed", str(prov.get("seed", facts.recipe.get("seed", "?")))),
         ("task data", ", ".join(f"{t} `{h}`" for t, h in (prov.get("tasks") or {}).items())
          or "n/a"),
@@ -265,8 +275,8 @@ def _provenance(facts: CardFacts) -> str:
         ("planned", str(prov.get("created", "n/a"))),
     ]  # fmt: skip
     return ("## Provenance\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-            + "\n\nFiles: `fbnprune_plan.json` (kept indices, fill values, provenance), "
-            "`fbnprune_recipe.yaml`, `fbnprune_parity.json`, `fbnprune_export.json`"
+            + f"\n\nFiles: `{CHECKPOINT_PLAN}` (kept indices, fill values, provenance), "
+            f"`{CHECKPOINT_RECIPE}`, `{CHECKPOINT_PARITY}`, `fbnprune_export.json`"
             + (", `fbnprune_eval.json`" if facts.scores else "") + ".")  # fmt: skip
 
 

@@ -35,7 +35,13 @@ from fbnprune.publish.inputs import (
     verified_parity,
 )
 from fbnprune.publish.weights import copy_non_weights, list_files, parse_size, write_weights
-from fbnprune.rundir.layout import CHECKPOINT_HEAL, CHECKPOINT_RECIPE, RunLayout
+from fbnprune.rundir.layout import (
+    CHECKPOINT_HEAL,
+    CHECKPOINT_RECIPE,
+    PLAN_FILE,
+    RESULTS_TABLE,
+    RunLayout,
+)
 
 __all__ = ["ExportError", "ExportResult", "export_run", "list_files", "parse_size"]
 
@@ -112,14 +118,14 @@ def export_run(
     run_dir = Path(run_dir)
     run = RunLayout(run_dir)
     if not run.plan_file.is_file():
-        raise ExportError(f"{run_dir} is not an fbnprune run directory (no plan.json); run "
+        raise ExportError(f"{run_dir} is not an fbnprune run directory (no {PLAN_FILE}); run "
                           "`fbnprune run RECIPE --out RUN_DIR` first")  # fmt: skip
     layout, source = source_checkpoint(run_dir, layout, healed)
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     limit = parse_size(max_shard_size)
     name = f"{layout}-healed" if healed else layout
-    out = Path(out_dir) if out_dir is not None else run_dir / f"export-{name}"
+    out = Path(out_dir) if out_dir is not None else run.export_dir(name)
     check_out_dir(out, run_dir)
     options = {"layout": layout, "healed": healed, "quantize": quantize, "onnx": onnx,
                "max_shard_size": limit, "repo_id": repo_id}  # fmt: skip
@@ -152,7 +158,7 @@ def export_run(
         copy_non_weights(source, tmp)
         weights = write_weights(source, tmp, limit)
         results = run.eval_results_file
-        for name, target in ((results, EVAL_FILE), (results.with_suffix(".md"), EVAL_TABLE)):
+        for name, target in ((results, EVAL_FILE), (results.with_name(RESULTS_TABLE), EVAL_TABLE)):
             if name.is_file():
                 shutil.copy2(name, tmp / target)
         if recipe_text and not (tmp / CHECKPOINT_RECIPE).exists():

@@ -12,9 +12,18 @@ from fbnprune import __version__
 from fbnprune.check import ParityResult
 from fbnprune.integrity import digest_mismatches
 from fbnprune.publish.errors import ExportError
-from fbnprune.rundir.layout import CHECKPOINT_PREFIX, EVAL_DIR, LAYOUTS, STAGING, RunLayout
+from fbnprune.rundir.layout import (
+    CHECKPOINT_PREFIX,
+    COLLECT_DIR,
+    DISCOVER_DIR,
+    EVAL_DIR,
+    LAYOUTS,
+    STAGING,
+    RunLayout,
+    checkpoint_name,
+)
 
-RUN_ENTRIES = ("collect", "discover", EVAL_DIR, STAGING)  # never exported into
+RUN_ENTRIES = (COLLECT_DIR, DISCOVER_DIR, EVAL_DIR, STAGING)  # never exported into
 
 
 def source_checkpoint(run_dir: Path, layout: str | None, healed: bool = False) -> tuple[str, Path]:
@@ -26,18 +35,20 @@ def source_checkpoint(run_dir: Path, layout: str | None, healed: bool = False) -
         if layout is None and done:
             layout = done[0]
         if layout not in done:
-            raise ExportError(f"{run_dir} has no checkpoint-{layout or '<layout>'}-healed/; run "
+            missing = checkpoint_name(layout or "<layout>", healed=True)
+            raise ExportError(f"{run_dir} has no {missing}/; run "
                               "the heal stage (`fbnprune heal RECIPE --out RUN_DIR`, with "
                               "heal.enabled: true if the budget is above heal.below_budget)")
         return layout, run.checkpoint_dir(layout, healed=True)
     available = [name for name in LAYOUTS if run.checkpoint_dir(name).is_dir()]
     if not available:
-        raise ExportError(f"{run_dir} has no checkpoint-padded/ or checkpoint-compact/; run the "
+        names = " or ".join(f"{checkpoint_name(name)}/" for name in LAYOUTS)
+        raise ExportError(f"{run_dir} has no {names}; run the "
                           "save stage first (`fbnprune run RECIPE --out RUN_DIR`)")  # fmt: skip
     if layout is None:
         layout = available[0]
     elif layout not in available:
-        raise ExportError(f"{run_dir} has no checkpoint-{layout}/ (it has: "
+        raise ExportError(f"{run_dir} has no {checkpoint_name(layout)}/ (it has: "
                           f"{', '.join(available)}); add {layout!r} to the recipe's "
                           "save.layouts and re-run")  # fmt: skip
     return layout, run.checkpoint_dir(layout)

@@ -5,14 +5,16 @@
     run.json                  ledger: per stage its fingerprint, wall time, peak memory
     recipe.yaml               the recipe, as validated
     documents.json            per task and split, the ids of the documents used
-    collect/<task>/           activations.npy, meta.json (collect metadata)
+    collect/<task>/           activations.npy, sample_index.npy, meta.json (collect metadata)
     discover/<task>.npz       ICA scores, z maps, explained variance
     plan.json                 the PrunePlan (beside it plan.refit.safetensors when refit)
     prune.json                sizes and widths of the sliced layouts
     parity.json               the check stage's ParityResult, with checkpoint digests
     checkpoint-<layout>/      a saved checkpoint (padded | compact); -healed when healed
     heal/                     log.json, loss.png, parity.json of the healed checkpoint
-    eval/results.json         the evaluate command's EvalResults
+    eval/results.json         the evaluate command's results (and results.md, suite/)
+    bench/                    rows.jsonl, suite/, results.json of ``fbnprune bench``
+    export-<layout>/          the default folder of ``fbnprune export``
     .staging/                 checkpoints between check and save (one process only)
 """
 
@@ -36,9 +38,15 @@ PLAN_FILE = "plan.json"
 PRUNE_FILE = "prune.json"
 PARITY_FILE = "parity.json"
 STAGING = ".staging"
+COLLECT_DIR, DISCOVER_DIR = "collect", "discover"
+ACTIVATIONS_FILE, SAMPLE_INDEX_FILE, COLLECT_META_FILE = (
+    "activations.npy", "sample_index.npy", "meta.json")  # fmt: skip
 HEAL_DIR = "heal"
-EVAL_DIR = "eval"
-RESULTS_FILE = "results.json"
+HEAL_LOG, HEAL_PLOT, HEAL_STATE = "log.json", "loss.png", "state.pt"
+EVAL_DIR, SUITE_DIR = "eval", "suite"
+RESULTS_FILE, RESULTS_TABLE = "results.json", "results.md"
+BENCH_DIR, BENCH_ROWS = "bench", "rows.jsonl"
+EXPORT_PREFIX = "export-"
 CHECKPOINT_PREFIX = "checkpoint-"
 HEALED_SUFFIX = "-healed"
 LAYOUTS = ("padded", "compact")
@@ -79,16 +87,16 @@ class RunLayout:
         return self.root / DOCUMENTS_FILE
 
     def collect_dir(self, task: str) -> Path:
-        return self.root / "collect" / task
+        return self.root / COLLECT_DIR / task
 
     def activations_file(self, task: str) -> Path:
-        return self.collect_dir(task) / "activations.npy"
+        return self.collect_dir(task) / ACTIVATIONS_FILE
 
     def collect_meta_file(self, task: str) -> Path:
-        return self.collect_dir(task) / "meta.json"
+        return self.collect_dir(task) / COLLECT_META_FILE
 
     def discover_file(self, task: str) -> Path:
-        return self.root / "discover" / f"{task}.npz"
+        return self.root / DISCOVER_DIR / f"{task}.npz"
 
     @property
     def plan_file(self) -> Path:
@@ -118,15 +126,54 @@ class RunLayout:
 
     @property
     def heal_log_file(self) -> Path:
-        return self.heal_dir / "log.json"
+        return self.heal_dir / HEAL_LOG
+
+    @property
+    def heal_plot_file(self) -> Path:
+        return self.heal_dir / HEAL_PLOT
+
+    @property
+    def heal_state_file(self) -> Path:
+        """Healing's resumable training state."""
+        return self.heal_dir / HEAL_STATE
 
     @property
     def heal_parity_file(self) -> Path:
         return self.heal_dir / PARITY_FILE
 
     @property
+    def eval_dir(self) -> Path:
+        return self.root / EVAL_DIR
+
+    @property
+    def eval_suite_dir(self) -> Path:
+        """The offline lm-eval suite ``fbnprune evaluate`` generates."""
+        return self.eval_dir / SUITE_DIR
+
+    @property
     def eval_results_file(self) -> Path:
-        return self.root / EVAL_DIR / RESULTS_FILE
+        return self.eval_dir / RESULTS_FILE
+
+    @property
+    def bench_dir(self) -> Path:
+        return self.root / BENCH_DIR
+
+    @property
+    def bench_rows_file(self) -> Path:
+        """One JSON object per finished benchmark variant."""
+        return self.bench_dir / BENCH_ROWS
+
+    @property
+    def bench_suite_dir(self) -> Path:
+        return self.bench_dir / SUITE_DIR
+
+    def bench_site_dir(self, site: str) -> Path:
+        """The sub-run of the benchmark's other neuron site."""
+        return self.bench_dir / f"site-{site}"
+
+    def export_dir(self, name: str) -> Path:
+        """``export-<layout>[-healed]``, the default folder of ``fbnprune export``."""
+        return self.root / f"{EXPORT_PREFIX}{name}"
 
     def relative(self, path: Path) -> str:
         """``path`` inside the run directory, as a POSIX string (``heal/parity.json``)."""

@@ -9,6 +9,7 @@ import numpy as np
 
 from fbnprune.collect import Activations, collect_activations
 from fbnprune.rundir.context import RunContext
+from fbnprune.rundir.layout import ACTIVATIONS_FILE
 from fbnprune.stages.keys import collect_key
 
 
@@ -41,7 +42,7 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
         progress=ctx.progress,
     )
     if not memmap:
-        tmp = directory / ".activations.npy.tmp"
+        tmp = directory / f".{ACTIVATIONS_FILE}.tmp"
         with open(tmp, "wb") as handle:
             np.save(handle, acts.matrix)
         os.replace(tmp, layout.activations_file(task))

@@ -69,7 +69,6 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     from fbnprune.heal import heal_model, plot_loss
 
     cfg, layout = ctx.recipe.heal, heal_layout(ctx.recipe)
-    heal_dir = ctx.layout.heal_dir
     # one fresh slice of the layout healed (not every layout the recipe saves)
     student = slice_model(copy.deepcopy(ctx.model), plan, layout=layout).eval()
     texts, questions = ctx.prompts_of(("calibration", "heal"))
@@ -77,7 +76,7 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     healed, log = heal_model(student, ctx.model, ctx.tokenizer, texts, cfg,
                              validation=validation, questions=questions,
                              validation_questions=validation_questions,
-                             state_file=heal_dir / "state.pt",
+                             state_file=ctx.layout.heal_state_file,
                              progress=ctx.progress)  # fmt: skip
     staged = stage_checkpoint(ctx, healed, layout, healed=True)
     report = reload_parity(ctx, staged, healed)
@@ -88,7 +87,7 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     ctx.layout.write_parity(result, healed=True)
     log_text = json.dumps(log.to_dict(), indent=2) + "\n"  # as atomic_write_json writes
     atomic_write_text(ctx.layout.heal_log_file, log_text)
-    plot_loss({"healing": log}, heal_dir / "loss.png",
+    plot_loss({"healing": log}, ctx.layout.heal_plot_file,
               title=f"healing {ctx.recipe.model} ({layout}, {cfg.method})")
     extras = {**checkpoint_extras(ctx), CHECKPOINT_HEAL: log_text}
     publish(staged.staging, staged.final, staged.files, extras)
