@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,102 +12,60 @@ from conftest import random_batch, tiny_model, tiny_tokenizer
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-from fbnprune.check import ParityResult, check_parity
-from fbnprune.integrity import file_digests
-from fbnprune.io import atomic_write_json
-from fbnprune.mask import masked
-from fbnprune.models.adapters import get_adapter
-from fbnprune.models.hooks import site_widths
+from fbnprune.evaluate.harness import TaskInfo
+from fbnprune.evaluate.results import build_results, write_results
 from fbnprune.plan import PrunePlan
-from fbnprune.publish.card import base_model_info, read_eval_results
+from fbnprune.publish.card import CardFacts, base_model_info, build_card, read_eval_results
 from fbnprune.publish.export import ExportError, export_run, list_files, parse_size
 from fbnprune.publish.formats.int8 import load_int8
 from fbnprune.recipe import parse_recipe
 from fbnprune.rundir import RunLayout
-from fbnprune.rundir.layout import CHECKPOINT_PARITY, CHECKPOINT_PLAN, CHECKPOINT_RECIPE
-from fbnprune.save import model_size, save_checkpoint
 from fbnprune.slicing import slice_model
+from fbnprune.stages.pipeline import run_pipeline
 
 ATOL = 1e-4  # the parity tolerance the tiny runs record
 DOCS = [f"document {i}: the quick brown fox {i} jumps over {i % 3} lazy dogs." for i in range(12)]
-EVAL = {  # the schema fbnprune.evaluate writes
-    "format_version": 1,
-    "tasks": {"topics": {
-        "metric": "acc", "higher_is_better": True, "n_docs": 60,
-        "models": {"original": 0.75, "masked": 0.69, "sliced-padded": 0.69,
-                   "checkpoint-compact": 0.68, "pruned": 0.69},
-        "stderr": {"original": 0.056, "masked": 0.06, "sliced-padded": 0.06,
-                   "checkpoint-compact": 0.061, "pruned": 0.06},
-        "other_metrics": {"acc_norm": {"original": 0.2, "pruned": 0.21}},
-    }},
-    "pruned": "sliced-padded",
-    "models": {"original": {"parameters": 1}, "sliced-padded": {"parameters": 1}},
-}  # fmt: skip
+# what evaluate measured (model -> task -> metric), written by fbnprune.evaluate.results
+SCORES = {
+    "original": {"topics": {"acc": 0.75, "acc_stderr": 0.056, "acc_norm": 0.2}},
+    "masked": {"topics": {"acc": 0.69, "acc_stderr": 0.06, "acc_norm": 0.21}},
+    "sliced-padded": {"topics": {"acc": 0.69, "acc_stderr": 0.06, "acc_norm": 0.21}},
+    "checkpoint-compact": {"topics": {"acc": 0.68, "acc_stderr": 0.061, "acc_norm": 0.21}},
+}
+TASKS = {"topics": TaskInfo("topics", "acc", True, {"acc": True, "acc_norm": True}, n_docs=60)}
+EVAL = build_results(SCORES, TASKS, models={m: {"parameters": 1} for m in SCORES})
 
 
 def make_run(
     root: Path,
     *,
     layouts: tuple[str, ...] = ("padded", "compact"),
-    model_name: str = "tiny-llama",
     evaluation: dict | None = EVAL,
 ) -> tuple[Path, dict[str, torch.nn.Module]]:
-    """A run directory shaped like the pipeline's, built from a tiny llama without the pipeline.
+    """A run directory made by the pipeline (up to save) from a tiny llama, with the
+    evaluation results ``evaluation`` written as ``fbnprune evaluate`` writes them.
 
     Returns the run directory and the sliced model of each layout (the export's reference).
     """
-    layout = RunLayout(root / "run")
-    run = layout.root
-    run.mkdir(parents=True)
+    model_dir = root / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
     (root / "docs.txt").write_text("\n\n".join(DOCS))
     recipe = parse_recipe({
-        "name": "tiny-export", "model": model_name, "seed": 0,
+        "name": "tiny-export", "model": str(model_dir), "seed": 0,
         "tasks": [{"name": "topics", "source": f"file:{root / 'docs.txt'}",
-                   "calibration_samples": 4, "heldout_samples": 4, "max_length": 32}],
-        "save": {"layouts": list(layouts)}, "check": {"atol": ATOL}, "heal": {"enabled": False},
+                   "calibration_samples": 8, "heldout_samples": 4, "max_length": 32}],
+        "discover": {"n_components": 4}, "select": {"budget": 0.3, "min_per_layer": 0.02},
+        "prune": {"fill": "mean"}, "save": {"layouts": list(layouts)}, "check": {"atol": ATOL},
+        "heal": {"enabled": False},
     })  # fmt: skip
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    widths = site_widths(model, get_adapter(model), "hidden")
-    gen = torch.Generator().manual_seed(1)
-    kept = [sorted(torch.randperm(w, generator=gen)[: 5 + 4 * i].tolist())
-            for i, w in enumerate(widths)]  # fmt: skip
-    plan = PrunePlan(
-        model=model_name, model_type="llama", site="hidden", fill="mean", layer_widths=widths,
-        kept=kept, fill_values=[torch.randn(w, generator=gen).tolist() for w in widths],
-        provenance={"recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(), "seed": 0,
-                    "budget": 0.3, "allocation": "global", "min_per_layer": 0.02,
-                    "selector": "ica", "n_components": 8, "threshold": 3.6,
-                    "threshold_union_units": 40, "tasks": {"topics": "abc123"},
-                    "calibration_tokens": {"topics": 200}, "versions": {"torch": torch.__version__},
-                    "created": "2025-01-01T00:00:00+00:00"},
-    )  # fmt: skip
-    plan.save(layout.plan_file)
-    layout.recipe_file.write_text(recipe.to_yaml())
-    sliced = {name: slice_model(copy.deepcopy(model), plan, layout=name).eval() for name in layouts}
-    candidates = {f"sliced-{name}": m for name, m in sliced.items()}
-    parity = check_parity(("masked", model, lambda: masked(model, plan)), candidates, tokenizer,
-                          DOCS[:4], atol=ATOL, max_length=32)  # fmt: skip
-    assert parity.passed
-    sizes = {"original": model_size(model).__dict__}
-    sizes.update({name: model_size(m).__dict__ for name, m in sliced.items()})
-    layout.write_prune_report({
-        "site": "hidden", "layouts": list(layouts), "kept_per_layer": plan.kept_per_layer(),
-        "width_before": widths, "padded_width": max(plan.kept_per_layer()),
-        "sizes": {k: {"parameters": v["parameters"], "bytes": v["bytes"]}
-                  for k, v in sizes.items()},
-    })  # fmt: skip
-    extras = {CHECKPOINT_PLAN: layout.plan_file.read_text(), CHECKPOINT_RECIPE: recipe.to_yaml()}
-    for name, m in sliced.items():
-        save_checkpoint(m, tokenizer, layout.checkpoint_dir(name), extra_files=extras)
-    # as the check stage records them: the digests of the files whose logits were compared
-    files = {layout.checkpoint_dir(name).name: file_digests(layout.checkpoint_dir(name))
-             for name in sliced}  # fmt: skip
-    layout.write_parity(ParityResult([parity], files=files))
-    for name in sliced:
-        shutil.copy2(layout.parity_file, layout.checkpoint_dir(name) / CHECKPOINT_PARITY)
+    summary = run_pipeline(recipe, root / "run", until="save", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    sliced = {name: slice_model(copy.deepcopy(model), summary.plan, layout=name).eval()
+              for name in layouts}  # fmt: skip
     if evaluation is not None:
-        atomic_write_json(layout.eval_results_file, evaluation)
-    return run, sliced
+        write_results(evaluation, RunLayout(summary.run_dir).eval_dir)
+    return summary.run_dir, sliced
 
 
 def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -194,18 +151,20 @@ def test_card_metadata_and_prose(run, tmp_path):
     assert {"pruned", "fbnprune", "functional-networks"} <= set(data.tags)
     assert data.pipeline_tag == "text-generation" and data.library_name == "transformers"
     assert data.license == "other"  # tiny-llama: unknown base model
+    plan = PrunePlan.load(run_dir / "plan.json")
     scores = {r.metric_name: r.metric_value for r in data.eval_results}
-    assert scores == {"acc (pruned)": 0.68, "acc (original tiny-llama)": 0.75}  # compact's own
+    assert scores == {"acc (pruned)": 0.68, f"acc (original {plan.model})": 0.75}  # compact's
     assert {r.task_name for r in data.eval_results} == {"topics"}
     index = data.to_dict()["model-index"]
     assert index[0]["name"] == "tiny-pruned"
     text = card.text
-    plan = PrunePlan.load(run_dir / "plan.json")
     assert f"| 0-2 | {' '.join(map(str, plan.kept_per_layer()))} |" in text
     assert 'from_pretrained("me/tiny-pruned", trust_remote_code=True)' in text
     parity = json.loads((run_dir / "parity.json").read_text())
-    for comparison in parity["reports"][0]["comparisons"]:
-        assert f"| {comparison['name']} | float32 | {comparison['max_abs']:.2e} |" in text
+    for report in parity["reports"]:  # as the check stage wrote them: float64 and float32
+        for comparison in report["comparisons"]:
+            row = f"| {comparison['name']} | {report['dtype']} | {comparison['max_abs']:.2e} |"
+            assert row in text
     for needed in ("`ica`", "30.0% of units", "could not be determined", "## Limitations",
                    "| topics | acc | 60 | 0.7500 ± 0.056 | 0.6800 ± 0.061 | -0.0700 |",
                    "variant `checkpoint-compact`", "Provenance"):  # fmt: skip
@@ -226,9 +185,11 @@ def test_base_model_license_is_carried(tmp_path):
     assert "could not be determined" in unknown.license_note
 
 
-def test_packaged_base_model_card(tmp_path):
-    run_dir, _ = make_run(tmp_path, layouts=("padded",), model_name="smollm2-135m")
-    data = ModelCard.load(export_run(run_dir).out_dir / "README.md").data
+def test_packaged_base_model_card(run):
+    run_dir, _ = run
+    plan = RunLayout(run_dir).read_plan()
+    plan.model = "smollm2-135m"  # the card of a plan made for a packaged model
+    data = build_card(CardFacts(plan=plan, layout="padded", recipe={})).data
     assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert data.license == "apache-2.0"
 

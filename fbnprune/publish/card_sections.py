@@ -211,6 +211,7 @@ def _parity(facts: CardFacts) -> str:
         f"{result.reports[0].n_tokens}.\n\n" + "\n".join(lines)
     )
 
+
 def _sizes(facts: CardFacts) -> str:
     sizes = (facts.prune or {}).get("sizes", {})
     lines = ["| model | parameters | bytes (in memory) |", "|---|---|---|"]
