@@ -198,9 +198,15 @@ class Pipeline:
     # -- 1. collect --------------------------------------------------------------------------
     def activations(self, task: str) -> Activations:
         directory = self.layout.collect_dir(task)
-        outputs = [self.layout.activations_file(task), self.layout.collect_meta_file(task)]
+        zarr = self.recipe.collect.storage == "zarr"
+        matrix = self.layout.activations_store(task) if zarr else self.layout.activations_file(task)
+        outputs = [matrix, self.layout.collect_meta_file(task)]
         self._stage(f"collect:{task}", self.collect_key(task), outputs, lambda: self._collect(task))
         meta = self.layout.read_collect_meta(task)
+        if zarr:
+            from fbnprune.scale.store import ActivationStore, StoredActivations
+
+            return StoredActivations(ActivationStore(matrix))
         acts = Activations.load(directory, meta["layer_widths"], meta["site"])
         acts.tokens_per_second = meta["tokens_per_second"]
         return acts
@@ -210,7 +216,13 @@ class Pipeline:
         directory = self.layout.collect_dir(task)
         directory.mkdir(parents=True, exist_ok=True)
         memmap = self.recipe.collect.storage == "memmap"
-        acts = collect_activations(
+        collect = collect_activations
+        if self.recipe.collect.storage == "zarr":
+            from fbnprune.scale.collect import store_collector
+
+            collect = store_collector(self.layout.activations_store(task),
+                                      self.recipe.collect.precision or "float16")  # fmt: skip
+        acts = collect(
             self.model,
             self.tokenizer,
             self.tasks[task].prompts("calibration"),
@@ -220,7 +232,7 @@ class Pipeline:
             out_file=self.layout.activations_file(task) if memmap else None,
             progress=self.progress,
         )
-        if not memmap:
+        if self.recipe.collect.storage == "memory":
             tmp = directory / ".activations.npy.tmp"
             with open(tmp, "wb") as handle:
                 np.save(handle, acts.matrix)
@@ -253,14 +265,19 @@ class Pipeline:
     def _discover(self, task: str) -> dict:
         cfg = self.recipe.discover
         acts = self.activations(task)
-        ica = GroupICA(
+        estimator = GroupICA
+        if cfg.engine == "dask":
+            from fbnprune.scale.discover import DaskGroupICA, discover_input
+
+            estimator = functools.partial(DaskGroupICA, memory=cfg.memory)
+        ica = estimator(
             n_components=cfg.n_components,
             threshold=cfg.threshold,
             max_iter=cfg.max_iter,
             tol=cfg.tol,
             random_state=self.recipe.seed,
             standardize=cfg.standardize,
-        ).fit(acts.matrix)
+        ).fit(acts.matrix if cfg.engine == "sklearn" else discover_input(acts))
         file = self.layout.discover_file(task)
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.tmp.npz")

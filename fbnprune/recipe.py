@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -151,12 +152,46 @@ class TaskConfig(_Strict):
         return self
 
 
-class CollectConfig(_Strict):
+class _Additions(_Strict):
+    """A section whose ``added`` fields came after its stage key was defined: they are left
+    out of dumps (stage keys, fingerprints, the run's recipe.yaml) while at their defaults, so
+    earlier recipes keep their keys and their runs are reused."""
+
+    added: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_default_additions(self, handler: Any) -> Any:
+        data = handler(self)
+        fields = type(self).model_fields
+        for name in self.added:
+            if isinstance(data, dict) and getattr(self, name) == fields[name].default:
+                data.pop(name, None)
+        return data
+
+
+class CollectConfig(_Additions):
+    added = ("precision",)
+
     batch_size: int = Field(default=8, ge=1)
-    storage: Literal["memory", "memmap"] = "memmap"
+    storage: Literal["memory", "memmap", "zarr"] = Field(
+        default="memmap", description="zarr: a chunked on-disk store (fbnprune.scale.store)"
+    )
+    precision: Literal["float16", "bfloat16", "float32"] | None = Field(
+        default=None, description="values stored by zarr (None: float16); memory and memmap "
+        "hold float32",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _precision_needs_zarr(self) -> CollectConfig:
+        if self.precision not in (None, "float32") and self.storage != "zarr":
+            raise ValueError(f"precision {self.precision} needs storage: zarr "
+                             f"({self.storage} holds float32)")  # fmt: skip
+        return self
 
 
-class DiscoverConfig(_Strict):
+class DiscoverConfig(_Additions):
+    added = ("engine", "memory")
+
     n_components: int = Field(default=128, ge=2)
     threshold: float = Field(default=3.6, gt=0)
     max_iter: int = Field(default=400, ge=10)
@@ -166,6 +201,23 @@ class DiscoverConfig(_Strict):
         description="divide every neuron by its standard deviation before PCA, so ICA is not "
         "drawn to the loudest neurons",
     )
+    engine: Literal["sklearn", "dask"] = Field(
+        default="sklearn", description="dask: centring and PCA out of core "
+        "(fbnprune.scale.discover), on a cluster with fbnprune run --scheduler",
+    )  # fmt: skip
+    memory: str = Field(default="4GiB", description="the dask engine's memory budget")
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(value) > 0:
+                return value
+        except ValueError:
+            pass
+        raise ValueError(f"memory must be a size such as '4GiB', got {value!r}")
 
 
 class SelectConfig(_Strict):

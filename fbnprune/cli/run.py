@@ -8,6 +8,7 @@ from pathlib import Path
 from fbnprune.pipeline import STAGES, RunSummary, run_pipeline
 from fbnprune.recipe import Recipe, load_recipe
 from fbnprune.rundir import RunDir, check_run_dir
+from fbnprune.scale.discover import use_scheduler
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,13 +44,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arguments(parser)
     parser.add_argument("--until", choices=STAGES, default="heal",
                         help="stop after this stage (default: heal, the last)")  # fmt: skip
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run discover.engine: dask on the dask.distributed cluster at "
+                             "ADDRESS (tcp://host:8786), whose workers can read --out "
+                             "(default: local threads within discover.memory)")  # fmt: skip
     parser.set_defaults(execute=execute)
 
 
 def execute(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
-    with RunDir(args.out).lock():  # one process at a time in --out
+    with RunDir(args.out).lock(), use_scheduler(args.scheduler):  # one process at a time in --out
         summary = run_pipeline(
             recipe, args.out, until=args.until, overwrite=args.overwrite,
             progress=not args.no_progress,

@@ -84,6 +84,10 @@ class RunLayout:
     def activations_file(self, task: str) -> Path:
         return self.collect_dir(task) / "activations.npy"
 
+    def activations_store(self, task: str) -> Path:
+        """The zarr activation store (``collect.storage: zarr``; ``fbnprune.scale.store``)."""
+        return self.collect_dir(task) / "activations.zarr"
+
     def collect_meta_file(self, task: str) -> Path:
         return self.collect_dir(task) / "meta.json"
 

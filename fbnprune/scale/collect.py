@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,16 @@ def collect_to_store(
         store = writer.commit(tokens_per_second=tps)
     logger.info("collect: %d tokens in %.1f s (%.0f tokens/s)", n_tokens, elapsed, tps)
     return StoredActivations(store)
+
+
+def store_collector(path: Path, dtype: StoreDtype = "float16") -> Callable[..., StoredActivations]:
+    """``collect_activations``'s signature, collecting into the store at ``path`` (its
+    ``out_file`` must be None: the store is the output)."""
+
+    def collect(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
+                out_file: Path | None = None, **kwargs: object) -> StoredActivations:  # fmt: skip
+        if out_file is not None:
+            raise ValueError("a store collector writes to its store, not to out_file")
+        return collect_to_store(model, tokenizer, prompts, path, dtype=dtype, **kwargs)  # type: ignore[arg-type]
+
+    return collect

@@ -52,6 +52,7 @@ BLOCK_COPIES = 4
 # share of the budget given to blocks in flight; the rest holds the sketches, the reduced data
 # and FastICA
 BLOCK_SHARE = 0.5
+CONNECT_TIMEOUT = "20s"
 
 
 def parse_memory(memory: str | int) -> int:
@@ -89,7 +90,11 @@ def use_scheduler(address: str | None) -> Iterator[Any | None]:
         return
     from distributed import Client
 
-    with Client(address, set_as_default=True) as client:
+    try:
+        client = Client(address, set_as_default=True, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise DiscoverError(f"cannot reach a dask scheduler at {address!r}: {exc}") from None
+    with client:
         logger.info("dask: using the cluster at %s (%d workers)", address,
                     len(client.scheduler_info().get("workers", {})))  # fmt: skip
         yield client
