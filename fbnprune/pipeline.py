@@ -204,7 +204,7 @@ class Pipeline:
         self._stage(f"collect:{task}", self.collect_key(task), outputs, lambda: self._collect(task))
         meta = self.layout.read_collect_meta(task)
         if zarr:
-            from fbnprune.scale.store import ActivationStore, StoredActivations
+            from fbnprune.scale.collect import ActivationStore, StoredActivations
 
             return StoredActivations(ActivationStore(matrix))
         acts = Activations.load(directory, meta["layer_widths"], meta["site"])

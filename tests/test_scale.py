@@ -165,10 +165,15 @@ def test_an_unfinished_store_leaves_nothing_and_float16_clips(tmp_path):
 # --- the dask path -----------------------------------------------------------------------------
 
 
-def test_dask_threads_find_the_same_networks_as_in_memory(planted_data):
+@pytest.mark.parametrize(("memory", "cached"), [("4MiB", False), ("64MiB", True)])
+def test_dask_threads_find_the_same_networks_as_in_memory(planted_data, memory, cached):
+    """Out of core (4MiB: the 4.8 MB matrix is re-read in blocks by every pass) and held
+    (64MiB: read once)."""
     X, truth, reference = planted_data
-    ica = DaskGroupICA(n_components=6, random_state=0, memory="16MiB", threads=1).fit(X)
-    assert ica.block_rows_ < len(X)  # the budget really split the matrix into blocks
+    ica = DaskGroupICA(n_components=6, random_state=0, memory=memory, threads=1).fit(X)
+    assert ica.cached_ is cached
+    if not cached:
+        assert ica.block_rows_ < len(X)  # the budget really split the matrix into blocks
     assert_same_networks(ica, reference, truth)
     np.testing.assert_allclose(ica.mean_, reference.mean_, atol=1e-4)
     np.testing.assert_allclose(ica.explained_variance_ratio_,

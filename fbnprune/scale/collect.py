@@ -8,6 +8,7 @@ never the matrix.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,11 +21,37 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fbnprune.adapters import get_adapter
-from fbnprune.collect import iter_batches, pad_batch, tokenize
+from fbnprune.collect import Activations, iter_batches, pad_batch, tokenize
 from fbnprune.hooks import SiteHooks, site_widths
-from fbnprune.scale.store import StoredActivations, StoreDtype, StoreWriter
+from fbnprune.scale.store import ActivationStore, StoreDtype, StoreWriter
 
 logger = logging.getLogger(__name__)
+
+
+class StoredActivations(Activations):
+    """``Activations`` backed by a store: ``matrix`` is read into memory (float32) only when a
+    stage asks for it; out-of-core stages use ``store`` instead."""
+
+    def __init__(self, store: ActivationStore) -> None:  # no dataclass init: matrix is lazy
+        self.store = store
+        self.sample_index = store.sample_index
+        self.layer_widths = store.layer_widths
+        self.site = store.site
+        self.tokens_per_second = store.tokens_per_second
+
+    @functools.cached_property
+    def matrix(self) -> np.ndarray:  # type: ignore[override]
+        return self.store.numpy()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.store.shape[0]
+
+    def save(self, directory: Path) -> None:
+        """Nothing to do: the store holds the sample index."""
+
+    def __repr__(self) -> str:
+        return f"StoredActivations({self.store!r})"
 
 
 @torch.inference_mode()

@@ -17,10 +17,11 @@ needs every column in one chunk and computes the full SVD, while calibration mat
 as often short and wide (8,192 tokens x 458,752 units for Llama-3-8B) as tall; the
 randomized sketch needs only k + 10 columns in memory and any chunking.
 
-The matrix is never in memory: it is read in blocks of rows x one layer from an
-``ActivationStore`` (or a numpy array / memmap, or any ``dask.array``). By default the
-local threaded scheduler runs it, with row blocks sized so that the threads' working set
-stays within ``memory``; when a ``dask.distributed`` client is active (``fbnprune run
+The matrix is read in blocks of rows x one layer from an ``ActivationStore`` (or a numpy
+array / memmap, or any ``dask.array``), every pass again, unless it fits in ``CACHE_SHARE``
+of the budget as float32: then it is read once and held. By default the local threaded
+scheduler runs it, with row blocks sized so that the threads' working set stays within
+``memory``; when a ``dask.distributed`` client is active (``fbnprune run
 --scheduler ADDRESS``, ``use_scheduler``), the same graph runs on its cluster.
 """
 
@@ -53,6 +54,8 @@ BLOCK_COPIES = 4
 # and FastICA
 BLOCK_SHARE = 0.5
 CONNECT_TIMEOUT = "20s"
+# the matrix (float32) is held in memory when it takes at most this share of the budget
+CACHE_SHARE = 0.4
 
 
 def parse_memory(memory: str | int) -> int:
@@ -122,7 +125,9 @@ class DaskGroupICA(GroupICA):
         threads: threads of the local scheduler (default: the CPUs).
 
     Attributes: as ``GroupICA``; also ``scale_`` (with ``standardize``), ``block_rows_``
-    (rows per block read) and ``scheduler_`` (``threads`` or the cluster's address).
+    (rows per block read), ``cached_`` (whether the matrix was small enough for the budget to
+    be read once and held in memory rather than re-read by every pass) and ``scheduler_``
+    (``threads`` or the cluster's address).
     """
 
     def __init__(
@@ -168,9 +173,14 @@ class DaskGroupICA(GroupICA):
         logger.info("discover (dask): %d x %d, row blocks of %d, %s, budget %s",
                     n_tokens, n_neurons, self.block_rows_, self.scheduler_,
                     self.memory)  # fmt: skip
+        # the passes re-read the matrix; when it fits in CACHE_SHARE of the budget (float32)
+        # it is read once and held, so the passes cost only the products
+        self.cached_ = n_tokens * n_neurons * 4 <= budget * CACHE_SHARE
         with dask.config.set(config):
+            if self.cached_:
+                X = X.persist()
             total = X.sum(axis=0, dtype=np.float64)
-            squares = (X.astype(np.float64) ** 2).sum(axis=0)
+            squares = (X * X).sum(axis=0, dtype=np.float64)
             total, squares = dask.compute(total, squares)
             mean = total / n_tokens
             var = np.maximum(squares / n_tokens - mean**2, 0.0)  # population, as numpy's std

@@ -7,7 +7,9 @@ A zarr (v3) group, ``activations.zarr/``::
     sample_index                int32 (n_tokens,): which sample each row came from
     attrs                       format, dtype, site, layer_widths, tokens_per_second, clipped
 
-Values are stored as float16 (default; 2 bytes a value), bfloat16 (its bit pattern in uint16:
+Values are stored uncompressed (zstd saves ~9% on float16 activations, whose mantissas are
+noise, and makes every read of the matrix ~3x slower; discovery reads it a dozen times) as
+float16 (default; 2 bytes a value), bfloat16 (its bit pattern in uint16:
 the top half of the float32, rounded to nearest even; float32's range, 3 significant digits)
 or float32. Readers always return float32. float16 saturates at +-65504: larger values are
 clipped (counted in ``attrs["clipped"]``) rather than stored as infinities that would poison
@@ -20,7 +22,8 @@ from, and nothing downstream depends on the order of rows.
 ``StoreWriter`` fills the store batch by batch (``append``: whole rows, all layers, buffered
 until a chunk of rows is complete, so every chunk is written once) or layer by layer
 (``write_layer``: one layer's values for a range of rows). ``ActivationStore`` reads it back
-as numpy (whole or one layer at a time) or as a lazy ``dask.array``.
+as numpy (whole or one layer at a time) or as a lazy ``dask.array``. (This module needs
+neither torch nor transformers: ``fbnprune.scale.collect`` holds the ``Activations`` face.)
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from typing import Literal
 
 import numpy as np
 
-from fbnprune.collect import Activations
 from fbnprune.errors import FbnpruneError
 
 logger = logging.getLogger(__name__)
@@ -126,7 +128,7 @@ class StoreWriter:
         self._layers = [
             self._group.create_array(
                 layer_name(i), shape=(n_tokens, w), chunks=(self.chunk_tokens, w),
-                dtype=_STORED[dtype], fill_value=0,
+                dtype=_STORED[dtype], fill_value=0, compressors=None,
             )  # fmt: skip
             for i, w in enumerate(self.layer_widths)
         ]
@@ -302,29 +304,3 @@ class ActivationStore:
             else:
                 blocks.append(stored.astype(np.float32))
         return da.concatenate(blocks, axis=1)
-
-
-class StoredActivations(Activations):
-    """``Activations`` backed by a store: ``matrix`` is read into memory (float32) only when a
-    stage asks for it; out-of-core stages use ``store`` instead."""
-
-    def __init__(self, store: ActivationStore) -> None:  # no dataclass init: matrix is lazy
-        self.store = store
-        self.sample_index = store.sample_index
-        self.layer_widths = store.layer_widths
-        self.site = store.site
-        self.tokens_per_second = store.tokens_per_second
-
-    @functools.cached_property
-    def matrix(self) -> np.ndarray:  # type: ignore[override]
-        return self.store.numpy()
-
-    @property
-    def n_tokens(self) -> int:
-        return self.store.shape[0]
-
-    def save(self, directory: Path) -> None:
-        """Nothing to do: the store holds the sample index."""
-
-    def __repr__(self) -> str:
-        return f"StoredActivations({self.store!r})"
