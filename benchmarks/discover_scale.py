@@ -17,7 +17,7 @@ sklearn and GroupICA through a memmap, as the pipeline does) and as a float16 za
 store (``collect.storage: zarr``, read by the dask path).
 
 Every engine runs in its own subprocess, so peak memories do not mix: ``peak`` is the
-child's peak RSS (``ru_maxrss``) less its RSS before it opened the data (imports excluded).
+child's peak RSS (``VmHWM``) less its RSS before it opened the data (imports excluded).
 sklearn gets ``--timeout`` seconds; a run past it shows as ``>T``, and its ratio as a lower
 bound (larger sizes then skip sklearn and show the same bound: they are slower still).
 IoU: mean IoU of the thresholded networks (|z| >= 3.6) matched to the in-memory GroupICA's
@@ -104,9 +104,23 @@ def child(engine: str, data: Path, k: int, memory: str, threads: int) -> None:
                            threads=threads).fit(ActivationStore(data / "activations.zarr"))
         maps, networks = fit.maps_, fit.networks_
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     np.savez(data / f"{engine}.npz", maps=maps, networks=networks)
-    print(json.dumps({"seconds": seconds, "peak": peak - baseline, "rss_peak": peak}))
+    extra = {"cached": fit.cached_, "block_rows": fit.block_rows_} if engine == "dask" else {}
+    print(json.dumps({"seconds": seconds, "peak": peak - baseline, "rss_peak": peak, **extra}))
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: ``VmHWM`` (the high-water mark of its own memory map,
+    new at exec). Not ``ru_maxrss``: Linux carries the parent's RSS at fork into the child's
+    ``ru_maxrss``, so a parent holding the data it wrote would inflate every child's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere: an upper bound
 
 
 def run_child(engine: str, data: Path, args: argparse.Namespace) -> dict:

@@ -314,15 +314,16 @@ def test_pipeline_collects_into_zarr_and_discovers_on_dask(tiny_llama_dir, tmp_p
     assert again.executed == []
 
 
-def test_run_command_takes_a_scheduler(tiny_llama_dir, tmp_path, cluster, capsys):
+def test_discover_command_takes_a_scheduler(tiny_llama_dir, tmp_path, cluster, capsys):
     from fbnprune.cli import main
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tiny_llama_dir, collect={"storage": "zarr"},
                                                discover={"engine": "dask"})))
     transitions = cluster.scheduler.transition_counter
-    code = main(["run", str(path), "--out", str(tmp_path / "run"), "--until", "discover",
-                 "--no-progress", "--scheduler", cluster.scheduler_address])  # fmt: skip
+    # the stage subcommands share fbnprune run's arguments (--scheduler) and execution
+    code = main(["discover", str(path), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--scheduler", cluster.scheduler_address])  # fmt: skip
     assert code == 0
     assert "discover:news" in capsys.readouterr().out
     assert (tmp_path / "run/discover/news.npz").is_file()

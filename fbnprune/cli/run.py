@@ -18,6 +18,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "whose inputs did not change are reused")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run discover.engine: dask on the dask.distributed cluster at "
+                             "ADDRESS (tcp://host:8786), whose workers can read --out "
+                             "(default: local threads within discover.memory)")  # fmt: skip
 
 
 OVERWRITE_HELP = ("discard the earlier run in --out first (only an fbnprune run directory or an "
@@ -44,10 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arguments(parser)
     parser.add_argument("--until", choices=STAGES, default="heal",
                         help="stop after this stage (default: heal, the last)")  # fmt: skip
-    parser.add_argument("--scheduler", metavar="ADDRESS",
-                        help="run discover.engine: dask on the dask.distributed cluster at "
-                             "ADDRESS (tcp://host:8786), whose workers can read --out "
-                             "(default: local threads within discover.memory)")  # fmt: skip
     parser.set_defaults(execute=execute)
 
 

@@ -32,7 +32,7 @@ import functools
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -249,7 +249,7 @@ class ActivationStore:
             self._group = zarr.open_group(self.path, mode="r")
         except FileNotFoundError as exc:
             raise StoreError(f"no activation store at {self.path}") from exc
-        attrs = dict(self._group.attrs)
+        attrs: dict[str, Any] = dict(self._group.attrs)
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{self.path} is not an fbnprune activation store "
                              f"(format {attrs.get('format')!r}, expected {FORMAT!r})")  # fmt: skip
@@ -264,9 +264,12 @@ class ActivationStore:
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
 
+    def _array(self, name: str) -> Any:  # a zarr Array (the group's items are typed broadly)
+        return self._group[name]
+
     @functools.cached_property
     def sample_index(self) -> np.ndarray:
-        return np.asarray(self._group["sample_index"][:], dtype=np.int32)
+        return np.asarray(self._array("sample_index")[:], dtype=np.int32)
 
     @property
     def stored_bytes(self) -> int:
@@ -276,7 +279,7 @@ class ActivationStore:
     def layer(self, layer: int, rows: slice = slice(None)) -> np.ndarray:
         """One layer's columns (float32, (n_rows, width)): selection and reconstruction read
         one layer at a time."""
-        return decode(self._group[layer_name(layer)][rows], self.dtype)
+        return decode(self._array(layer_name(layer))[rows], self.dtype)
 
     def numpy(self, rows: slice = slice(None)) -> np.ndarray:
         """The whole matrix (or ``rows`` of it) in memory as float32: for sizes that fit."""
