@@ -169,6 +169,10 @@ class DaskGroupICA(GroupICA):
                                                    source.store_rows))  # fmt: skip
         X = source.dask(self.block_rows_)
         self.scheduler_ = "threads" if client is None else client.scheduler.address
+        if client is not None and isinstance(source.X, np.ndarray):
+            logger.warning("discover (dask): the matrix is in this process and is sent to the "
+                           "cluster's workers; with collect.storage: zarr they read the store "
+                           "themselves")  # fmt: skip
         config = {} if client is not None else {"scheduler": "threads", "num_workers": threads}
         logger.info("discover (dask): %d x %d, row blocks of %d, %s, budget %s",
                     n_tokens, n_neurons, self.block_rows_, self.scheduler_,
