@@ -24,7 +24,13 @@ from fbnprune.pipeline import Pipeline, run_pipeline
 from fbnprune.recipe import RecipeError, load_recipe, parse_recipe
 from fbnprune.rundir import RunDir
 from fbnprune.rundir.runner import fingerprint
-from fbnprune.scale.discover import DaskGroupICA, parse_memory, row_block, use_scheduler
+from fbnprune.scale.discover import (
+    DaskGroupICA,
+    discover_input,
+    parse_memory,
+    row_block,
+    use_scheduler,
+)
 from fbnprune.scale.store import ActivationStore, StoreError, StoreWriter, decode, encode
 
 # --- planted sources -------------------------------------------------------------------------
@@ -295,6 +301,7 @@ def test_pipeline_collects_into_zarr_and_discovers_on_dask(tiny_llama_dir, tmp_p
     ref = Pipeline(base, RunDir.open(tmp_path / "base"), progress=False)
     pipe = Pipeline(scaled, RunDir.open(tmp_path / "scaled"), progress=False)
     a, b = ref.activations("news"), pipe.activations("news")
+    assert discover_input(b) is b.store and "matrix" not in vars(b)  # dask reads the store
     assert b.n_tokens == a.n_tokens and b.layer_widths == a.layer_widths
     # same rows per sample (the store keeps collection order), within float16's precision
     for sample in np.unique(a.sample_index):
