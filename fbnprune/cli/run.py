@@ -16,6 +16,7 @@ from fbnprune.rundir.layout import (
     PLAN_FILE,
     checkpoint_name,
 )
+from fbnprune.scale.discover import use_scheduler
 from fbnprune.stages.pipeline import STAGES, RunSummary, run_pipeline
 
 
@@ -26,6 +27,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "whose inputs did not change are reused")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run discover.engine: dask on the dask.distributed cluster at "
+                             "ADDRESS (tcp://host:8786), whose workers can read --out "
+                             "(default: local threads within discover.memory)")  # fmt: skip
 
 
 OVERWRITE_HELP = ("discard the earlier run in --out first (only an fbnprune run directory or an "
@@ -59,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def execute(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
-    with RunDir(args.out).lock():  # one process at a time in --out
+    with RunDir(args.out).lock(), use_scheduler(args.scheduler):  # one process at a time in --out
         summary = run_pipeline(
             recipe, args.out, until=args.until, overwrite=args.overwrite,
             progress=not args.no_progress,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
 from fbnprune.errors import FbnpruneError
 
@@ -34,6 +34,23 @@ class _Strict(BaseModel):
                 field = cls.model_fields.get(name) if isinstance(name, str) else None
                 if isinstance(value, bool) and field and not _takes_bool(field.annotation):
                     raise ValueError(f"{name}: expected a number or text, got the boolean {value}")
+        return data
+
+
+class _Additions(_Strict):
+    """A section whose ``added`` fields came after its stage key was defined: they are left
+    out of dumps (stage keys, fingerprints, the run's recipe.yaml) while at their defaults, so
+    earlier recipes keep their keys and their runs are reused."""
+
+    added: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_default_additions(self, handler: Any) -> Any:
+        data = handler(self)
+        fields = type(self).model_fields
+        for name in self.added:
+            if isinstance(data, dict) and getattr(self, name) == fields[name].default:
+                data.pop(name, None)
         return data
 
 

@@ -6,15 +6,32 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, _Strict
+from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, _Additions, _Strict
 
 
-class CollectConfig(_Strict):
+class CollectConfig(_Additions):
+    added = ("precision",)
+
     batch_size: int = Field(default=8, ge=1)
-    storage: Literal["memory", "memmap"] = "memmap"
+    storage: Literal["memory", "memmap", "zarr"] = Field(
+        default="memmap", description="zarr: a chunked on-disk store (fbnprune.scale.store)"
+    )
+    precision: Literal["float16", "bfloat16", "float32"] | None = Field(
+        default=None, description="values stored by zarr (None: float16); memory and memmap "
+        "hold float32",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _precision_needs_zarr(self) -> CollectConfig:
+        if self.precision not in (None, "float32") and self.storage != "zarr":
+            raise ValueError(f"precision {self.precision} needs storage: zarr "
+                             f"({self.storage} holds float32)")  # fmt: skip
+        return self
 
 
-class DiscoverConfig(_Strict):
+class DiscoverConfig(_Additions):
+    added = ("engine", "memory")
+
     n_components: int = Field(default=128, ge=2)
     threshold: float = Field(default=3.6, gt=0)
     max_iter: int = Field(default=400, ge=10)
@@ -24,6 +41,23 @@ class DiscoverConfig(_Strict):
         description="divide every neuron by its standard deviation before PCA, so ICA is not "
         "drawn to the loudest neurons",
     )
+    engine: Literal["sklearn", "dask"] = Field(
+        default="sklearn", description="dask: centring and PCA out of core "
+        "(fbnprune.scale.discover), on a cluster with fbnprune run --scheduler",
+    )  # fmt: skip
+    memory: str = Field(default="4GiB", description="the dask engine's memory budget")
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(value) > 0:
+                return value
+        except ValueError:
+            pass
+        raise ValueError(f"memory must be a size such as '4GiB', got {value!r}")
 
 
 class SelectConfig(_Strict):

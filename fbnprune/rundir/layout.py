@@ -6,6 +6,7 @@
     recipe.yaml               the recipe, as validated
     documents.json            per task and split, the ids of the documents used
     collect/<task>/           activations.npy, sample_index.npy, meta.json (collect metadata)
+                              (activations.zarr/ instead with collect.storage: zarr)
     discover/<task>.npz       ICA scores, z maps, explained variance
     plan.json                 the PrunePlan (beside it plan.refit.safetensors when refit)
     prune.json                sizes and widths of the sliced layouts
@@ -41,6 +42,7 @@ STAGING = ".staging"
 COLLECT_DIR, DISCOVER_DIR = "collect", "discover"
 ACTIVATIONS_FILE, SAMPLE_INDEX_FILE, COLLECT_META_FILE = (
     "activations.npy", "sample_index.npy", "meta.json")  # fmt: skip
+ACTIVATIONS_STORE = "activations.zarr"  # collect.storage: zarr (fbnprune.scale.store)
 HEAL_DIR = "heal"
 HEAL_LOG, HEAL_PLOT, HEAL_STATE = "log.json", "loss.png", "state.pt"
 EVAL_DIR, SUITE_DIR = "eval", "suite"
@@ -91,6 +93,10 @@ class RunLayout:
 
     def activations_file(self, task: str) -> Path:
         return self.collect_dir(task) / ACTIVATIONS_FILE
+
+    def activations_store(self, task: str) -> Path:
+        """The zarr activation store (``collect.storage: zarr``; ``fbnprune.scale.store``)."""
+        return self.collect_dir(task) / ACTIVATIONS_STORE
 
     def collect_meta_file(self, task: str) -> Path:
         return self.collect_dir(task) / COLLECT_META_FILE

@@ -16,10 +16,16 @@ from fbnprune.stages.keys import collect_key
 def collect(ctx: RunContext, task: str) -> Activations:
     """The task's calibration activations: reused when fresh, else recorded."""
     layout = ctx.layout
-    outputs = [layout.activations_file(task), layout.collect_meta_file(task)]
+    zarr = ctx.recipe.collect.storage == "zarr"
+    matrix = layout.activations_store(task) if zarr else layout.activations_file(task)
+    outputs = [matrix, layout.collect_meta_file(task)]
     ctx.run.stage(f"collect:{task}", collect_key(ctx, task), outputs,
                   lambda: _collect(ctx, task))  # fmt: skip
     meta = layout.read_collect_meta(task)
+    if zarr:
+        from fbnprune.scale.collect import ActivationStore, StoredActivations
+
+        return StoredActivations(ActivationStore(matrix))
     acts = Activations.load(layout.collect_dir(task), meta["layer_widths"], meta["site"])
     acts.tokens_per_second = meta["tokens_per_second"]
     return acts
@@ -31,7 +37,13 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
     directory = layout.collect_dir(task)
     directory.mkdir(parents=True, exist_ok=True)
     memmap = recipe.collect.storage == "memmap"
-    acts = collect_activations(
+    collect = collect_activations
+    if recipe.collect.storage == "zarr":
+        from fbnprune.scale.collect import store_collector
+
+        collect = store_collector(layout.activations_store(task),
+                                  recipe.collect.precision or "float16")  # fmt: skip
+    acts = collect(
         ctx.model,
         ctx.tokenizer,
         ctx.tasks[task].prompts("calibration"),
@@ -41,7 +53,7 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
         out_file=layout.activations_file(task) if memmap else None,
         progress=ctx.progress,
     )
-    if not memmap:
+    if recipe.collect.storage == "memory":
         tmp = directory / f".{ACTIVATIONS_FILE}.tmp"
         with open(tmp, "wb") as handle:
             np.save(handle, acts.matrix)

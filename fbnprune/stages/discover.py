@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -33,14 +34,19 @@ def discover(ctx: RunContext, task: str, activations: Activations) -> NetworkSco
 
 def _discover(ctx: RunContext, task: str, acts: Activations) -> dict[str, Any]:
     cfg = ctx.recipe.discover
-    ica = GroupICA(
+    estimator = GroupICA
+    if cfg.engine == "dask":
+        from fbnprune.scale.discover import DaskGroupICA, discover_input
+
+        estimator = functools.partial(DaskGroupICA, memory=cfg.memory)
+    ica = estimator(
         n_components=cfg.n_components,
         threshold=cfg.threshold,
         max_iter=cfg.max_iter,
         tol=cfg.tol,
         random_state=ctx.recipe.seed,
         standardize=cfg.standardize,
-    ).fit(acts.matrix)
+    ).fit(acts.matrix if cfg.engine == "sklearn" else discover_input(acts))
     file = ctx.layout.discover_file(task)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.tmp.npz")

@@ -1,0 +1,128 @@
+"""Collect into the activation store: ``collect.storage: zarr``.
+
+The same batches, hooks and real-token rows as ``fbnprune.collect.collect_activations``; the
+rows go to a ``StoreWriter`` in collection order (samples of similar length together, each
+sample's tokens contiguous), so memory holds one batch of activations and one chunk of rows,
+never the matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from fbnprune.collect import Activations, iter_batches, pad_batch, tokenize
+from fbnprune.models.adapters import get_adapter
+from fbnprune.models.hooks import SiteHooks, site_widths
+from fbnprune.scale.store import ActivationStore, StoreDtype, StoreWriter
+
+logger = logging.getLogger(__name__)
+
+
+class StoredActivations(Activations):
+    """``Activations`` backed by a store: ``matrix`` is read into memory (float32) only when a
+    stage asks for it; out-of-core stages use ``store`` instead."""
+
+    def __init__(self, store: ActivationStore) -> None:  # no dataclass init: matrix is lazy
+        self.store = store
+        self.sample_index = store.sample_index
+        self.layer_widths = store.layer_widths
+        self.site = store.site
+        self.tokens_per_second = store.tokens_per_second
+
+    @functools.cached_property
+    def matrix(self) -> np.ndarray:  # type: ignore[override]
+        return self.store.numpy()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.store.shape[0]
+
+    def save(self, directory: Path) -> None:
+        """Nothing to do: the store holds the sample index."""
+
+    def __repr__(self) -> str:
+        return f"StoredActivations({self.store!r})"
+
+
+@torch.inference_mode()
+def collect_to_store(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    path: Path,
+    *,
+    site: str = "hidden",
+    max_length: int = 128,
+    batch_size: int = 8,
+    dtype: StoreDtype = "float16",
+    chunk_tokens: int | None = None,
+    progress: bool = True,
+) -> StoredActivations:
+    """Run ``model`` over ``prompts`` and store every real token's neurons at ``site`` in an
+    activation store at ``path`` (written atomically). Arguments as ``collect_activations``;
+    ``dtype`` and ``chunk_tokens`` as ``StoreWriter``."""
+    adapter = get_adapter(model)
+    widths = site_widths(model, adapter, site)
+    ids = tokenize(tokenizer, prompts, max_length)
+    lengths = [len(seq) for seq in ids]
+    n_tokens, n_neurons = sum(lengths), sum(widths)
+    col = np.concatenate([[0], np.cumsum(widths)])
+    logger.info("collect: %d samples, %d tokens x %d neurons into %s (%.2f GiB %s)",
+                len(prompts), n_tokens, n_neurons, path,
+                n_tokens * n_neurons * (4 if dtype == "float32" else 2) / 2**30,
+                dtype)  # fmt: skip
+    buffer = np.empty((0, 0, n_neurons), dtype=np.float32)
+
+    def record(layer: int, values: torch.Tensor) -> None:
+        buffer[: values.shape[0], : values.shape[1], col[layer] : col[layer + 1]] = (
+            values.detach().float().cpu().numpy()
+        )
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    backbone = adapter.get_backbone(model)
+    device = next(model.parameters()).device
+    bar = tqdm(total=n_tokens, unit="tok", desc=f"collect ({site})", disable=not progress)
+    with StoreWriter(path, n_tokens=n_tokens, layer_widths=widths, site=site, dtype=dtype,
+                     chunk_tokens=chunk_tokens) as writer, \
+            SiteHooks(model, adapter, site, record):  # fmt: skip
+        start = time.perf_counter()
+        try:
+            for batch in iter_batches(lengths, batch_size):
+                input_ids, attention = pad_batch(ids, batch, pad_id)
+                if buffer.shape[:2] != input_ids.shape:
+                    buffer = np.empty((*input_ids.shape, n_neurons), dtype=np.float32)
+                backbone(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                         use_cache=False)  # fmt: skip
+                for row, i in enumerate(batch):
+                    writer.append(buffer[row, : lengths[i]], i)
+                bar.update(int(attention.sum()))
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        tps = n_tokens / elapsed if elapsed > 0 else float("inf")
+        store = writer.commit(tokens_per_second=tps)
+    logger.info("collect: %d tokens in %.1f s (%.0f tokens/s)", n_tokens, elapsed, tps)
+    return StoredActivations(store)
+
+
+def store_collector(path: Path, dtype: StoreDtype = "float16") -> Callable[..., StoredActivations]:
+    """``collect_activations``'s signature, collecting into the store at ``path`` (its
+    ``out_file`` must be None: the store is the output)."""
+
+    def collect(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
+                out_file: Path | None = None, **kwargs: object) -> StoredActivations:  # fmt: skip
+        if out_file is not None:
+            raise ValueError("a store collector writes to its store, not to out_file")
+        return collect_to_store(model, tokenizer, prompts, path, dtype=dtype, **kwargs)  # type: ignore[arg-type]
+
+    return collect
