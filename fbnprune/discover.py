@@ -73,20 +73,7 @@ class GroupICA:
         X = np.asarray(X, dtype=np.float32)
         n_tokens, n_neurons = X.shape
         k = self.n_components
-        if not ica_feasible(k, n_tokens, n_neurons):
-            raise DiscoverError(
-                f"group ICA with n_components={k} needs more than {k} tokens and neurons; "
-                f"got {n_tokens} tokens x {n_neurons} neurons. Collect more text or lower "
-                "discover.n_components."
-            )
-        if n_tokens < MIN_TOKENS_PER_COMPONENT * k:
-            warnings.warn(
-                f"only {n_tokens} tokens for {k} ICA components (fewer than "
-                f"{MIN_TOKENS_PER_COMPONENT} per component): networks will be noisy; collect "
-                "more text or lower discover.n_components",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        check_size(k, n_tokens, n_neurons)
         if self.standardize:
             std = X.std(axis=0, dtype=np.float64)
             std[std == 0] = 1.0
@@ -129,6 +116,26 @@ MIN_TOKENS_PER_COMPONENT = 4
 def ica_feasible(k: int, n_tokens: int, n_neurons: int) -> bool:
     """Whether a k-component group ICA of a tokens x neurons matrix is defined."""
     return k < n_tokens and k < n_neurons
+
+
+def check_size(k: int, n_tokens: int, n_neurons: int) -> None:
+    """Raise when ``k`` components cannot be fitted on ``n_tokens`` x ``n_neurons``; warn when
+    there are too few tokens per component. Called from an estimator's ``fit`` (the warning
+    points at fit's caller)."""
+    if not ica_feasible(k, n_tokens, n_neurons):
+        raise DiscoverError(
+            f"group ICA with n_components={k} needs more than {k} tokens and neurons; "
+            f"got {n_tokens} tokens x {n_neurons} neurons. Collect more text or lower "
+            "discover.n_components."
+        )
+    if n_tokens < MIN_TOKENS_PER_COMPONENT * k:
+        warnings.warn(
+            f"only {n_tokens} tokens for {k} ICA components (fewer than "
+            f"{MIN_TOKENS_PER_COMPONENT} per component): networks will be noisy; collect "
+            "more text or lower discover.n_components",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def ica_maps(

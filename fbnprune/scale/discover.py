@@ -37,13 +37,7 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from fbnprune.discover import (
-    MIN_TOKENS_PER_COMPONENT,
-    DiscoverError,
-    GroupICA,
-    ica_feasible,
-    ica_maps,
-)
+from fbnprune.discover import DiscoverError, GroupICA, check_size, ica_maps
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +158,7 @@ class DaskGroupICA(GroupICA):
         source = _Source(X)
         n_tokens, n_neurons = source.shape
         k = self.n_components
-        _check_size(k, n_tokens, n_neurons)
+        check_size(k, n_tokens, n_neurons)
         self.block_rows_ = min(n_tokens, row_block(budget, source.widest, threads,
                                                    source.store_rows))  # fmt: skip
         X = source.dask(self.block_rows_)
@@ -255,23 +249,6 @@ class _Source:
         if isinstance(self.X, da.Array):
             return self.X.astype(np.float32).rechunk({0: rows})
         return da.from_array(self.X, chunks=(rows, self.shape[1])).astype(np.float32)
-
-
-def _check_size(k: int, n_tokens: int, n_neurons: int) -> None:
-    if not ica_feasible(k, n_tokens, n_neurons):
-        raise DiscoverError(
-            f"group ICA with n_components={k} needs more than {k} tokens and neurons; "
-            f"got {n_tokens} tokens x {n_neurons} neurons. Collect more text or lower "
-            "discover.n_components."
-        )
-    if n_tokens < MIN_TOKENS_PER_COMPONENT * k:
-        warnings.warn(
-            f"only {n_tokens} tokens for {k} ICA components (fewer than "
-            f"{MIN_TOKENS_PER_COMPONENT} per component): networks will be noisy; collect "
-            "more text or lower discover.n_components",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def discover_input(acts: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ def discover(ctx: RunContext, task: str, activations: Activations) -> NetworkSco
 
 def _discover(ctx: RunContext, task: str, acts: Activations) -> dict[str, Any]:
     cfg = ctx.recipe.discover
-    estimator = GroupICA
+    estimator: Callable[..., GroupICA] = GroupICA
     if cfg.engine == "dask":
         from fbnprune.scale.discover import DaskGroupICA, discover_input
 
