@@ -45,8 +45,9 @@ def run(
         recipe_file, recipe = Path(recipe), load_recipe(recipe)
     # what --overwrite must never delete: the recipe file, a local model
     check_run_dir(out, overwrite=overwrite, protected=(recipe_file, recipe.model))
-    with RunDir(out).lock():  # one process at a time in ``out``
-        return run_pipeline(recipe, out, until=until, overwrite=overwrite, progress=progress)
+    with RunDir(Path(out)).lock():  # one process at a time in ``out``
+        return run_pipeline(recipe, Path(out), until=until, overwrite=overwrite,
+                            progress=progress)
 
 
 def prune(

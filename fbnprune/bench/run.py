@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,7 @@ def _contexts(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, RunConte
     directory (reusing ``fbnprune run``'s collect and discover), the other one a
     sub-directory; both share one loaded model."""
     main = RunContext(recipe, run, progress=progress)
-    contexts = {recipe.site: main}
+    contexts: dict[str, RunContext] = {recipe.site: main}
     needed = {"hidden"} | ({"output"} if recipe.bench.output_selectors else set())
     for site in needed - {recipe.site}:
         sub = RunDir.open(main.layout.bench_site_dir(site))
@@ -158,7 +159,7 @@ def _contexts(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, RunConte
     return contexts
 
 
-def _calibration(ctx: RunContext, selectors: list[str]) -> Calibration:
+def _calibration(ctx: RunContext, selectors: Sequence[str]) -> Calibration:
     """Collect (and, for the ica selector, discover) every task of one site's context."""
     acts = {task: collect(ctx, task) for task in ctx.tasks}
     networks = {task: discover(ctx, task, acts[task]) for task in ctx.tasks

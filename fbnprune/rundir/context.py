@@ -15,7 +15,7 @@ from fbnprune.rundir.runner import RunDir
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
+    from transformers import PreTrainedModel
 
     from fbnprune.data.tasks import Split, TaskData
     from fbnprune.recipe import Recipe
@@ -30,7 +30,7 @@ class RunContext:
         run: RunDir,
         *,
         progress: bool = True,
-        model_and_tokenizer: tuple[nn.Module, Any] | None = None,
+        model_and_tokenizer: tuple[PreTrainedModel, Any] | None = None,
     ) -> None:
         """``model_and_tokenizer``: the recipe's model, already loaded (shared between the
         contexts of one model, e.g. the benchmark's two neuron sites)."""
@@ -41,7 +41,7 @@ class RunContext:
 
     # -- the model -------------------------------------------------------------------------
     @functools.cached_property
-    def model_and_tokenizer(self) -> tuple[nn.Module, Any]:
+    def model_and_tokenizer(self) -> tuple[PreTrainedModel, Any]:
         from fbnprune.models.adapters import get_adapter
         from fbnprune.models.loading import load_model
 
@@ -50,7 +50,7 @@ class RunContext:
         return model, tokenizer
 
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> PreTrainedModel:
         return self.model_and_tokenizer[0]
 
     @property

@@ -65,8 +65,8 @@ class Calibration:
         """Every unit's mean over the calibration tokens of all tasks (the ``mean`` fill)."""
         acts = list(self.activations.values())
         tokens = sum(a.n_tokens for a in acts)
-        return sum(column_means(a.matrix).astype(np.float64) * a.n_tokens
-                   for a in acts) / tokens  # fmt: skip
+        total = sum(column_means(a.matrix).astype(np.float64) * a.n_tokens for a in acts)
+        return np.asarray(total / tokens)
 
     def layer_sensitivity(self, select: SelectConfig, seed: int) -> list[float]:
         """Per layer, the KL from the original when that layer alone is cut to the budget
