@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,46 @@ def token_batches(
 
 
 @torch.inference_mode()
+def sample_rows(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[list[int]],
+    *,
+    site: str,
+    batch_size: int,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Run ``model`` over the tokenized samples ``ids``, similar lengths batched together, and
+    yield each sample's index with its real tokens' neurons at ``site``: a float32 array
+    (n_tokens of the sample, n_neurons), valid until the next item. The hooks are removed when
+    the iteration ends or is abandoned."""
+    adapter = get_adapter(model)
+    widths = site_widths(model, adapter, site)
+    col = np.concatenate([[0], np.cumsum(widths)])
+    lengths = [len(seq) for seq in ids]
+    # the hooks fill one (batch, seq, neurons) buffer; it is re-bound per batch shape and
+    # read by ``record`` at call time
+    buffer = np.empty((0, 0, int(col[-1])), dtype=np.float32)
+
+    def record(layer: int, values: torch.Tensor) -> None:
+        buffer[: values.shape[0], : values.shape[1], col[layer] : col[layer + 1]] = (
+            values.detach().float().cpu().numpy()
+        )
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    backbone = adapter.get_backbone(model)
+    device = next(model.parameters()).device
+    with SiteHooks(model, adapter, site, record):
+        for batch in iter_batches(lengths, batch_size):
+            input_ids, attention = pad_batch(ids, batch, pad_id)
+            if buffer.shape[:2] != input_ids.shape:
+                buffer = np.empty((*input_ids.shape, int(col[-1])), dtype=np.float32)
+            backbone(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                     use_cache=False)  # fmt: skip
+            for row, i in enumerate(batch):  # whole rows: contiguous writes, real tokens only
+                yield i, buffer[row, : lengths[i]]
+
+
+@torch.inference_mode()
 def collect_activations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -143,13 +184,11 @@ def collect_activations(
     Returns:
         The filled ``Activations``.
     """
-    adapter = get_adapter(model)
-    widths = site_widths(model, adapter, site)
+    widths = site_widths(model, get_adapter(model), site)
     ids = tokenize(tokenizer, prompts, max_length)
     lengths = [len(seq) for seq in ids]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     n_tokens, n_neurons = int(offsets[-1]), sum(widths)
-    col = np.concatenate([[0], np.cumsum(widths)])
     logger.info(
         "collect: %d samples, %d tokens x %d neurons (%.2f GiB float32)",
         len(prompts), n_tokens, n_neurons, n_tokens * n_neurons * 4 / 2**30,
@@ -164,35 +203,13 @@ def collect_activations(
             tmp_file, mode="w+", dtype=np.float32, shape=(n_tokens, n_neurons)
         )
 
-    # the hooks fill one (batch, seq, neurons) buffer; it is re-bound per batch shape and
-    # read by ``record`` at call time
-    buffer = np.empty((0, 0, n_neurons), dtype=np.float32)
-
-    def record(layer: int, values: torch.Tensor) -> None:
-        buffer[: values.shape[0], : values.shape[1], col[layer] : col[layer + 1]] = (
-            values.detach().float().cpu().numpy()
-        )
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    backbone = adapter.get_backbone(model)
-    device = next(model.parameters()).device
-    batches = iter_batches(lengths, batch_size)
     bar = tqdm(total=n_tokens, unit="tok", desc=f"collect ({site})", disable=not progress)
     start = time.perf_counter()
+    rows = sample_rows(model, tokenizer, ids, site=site, batch_size=batch_size)
     try:
-        with SiteHooks(model, adapter, site, record):
-            for batch in batches:
-                input_ids, attention = pad_batch(ids, batch, pad_id)
-                if buffer.shape[:2] != input_ids.shape:
-                    buffer = np.empty((*input_ids.shape, n_neurons), dtype=np.float32)
-                backbone(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention.to(device),
-                    use_cache=False,
-                )
-                for row, i in enumerate(batch):  # whole rows: contiguous writes, real tokens only
-                    matrix[offsets[i] : offsets[i + 1]] = buffer[row, : lengths[i]]
-                bar.update(int(attention.sum()))
+        for i, values in rows:
+            matrix[offsets[i] : offsets[i + 1]] = values
+            bar.update(len(values))
         elapsed = time.perf_counter() - start
     except BaseException:
         if tmp_file is not None:
@@ -200,6 +217,7 @@ def collect_activations(
             tmp_file.unlink(missing_ok=True)
         raise
     finally:
+        rows.close()
         bar.close()
 
     if out_file is not None and tmp_file is not None:

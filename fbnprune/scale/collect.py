@@ -1,6 +1,7 @@
 """Collect into the activation store: ``collect.storage: zarr``.
 
-The same batches, hooks and real-token rows as ``fbnprune.collect.collect_activations``; the
+The same batches, hooks and real-token rows as ``fbnprune.collect.collect_activations``
+(``collect.sample_rows``); the
 rows go to a ``StoreWriter`` in collection order (samples of similar length together, each
 sample's tokens contiguous), so memory holds one batch of activations and one chunk of rows,
 never the matrix.
@@ -20,9 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fbnprune.collect import Activations, iter_batches, pad_batch, tokenize
+from fbnprune.collect import Activations, sample_rows, tokenize
 from fbnprune.models.adapters import get_adapter
-from fbnprune.models.hooks import SiteHooks, site_widths
+from fbnprune.models.hooks import site_widths
 from fbnprune.scale.store import ActivationStore, StoreDtype, StoreWriter
 
 logger = logging.getLogger(__name__)
@@ -71,42 +72,25 @@ def collect_to_store(
     """Run ``model`` over ``prompts`` and store every real token's neurons at ``site`` in an
     activation store at ``path`` (written atomically). Arguments as ``collect_activations``;
     ``dtype`` and ``chunk_tokens`` as ``StoreWriter``."""
-    adapter = get_adapter(model)
-    widths = site_widths(model, adapter, site)
+    widths = site_widths(model, get_adapter(model), site)
     ids = tokenize(tokenizer, prompts, max_length)
     lengths = [len(seq) for seq in ids]
     n_tokens, n_neurons = sum(lengths), sum(widths)
-    col = np.concatenate([[0], np.cumsum(widths)])
     logger.info("collect: %d samples, %d tokens x %d neurons into %s (%.2f GiB %s)",
                 len(prompts), n_tokens, n_neurons, path,
                 n_tokens * n_neurons * (4 if dtype == "float32" else 2) / 2**30,
                 dtype)  # fmt: skip
-    buffer = np.empty((0, 0, n_neurons), dtype=np.float32)
-
-    def record(layer: int, values: torch.Tensor) -> None:
-        buffer[: values.shape[0], : values.shape[1], col[layer] : col[layer + 1]] = (
-            values.detach().float().cpu().numpy()
-        )
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    backbone = adapter.get_backbone(model)
-    device = next(model.parameters()).device
     bar = tqdm(total=n_tokens, unit="tok", desc=f"collect ({site})", disable=not progress)
     with StoreWriter(path, n_tokens=n_tokens, layer_widths=widths, site=site, dtype=dtype,
-                     chunk_tokens=chunk_tokens) as writer, \
-            SiteHooks(model, adapter, site, record):  # fmt: skip
+                     chunk_tokens=chunk_tokens) as writer:  # fmt: skip
         start = time.perf_counter()
+        rows = sample_rows(model, tokenizer, ids, site=site, batch_size=batch_size)
         try:
-            for batch in iter_batches(lengths, batch_size):
-                input_ids, attention = pad_batch(ids, batch, pad_id)
-                if buffer.shape[:2] != input_ids.shape:
-                    buffer = np.empty((*input_ids.shape, n_neurons), dtype=np.float32)
-                backbone(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                         use_cache=False)  # fmt: skip
-                for row, i in enumerate(batch):
-                    writer.append(buffer[row, : lengths[i]], i)
-                bar.update(int(attention.sum()))
+            for i, values in rows:
+                writer.append(values, i)
+                bar.update(len(values))
         finally:
+            rows.close()
             bar.close()
         elapsed = time.perf_counter() - start
         tps = n_tokens / elapsed if elapsed > 0 else float("inf")
