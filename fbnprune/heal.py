@@ -225,6 +225,9 @@ def heal_model(
         done = step + 1
         if val_targets and (done % cfg.eval_every == 0 or done == cfg.steps):
             log.validation.append((done, validation_loss(model, val_targets, cfg.temperature)))
+            logger.info("heal: step %d/%d, %d tokens, train loss %.4f, validation %.4f (%.0f s)",
+                        done, cfg.steps, log.tokens, value, log.validation[-1][1],
+                        time.perf_counter() - started)  # fmt: skip
             if best.update(done, log.validation[-1][1]):
                 log.stopped_by = "patience"
                 break
