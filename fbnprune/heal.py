@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,12 +38,12 @@ from tqdm.auto import tqdm
 
 from fbnprune.distill import (
     HealError,
-    TeacherTargets,
+    Targets,
     distillation_loss,
     prepare_targets,
     validation_loss,
 )
-from fbnprune.io import save_figure
+from fbnprune.io import atomic_file, save_figure
 from fbnprune.models.adapters import get_adapter
 from fbnprune.recipe import HealConfig
 
@@ -142,7 +141,7 @@ def heal_model(
     validation: Sequence[str] = (),
     questions: Sequence[bool] | None = None,
     validation_questions: Sequence[bool] | None = None,
-    targets: tuple[list[TeacherTargets], list[TeacherTargets]] | None = None,
+    targets: Targets | None = None,
     state_file: Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
@@ -292,14 +291,12 @@ class _EarlyStopping:
 
 def _save_state(file: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                 step: int, log: HealLog, settings: str) -> None:  # fmt: skip
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    torch.save({"settings": settings, "n_params": log.trainable_parameters, "step": step,
-                "params": [p.detach().clone() for p in params],
-                "optimizer": optimizer.state_dict(), "train_loss": log.train_loss,
-                "tokens": log.tokens,
-                "validation": log.validation}, tmp)  # fmt: skip
-    os.replace(tmp, file)
+    with atomic_file(file) as tmp:
+        torch.save({"settings": settings, "n_params": log.trainable_parameters, "step": step,
+                    "params": [p.detach().clone() for p in params],
+                    "optimizer": optimizer.state_dict(), "train_loss": log.train_loss,
+                    "tokens": log.tokens,
+                    "validation": log.validation}, tmp)  # fmt: skip
 
 
 def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -> Path:
