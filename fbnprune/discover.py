@@ -13,6 +13,7 @@ plots; network membership uses ``|z|``, so the flip never changes a network.
 from __future__ import annotations
 
 import warnings
+from typing import Self
 
 import numpy as np
 from sklearn.decomposition import PCA, FastICA
@@ -81,8 +82,17 @@ class GroupICA:
             X = X / self.scale_
         pca = PCA(n_components=k, svd_solver="randomized", random_state=self.random_state)
         reduced = pca.fit_transform(X)  # (tokens, k), centred inside
+        self.mean_ = pca.mean_
+        self.pca_components_ = pca.components_
+        self.explained_variance_ratio_ = pca.explained_variance_ratio_
+        return self._fit_maps(reduced, pca.components_)
+
+    def _fit_maps(self, reduced: np.ndarray, components: np.ndarray) -> Self:
+        """FastICA in the reduced space (``reduced``: tokens x k, ``components``: k x
+        neurons): the maps, their z-scores and networks; a warning when it did not converge.
+        The last step of ``fit``, whatever engine did the PCA."""
         maps, z, self.converged_, self.n_iter_ = ica_maps(
-            reduced, pca.components_, max_iter=self.max_iter, tol=self.tol,
+            reduced, components, max_iter=self.max_iter, tol=self.tol,
             random_state=self.random_state,
         )  # fmt: skip
         if not self.converged_:
@@ -90,11 +100,8 @@ class GroupICA:
                 f"FastICA did not converge in {self.max_iter} iterations; networks may be "
                 "noisy (raise discover.max_iter)",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of fit
             )
-        self.mean_ = pca.mean_
-        self.pca_components_ = pca.components_
-        self.explained_variance_ratio_ = pca.explained_variance_ratio_
         self.maps_ = maps.astype(np.float32)
         self.z_maps_ = z.astype(np.float32)
         self.networks_ = np.abs(self.z_maps_) >= self.threshold

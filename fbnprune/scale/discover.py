@@ -30,14 +30,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
 
-from fbnprune.discover import DiscoverError, GroupICA, check_size, ica_maps
+from fbnprune.discover import DiscoverError, GroupICA, check_size
 
 logger = logging.getLogger(__name__)
 
@@ -202,21 +200,7 @@ class DaskGroupICA(GroupICA):
         explained = s.astype(np.float64) ** 2 / max(n_tokens - 1, 1)
         self.pca_components_ = components
         self.explained_variance_ratio_ = (explained / total_var).astype(np.float32)
-        maps, z, self.converged_, self.n_iter_ = ica_maps(
-            reduced, components, max_iter=self.max_iter, tol=self.tol,
-            random_state=self.random_state,
-        )  # fmt: skip
-        if not self.converged_:
-            warnings.warn(
-                f"FastICA did not converge in {self.max_iter} iterations; networks may be "
-                "noisy (raise discover.max_iter)",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        self.maps_ = maps.astype(np.float32)
-        self.z_maps_ = z.astype(np.float32)
-        self.networks_ = np.abs(self.z_maps_) >= self.threshold
-        return self
+        return self._fit_maps(reduced, components)
 
 
 class _Source:
