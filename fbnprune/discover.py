@@ -113,7 +113,7 @@ class GroupICA:
 
     def union(self) -> np.ndarray:
         """Neurons in at least one network (the paper's "preserve all networks")."""
-        return self.networks_.any(axis=0)
+        return np.asarray(self.networks_.any(axis=0))
 
 
 # fewer calibration tokens than this per ICA component gives noisy networks

@@ -20,9 +20,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.distill import prepare_targets
@@ -43,6 +42,9 @@ from fbnprune.stages.calibration import RunCalibration
 from fbnprune.stages.collect import collect
 from fbnprune.stages.discover import discover
 from fbnprune.stages.select import build_plan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +296,9 @@ def _heal_summary(log: HealLog) -> dict[str, Any]:
             "validation": log.validation}  # fmt: skip
 
 
-def _costs(recipe: Recipe, cals: dict[str, RunCalibration], model: nn.Module) -> dict[str, Any]:
+def _costs(
+    recipe: Recipe, cals: dict[str, RunCalibration], model: PreTrainedModel
+) -> dict[str, Any]:
     """Size and speed of the original and of one selector's slice (ICA's, when benched) at
     every budget in the benchmark's layout, and in the other layout at the recipe's budget
     where it exists; all measured interleaved."""
@@ -302,7 +306,7 @@ def _costs(recipe: Recipe, cals: dict[str, RunCalibration], model: nn.Module) ->
     from fbnprune.slicing import SliceError
 
     cfg = recipe.bench
-    models: dict[str, nn.Module] = {"original": model}
+    models: dict[str, PreTrainedModel] = {"original": model}
 
     selector = "ica" if "ica" in cfg.selectors else cfg.selectors[0]
 
