@@ -13,7 +13,7 @@ plots; network membership uses ``|z|``, so the flip never changes a network.
 from __future__ import annotations
 
 import warnings
-from typing import Self
+from typing import Self, TypedDict
 
 import numpy as np
 from sklearn.decomposition import PCA, FastICA
@@ -24,6 +24,17 @@ from fbnprune.errors import FbnpruneError
 
 class DiscoverError(FbnpruneError, ValueError):
     """Data that group ICA cannot decompose as asked."""
+
+
+class ICAParams(TypedDict, total=False):
+    """``GroupICA``'s parameters, for estimators that take them on (``DaskGroupICA``)."""
+
+    n_components: int
+    threshold: float
+    max_iter: int
+    tol: float
+    random_state: int | None
+    standardize: bool
 
 
 class GroupICA:

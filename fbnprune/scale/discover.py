@@ -31,11 +31,11 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
-from fbnprune.discover import DiscoverError, GroupICA, check_size
+from fbnprune.discover import DiscoverError, GroupICA, ICAParams, check_size
 
 logger = logging.getLogger(__name__)
 
@@ -125,20 +125,13 @@ class DaskGroupICA(GroupICA):
     def __init__(
         self,
         *,
-        n_components: int = 128,
-        threshold: float = 3.6,
-        max_iter: int = 400,
-        tol: float = 1e-4,
-        random_state: int | None = 0,
-        standardize: bool = False,
         memory: str | int = DEFAULT_MEMORY,
         power_iter: int = 4,
         oversamples: int = 10,
         threads: int | None = None,
+        **ica: Unpack[ICAParams],
     ) -> None:
-        super().__init__(n_components=n_components, threshold=threshold, max_iter=max_iter,
-                         tol=tol, random_state=random_state,
-                         standardize=standardize)  # fmt: skip
+        super().__init__(**ica)
         self.memory = memory
         self.power_iter = power_iter
         self.oversamples = oversamples
