@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -25,6 +25,9 @@ from fbnprune.errors import FbnpruneError
 from fbnprune.models.adapters import get_adapter
 from fbnprune.models.hooks import SiteHooks, site_widths
 from fbnprune.rundir.layout import ACTIVATIONS_FILE, SAMPLE_INDEX_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +121,13 @@ def token_batches(
 
 @torch.inference_mode()
 def sample_rows(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     ids: list[list[int]],
     *,
     site: str,
     batch_size: int,
-) -> Iterator[tuple[int, np.ndarray]]:
+) -> Generator[tuple[int, np.ndarray], None, None]:
     """Run ``model`` over the tokenized samples ``ids``, similar lengths batched together, and
     yield each sample's index with its real tokens' neurons at ``site``: a float32 array
     (n_tokens of the sample, n_neurons), valid until the next item. The hooks are removed when
@@ -158,7 +161,7 @@ def sample_rows(
 
 @torch.inference_mode()
 def collect_activations(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     *,
@@ -221,6 +224,7 @@ def collect_activations(
         bar.close()
 
     if out_file is not None and tmp_file is not None:
+        assert isinstance(matrix, np.memmap)
         matrix.flush()
         del matrix
         os.replace(tmp_file, out_file)

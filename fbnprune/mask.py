@@ -10,6 +10,8 @@ reproduce.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +20,9 @@ from fbnprune.models.adapters import MLPAdapter, get_adapter
 from fbnprune.models.hooks import SiteHooks, site_widths
 from fbnprune.plan import PrunePlan
 from fbnprune.refit import down_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class _Replace:
@@ -36,7 +41,7 @@ class _RefitCorrection:
     """Adds ``h_K @ (V - W_K)^T + c`` to a down projection's output (float64 deltas, cast
     to the activations' dtype), given the down projection's input ``h``."""
 
-    def __init__(self, model: nn.Module, plan: PrunePlan) -> None:
+    def __init__(self, model: PreTrainedModel, plan: PrunePlan) -> None:
         assert plan.refit is not None
         self.kept = [torch.tensor(k, dtype=torch.long) for k in plan.kept]
         self.delta = [
@@ -61,7 +66,9 @@ class _CorrectionHook:
 
 
 @contextlib.contextmanager
-def _refit_hooks(model: nn.Module, adapter: MLPAdapter, plan: PrunePlan):
+def _refit_hooks(
+    model: PreTrainedModel, adapter: MLPAdapter, plan: PrunePlan
+) -> Iterator[None]:
     correction = _RefitCorrection(model, plan)
     handles = [
         adapter.get_down(layer).register_forward_hook(_CorrectionHook(i, correction))
@@ -74,7 +81,7 @@ def _refit_hooks(model: nn.Module, adapter: MLPAdapter, plan: PrunePlan):
             handle.remove()
 
 
-def masked(model: nn.Module, plan: PrunePlan) -> Masked:
+def masked(model: PreTrainedModel, plan: PrunePlan) -> Masked:
     """Context manager: ``model`` behaves as pruned by ``plan`` until the block exits.
     A plan that does not fit the model is refused here, before any hook is attached."""
     adapter = get_adapter(model)

@@ -24,15 +24,18 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.errors import FbnpruneError
 from fbnprune.models.adapters import get_adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CHUNK_ROWS = 4096
 
@@ -90,7 +93,7 @@ def file_digest(file: Path) -> str:
     return digest.hexdigest()
 
 
-def down_weights(model: nn.Module) -> list[np.ndarray]:
+def down_weights(model: PreTrainedModel) -> list[np.ndarray]:
     """Every layer's down projection as a float64 (d_model, units) array."""
     adapter = get_adapter(model)
     out = []
@@ -144,7 +147,7 @@ def solve_layer(
 
 
 def refit_plan(
-    model: nn.Module,
+    model: PreTrainedModel,
     matrices: Sequence[np.ndarray],
     layer_widths: list[int],
     kept: list[list[int]],

@@ -15,7 +15,7 @@ calibration text, and memory holds one batch-set of hidden states.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,9 +28,12 @@ from fbnprune.models.adapters import get_adapter
 from fbnprune.plan import PrunePlan
 from fbnprune.refit import Refit, down_weights, solve_layer
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 def _capture_layer_calls(
-    model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    model: PreTrainedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
     """Per batch: the hidden states entering layer 0, and per layer (args, kwargs) of its
     call with the hidden states removed from ``args``."""
@@ -71,7 +74,7 @@ def _output(result: Any) -> torch.Tensor:
 
 @torch.inference_mode()
 def sequential_refit(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any,
     prompts: list[str],
     layer_widths: list[int],
