@@ -180,10 +180,12 @@ def load_targets(path: Path, key: str) -> Targets | None:
     if metadata.get("key") != key:
         return None
     tensors = load_file(str(path))
-    splits = []
-    for split in ("train", "validation"):
-        splits.append([
-            TeacherTargets(**{name: tensors.get(f"{split}.{i}.{name}") for name in _FIELDS})
-            for i in range(int(metadata[split]))
-        ])  # fmt: skip
-    return splits[0], splits[1]
+
+    def target(split: str, i: int) -> TeacherTargets:
+        ids, attention, top_ids, logprobs = (tensors[f"{split}.{i}.{n}"] for n in _FIELDS[:4])
+        weights = tensors.get(f"{split}.{i}.weights")
+        return TeacherTargets(ids, attention, top_ids, logprobs, weights)
+
+    train, validation = ([target(split, i) for i in range(int(metadata[split]))]
+                         for split in ("train", "validation"))  # fmt: skip
+    return train, validation
