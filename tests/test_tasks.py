@@ -217,17 +217,17 @@ def test_a_budget_that_ends_before_the_first_evaluation_keeps_the_trained_weight
 
 def test_healing_trains_on_calibration_and_healing_documents_only(tiny_llama_dir, tmp_path,
                                                                   monkeypatch):  # fmt: skip
-    import fbnprune.heal
+    import fbnprune.distill
 
     seen: dict = {}
-    real = fbnprune.heal.heal_model
+    real = fbnprune.distill.prepare_targets
 
-    def spy(student, teacher, tokenizer, texts, cfg, **kwargs):
+    def spy(teacher, tokenizer, texts, cfg, **kwargs):  # the teacher labels what is trained on
         seen.update(texts=list(texts), validation=list(kwargs["validation"]),
                     questions=list(kwargs["questions"]))
-        return real(student, teacher, tokenizer, texts, cfg, **kwargs)
+        return real(teacher, tokenizer, texts, cfg, **kwargs)
 
-    monkeypatch.setattr(fbnprune.heal, "heal_model", spy)
+    monkeypatch.setattr(fbnprune.distill, "prepare_targets", spy)
     r = recipe(model=tiny_llama_dir, heal={"enabled": True, "steps": 2, "batch_size": 4,
                                            "max_length": 48, "top_k": 8, "answer_weight": 5})
     run_pipeline(r, tmp_path / "run", progress=False)
