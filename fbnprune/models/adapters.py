@@ -11,7 +11,7 @@ import difflib
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 
 from fbnprune.errors import FbnpruneError
 
@@ -58,7 +58,11 @@ class MLPAdapter:
         return _get_path(model, self.backbone)
 
     def get_layers(self, model: nn.Module) -> list[nn.Module]:
-        return list(_get_path(self.get_backbone(model), self.layers))
+        return list(self.get_layer_list(model))
+
+    def get_layer_list(self, model: nn.Module) -> nn.ModuleList:
+        """The ``nn.ModuleList`` of blocks itself (to swap a block in place)."""
+        return _get_path(self.get_backbone(model), self.layers)  # type: ignore[return-value]
 
     def get_mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp)
@@ -122,7 +126,7 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
 
 
-def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> MLPAdapter:
+def get_adapter(model_or_config: nn.Module | PretrainedConfig) -> MLPAdapter:
     """The adapter for a model (or its config); a clear error for unsupported families."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)

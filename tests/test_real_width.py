@@ -1,0 +1,100 @@
+"""A Llama at real 7B widths (hidden 4,096, MLP 11,008), random weights, sharded safetensors:
+collect (layer by layer from the shards, into a float16 zarr store) -> discover (dask, a
+256 MiB budget) -> select runs in a subprocess whose peak RSS stays below a cap smaller than
+the model alone; at a smaller width, where the whole model fits, its plan equals the
+in-memory path's (``collect.onload: full``) exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import SPECIAL, VOCAB, tiny_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from fbnprune.rundir.layout import PLAN_FILE
+
+GiB = 2**30
+CAP = 2.0 * GiB  # the 4-layer model alone is 3.0 GiB (float32)
+
+# run a command in a child and print that child's peak RSS (ru_maxrss: KiB on Linux)
+MEASURE = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    "sys.exit(code)\n"
+)
+
+
+def llama_dir(path: Path, *, hidden: int, mlp: int, layers: int, heads: int) -> Path:
+    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=hidden,
+                                  intermediate_size=mlp, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=heads,
+                                  **SPECIAL)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path, max_shard_size="1GB")
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def recipe(model: Path, onload: str) -> dict:
+    return {
+        "name": "real-width", "model": str(model),
+        "tasks": [{"name": "news", "source": "builtin:bbc_news", "template": "{text}",
+                   "calibration_samples": 16, "heldout_samples": 2, "max_length": 64}],
+        "collect": {"batch_size": 8, "storage": "zarr", "onload": onload},
+        "discover": {"n_components": 16, "engine": "dask", "memory": "256MiB"},
+        "select": {"budget": 0.25, "min_per_layer": 0.05}, "heal": {"enabled": False},
+    }  # fmt: skip
+
+
+def run_until_select(tmp: Path, model: Path, onload: str) -> tuple[dict, int, float]:
+    """The plan, the peak RSS (bytes) and the wall time of ``fbnprune select`` in a child."""
+    file = tmp / f"{onload}.yaml"
+    file.write_text(yaml.safe_dump(recipe(model, onload)))
+    out = tmp / f"run-{onload}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, sys.executable, "-m", "fbnprune", "select", str(file),
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak = int(done.stdout.strip().splitlines()[-1])
+    return json.loads((out / PLAN_FILE).read_text()), peak, wall
+
+
+@pytest.mark.slow
+def test_real_width_llama_runs_under_a_memory_cap(tmp_path):
+    model = llama_dir(tmp_path / "llama-7b-width", hidden=4096, mlp=11008, layers=4, heads=32)
+    model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    assert len(list(model.glob("*.safetensors"))) > 1  # sharded
+    plan, peak, wall = run_until_select(tmp_path, model, "sequential")
+    tokens = sum(plan["provenance"]["calibration_tokens"].values())
+    matrix_bytes = tokens * sum(plan["layer_widths"]) * 4  # the float32 matrix
+    print(f"real width: model {model_bytes / GiB:.2f} GiB, matrix {tokens} x "
+          f"{sum(plan['layer_widths'])} = {matrix_bytes / GiB:.2f} GiB float32, peak RSS "
+          f"{peak / GiB:.2f} GiB (cap {CAP / GiB:.1f} GiB), {wall:.0f} s")  # fmt: skip
+    assert model_bytes + matrix_bytes > CAP  # the cap is below model + matrix
+    assert peak < CAP
+    assert [len(k) for k in plan["kept"]] == plan["provenance"]["kept_per_layer"]
+
+
+@pytest.mark.slow
+def test_layer_by_layer_plan_equals_the_in_memory_plan(tmp_path):
+    model = llama_dir(tmp_path / "llama-small", hidden=512, mlp=1376, layers=3, heads=8)
+    sequential, _, _ = run_until_select(tmp_path, model, "sequential")
+    full, _, _ = run_until_select(tmp_path, model, "full")
+    assert sequential["kept"] == full["kept"]
+    assert sequential["fill_values"] == full["fill_values"]
