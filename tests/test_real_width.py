@@ -1,8 +1,12 @@
 """A Llama at real 7B widths (hidden 4,096, MLP 11,008), random weights, sharded safetensors:
 collect (layer by layer from the shards, into a float16 zarr store) -> discover (dask, a
 256 MiB budget) -> select runs in a subprocess whose peak RSS stays below a cap smaller than
-the model alone; at a smaller width, where the whole model fits, its plan equals the
-in-memory path's (``collect.onload: full``) exactly.
+the model alone; the same run with the whole model in memory (``collect.onload: full``; it
+fits on a test machine) makes the same plan, exactly.
+
+Measured (2 cores, 1 thread): model 3.02 GiB, matrix 1,024 x 44,032 (0.17 GiB float32);
+layer by layer peak RSS 1.66-1.67 GiB in ~40 s, whole model 3.9-4.0 GiB in ~40 s; the test takes
+~2 min.
 """
 
 from __future__ import annotations
@@ -84,17 +88,12 @@ def test_real_width_llama_runs_under_a_memory_cap(tmp_path):
     tokens = sum(plan["provenance"]["calibration_tokens"].values())
     matrix_bytes = tokens * sum(plan["layer_widths"]) * 4  # the float32 matrix
     print(f"real width: model {model_bytes / GiB:.2f} GiB, matrix {tokens} x "
-          f"{sum(plan['layer_widths'])} = {matrix_bytes / GiB:.2f} GiB float32, peak RSS "
-          f"{peak / GiB:.2f} GiB (cap {CAP / GiB:.1f} GiB), {wall:.0f} s")  # fmt: skip
+          f"{sum(plan['layer_widths'])} = {matrix_bytes / GiB:.2f} GiB float32; layer by layer: "
+          f"peak RSS {peak / GiB:.2f} GiB (cap {CAP / GiB:.1f} GiB), {wall:.0f} s")  # fmt: skip
     assert model_bytes + matrix_bytes > CAP  # the cap is below model + matrix
     assert peak < CAP
+    # the same run with the whole model in memory (it fits here): the same plan
+    full, full_peak, full_wall = run_until_select(tmp_path, model, "full")
+    print(f"whole model: peak RSS {full_peak / GiB:.2f} GiB, {full_wall:.0f} s")
+    assert plan["kept"] == full["kept"] and plan["fill_values"] == full["fill_values"]
     assert [len(k) for k in plan["kept"]] == plan["provenance"]["kept_per_layer"]
-
-
-@pytest.mark.slow
-def test_layer_by_layer_plan_equals_the_in_memory_plan(tmp_path):
-    model = llama_dir(tmp_path / "llama-small", hidden=512, mlp=1376, layers=3, heads=8)
-    sequential, _, _ = run_until_select(tmp_path, model, "sequential")
-    full, _, _ = run_until_select(tmp_path, model, "full")
-    assert sequential["kept"] == full["kept"]
-    assert sequential["fill_values"] == full["fill_values"]
