@@ -108,7 +108,7 @@ class LayerwiseModel:
         """``prefix``: the checkpoint's key prefix of the backbone's tensors."""
         self.model, self.checkpoint, self.device = model, checkpoint, device
         self.adapter: MLPAdapter = get_adapter(model)
-        self._prefix = prefix
+        self.key_prefix = prefix
 
     @classmethod
     def resident(cls, model: PreTrainedModel) -> LayerwiseModel:
@@ -148,7 +148,7 @@ class LayerwiseModel:
         if self.checkpoint is None:
             yield block
             return
-        self.checkpoint.load(block, f"{self._prefix}{self.adapter.layers}.{index}.", self.device)
+        self.checkpoint.load(block, f"{self.key_prefix}{self.adapter.layers}.{index}.", self.device)
         try:
             yield block
         finally:
