@@ -74,7 +74,8 @@ def save_sliced_layerwise(
         rest = {key: _as(checkpoint.tensor(key), dtype) for key in checkpoint.files
                 if not key.startswith(blocks)}  # fmt: skip
         total += _write(rest, tmp, shard_name(count - 1, count), weight_map)
-        listing = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        listing = {"metadata": {"total_size": total},
+                   "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
         (tmp / INDEX_FILE).write_text(json.dumps(listing, indent=2) + "\n")
         config = copy.deepcopy(model.config)
         slice_config(config, adapter, plan, layout=layout)
