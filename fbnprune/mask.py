@@ -10,12 +10,14 @@ reproduce.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from fbnprune.models.adapters import MLPAdapter, get_adapter
-from fbnprune.models.hooks import SiteHooks, site_widths
+from fbnprune.models.hooks import SiteHooks, site_hook, site_widths
 from fbnprune.plan import PrunePlan
 from fbnprune.refit import down_weights
 
@@ -36,13 +38,14 @@ class _RefitCorrection:
     """Adds ``h_K @ (V - W_K)^T + c`` to a down projection's output (float64 deltas, cast
     to the activations' dtype), given the down projection's input ``h``."""
 
-    def __init__(self, model: nn.Module, plan: PrunePlan) -> None:
+    def __init__(self, downs: dict[int, np.ndarray], plan: PrunePlan) -> None:
+        """``downs``: the down projections (float64 (d_model, units)) of the layers hooked."""
         assert plan.refit is not None
         self.kept = [torch.tensor(k, dtype=torch.long) for k in plan.kept]
-        self.delta = [
-            plan.refit.weights[i].double() - torch.from_numpy(w[:, plan.kept[i]])
-            for i, w in enumerate(down_weights(model))
-        ]
+        self.delta = {
+            i: plan.refit.weights[i].double() - torch.from_numpy(w[:, plan.kept[i]])
+            for i, w in downs.items()
+        }
         self.bias = [b.double() for b in plan.refit.biases]
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,7 @@ class _CorrectionHook:
 
 @contextlib.contextmanager
 def _refit_hooks(model: nn.Module, adapter: MLPAdapter, plan: PrunePlan):
-    correction = _RefitCorrection(model, plan)
+    correction = _RefitCorrection(dict(enumerate(down_weights(model))), plan)
     handles = [
         adapter.get_down(layer).register_forward_hook(_CorrectionHook(i, correction))
         for i, layer in enumerate(adapter.get_layers(model))
@@ -87,6 +90,27 @@ def masked(model: nn.Module, plan: PrunePlan) -> Masked:
     if plan.fill == "reconstruct":
         hooks.append(_refit_hooks(model, adapter, plan))
     return Masked(hooks)
+
+
+@contextlib.contextmanager
+def masked_layer(adapter: MLPAdapter, layer: nn.Module, index: int,
+                 plan: PrunePlan) -> Iterator[None]:  # fmt: skip
+    """Context manager: decoder block ``layer`` (number ``index``) behaves as ``plan`` prunes
+    it (``masked`` for one block, e.g. one onloaded from a checkpoint)."""
+    keep = [plan.keep_mask(i) for i in range(plan.n_layers)]
+    fill = [plan.fill_tensor(i) for i in range(plan.n_layers)]
+    handles = [site_hook(adapter, layer, index, plan.site, _Replace(keep, fill))]
+    if plan.fill == "reconstruct":
+        weight = adapter.get_down(layer).weight.detach().double().cpu()
+        down = (weight.T if adapter.conv1d else weight).numpy()
+        correction = _RefitCorrection({index: down}, plan)
+        hook = _CorrectionHook(index, correction)
+        handles.append(adapter.get_down(layer).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Masked:

@@ -1,14 +1,16 @@
 """A Llama at real 7B widths (hidden 4,096, MLP 11,008), random weights, sharded safetensors:
 collect (layer by layer from the shards, into a float16 zarr store) -> discover (dask, a
 256 MiB budget) -> select runs in a subprocess whose peak RSS stays below a cap smaller than
-the model alone, and so does slicing and saving the plan one layer at a time from the shards
-(``scale.stream_save``). The same run with the whole model in memory (``collect.onload:
-full``; it fits on a test machine) makes the same plan, exactly, and ``slice_model`` +
-``save_checkpoint`` write the same tensors, bit for bit.
+the model alone, and so do slicing and saving the plan one layer at a time from the shards
+(``scale.stream_save``) and checking the result one layer at a time against the masked
+original (``scale.layer_check``, float32, atol 1e-3). The same run with the whole model in
+memory (``collect.onload: full``; it fits on a test machine) makes the same plan, exactly,
+and ``slice_model`` + ``save_checkpoint`` write the same tensors, bit for bit.
 
 Measured (2 cores shared with another job, 1 thread): model 3.02 GiB, matrix 1,024 x 44,032
-(0.17 GiB float32). Layer by layer: collect -> select 1.58-1.67 GiB peak RSS in 40-55 s, slice
-+ save 1.53 GiB in 18 s; whole model: 3.9-4.0 GiB for each. The test takes 2-3 minutes.
+(0.17 GiB float32). Layer by layer: collect -> select 1.58-1.67 GiB peak RSS in 40-55 s,
+slice + save 1.53-1.64 GiB in 17 s, per-layer check 1.63 GiB in 15 s (max |delta| 4.8e-6);
+whole model: 3.9-4.3 GiB for each. The test takes about 3 minutes.
 """
 
 from __future__ import annotations
@@ -77,16 +79,29 @@ IN_MEMORY = (
     "save_checkpoint(slice_model(model, PrunePlan.load(sys.argv[2])), None, Path(sys.argv[3]))\n"
 )
 
+# the streamed checkpoint checked one layer at a time against the masked original (float32)
+LAYER_CHECK = (
+    "import sys, torch; from fbnprune.plan import PrunePlan\n"
+    "from transformers import AutoTokenizer\n"
+    "from fbnprune.scale.layer_check import layerwise_parity\n"
+    "texts = ['the quick brown fox jumps over the lazy dog', 'a stitch in time saves nine']\n"
+    "parity = layerwise_parity(sys.argv[1], sys.argv[3], PrunePlan.load(sys.argv[2]),\n"
+    "    AutoTokenizer.from_pretrained(sys.argv[1]), texts, atol=1e-3, dtype=torch.float32)\n"
+    "print(parity.worst, parity.passed)\n"
+)
 
-def measured(*command: str) -> tuple[int, float]:
-    """Peak RSS (bytes) and wall time of ``command`` run in a child (1 thread)."""
+
+def measured(*command: str) -> tuple[int, float, list[str]]:
+    """Peak RSS (bytes), wall time and output lines of ``command`` run in a child (1
+    thread)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True,
                           text=True, env=env, check=False)  # fmt: skip
     wall = time.perf_counter() - start
     assert done.returncode == 0, done.stderr[-3000:]
-    return int(done.stdout.strip().splitlines()[-1]), wall
+    lines = done.stdout.strip().splitlines()
+    return int(lines[-1]), wall, lines[:-1]
 
 
 def run_until_select(tmp: Path, model: Path, onload: str) -> tuple[dict, int, float]:
@@ -94,8 +109,8 @@ def run_until_select(tmp: Path, model: Path, onload: str) -> tuple[dict, int, fl
     file = tmp / f"{onload}.yaml"
     file.write_text(yaml.safe_dump(recipe(model, onload)))
     out = tmp / f"run-{onload}"
-    peak, wall = measured(sys.executable, "-m", "fbnprune", "select", str(file), "--out",
-                          str(out), "--no-progress")  # fmt: skip
+    peak, wall, _ = measured(sys.executable, "-m", "fbnprune", "select", str(file), "--out",
+                             str(out), "--no-progress")  # fmt: skip
     return json.loads((out / PLAN_FILE).read_text()), peak, wall
 
 
@@ -135,17 +150,24 @@ def test_real_width_llama_runs_under_a_memory_cap(tmp_path):
     assert peak < CAP
     # the plan sliced and saved one layer at a time, from the shards: under the cap too
     plan_file = tmp_path / "run-sequential" / PLAN_FILE
-    save_peak, save_wall = measured(sys.executable, "-c", STREAMED, str(model), str(plan_file),
-                                    str(tmp_path / "streamed"))  # fmt: skip
+    save_peak, save_wall, _ = measured(sys.executable, "-c", STREAMED, str(model),
+                                       str(plan_file), str(tmp_path / "streamed"))  # fmt: skip
     print(f"streamed slice + save: peak RSS {save_peak / GiB:.2f} GiB, {save_wall:.0f} s")
     assert save_peak < CAP
+    # ... and checked one layer at a time against the masked original
+    check_peak, check_wall, out = measured(sys.executable, "-c", LAYER_CHECK, str(model),
+                                           str(plan_file), str(tmp_path / "streamed"))  # fmt: skip
+    worst, passed = out[-1].split()
+    print(f"per-layer check (float32): max |delta| {float(worst):.2e}, peak RSS "
+          f"{check_peak / GiB:.2f} GiB, {check_wall:.0f} s")  # fmt: skip
+    assert passed == "True" and check_peak < CAP
     # the same run with the whole model in memory (it fits here): the same plan, the same
     # sliced checkpoint
     full, full_peak, full_wall = run_until_select(tmp_path, model, "full")
     print(f"whole model: select peak RSS {full_peak / GiB:.2f} GiB, {full_wall:.0f} s")
     assert plan["kept"] == full["kept"] and plan["fill_values"] == full["fill_values"]
     assert [len(k) for k in plan["kept"]] == plan["provenance"]["kept_per_layer"]
-    mem_peak, mem_wall = measured(sys.executable, "-c", IN_MEMORY, str(model), str(plan_file),
-                                  str(tmp_path / "in-memory"))  # fmt: skip
+    mem_peak, mem_wall, _ = measured(sys.executable, "-c", IN_MEMORY, str(model),
+                                     str(plan_file), str(tmp_path / "in-memory"))  # fmt: skip
     print(f"whole model: slice + save peak RSS {mem_peak / GiB:.2f} GiB, {mem_wall:.0f} s")
     assert same_tensors(tmp_path / "streamed", tmp_path / "in-memory")

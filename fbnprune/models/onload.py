@@ -117,16 +117,18 @@ class LayerwiseModel:
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike[str], *,
-                        dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> LayerwiseModel:  # fmt: skip
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False) -> LayerwiseModel:  # fmt: skip
         """The model of the checkpoint in ``directory`` (``config.json`` and safetensors),
-        everything but its decoder blocks (and LM head) loaded on ``device``."""
+        everything but its decoder blocks (and LM head) loaded on ``device``
+        (``trust_remote_code``: a compact checkpoint's own modeling file)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(directory)
+        remote = {"trust_remote_code": True} if trust_remote_code else {}
+        config = AutoConfig.from_pretrained(directory, **remote)
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **remote)
         model.eval()
         checkpoint, device = Checkpoint(directory), torch.device(device)
         adapter = get_adapter(model)
