@@ -19,7 +19,7 @@ from torch import nn
 from fbnprune.models.adapters import MLPAdapter, get_adapter
 from fbnprune.models.hooks import SiteHooks, site_hook, site_widths
 from fbnprune.plan import PrunePlan
-from fbnprune.refit import down_weights
+from fbnprune.refit import down_weight, down_weights
 
 
 class _Replace:
@@ -101,9 +101,7 @@ def masked_layer(adapter: MLPAdapter, layer: nn.Module, index: int,
     fill = [plan.fill_tensor(i) for i in range(plan.n_layers)]
     handles = [site_hook(adapter, layer, index, plan.site, _Replace(keep, fill))]
     if plan.fill == "reconstruct":
-        weight = adapter.get_down(layer).weight.detach().double().cpu()
-        down = (weight.T if adapter.conv1d else weight).numpy()
-        correction = _RefitCorrection({index: down}, plan)
+        correction = _RefitCorrection({index: down_weight(adapter, layer)}, plan)
         hook = _CorrectionHook(index, correction)
         handles.append(adapter.get_down(layer).register_forward_hook(hook))
     try:

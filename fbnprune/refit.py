@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.errors import FbnpruneError
-from fbnprune.models.adapters import get_adapter
+from fbnprune.models.adapters import MLPAdapter, get_adapter
 
 CHUNK_ROWS = 4096
 
@@ -93,11 +93,13 @@ def file_digest(file: Path) -> str:
 def down_weights(model: nn.Module) -> list[np.ndarray]:
     """Every layer's down projection as a float64 (d_model, units) array."""
     adapter = get_adapter(model)
-    out = []
-    for layer in adapter.get_layers(model):
-        weight = adapter.get_down(layer).weight.detach().double().cpu()
-        out.append((weight.T if adapter.conv1d else weight).numpy())
-    return out
+    return [down_weight(adapter, layer) for layer in adapter.get_layers(model)]
+
+
+def down_weight(adapter: MLPAdapter, layer: nn.Module) -> np.ndarray:
+    """One decoder block's down projection as a float64 (d_model, units) array."""
+    weight = adapter.get_down(layer).weight.detach().double().cpu()
+    return (weight.T if adapter.conv1d else weight).numpy()
 
 
 def solve_layer(
