@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torch import nn
+    from transformers import PreTrainedModel
 
     from fbnprune.plan import PrunePlan
     from fbnprune.recipe import Recipe
+    from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, Site
     from fbnprune.stages.pipeline import RunSummary
 
 
@@ -51,24 +52,24 @@ def run(
 
 
 def prune(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any,
     tasks: Mapping[str, Sequence[str]] | Sequence[str],
     *,
     budget: float = 0.10,
-    selector: str = "ica",
-    fill: str = "mean",
-    site: str = "hidden",
-    allocation: str = "global",
+    selector: Selector = "ica",
+    fill: Fill = "mean",
+    site: Site = "hidden",
+    allocation: Allocation = "global",
     min_per_layer: float = 0.02,
-    layout: str = "padded",
+    layout: Layout = "padded",
     max_length: int = 128,
     batch_size: int = 8,
     n_components: int = 128,
     ridge: float = 1e-3,
     seed: int = 0,
     progress: bool = False,
-) -> tuple[nn.Module, PrunePlan]:
+) -> tuple[PreTrainedModel, PrunePlan]:
     """Prune ``model`` in memory for the prompts of ``tasks``; nothing is written to disk.
 
     Args:
@@ -90,63 +91,31 @@ def prune(
     Returns:
         The sliced copy of ``model`` (in eval mode) and its ``PrunePlan``.
     """
-    import numpy as np
-
     from fbnprune.collect import collect_activations
-    from fbnprune.discover import GroupICA
-    from fbnprune.plan import PrunePlan
     from fbnprune.recipe import DiscoverConfig, PruneConfig, SelectConfig
-    from fbnprune.refit import refit_plan
-    from fbnprune.rundir import now
-    from fbnprune.rundir.runner import versions
-    from fbnprune.select import allocate, column_means, layer_bounds, unit_scores
     from fbnprune.slicing import slice_model
+    from fbnprune.stages.calibration import Calibration
+    from fbnprune.stages.discover import NetworkScores, fit_networks
+    from fbnprune.stages.select import plan_of
 
     if allocation == "sensitivity":
         raise ValueError("allocation='sensitivity' needs a run directory: use fbnprune.run")
-    select = SelectConfig(selector=selector, budget=budget, allocation=allocation,  # type: ignore[arg-type]
+    select = SelectConfig(selector=selector, budget=budget, allocation=allocation,
                           min_per_layer=min_per_layer)  # validated as a recipe's would be
-    PruneConfig(fill=fill, ridge=ridge)  # type: ignore[arg-type]
+    PruneConfig(fill=fill, ridge=ridge)
     prompts = {"task": list(tasks)} if not isinstance(tasks, Mapping) else dict(tasks)
     acts = {
         name: collect_activations(model, tokenizer, list(p), site=site, max_length=max_length,
                                   batch_size=batch_size, progress=progress)
         for name, p in prompts.items()
     }  # fmt: skip
-    widths = next(iter(acts.values())).layer_widths
-    discover = DiscoverConfig(n_components=n_components)
-
-    def task_scores(matrix: np.ndarray) -> np.ndarray:
-        if selector != "ica":
-            return unit_scores(selector, model, matrix, seed=seed)
-        ica = GroupICA(n_components=discover.n_components, threshold=discover.threshold,
-                       max_iter=discover.max_iter, tol=discover.tol, random_state=seed,
-                       standardize=discover.standardize).fit(matrix)  # fmt: skip
-        return ica.neuron_scores()
-
-    scores = np.max([task_scores(a.matrix) for a in acts.values()], axis=0)
-    layers = layer_bounds(widths)
-    kept = allocate([scores[a:b] for a, b in layers], select.budget, policy=select.allocation,
-                    min_per_layer=select.min_per_layer)  # fmt: skip
-    fill_values = None
-    if fill == "mean":
-        tokens = sum(a.n_tokens for a in acts.values())
-        means = sum(column_means(a.matrix).astype(np.float64) * a.n_tokens
-                    for a in acts.values()) / tokens  # fmt: skip
-        fill_values = [means[a:b].astype(np.float32).tolist() for a, b in layers]
-    refit = None
-    if fill == "reconstruct":
-        refit = refit_plan(model, [a.matrix for a in acts.values()], list(widths), kept,
-                           ridge=ridge, progress=progress)  # fmt: skip
-    provenance = {
-        "calibration_tokens": {t: a.n_tokens for t, a in acts.items()},
-        "seed": seed, "budget": budget, "allocation": allocation,
-        "min_per_layer": min_per_layer, "selector": selector,
-        "kept_per_layer": [len(k) for k in kept], "versions": versions(), "created": now(),
-    }  # fmt: skip
-    plan = PrunePlan(
-        model=str(getattr(model.config, "_name_or_path", "")), model_type=model.config.model_type,
-        site=site, fill=fill, layer_widths=list(widths), kept=kept, fill_values=fill_values,
-        provenance=provenance, refit=refit,
-    )  # fmt: skip
+    networks: dict[str, NetworkScores] = {}
+    if selector == "ica":
+        discover = DiscoverConfig(n_components=n_components)
+        networks = {name: NetworkScores(name, fit_networks(discover, a, seed=seed).neuron_scores())
+                    for name, a in acts.items()}  # fmt: skip
+    calibration = Calibration(acts, networks, model=lambda: model)
+    plan = plan_of(calibration, select, fill, seed=seed, ridge=ridge,
+                   model=str(getattr(model.config, "_name_or_path", "")),
+                   model_type=model.config.model_type, site=site, progress=progress)  # fmt: skip
     return slice_model(copy.deepcopy(model), plan, layout=layout).eval(), plan

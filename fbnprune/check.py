@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -102,7 +102,9 @@ class ParityResult:
     def parse(cls, data: object) -> ParityResult:
         """``from_dict`` for data read from disk: ``ValueError`` naming what is malformed."""
         try:
-            result = cls.from_dict(data)  # type: ignore[arg-type]
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON object was expected, not {type(data).__name__}")
+            result = cls.from_dict(data)
             for report in result.reports:
                 report.atol = float(report.atol)
                 for c in report.comparisons:
@@ -165,7 +167,7 @@ def real_token_logits(
 
 def check_parity(
     reference: tuple[str, nn.Module, Callable[[], contextlib.AbstractContextManager] | None],
-    candidates: dict[str, nn.Module],
+    candidates: Mapping[str, nn.Module],
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     *,

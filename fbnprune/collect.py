@@ -20,10 +20,10 @@ import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -33,6 +33,9 @@ from fbnprune.models.hooks import SiteHooks, site_hook, site_widths
 from fbnprune.models.layercalls import capture_layer_calls
 from fbnprune.models.onload import LayerwiseModel
 from fbnprune.rundir.layout import ACTIVATIONS_FILE, SAMPLE_INDEX_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ def token_batches(
 
 @torch.inference_mode()
 def sample_rows(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     ids: list[list[int]],
     *,
@@ -202,7 +205,7 @@ def layer_rows(
 
 
 def row_blocks(
-    model: nn.Module | LayerwiseModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     ids: list[list[int]],
     *,
@@ -219,14 +222,14 @@ def row_blocks(
             yield None, i, values
 
 
-def model_of(model: nn.Module | LayerwiseModel) -> nn.Module:
-    """The ``nn.Module`` (of a ``LayerwiseModel``: its model, blocks maybe on meta)."""
+def model_of(model: PreTrainedModel | LayerwiseModel) -> PreTrainedModel:
+    """The model (of a ``LayerwiseModel``: its model, blocks maybe on meta)."""
     return model.model if isinstance(model, LayerwiseModel) else model
 
 
 @torch.inference_mode()
 def collect_activations(
-    model: nn.Module | LayerwiseModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     *,
@@ -295,6 +298,7 @@ def collect_activations(
         bar.close()
 
     if out_file is not None and tmp_file is not None:
+        assert isinstance(matrix, np.memmap)
         matrix.flush()
         del matrix
         os.replace(tmp_file, out_file)
@@ -305,7 +309,7 @@ def collect_activations(
     return Activations(matrix, sample_index, widths, site, tps)
 
 
-def collect_bar(model: nn.Module | LayerwiseModel, n_tokens: int, site: str,
+def collect_bar(model: PreTrainedModel | LayerwiseModel, n_tokens: int, site: str,
                 progress: bool) -> tqdm:  # fmt: skip
     """The progress bar of a collection: tokens, times the layers when layer by layer."""
     if isinstance(model, LayerwiseModel):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import inspect
 import statistics
 import tempfile
@@ -22,12 +23,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from fbnprune.rundir import measure
@@ -82,7 +83,7 @@ def _rate_range(tokens: int, seconds: list[float]) -> tuple[float, float]:
     return tokens / max(seconds), tokens / min(seconds)
 
 
-def safetensors_bytes(model: nn.Module) -> int:
+def safetensors_bytes(model: PreTrainedModel) -> int:
     """Bytes of the ``*.safetensors`` files of ``model`` saved by ``save_checkpoint``.
 
     The model is saved to a temporary directory, so the figure is exact (tied weights stored
@@ -103,7 +104,7 @@ def prompt_ids(
 
 @torch.inference_mode()
 def timed_greedy(
-    model: nn.Module, input_ids: torch.Tensor, new_tokens: int
+    model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int
 ) -> tuple[torch.Tensor, float, float]:
     """Greedy-generate ``new_tokens`` after ``input_ids`` (no padding) with a KV cache.
 
@@ -136,7 +137,7 @@ def timed_greedy(
 
 
 def measure_costs(
-    models: Mapping[str, nn.Module],
+    models: Mapping[str, PreTrainedModel],
     *,
     prompt_tokens: int = 128,
     new_tokens: int = 32,
@@ -170,14 +171,16 @@ def measure_costs(
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be at least 2 (one decode step), got {new_tokens}")
     names = list(models)
-    vocab = min(m.get_input_embeddings().num_embeddings for m in models.values())
+    vocab = min(cast(nn.Embedding, m.get_input_embeddings()).num_embeddings
+                for m in models.values())  # fmt: skip
     ids = prompt_ids(vocab, prompt_tokens=prompt_tokens, batch_size=batch_size, seed=seed)
 
     with _threads(threads), _eval_mode(models.values()):
         placed = {}
         for name, model in models.items():
             if device is not None:
-                model.to(device)
+                # PreTrainedModel.to is wrapped by functools.wraps, typed as unbound (typeshed)
+                model.to(device)  # type: ignore[arg-type]
             placed[name] = ids.to(next(model.parameters()).device)
 
         def run(name: str) -> tuple[float, float]:
@@ -189,7 +192,7 @@ def measure_costs(
                 run(name)
         peaks = {}
         for name in names:
-            peaks[name] = _peak_memory_mib(placed[name].device, lambda n=name: run(n))
+            peaks[name] = _peak_memory_mib(placed[name].device, functools.partial(run, name))
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         for repeat in range(repeats):
             shift = repeat % len(names)

@@ -13,6 +13,7 @@ plots; network membership uses ``|z|``, so the flip never changes a network.
 from __future__ import annotations
 
 import warnings
+from typing import Self, TypedDict
 
 import numpy as np
 from sklearn.decomposition import PCA, FastICA
@@ -23,6 +24,17 @@ from fbnprune.errors import FbnpruneError
 
 class DiscoverError(FbnpruneError, ValueError):
     """Data that group ICA cannot decompose as asked."""
+
+
+class ICAParams(TypedDict, total=False):
+    """``GroupICA``'s parameters, for estimators that take them on (``DaskGroupICA``)."""
+
+    n_components: int
+    threshold: float
+    max_iter: int
+    tol: float
+    random_state: int | None
+    standardize: bool
 
 
 class GroupICA:
@@ -81,8 +93,17 @@ class GroupICA:
             X = X / self.scale_
         pca = PCA(n_components=k, svd_solver="randomized", random_state=self.random_state)
         reduced = pca.fit_transform(X)  # (tokens, k), centred inside
+        self.mean_ = pca.mean_
+        self.pca_components_ = pca.components_
+        self.explained_variance_ratio_ = pca.explained_variance_ratio_
+        return self._fit_maps(reduced, pca.components_)
+
+    def _fit_maps(self, reduced: np.ndarray, components: np.ndarray) -> Self:
+        """FastICA in the reduced space (``reduced``: tokens x k, ``components``: k x
+        neurons): the maps, their z-scores and networks; a warning when it did not converge.
+        The last step of ``fit``, whatever engine did the PCA."""
         maps, z, self.converged_, self.n_iter_ = ica_maps(
-            reduced, pca.components_, max_iter=self.max_iter, tol=self.tol,
+            reduced, components, max_iter=self.max_iter, tol=self.tol,
             random_state=self.random_state,
         )  # fmt: skip
         if not self.converged_:
@@ -90,11 +111,8 @@ class GroupICA:
                 f"FastICA did not converge in {self.max_iter} iterations; networks may be "
                 "noisy (raise discover.max_iter)",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of fit
             )
-        self.mean_ = pca.mean_
-        self.pca_components_ = pca.components_
-        self.explained_variance_ratio_ = pca.explained_variance_ratio_
         self.maps_ = maps.astype(np.float32)
         self.z_maps_ = z.astype(np.float32)
         self.networks_ = np.abs(self.z_maps_) >= self.threshold
@@ -106,7 +124,7 @@ class GroupICA:
 
     def union(self) -> np.ndarray:
         """Neurons in at least one network (the paper's "preserve all networks")."""
-        return self.networks_.any(axis=0)
+        return np.asarray(self.networks_.any(axis=0))
 
 
 # fewer calibration tokens than this per ICA component gives noisy networks

@@ -7,16 +7,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.collect import iter_batches, pad_batch, tokenize
 from fbnprune.errors import FbnpruneError
+from fbnprune.io import atomic_file
 from fbnprune.recipe import HealConfig
+from fbnprune.rundir.runner import fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,9 @@ class TeacherTargets:
     @property
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+Targets = tuple[list[TeacherTargets], list[TeacherTargets]]  # (training, validation)
 
 
 def _last_position_weights(attention: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -107,7 +114,7 @@ def prepare_targets(
     teacher: nn.Module, tokenizer: Any, texts: Sequence[str], cfg: HealConfig, *,
     validation: Sequence[str] = (), questions: Sequence[bool] | None = None,
     validation_questions: Sequence[bool] | None = None, progress: bool = False,
-) -> tuple[list[TeacherTargets], list[TeacherTargets]]:  # fmt: skip
+) -> Targets:  # fmt: skip
     """The teacher's targets on the training texts and on the validation texts.
 
     ``questions`` (one flag per text) marks the prompts of multiple-choice tasks, whose last
@@ -130,3 +137,55 @@ def prepare_targets(
 
     train = run(texts, questions, progress)
     return train, run(validation, validation_questions, False) if validation else []
+
+
+# the settings that change the teacher's targets (not lr, steps, ...: those reuse them)
+TARGET_SETTINGS = ("max_length", "batch_size", "top_k", "temperature", "answer_weight")
+_FIELDS = ("input_ids", "attention_mask", "top_ids", "top_logprobs", "weights")
+
+
+def targets_key(teacher_id: str, cfg: HealConfig, texts: Sequence[str],
+                questions: Sequence[bool] | None, validation: Sequence[str],
+                validation_questions: Sequence[bool] | None) -> str:  # fmt: skip
+    """What a set of targets was computed from: the teacher, the texts and their flags, and
+    the settings in ``TARGET_SETTINGS``."""
+    settings = {name: getattr(cfg, name) for name in TARGET_SETTINGS}
+    flags = [list(questions or []), list(validation_questions or [])]
+    return fingerprint(teacher_id, settings, list(texts), list(validation), flags)
+
+
+def save_targets(path: Path, key: str, targets: Targets) -> None:
+    """Write (training, validation) targets to one safetensors file, atomically, with
+    ``key`` in its metadata, so that training can run without the teacher in memory."""
+    tensors: dict[str, torch.Tensor] = {}
+    for split, batch_targets in zip(("train", "validation"), targets, strict=True):
+        for i, target in enumerate(batch_targets):
+            for name in _FIELDS:
+                value = getattr(target, name)
+                if value is not None:
+                    tensors[f"{split}.{i}.{name}"] = value.detach().clone()  # unshared
+    counts = {"train": str(len(targets[0])), "validation": str(len(targets[1]))}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": key, **counts})
+
+
+def load_targets(path: Path, key: str) -> Targets | None:
+    """The targets saved at ``path`` for ``key``; None when absent or of other inputs."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("key") != key:
+        return None
+    tensors = load_file(str(path))
+
+    def target(split: str, i: int) -> TeacherTargets:
+        ids, attention, top_ids, logprobs = (tensors[f"{split}.{i}.{n}"] for n in _FIELDS[:4])
+        weights = tensors.get(f"{split}.{i}.weights")
+        return TeacherTargets(ids, attention, top_ids, logprobs, weights)
+
+    train, validation = ([target(split, i) for i in range(int(metadata[split]))]
+                         for split in ("train", "validation"))  # fmt: skip
+    return train, validation

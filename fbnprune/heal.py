@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,14 +38,18 @@ from tqdm.auto import tqdm
 
 from fbnprune.distill import (
     HealError,
-    TeacherTargets,
+    Targets,
     distillation_loss,
     prepare_targets,
     validation_loss,
 )
-from fbnprune.io import save_figure
+from fbnprune.io import atomic_file, save_figure
 from fbnprune.models.adapters import get_adapter
 from fbnprune.recipe import HealConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 __all__ = ["HealError", "HealLog", "heal_model", "plot_loss", "trainable_linears"]
 
@@ -73,7 +76,7 @@ class HealLog:
         return asdict(self)
 
 
-def trainable_linears(model: nn.Module, modules: str) -> dict[str, nn.Module]:
+def trainable_linears(model: PreTrainedModel, modules: str) -> dict[str, nn.Module]:
     """Name -> module of the linear layers healing trains: the MLPs' (``mlp``) or every
     linear layer of the decoder (``all``; embeddings and the LM head stay frozen)."""
     adapter = get_adapter(model)
@@ -88,13 +91,15 @@ def trainable_linears(model: nn.Module, modules: str) -> dict[str, nn.Module]:
     return out
 
 
-def _lora_targets(model: nn.Module, modules: str) -> list[str]:
+def _lora_targets(model: PreTrainedModel, modules: str) -> list[str]:
     """Fully qualified names of the linear layers LoRA adapts."""
     wanted = {id(m) for m in trainable_linears(model, modules).values()}
     return [name for name, m in model.named_modules() if id(m) in wanted]
 
 
-def _prepare(model: nn.Module, cfg: HealConfig) -> tuple[nn.Module, list[nn.Parameter]]:
+def _prepare(
+    model: PreTrainedModel, cfg: HealConfig
+) -> tuple[PreTrainedModel | PeftModel, list[nn.Parameter]]:
     """Freeze everything but what healing trains; wrap with LoRA adapters if asked."""
     for param in model.parameters():
         param.requires_grad_(False)
@@ -108,19 +113,23 @@ def _prepare(model: nn.Module, cfg: HealConfig) -> tuple[nn.Module, list[nn.Para
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:  # pragma: no cover - peft is in the heal extra
         raise HealError("method 'lora' needs peft: pip install 'fbnprune[heal]'") from exc
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+    # peft annotates lora_alpha as int, but uses it as a float (the scale lora_alpha / r)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]
+                      lora_dropout=0.0,
                       target_modules=_lora_targets(model, cfg.modules), bias="none")  # fmt: skip
     wrapped = get_peft_model(model, lora)
     return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
 
 
-def _finish(model: nn.Module, cfg: HealConfig) -> nn.Module:
-    """Merge LoRA adapters into the weights; unfreeze nothing, evaluation mode."""
-    if cfg.method == "lora":
-        model = model.merge_and_unload()
-    for param in model.parameters():
+def _finish(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """Merge LoRA adapters (a peft model) into the weights; unfreeze nothing, evaluation
+    mode."""
+    from transformers import PreTrainedModel
+
+    merged = model if isinstance(model, PreTrainedModel) else model.merge_and_unload()
+    for param in merged.parameters():
         param.requires_grad_(False)
-    return model.eval()
+    return merged.eval()
 
 
 def _lr_at(step: int, cfg: HealConfig) -> float:
@@ -133,8 +142,8 @@ def _lr_at(step: int, cfg: HealConfig) -> float:
 
 
 def heal_model(
-    student: nn.Module,
-    teacher: nn.Module,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
     tokenizer: Any,
     texts: Sequence[str],
     cfg: HealConfig,
@@ -142,11 +151,11 @@ def heal_model(
     validation: Sequence[str] = (),
     questions: Sequence[bool] | None = None,
     validation_questions: Sequence[bool] | None = None,
-    targets: tuple[list[TeacherTargets], list[TeacherTargets]] | None = None,
+    targets: Targets | None = None,
     state_file: Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[nn.Module, HealLog]:
+) -> tuple[PreTrainedModel, HealLog]:
     """Distil ``teacher`` into ``student`` on ``texts`` (calibration text only).
 
     Args:
@@ -173,7 +182,7 @@ def heal_model(
                                   questions=questions,
                                   validation_questions=validation_questions,
                                   progress=progress)  # fmt: skip
-    targets, val_targets = targets
+    train_targets, val_targets = targets
     torch.manual_seed(cfg.seed)
     model, params = _prepare(student, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -204,8 +213,8 @@ def heal_model(
     epoch: list[int] = []
     for step in bar:
         if not epoch:
-            epoch = torch.randperm(len(targets), generator=order).tolist()
-        target = targets[epoch.pop()]
+            epoch = torch.randperm(len(train_targets), generator=order).tolist()
+        target = train_targets[epoch.pop()]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         logits = model(input_ids=target.input_ids, attention_mask=target.attention_mask).logits
@@ -254,7 +263,7 @@ def heal_model(
     logger.info("heal: %d steps in %.0f s (stopped by %s), loss %.4f -> %.4f", log.steps,
                 log.seconds, log.stopped_by, log.train_loss[0] if log.train_loss else math.nan,
                 log.train_loss[-1] if log.train_loss else math.nan)  # fmt: skip
-    return _finish(model, cfg), log
+    return _finish(model), log
 
 
 class _EarlyStopping:
@@ -292,14 +301,12 @@ class _EarlyStopping:
 
 def _save_state(file: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                 step: int, log: HealLog, settings: str) -> None:  # fmt: skip
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    torch.save({"settings": settings, "n_params": log.trainable_parameters, "step": step,
-                "params": [p.detach().clone() for p in params],
-                "optimizer": optimizer.state_dict(), "train_loss": log.train_loss,
-                "tokens": log.tokens,
-                "validation": log.validation}, tmp)  # fmt: skip
-    os.replace(tmp, file)
+    with atomic_file(file) as tmp:
+        torch.save({"settings": settings, "n_params": log.trainable_parameters, "step": step,
+                    "params": [p.detach().clone() for p in params],
+                    "optimizer": optimizer.state_dict(), "train_loss": log.train_loss,
+                    "tokens": log.tokens,
+                    "validation": log.validation}, tmp)  # fmt: skip
 
 
 def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -> Path:

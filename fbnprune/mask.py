@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from fbnprune.models.adapters import MLPAdapter, get_adapter
 from fbnprune.models.hooks import SiteHooks, site_hook, site_widths
 from fbnprune.plan import PrunePlan
 from fbnprune.refit import down_weight, down_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class _Replace:
@@ -64,7 +68,9 @@ class _CorrectionHook:
 
 
 @contextlib.contextmanager
-def _refit_hooks(model: nn.Module, adapter: MLPAdapter, plan: PrunePlan):
+def _refit_hooks(
+    model: PreTrainedModel, adapter: MLPAdapter, plan: PrunePlan
+) -> Iterator[None]:
     correction = _RefitCorrection(dict(enumerate(down_weights(model))), plan)
     handles = [
         adapter.get_down(layer).register_forward_hook(_CorrectionHook(i, correction))
@@ -77,7 +83,7 @@ def _refit_hooks(model: nn.Module, adapter: MLPAdapter, plan: PrunePlan):
             handle.remove()
 
 
-def masked(model: nn.Module, plan: PrunePlan) -> Masked:
+def masked(model: PreTrainedModel, plan: PrunePlan) -> Masked:
     """Context manager: ``model`` behaves as pruned by ``plan`` until the block exits.
     A plan that does not fit the model is refused here, before any hook is attached."""
     adapter = get_adapter(model)

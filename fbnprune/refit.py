@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from tqdm.auto import tqdm
 
 from fbnprune.errors import FbnpruneError
 from fbnprune.models.adapters import MLPAdapter, get_adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CHUNK_ROWS = 4096
 
@@ -90,7 +94,7 @@ def file_digest(file: Path) -> str:
     return digest.hexdigest()
 
 
-def down_weights(model: nn.Module) -> list[np.ndarray]:
+def down_weights(model: PreTrainedModel) -> list[np.ndarray]:
     """Every layer's down projection as a float64 (d_model, units) array."""
     adapter = get_adapter(model)
     return [down_weight(adapter, layer) for layer in adapter.get_layers(model)]
@@ -146,7 +150,7 @@ def solve_layer(
 
 
 def refit_plan(
-    model: nn.Module,
+    model: PreTrainedModel,
     matrices: Sequence[np.ndarray],
     layer_widths: list[int],
     kept: list[list[int]],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fbnprune.io import atomic_directory
 from fbnprune.slicing import COMPACT_KEY
@@ -51,7 +51,7 @@ def checkpoint_bytes(directory: Path) -> int:
 
 
 def save_checkpoint(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
     directory: Path,
     *,

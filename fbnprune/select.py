@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
 from fbnprune.errors import FbnpruneError
 from fbnprune.models.adapters import get_adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class SelectError(FbnpruneError, ValueError):
@@ -57,7 +60,7 @@ def rms_scores(matrix: np.ndarray, chunk: int = 4096) -> np.ndarray:
     return np.sqrt(total / matrix.shape[0]).astype(np.float32)
 
 
-def wanda_scores(model: nn.Module, matrix: np.ndarray) -> np.ndarray:
+def wanda_scores(model: PreTrainedModel, matrix: np.ndarray) -> np.ndarray:
     """``||W_down[:, j]||_2 * rms(x_j)`` per hidden unit, layers concatenated."""
     adapter = get_adapter(model)
     norms = []
@@ -76,14 +79,16 @@ def random_scores(n_neurons: int, seed: int) -> np.ndarray:
 
 
 # selectors that score units from activations alone (``ica`` needs the discover stage)
-ACTIVATION_SCORERS: dict[str, Callable[[nn.Module, np.ndarray, int], np.ndarray]] = {
+ACTIVATION_SCORERS: dict[str, Callable[[PreTrainedModel, np.ndarray, int], np.ndarray]] = {
     "magnitude": lambda model, matrix, seed: magnitude_scores(matrix),
     "wanda": lambda model, matrix, seed: wanda_scores(model, matrix),
     "random": lambda model, matrix, seed: random_scores(matrix.shape[1], seed),
 }
 
 
-def unit_scores(selector: str, model: nn.Module, matrix: np.ndarray, *, seed: int) -> np.ndarray:
+def unit_scores(
+    selector: str, model: PreTrainedModel, matrix: np.ndarray, *, seed: int
+) -> np.ndarray:
     """One score per unit (higher: keep first) by an activation selector of the registry."""
     if selector not in ACTIVATION_SCORERS:
         raise ValueError(f"unknown selector {selector!r}")

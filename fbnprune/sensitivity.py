@@ -10,6 +10,7 @@ the layers whose cut costs most a larger share of the same total.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.select import top_indices
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 @torch.inference_mode()
 def _logprobs(model: nn.Module, batches: list) -> list[torch.Tensor]:
@@ -33,7 +37,7 @@ def _logprobs(model: nn.Module, batches: list) -> list[torch.Tensor]:
 
 
 def layer_sensitivity(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     prompts: list[str],
     layer_scores: list[np.ndarray],

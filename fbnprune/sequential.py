@@ -14,7 +14,7 @@ calibration text, and memory holds the hidden states of every batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,10 +28,13 @@ from fbnprune.models.layercalls import capture_layer_calls
 from fbnprune.plan import PrunePlan
 from fbnprune.refit import Refit, down_weights, solve_layer
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 @torch.inference_mode()
 def sequential_refit(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any,
     prompts: list[str],
     layer_widths: list[int],

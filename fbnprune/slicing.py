@@ -20,6 +20,7 @@ the channel's row of the down projection is zeroed and its bias set to the fill 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,9 +28,12 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from fbnprune.errors import FbnpruneError
-from fbnprune.models.adapters import MLPAdapter, get_adapter
+from fbnprune.models.adapters import MLPAdapter, Projection, get_adapter
 from fbnprune.models.hooks import site_widths
 from fbnprune.plan import PrunePlan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,9 @@ class SliceError(FbnpruneError, ValueError):
     """A plan that cannot be sliced as asked."""
 
 
-def slice_model(model: nn.Module, plan: PrunePlan, *, layout: str = "padded") -> nn.Module:
+def slice_model(
+    model: PreTrainedModel, plan: PrunePlan, *, layout: str = "padded"
+) -> PreTrainedModel:
     """Slice ``model`` in place according to ``plan`` and return it.
 
     Args:
@@ -53,7 +59,7 @@ def slice_model(model: nn.Module, plan: PrunePlan, *, layout: str = "padded") ->
     check_sliceable(adapter, plan, layout)
     for index, layer in enumerate(adapter.get_layers(model)):
         slice_layer(adapter, layer, plan, index, layout=layout)
-    slice_config(model.config, adapter, plan, layout=layout)  # type: ignore[arg-type]
+    slice_config(model.config, adapter, plan, layout=layout)
     return model
 
 
@@ -86,7 +92,8 @@ def slice_config(config: PretrainedConfig, adapter: MLPAdapter, plan: PrunePlan,
     """The config of the sliced model (widths, bias switch, compact spec), in place."""
     if plan.site == "output":
         if plan.adds_bias and not adapter.always_bias:
-            setattr(config, adapter.bias_key, True)  # type: ignore[arg-type]
+            assert adapter.bias_key is not None  # check_sliceable refuses the plan otherwise
+            setattr(config, adapter.bias_key, True)
             logger.info("config.%s: -> True (bias holds the channel means)", adapter.bias_key)
         return
     kept_widths = plan.kept_per_layer()
@@ -94,9 +101,11 @@ def slice_config(config: PretrainedConfig, adapter: MLPAdapter, plan: PrunePlan,
     old = adapter.config_width(config)
     setattr(config, adapter.width_key, width)
     logger.info("config.%s: %d -> %d", adapter.width_key, old, width)
-    if _uses_bias_key(adapter, plan, layout):
-        logger.info("config.%s: %s -> True", adapter.bias_key, getattr(config, adapter.bias_key))  # type: ignore[arg-type]
-        setattr(config, adapter.bias_key, True)  # type: ignore[arg-type]
+    # the config's bias switch turned on, so the stock (padded) model holds the fill's bias
+    bias_key = adapter.bias_key if _uses_bias_key(adapter, plan, layout) else None
+    if bias_key is not None:
+        logger.info("config.%s: %s -> True", bias_key, getattr(config, bias_key))
+        setattr(config, bias_key, True)
     if layout == "compact":
         down_bias = plan.adds_bias and not adapter.always_bias
         setattr(config, COMPACT_KEY, compact_spec(adapter, kept_widths, down_bias))
@@ -145,7 +154,7 @@ def _slice_hidden_units(
     setattr(mlp, adapter.down, new_down)
 
 
-def _fill_shift(adapter: MLPAdapter, down: nn.Module, plan: PrunePlan, index: int) -> torch.Tensor:
+def _fill_shift(adapter: MLPAdapter, down: Projection, plan: PrunePlan, index: int) -> torch.Tensor:
     """The constant added to the down projection's output: ``W_down[:, dropped] @
     fill[dropped]`` (mean fill), the refit's bias (reconstruct), or zeros."""
     weight = down.weight.detach().double()
@@ -158,12 +167,14 @@ def _fill_shift(adapter: MLPAdapter, down: nn.Module, plan: PrunePlan, index: in
     return weight @ fill  # (d_model,)
 
 
-def _new_linear_like(adapter: MLPAdapter, ref: nn.Module, n_in: int, n_out: int, bias: bool):
-    kwargs = {"dtype": ref.weight.dtype, "device": ref.weight.device}
+def _new_linear_like(
+    adapter: MLPAdapter, ref: Projection, n_in: int, n_out: int, bias: bool
+) -> Projection:
+    dtype, device = ref.weight.dtype, ref.weight.device
     if adapter.conv1d:
         module = Conv1D(n_out, n_in)
-        return module.to(**kwargs)
-    return nn.Linear(n_in, n_out, bias=bias, **kwargs)
+        return module.to(dtype=dtype, device=device)
+    return nn.Linear(n_in, n_out, bias=bias, dtype=dtype, device=device)
 
 
 def _take_units(values: torch.Tensor, kept: torch.Tensor, target: int, dim: int) -> torch.Tensor:
@@ -178,8 +189,8 @@ def _take_units(values: torch.Tensor, kept: torch.Tensor, target: int, dim: int)
 
 
 def _sliced_in_proj(
-    adapter: MLPAdapter, proj: nn.Module, kept: torch.Tensor, target: int, add_bias: bool
-) -> nn.Module:
+    adapter: MLPAdapter, proj: Projection, kept: torch.Tensor, target: int, add_bias: bool
+) -> Projection:
     weight = proj.weight.detach()
     bias = proj.bias.detach() if proj.bias is not None else None
     unit_dim = 1 if adapter.conv1d else 0
@@ -208,13 +219,13 @@ def _sliced_in_proj(
 
 def _sliced_down(
     adapter: MLPAdapter,
-    down: nn.Module,
+    down: Projection,
     kept: torch.Tensor,
     target: int,
     shift: torch.Tensor,
     add_bias: bool,
     columns: torch.Tensor | None = None,
-) -> nn.Module:
+) -> Projection:
     """The sliced down projection; ``columns`` (d_model, n_kept) replace the kept columns."""
     weight = down.weight.detach()
     unit_dim = 0 if adapter.conv1d else 1
@@ -259,7 +270,7 @@ def _zero_output_channels(adapter: MLPAdapter, layer: nn.Module, plan: PrunePlan
             down.bias[dropped] = fill[dropped].to(down.bias.dtype)
 
 
-def _with_zero_bias(linear: nn.Module) -> nn.Module:
+def _with_zero_bias(linear: Projection) -> Projection:
     if linear.bias is not None:
         return linear
     w = linear.weight

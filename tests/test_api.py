@@ -11,6 +11,7 @@ import torch
 import fbnprune
 from fbnprune import FbnpruneError, PrunePlan, Recipe, prune, run
 from tests.conftest import tiny_model, tiny_tokenizer
+from tests.test_pipeline import recipe_dict
 
 PROMPTS = [f"question {i}: what is {i} plus {i}?" for i in range(12)]
 
@@ -53,3 +54,28 @@ def test_prune_in_memory_returns_sliced_copy_and_plan(selector: str, fill: str) 
 def test_prune_rejects_a_bad_budget_like_a_recipe() -> None:
     with pytest.raises(ValueError, match="budget"):
         prune(tiny_model("llama"), tiny_tokenizer(), PROMPTS, budget=1.5, selector="random")
+
+
+@pytest.mark.parametrize("selector,fill", [("ica", "mean"), ("wanda", "zero")])
+def test_prune_in_memory_plans_what_the_run_plans(tiny_llama_dir, tmp_path, selector: str,
+                                                  fill: str) -> None:
+    """``prune`` and the select stage are one selection: same data, same plan."""
+    from fbnprune.recipe import parse_recipe
+    from fbnprune.rundir import RunDir
+    from fbnprune.rundir.context import RunContext
+
+    data = recipe_dict(tiny_llama_dir, select={"selector": selector})
+    recipe = parse_recipe({**data, "prune": {"fill": fill}})
+    summary = run(recipe, tmp_path / "run", until="select", progress=False)
+    ctx = RunContext(recipe, RunDir.open(tmp_path / "run"), progress=False)
+    cfg = recipe.tasks[0]
+    prompts = {cfg.name: ctx.tasks[cfg.name].prompts("calibration")}
+    _, plan = prune(ctx.model, ctx.tokenizer, prompts,
+                    budget=recipe.select.budget, selector=selector, fill=fill,
+                    min_per_layer=recipe.select.min_per_layer, max_length=cfg.max_length,
+                    batch_size=recipe.collect.batch_size,
+                    n_components=recipe.discover.n_components, seed=recipe.seed)  # fmt: skip
+    assert summary.plan is not None
+    assert plan.kept == summary.plan.kept and plan.fill_values == summary.plan.fill_values
+    shared = ("calibration_tokens", "seed", "budget", "selector", "kept_per_layer")
+    assert all(plan.provenance[k] == summary.plan.provenance[k] for k in shared)

@@ -14,7 +14,7 @@ from fbnprune.cli import main
 from fbnprune.data.tasks import Document, load_documents, normalise
 from fbnprune.evaluate import SUITE, EvalError, Harness, build_suite, calibration_documents
 from fbnprune.evaluate.harness import primary_metric
-from fbnprune.evaluate.results import preferred_pruned
+from fbnprune.evaluate.results import preferred_pruned, results_markdown
 from fbnprune.evaluate.suite import (
     BBC_TOPICS,
     default_tasks,
@@ -184,6 +184,16 @@ def test_pruned_alias_preference():
     assert preferred_pruned(["original", "masked", "sliced-compact"]) == "sliced-compact"
     assert preferred_pruned(["original", "masked"]) == "masked"
     assert preferred_pruned(["original"]) is None
+
+
+def test_results_table_names_the_variant_each_card_reports():
+    task = {"metric": "acc", "higher_is_better": True, "n_docs": 3, "stderr": {}}
+    scores = {"original": 0.5, "checkpoint-compact": 0.3, "pruned": 0.3}
+    plain = {"pruned": "checkpoint-compact", "tasks": {"t": {**task, "models": scores}}}
+    assert "those of `checkpoint-compact`." in results_markdown(plain)
+    healed = {**scores, "checkpoint-compact-healed": 0.6}
+    table = results_markdown({**plain, "tasks": {"t": {**task, "models": healed}}})
+    assert "(`checkpoint-compact-healed` in the card of an `export --healed`)" in table
 
 
 def test_unknown_task_is_named(tmp_path):

@@ -12,7 +12,14 @@ from conftest import VOCAB, tiny_model, tiny_tokenizer
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from fbnprune.distill import HealError, TeacherTargets, distillation_loss, teacher_targets
+from fbnprune.distill import (
+    HealError,
+    TeacherTargets,
+    distillation_loss,
+    load_targets,
+    save_targets,
+    teacher_targets,
+)
 from fbnprune.heal import heal_model, trainable_linears
 from fbnprune.plan import PrunePlan
 from fbnprune.publish.export import ExportError, export_run
@@ -150,13 +157,30 @@ def test_resume_after_interruption_and_time_budget(tmp_path):
     assert log.stopped_by == "time" and log.steps == 1
 
 
+def test_teacher_targets_round_trip_through_safetensors(tmp_path):
+    teacher = tiny_model("llama")
+    train = targets_of(teacher, top_k=8)
+    train[0].weights = torch.rand(train[0].top_ids.shape[0])
+    file = tmp_path / "heal" / "teacher.safetensors"
+    save_targets(file, "key-1", (train, train[:1]))
+    assert [p.name for p in file.parent.iterdir()] == ["teacher.safetensors"]  # no temp left
+    loaded = load_targets(file, "key-1")
+    assert loaded is not None and len(loaded[0]) == len(train) and len(loaded[1]) == 1
+    for got, want in zip(loaded[0], train, strict=True):
+        for name in ("input_ids", "attention_mask", "top_ids", "top_logprobs"):
+            assert torch.equal(getattr(got, name), getattr(want, name))
+    assert torch.equal(loaded[0][0].weights, train[0].weights) and loaded[0][1].weights is None
+    assert load_targets(file, "key-2") is None  # computed from other inputs
+    assert load_targets(tmp_path / "absent.safetensors", "key-1") is None
+
+
 def test_no_text_is_an_error():
     teacher = tiny_model("llama")
     with pytest.raises(HealError, match="no text"):
         heal_model(copy.deepcopy(teacher), teacher, tiny_tokenizer(), [], HealConfig())
 
 
-def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path):
+def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path, monkeypatch):
     model_dir = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
@@ -199,6 +223,18 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path):
     # a second run reuses it; a budget above below_budget skips healing
     again = run_pipeline(recipe, run, progress=False)
     assert again.stages["heal"].finished == summary.stages["heal"].finished
+    # other training settings heal again, from the teacher's targets kept on disk
+    assert (run / "heal" / "teacher.safetensors").is_file()
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran again")
+
+    monkeypatch.setattr("fbnprune.distill.prepare_targets", no_teacher)
+    retuned = recipe.model_copy(update={"heal": recipe.heal.model_copy(update={"lr": 1e-3})})
+    assert run_pipeline(retuned, run, progress=False).stages["heal"].details["steps"] == 6
+    longer = recipe.model_copy(update={"heal": recipe.heal.model_copy(update={"max_length": 24})})
+    with pytest.raises(AssertionError, match="the teacher ran again"):
+        run_pipeline(longer, run, progress=False)  # other targets: the teacher must run
     bigger = recipe.model_copy(update={"select": recipe.select.model_copy(update={"budget": 0.6})})
     assert not bigger.heal.active(bigger.select.budget)
     # in the same directory the stale healed checkpoint (of the 25% plan) is removed

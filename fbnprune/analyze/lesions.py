@@ -15,19 +15,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.analyze.metric import Metric
 from fbnprune.analyze.networks import NetworkSet
 from fbnprune.analyze.plans import lesion_plan, mean_std, random_set, score_under, top_set
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 def run_lesions(
-    model: nn.Module, metric: Metric, templates: NetworkSet, layer_widths: list[int], *,
+    model: PreTrainedModel, metric: Metric, templates: NetworkSet, layer_widths: list[int], *,
     site: str, model_name: str, original: dict[str, float], random_fraction: float,
     seeds: list[int], spread: np.ndarray | None = None, progress: bool = False,
     desc: str = "lesions",

@@ -19,17 +19,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.collect import iter_batches, pad_batch
 from fbnprune.data.tasks import Document
 from fbnprune.evaluate.suite import BBC_TOPICS, bbc_record, word_problem_record
 from fbnprune.models.adapters import get_adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 HEAD_CHUNK = 256  # positions per LM-head matmul (bounds memory for large vocabularies)
 
@@ -52,7 +54,7 @@ class ChoiceItem:
 
 @torch.inference_mode()
 def target_logprobs(
-    model: nn.Module,
+    model: PreTrainedModel,
     seqs: list[list[int]],
     positions: list[list[int]],
     targets: list[list[int]],
@@ -135,7 +137,7 @@ class ChoiceMetric:
                 pos = list(range(len(ctx) - 1, len(seq)))
                 self.requests.append((index, seq, pos, cont, [c] * len(cont)))
 
-    def score(self, model: nn.Module, *, progress: bool = False) -> dict[str, float]:
+    def score(self, model: PreTrainedModel, *, progress: bool = False) -> dict[str, float]:
         totals = np.zeros((len(self.items), max(len(it.choices) for it in self.items)))
         batches = iter_batches([len(r[1]) for r in self.requests], self.batch_size)
         for batch in tqdm(batches, desc="score", leave=False, disable=not progress):
@@ -177,7 +179,7 @@ class PerplexityMetric:
         if not self.seqs:
             raise ValueError("no document has the two tokens a next-token loss needs")
 
-    def score(self, model: nn.Module, *, progress: bool = False) -> dict[str, float]:
+    def score(self, model: PreTrainedModel, *, progress: bool = False) -> dict[str, float]:
         total, count = 0.0, 0
         batches = iter_batches([len(s) for s in self.seqs], self.batch_size)
         for batch in tqdm(batches, desc="score", leave=False, disable=not progress):

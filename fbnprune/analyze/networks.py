@@ -38,7 +38,7 @@ class NetworkSet:
         return [int(s) for s in self.members.sum(axis=1)]
 
     def union(self) -> np.ndarray:
-        return self.members.any(axis=0)
+        return np.asarray(self.members.any(axis=0))
 
 
 @dataclass

@@ -7,15 +7,17 @@ with ``masked``, so the analysis cuts exactly what the pipeline would.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 
 from fbnprune.analyze.metric import Metric
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.select import top_indices
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def split_layers(values: np.ndarray, layer_widths: list[int]) -> list[np.ndarray]:
@@ -62,7 +64,7 @@ def top_set(values: np.ndarray, size: int) -> np.ndarray:
 
 
 def score_under(
-    model: nn.Module, metric: Metric, plan: PrunePlan | None, *, progress: bool = False
+    model: PreTrainedModel, metric: Metric, plan: PrunePlan | None, *, progress: bool = False
 ) -> dict[str, float]:
     """The metric of ``model`` masked by ``plan`` (unmasked when None)."""
     if plan is None:

@@ -5,10 +5,9 @@ with dropped neurons zeroed (the paper) and filled with their mean on the templa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.analyze.metric import Metric
@@ -16,6 +15,9 @@ from fbnprune.analyze.networks import ComponentSweep, NetworkSet
 from fbnprune.analyze.plans import keep_plan, score_under, split_layers
 from fbnprune.discover import ica_feasible
 from fbnprune.recipe import DiscoverConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def sweep_networks(
@@ -39,12 +41,12 @@ def sweep_networks(
 
 
 def run_preservation(
-    model: nn.Module, metric: Metric, networks: dict[int, NetworkSet], means: np.ndarray,
+    model: PreTrainedModel, metric: Metric, networks: dict[int, NetworkSet], means: np.ndarray,
     layer_widths: list[int], *, site: str, model_name: str, progress: bool = False,
     desc: str = "preservation",
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One row per k: neurons kept (in all and per layer) and the metric, zero and mean fill."""
-    plan_kw = dict(model=model_name, model_type=model.config.model_type, site=site)
+    model_type = model.config.model_type
     rows = []
     jobs = [(k, fill) for k in networks for fill in ("zero", "mean")]
     bar = tqdm(total=len(jobs), desc=desc, leave=False, disable=not progress)
@@ -57,7 +59,8 @@ def run_preservation(
         }  # fmt: skip
         for fill in ("zero", "mean"):
             fills = means if fill == "mean" else None
-            plan = keep_plan(keep, layer_widths, fill_values=fills, **plan_kw)
+            plan = keep_plan(keep, layer_widths, fill_values=fills, model=model_name,
+                             model_type=model_type, site=site)  # fmt: skip
             row[fill] = score_under(model, metric, plan)
             bar.update()
         rows.append(row)

@@ -16,12 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from pydantic import ValidationError
-from torch import nn
 
 from fbnprune.analyze.lesions import run_lesions
 from fbnprune.analyze.metric import Metric, build_metric
@@ -46,6 +45,9 @@ from fbnprune.io import atomic_directory, atomic_write_json
 from fbnprune.recipe import AnalyzeConfig, Recipe
 from fbnprune.rundir.runner import versions
 from fbnprune.select import column_means, rms_scores
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ def analyze(
     out_dir: str | Path,
     *,
     config: AnalyzeConfig | None = None,
-    model: nn.Module | None = None,
+    model: PreTrainedModel | None = None,
     tokenizer: Any = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -185,7 +187,7 @@ class _Runner:
 
     def __init__(
         self, recipe: Recipe, config: AnalyzeConfig, measured: list[str],
-        samples: dict[str, TaskSamples], model: nn.Module, tokenizer: Any, progress: bool,
+        samples: dict[str, TaskSamples], model: PreTrainedModel, tokenizer: Any, progress: bool,
     ) -> None:  # fmt: skip
         self.recipe, self.config, self.measured, self.samples = recipe, config, measured, samples
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
@@ -314,7 +316,6 @@ class _Runner:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Lesions and the preservation curve of one measured task at one site."""
         recipe, config, metric, tag = self.recipe, self.config, self.metrics[task], f"{task}/{site}"
-        common = dict(site=site, model_name=recipe.model, progress=self.progress)
         with self.clock("component sweep"):
             networks, skipped = sweep_networks(acts.matrix, config.preserve_components, templates,
                                                discover=recipe.discover, seed=recipe.seed,
@@ -332,14 +333,15 @@ class _Runner:
             )
         with self.clock("lesions"):
             lesions = run_lesions(self.model, metric, templates, acts.layer_widths,
+                                  site=site, model_name=recipe.model,
                                   original=self.original[task],
                                   random_fraction=config.random_fraction,
                                   seeds=list(config.random_seeds), spread=spread,
-                                  desc=f"lesions {tag}",
-                                  **common)  # fmt: skip
+                                  progress=self.progress, desc=f"lesions {tag}")  # fmt: skip
         with self.clock("preservation"):
             rows = run_preservation(self.model, metric, networks, means, acts.layer_widths,
-                                    desc=f"preservation {tag}", **common)  # fmt: skip
+                                    site=site, model_name=recipe.model, progress=self.progress,
+                                    desc=f"preservation {tag}")  # fmt: skip
         provenance = {
             "seeds": {"ica": recipe.seed, "random_controls": list(config.random_seeds)},
             "samples": {"template": self.samples[task].ids()["template"],

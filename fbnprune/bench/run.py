@@ -20,9 +20,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.distill import prepare_targets
@@ -39,10 +38,13 @@ from fbnprune.rundir.layout import RunLayout
 from fbnprune.rundir.runner import digest, versions
 from fbnprune.save import count_parameters
 from fbnprune.slicing import slice_model
-from fbnprune.stages.calibration import Calibration
+from fbnprune.stages.calibration import RunCalibration
 from fbnprune.stages.collect import collect
 from fbnprune.stages.discover import discover
 from fbnprune.stages.select import build_plan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +161,15 @@ def _contexts(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, RunConte
     return contexts
 
 
-def _calibration(ctx: RunContext, selectors: Sequence[str]) -> Calibration:
+def _calibration(ctx: RunContext, selectors: Sequence[str]) -> RunCalibration:
     """Collect (and, for the ica selector, discover) every task of one site's context."""
     acts = {task: collect(ctx, task) for task in ctx.tasks}
     networks = {task: discover(ctx, task, acts[task]) for task in ctx.tasks
                 if "ica" in selectors}  # fmt: skip
-    return Calibration(ctx, acts, networks)
+    return RunCalibration(ctx, acts, networks)
 
 
-def variant_plan(cals: dict[str, Calibration], variant: Variant, recipe: Recipe) -> PrunePlan:
+def variant_plan(cals: dict[str, RunCalibration], variant: Variant, recipe: Recipe) -> PrunePlan:
     """The plan of one variant, built from the calibration data of its neuron site."""
     select = recipe.select.model_copy(update={
         "selector": variant.selector, "budget": variant.budget,
@@ -294,7 +296,9 @@ def _heal_summary(log: HealLog) -> dict[str, Any]:
             "validation": log.validation}  # fmt: skip
 
 
-def _costs(recipe: Recipe, cals: dict[str, Calibration], model: nn.Module) -> dict[str, Any]:
+def _costs(
+    recipe: Recipe, cals: dict[str, RunCalibration], model: PreTrainedModel
+) -> dict[str, Any]:
     """Size and speed of the original and of one selector's slice (ICA's, when benched) at
     every budget in the benchmark's layout, and in the other layout at the recipe's budget
     where it exists; all measured interleaved."""
@@ -302,7 +306,7 @@ def _costs(recipe: Recipe, cals: dict[str, Calibration], model: nn.Module) -> di
     from fbnprune.slicing import SliceError
 
     cfg = recipe.bench
-    models: dict[str, nn.Module] = {"original": model}
+    models: dict[str, PreTrainedModel] = {"original": model}
 
     selector = "ica" if "ica" in cfg.selectors else cfg.selectors[0]
 

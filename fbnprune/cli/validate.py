@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from fbnprune.recipe import Recipe, RecipeError, load_recipe
 
@@ -80,7 +81,7 @@ def check_data(recipe: Recipe) -> list[str]:
     return summaries
 
 
-def _units(config: object, site: str) -> int | None:
+def _units(config: Any, site: str) -> int | None:
     """MLP units at ``site`` from a model config, when its names are the usual ones."""
     config = getattr(config, "text_config", None) or config
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)

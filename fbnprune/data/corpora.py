@@ -165,7 +165,7 @@ def wikipedia() -> tuple[Record, ...]:
 
 def _stdlib_files(root: Path) -> list[Path]:
     """``.py`` files under ``root`` sorted by relative path, skipping test and vendor dirs."""
-    found = []
+    found: list[Path] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in CODE_SKIP_DIRS]
         found.extend(Path(folder) / name for name in files if name.endswith(".py"))

@@ -180,7 +180,7 @@ def _jsonl_record(line: str, where: str, text_field: str) -> dict[str, Any]:
 def _load_jsonl(path: Path, text_field: str, label_field: str = "label") -> list[Document]:
     """One JSON object per line: text in ``text_field``, optional ``id`` and label (in
     ``label_field``)."""
-    docs = []
+    docs: list[Document] = []
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -207,7 +207,7 @@ def _label_name(features: Any, value: Any) -> str | None:
     if value is None:
         return None
     feature = features.get("label") if features is not None else None
-    if isinstance(value, int) and hasattr(feature, "int2str"):
+    if isinstance(value, int) and feature is not None and hasattr(feature, "int2str"):
         return str(feature.int2str(value))
     return str(value)
 

@@ -31,7 +31,13 @@ from typing import Any
 
 from fbnprune.evaluate.harness import Scores, TaskInfo
 from fbnprune.io import atomic_write_json, atomic_write_text
-from fbnprune.rundir.layout import LAYOUTS, RESULTS_FILE, RESULTS_TABLE, checkpoint_name
+from fbnprune.rundir.layout import (
+    HEALED_SUFFIX,
+    LAYOUTS,
+    RESULTS_FILE,
+    RESULTS_TABLE,
+    checkpoint_name,
+)
 
 RESULTS_VERSION = 1
 PRUNED_PREFERENCE = (
@@ -109,7 +115,11 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     limit = results.get("settings", {}).get("limit")
     notes = ["", f"Documents per task: {counts}" + (f" (limit {limit})." if limit else ".")]
     if results.get("pruned"):
-        notes.append(f'The model card\'s "pruned" numbers are those of `{results["pruned"]}`.')
+        healed = [m for m in models if m.endswith(HEALED_SUFFIX)]
+        notes.append(
+            f'The model card\'s "pruned" numbers are those of `{results["pruned"]}`'
+            + (f" (`{healed[0]}` in the card of an `export --healed`)." if healed else ".")
+        )
     notes.append(
         "Multiple choice reports `acc` (argmax of the summed log-likelihood); `acc_norm` "
         "divides by the label's length in characters, which favours the longest label for "

@@ -381,8 +381,8 @@ def build_suite(
         data_file = directory / f"{name}.jsonl"
         lines = (json.dumps(r, ensure_ascii=False) for r in _records(task, docs, config))
         atomic_write_text(data_file, "\n".join(lines) + "\n")
-        spec = _task_yaml(task, data_file, directory / ".datasets-cache")
-        atomic_write_text(directory / f"{name}.yaml", yaml.safe_dump(spec, sort_keys=False))
+        task_yaml = _task_yaml(task, data_file, directory / ".datasets-cache")
+        atomic_write_text(directory / f"{name}.yaml", yaml.safe_dump(task_yaml, sort_keys=False))
         doc_ids[name] = [d.id for d in docs]
     atomic_write_json(directory / "manifest.json", {
         "version": SUITE_VERSION, "tasks": names, "settings": config.model_dump(mode="json"),

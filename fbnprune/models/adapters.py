@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import TypedDict, cast
 
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from fbnprune.errors import FbnpruneError
 
 
 class UnsupportedArchitectureError(FbnpruneError, ValueError):
     """The model's family has no adapter."""
+
+
+# an MLP projection: ``nn.Linear``, or GPT-2's ``Conv1D`` (weight stored as (in, out))
+Projection = nn.Linear | Conv1D
 
 
 @dataclass(frozen=True)
@@ -62,16 +68,16 @@ class MLPAdapter:
 
     def get_layer_list(self, model: nn.Module) -> nn.ModuleList:
         """The ``nn.ModuleList`` of blocks itself (to swap a block in place)."""
-        return _get_path(self.get_backbone(model), self.layers)  # type: ignore[return-value]
+        return cast(nn.ModuleList, _get_path(self.get_backbone(model), self.layers))
 
     def get_mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp)
 
-    def get_down(self, layer: nn.Module) -> nn.Module:
-        return getattr(self.get_mlp(layer), self.down)
+    def get_down(self, layer: nn.Module) -> Projection:
+        return cast(Projection, getattr(self.get_mlp(layer), self.down))
 
-    def get_in_projs(self, layer: nn.Module) -> list[nn.Module]:
-        return [getattr(self.get_mlp(layer), name) for name in self.in_projs]
+    def get_in_projs(self, layer: nn.Module) -> list[Projection]:
+        return [cast(Projection, getattr(self.get_mlp(layer), name)) for name in self.in_projs]
 
     # -- shapes ----------------------------------------------------------------------------
     def hidden_width(self, layer: nn.Module) -> int:
@@ -90,12 +96,22 @@ class MLPAdapter:
 
     def config_width(self, config: PretrainedConfig) -> int:
         width = getattr(config, self.width_key, None)
-        if width is None and self.conv1d:  # GPT-2: n_inner=None means 4 * n_embd
-            return 4 * config.n_embd
-        return int(width)
+        if width is not None:
+            return int(width)
+        if self.conv1d:  # GPT-2: n_inner=None means 4 * n_embd
+            return 4 * int(config.n_embd)
+        raise UnsupportedArchitectureError(f"the {self.family} config has no {self.width_key}")
 
 
-LLAMA_LIKE = dict(
+class _Paths(TypedDict):
+    backbone: str
+    layers: str
+    mlp: str
+    in_projs: tuple[str, ...]
+    down: str
+
+
+LLAMA_LIKE: _Paths = dict(
     backbone="model", layers="layers", mlp="mlp", in_projs=("gate_proj", "up_proj"),
     down="down_proj",
 )  # fmt: skip
@@ -126,7 +142,7 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
 
 
-def get_adapter(model_or_config: nn.Module | PretrainedConfig) -> MLPAdapter:
+def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> MLPAdapter:
     """The adapter for a model (or its config); a clear error for unsupported families."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fbnprune.models.adapters import get_adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
 """A block's call without its hidden states: the other positional arguments, and kwargs."""
@@ -65,12 +68,12 @@ class _Recorder(nn.Module):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         self.sink.append((tuple(args[1:]), kwargs))
-        return hidden  # type: ignore[no-any-return]
+        return hidden
 
 
 @torch.inference_mode()
 def capture_layer_calls(
-    model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    model: PreTrainedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> LayerCalls:
     """Run ``model``'s backbone (embeddings and what precedes the blocks; the blocks are
     stood in for) over ``(input_ids, attention_mask)`` batches, on the device of its first

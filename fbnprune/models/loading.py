@@ -190,7 +190,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, local_files_only=local_only
         )
-    model.to(device)
+    # PreTrainedModel.to is wrapped by functools.wraps, which typeshed types as unbound
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer
 

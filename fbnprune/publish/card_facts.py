@@ -92,7 +92,7 @@ def read_eval_results(
     if not isinstance(tasks, dict):
         return []
     if healed:
-        preferred = [checkpoint_name(layout, healed=True)]
+        preferred = [checkpoint_name(layout, healed=True)] if layout else []
     else:
         preferred = [checkpoint_name(layout), f"sliced-{layout}"] if layout else []
         preferred += ["pruned", str(data.get("pruned"))]
@@ -173,7 +173,7 @@ def _local_readme(name: str) -> Path | None:
 
 def task_datasets(recipe: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
     """Task name -> (dataset identifier, Hub dataset id or None) from the recipe's sources."""
-    out = {}
+    out: dict[str, tuple[str, str | None]] = {}
     for task in recipe.get("tasks") or []:
         scheme, _, rest = str(task.get("source", "")).partition(":")
         name = str(task.get("name", rest))

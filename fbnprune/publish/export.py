@@ -158,9 +158,9 @@ def export_run(
         copy_non_weights(source, tmp)
         weights = write_weights(source, tmp, limit)
         results = run.eval_results_file
-        for name, target in ((results, EVAL_FILE), (results.with_name(RESULTS_TABLE), EVAL_TABLE)):
-            if name.is_file():
-                shutil.copy2(name, tmp / target)
+        for file, target in ((results, EVAL_FILE), (results.with_name(RESULTS_TABLE), EVAL_TABLE)):
+            if file.is_file():
+                shutil.copy2(file, tmp / target)
         if recipe_text and not (tmp / CHECKPOINT_RECIPE).exists():
             (tmp / CHECKPOINT_RECIPE).write_text(recipe_text)
         formats: dict[str, dict[str, Any]] = {}

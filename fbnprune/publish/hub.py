@@ -185,6 +185,7 @@ def push_folder(
         error = _hub_error(exc, token, step=step, repo_id=repo_id, folder=folder)
     if error is not None:  # raised outside the handler: no chained exception holds the request
         raise error
+    assert info is not None  # the upload returned
     result.commit_url, result.commit_oid = str(info.commit_url), info.oid
     return result
 
@@ -239,7 +240,7 @@ def _hub_error(exc: Exception, token: str | None, *, step: str, repo_id: str,
     return HubError(scrub(message, token), reason=reason, status=status)
 
 
-def _is_network(exc: BaseException) -> bool:
+def _is_network(exc: BaseException | None) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
 from fbnprune.errors import FbnpruneError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION: Final = 1
 
 Site = Literal["hidden", "output"]
 Fill = Literal["zero", "mean", "reconstruct"]

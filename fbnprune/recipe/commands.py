@@ -10,6 +10,12 @@ from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, Site, _Stri
 
 EVAL_SUITE_TASKS = ("bbc_topics", "word_problems", "ppl_news", "ppl_wiki", "ppl_code")
 
+# defaults of list fields, typed (a list literal in a lambda would be a list[str])
+_SITES: tuple[Site, ...] = ("hidden", "output")
+_BENCH_SELECTORS: tuple[Selector, ...] = ("ica", "magnitude", "wanda", "random")
+_BENCH_FILLS: tuple[Fill, ...] = ("zero", "mean")
+_OUTPUT_SELECTORS: tuple[Selector, ...] = ("ica", "random")
+
 
 class EvaluateConfig(_Strict):
     """``fbnprune evaluate``: lm-eval tasks and settings (see ``fbnprune.evaluate``).
@@ -66,7 +72,7 @@ class AnalyzeConfig(_Strict):
         "reduce its number of components, or skip it",
     )
     min_tokens_per_component: float = Field(default=4.0, ge=1.5)
-    sites: list[Site] = Field(default_factory=lambda: ["hidden", "output"], min_length=1)
+    sites: list[Site] = Field(default_factory=lambda: list(_SITES), min_length=1)
     preserve_components: list[int] = Field(
         default_factory=lambda: [10, 64, 128, 256, 512],
         min_length=1,
@@ -109,11 +115,10 @@ class BenchConfig(_Strict):
 
     budgets: list[float] = Field(default_factory=lambda: [0.05, 0.10, 0.20, 0.30, 0.50],
                                  min_length=1)  # fmt: skip
-    selectors: list[Selector] = Field(
-        default_factory=lambda: ["ica", "magnitude", "wanda", "random"], min_length=1
-    )
+    selectors: list[Selector] = Field(default_factory=lambda: list(_BENCH_SELECTORS),
+                                      min_length=1)  # fmt: skip
     random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    fills: list[Fill] = Field(default_factory=lambda: ["zero", "mean"], min_length=1)
+    fills: list[Fill] = Field(default_factory=lambda: list(_BENCH_FILLS), min_length=1)
     heal_budgets: list[float] = Field(default_factory=lambda: [0.10])
     heal_steps: int | None = Field(default=40, ge=1, description="None: heal.steps")
     heal_seeds: int = Field(
@@ -122,7 +127,7 @@ class BenchConfig(_Strict):
     allocations: list[Allocation] | None = Field(
         default=None, description="allocation policies compared (None: the recipe's)"
     )
-    output_selectors: list[Selector] = Field(default_factory=lambda: ["ica", "random"])
+    output_selectors: list[Selector] = Field(default_factory=lambda: list(_OUTPUT_SELECTORS))
     tasks: list[str] | None = Field(
         default=None,
         min_length=1,

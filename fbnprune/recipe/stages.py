@@ -8,6 +8,8 @@ from pydantic import Field, field_validator, model_validator
 
 from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, _Additions, _Strict
 
+_PADDED: tuple[Layout, ...] = ("padded",)  # typed: a list literal in a lambda is a list[str]
+
 
 class CollectConfig(_Additions):
     added = ("precision", "onload")
@@ -132,7 +134,7 @@ class CheckConfig(_Strict):
 
 
 class SaveConfig(_Strict):
-    layouts: list[Layout] = Field(default_factory=lambda: ["padded"], min_length=1)
+    layouts: list[Layout] = Field(default_factory=lambda: list(_PADDED), min_length=1)
 
 
 class HealConfig(_Strict):

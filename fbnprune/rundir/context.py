@@ -79,7 +79,8 @@ class RunContext:
     def dtype(self) -> torch.dtype:
         import torch
 
-        return getattr(torch, self.recipe.dtype)  # type: ignore[no-any-return]
+        dtype: torch.dtype = getattr(torch, self.recipe.dtype)
+        return dtype
 
     @functools.cached_property
     def model_fingerprint(self) -> str:

@@ -12,7 +12,8 @@
     prune.json                sizes and widths of the sliced layouts
     parity.json               the check stage's ParityResult, with checkpoint digests
     checkpoint-<layout>/      a saved checkpoint (padded | compact); -healed when healed
-    heal/                     log.json, loss.png, parity.json of the healed checkpoint
+    heal/                     log.json, loss.png, parity.json of the healed checkpoint,
+                              teacher.safetensors (the teacher's targets), state.pt
     eval/results.json         the evaluate command's results (and results.md, suite/)
     bench/                    rows.jsonl, suite/, results.json of ``fbnprune bench``
     export-<layout>/          the default folder of ``fbnprune export``
@@ -45,6 +46,7 @@ ACTIVATIONS_FILE, SAMPLE_INDEX_FILE, COLLECT_META_FILE = (
 ACTIVATIONS_STORE = "activations.zarr"  # collect.storage: zarr (fbnprune.scale.store)
 HEAL_DIR = "heal"
 HEAL_LOG, HEAL_PLOT, HEAL_STATE = "log.json", "loss.png", "state.pt"
+HEAL_TARGETS = "teacher.safetensors"
 EVAL_DIR, SUITE_DIR = "eval", "suite"
 RESULTS_FILE, RESULTS_TABLE = "results.json", "results.md"
 BENCH_DIR, BENCH_ROWS = "bench", "rows.jsonl"
@@ -142,6 +144,11 @@ class RunLayout:
     def heal_state_file(self) -> Path:
         """Healing's resumable training state."""
         return self.heal_dir / HEAL_STATE
+
+    @property
+    def heal_targets_file(self) -> Path:
+        """The teacher's top-k targets (``fbnprune.distill.save_targets``)."""
+        return self.heal_dir / HEAL_TARGETS
 
     @property
     def heal_parity_file(self) -> Path:

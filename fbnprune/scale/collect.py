@@ -14,10 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fbnprune.collect import Activations, collect_bar, model_of, row_blocks, tokenize
@@ -25,6 +25,9 @@ from fbnprune.models.adapters import get_adapter
 from fbnprune.models.hooks import site_widths
 from fbnprune.models.onload import LayerwiseModel
 from fbnprune.scale.store import ActivationStore, StoreDtype, StoreWriter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class StoredActivations(Activations):
 
 @torch.inference_mode()
 def collect_to_store(
-    model: nn.Module | LayerwiseModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     path: Path,
@@ -107,11 +110,11 @@ def store_collector(path: Path, dtype: StoreDtype = "float16") -> Callable[..., 
     """``collect_activations``'s signature, collecting into the store at ``path`` (its
     ``out_file`` must be None: the store is the output)."""
 
-    def collect(model: nn.Module | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
+    def collect(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
                 prompts: list[str], *,
-                out_file: Path | None = None, **kwargs: object) -> StoredActivations:  # fmt: skip
+                out_file: Path | None = None, **kwargs: Any) -> StoredActivations:  # fmt: skip
         if out_file is not None:
             raise ValueError("a store collector writes to its store, not to out_file")
-        return collect_to_store(model, tokenizer, prompts, path, dtype=dtype, **kwargs)  # type: ignore[arg-type]
+        return collect_to_store(model, tokenizer, prompts, path, dtype=dtype, **kwargs)
 
     return collect

@@ -30,14 +30,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
 
-from fbnprune.discover import DiscoverError, GroupICA, check_size, ica_maps
+from fbnprune.discover import DiscoverError, GroupICA, ICAParams, check_size
 
 logger = logging.getLogger(__name__)
 
@@ -127,20 +125,13 @@ class DaskGroupICA(GroupICA):
     def __init__(
         self,
         *,
-        n_components: int = 128,
-        threshold: float = 3.6,
-        max_iter: int = 400,
-        tol: float = 1e-4,
-        random_state: int | None = 0,
-        standardize: bool = False,
         memory: str | int = DEFAULT_MEMORY,
         power_iter: int = 4,
         oversamples: int = 10,
         threads: int | None = None,
+        **ica: Unpack[ICAParams],
     ) -> None:
-        super().__init__(n_components=n_components, threshold=threshold, max_iter=max_iter,
-                         tol=tol, random_state=random_state,
-                         standardize=standardize)  # fmt: skip
+        super().__init__(**ica)
         self.memory = memory
         self.power_iter = power_iter
         self.oversamples = oversamples
@@ -202,21 +193,7 @@ class DaskGroupICA(GroupICA):
         explained = s.astype(np.float64) ** 2 / max(n_tokens - 1, 1)
         self.pca_components_ = components
         self.explained_variance_ratio_ = (explained / total_var).astype(np.float32)
-        maps, z, self.converged_, self.n_iter_ = ica_maps(
-            reduced, components, max_iter=self.max_iter, tol=self.tol,
-            random_state=self.random_state,
-        )  # fmt: skip
-        if not self.converged_:
-            warnings.warn(
-                f"FastICA did not converge in {self.max_iter} iterations; networks may be "
-                "noisy (raise discover.max_iter)",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        self.maps_ = maps.astype(np.float32)
-        self.z_maps_ = z.astype(np.float32)
-        self.networks_ = np.abs(self.z_maps_) >= self.threshold
-        return self
+        return self._fit_maps(reduced, components)
 
 
 class _Source:

@@ -94,8 +94,9 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _write(tensors: dict[str, torch.Tensor], directory: Path, name: str,  # type: ignore[no-untyped-def]
+def _write(tensors: dict[str, torch.Tensor], directory: Path, name: str,
            weight_map: dict[str, str]) -> int:  # fmt: skip
+    """Write one shard; record its tensors in ``weight_map``; return its bytes."""
     save_file(tensors, str(directory / name), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, name))
     return sum(t.numel() * t.element_size() for t in tensors.values())

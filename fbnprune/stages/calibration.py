@@ -1,14 +1,18 @@
 """``Calibration``: what the select stage reads, and the unit scores derived from it.
 
 Each task's calibration activations and (for the ``ica`` selector) its network scores;
-from them, per selector and seed, every unit's score merged over tasks, the units' means
-(the ``mean`` fill) and the layers' sensitivity, each computed once per process.
+from them, per selector and seed, every unit's score merged over tasks and the units' means
+(the ``mean`` fill), each computed once per process. ``RunCalibration`` is a run's: its
+model is the run's, and it measures the layers' sensitivity on the run's prompts.
+``fbnprune.prune`` (in memory, no run) builds a plain ``Calibration``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,21 +22,28 @@ from fbnprune.rundir.context import RunContext
 from fbnprune.select import SelectError, column_means, layer_bounds, unit_scores
 from fbnprune.stages.discover import NetworkScores
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 logger = logging.getLogger(__name__)
 
 
 class Calibration:
-    """The calibration data of one run: activations per task, network scores per task."""
+    """The calibration data of one model: activations per task, network scores per task.
+
+    ``model`` returns the model they were recorded from; only the selectors that read
+    weights (``wanda``) and the ``reconstruct`` fill call it.
+    """
 
     def __init__(
         self,
-        ctx: RunContext,
         activations: dict[str, Activations],
         networks: dict[str, NetworkScores] | None = None,
+        *,
+        model: Callable[[], PreTrainedModel],
     ) -> None:
-        self.ctx, self.activations, self.networks = ctx, activations, networks or {}
+        self.activations, self.networks, self.model = activations, networks or {}, model
         self._merged: dict[tuple[str, int], np.ndarray] = {}
-        self._sensitivity: dict[tuple[str, int, float, int], list[float]] = {}
 
     @property
     def layer_widths(self) -> list[int]:
@@ -49,7 +60,7 @@ class Calibration:
             if task not in self.networks:
                 raise SelectError(f"no network scores of task {task!r}: run discover first")
             return self.networks[task].scores
-        return unit_scores(selector, self.ctx.model, self.activations[task].matrix, seed=seed)
+        return unit_scores(selector, self.model(), self.activations[task].matrix, seed=seed)
 
     def merged_scores(self, selector: str, seed: int) -> np.ndarray:
         """Every unit's score, the tasks' scores merged by max (a union of tasks)."""
@@ -67,6 +78,21 @@ class Calibration:
         tokens = sum(a.n_tokens for a in acts)
         total = sum(_means(a).astype(np.float64) * a.n_tokens for a in acts)
         return np.asarray(total / tokens)
+
+
+class RunCalibration(Calibration):
+    """A run's calibration data: the run's model, loaded on first use (a plan that needs
+    no weights never loads it), and the layers' sensitivity on the run's prompts."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        activations: dict[str, Activations],
+        networks: dict[str, NetworkScores] | None = None,
+    ) -> None:
+        super().__init__(activations, networks, model=lambda: ctx.model)
+        self.ctx = ctx
+        self._sensitivity: dict[tuple[str, int, float, int], list[float]] = {}
 
     def layer_sensitivity(self, select: SelectConfig, seed: int) -> list[float]:
         """Per layer, the KL from the original when that layer alone is cut to the budget

@@ -12,6 +12,7 @@ import numpy as np
 
 from fbnprune.collect import Activations
 from fbnprune.discover import GroupICA
+from fbnprune.recipe import DiscoverConfig
 from fbnprune.rundir.context import RunContext
 from fbnprune.stages.keys import discover_key
 
@@ -33,21 +34,28 @@ def discover(ctx: RunContext, task: str, activations: Activations) -> NetworkSco
         return NetworkScores(task, data["scores"])
 
 
-def _discover(ctx: RunContext, task: str, acts: Activations) -> dict[str, Any]:
-    cfg = ctx.recipe.discover
+def fit_networks(cfg: DiscoverConfig, acts: Activations, *, seed: int) -> GroupICA:
+    """The group ICA of one task's activations, fitted with the engine ``cfg`` names
+    (the discover stage's, and ``fbnprune.prune``'s in memory)."""
     estimator: Callable[..., GroupICA] = GroupICA
+    data: Any = acts.matrix
     if cfg.engine == "dask":
         from fbnprune.scale.discover import DaskGroupICA, discover_input
 
         estimator = functools.partial(DaskGroupICA, memory=cfg.memory)
-    ica = estimator(
+        data = discover_input(acts)
+    return estimator(
         n_components=cfg.n_components,
         threshold=cfg.threshold,
         max_iter=cfg.max_iter,
         tol=cfg.tol,
-        random_state=ctx.recipe.seed,
+        random_state=seed,
         standardize=cfg.standardize,
-    ).fit(acts.matrix if cfg.engine == "sklearn" else discover_input(acts))
+    ).fit(data)
+
+
+def _discover(ctx: RunContext, task: str, acts: Activations) -> dict[str, Any]:
+    ica = fit_networks(ctx.recipe.discover, acts, seed=ctx.recipe.seed)
     file = ctx.layout.discover_file(task)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f".{file.name}.tmp.npz")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fbnprune.check import ParityResult
+from fbnprune.distill import Targets
 from fbnprune.integrity import digest_mismatches
 from fbnprune.io import atomic_write_text
 from fbnprune.plan import PrunePlan
@@ -18,7 +19,7 @@ from fbnprune.recipe import Recipe
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.layout import CHECKPOINT_HEAL
 from fbnprune.slicing import slice_model
-from fbnprune.stages.keys import heal_key
+from fbnprune.stages.keys import heal_key, teacher_key
 from fbnprune.stages.save import checkpoint_extras, publish, reload_parity, stage_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,28 @@ def discard_healed(ctx: RunContext) -> None:
                 100 * recipe.heal.below_budget)  # fmt: skip
 
 
+def _teacher_targets(
+    ctx: RunContext, texts: list[str], questions: list[bool], validation: list[str],
+    validation_questions: list[bool],
+) -> Targets:  # fmt: skip
+    """The teacher's top-k targets, computed once and kept in the run directory (the
+    layout's ``heal_targets_file``): a resumed or re-tuned heal (other lr, steps, ...) skips
+    the teacher's pass."""
+    from fbnprune.distill import load_targets, prepare_targets, save_targets, targets_key
+
+    cfg, file = ctx.recipe.heal, ctx.layout.heal_targets_file
+    key = targets_key(teacher_key(ctx), cfg, texts, questions, validation, validation_questions)
+    targets = load_targets(file, key)
+    if targets is not None:
+        logger.info("heal: the teacher's targets reused from %s", ctx.layout.relative(file))
+        return targets
+    targets = prepare_targets(ctx.model, ctx.tokenizer, texts, cfg, validation=validation,
+                              questions=questions, validation_questions=validation_questions,
+                              progress=ctx.progress)  # fmt: skip
+    save_targets(file, key, targets)
+    return targets
+
+
 def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     """Distil on the calibration and healing prompts (held-out prompts only for the logged
     validation loss); the saved checkpoint must reload bit for bit."""
@@ -73,9 +96,8 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     student = slice_model(copy.deepcopy(ctx.model), plan, layout=layout).eval()
     texts, questions = ctx.prompts_of(("calibration", "heal"))
     validation, validation_questions = ctx.prompts_of(("heldout",))
-    healed, log = heal_model(student, ctx.model, ctx.tokenizer, texts, cfg,
-                             validation=validation, questions=questions,
-                             validation_questions=validation_questions,
+    targets = _teacher_targets(ctx, texts, questions, validation, validation_questions)
+    healed, log = heal_model(student, ctx.model, ctx.tokenizer, texts, cfg, targets=targets,
                              state_file=ctx.layout.heal_state_file,
                              progress=ctx.progress)  # fmt: skip
     staged = stage_checkpoint(ctx, healed, layout, healed=True)

@@ -22,6 +22,12 @@ def collect_key(ctx: RunContext, task: str) -> str:
     )  # fmt: skip
 
 
+def teacher_key(ctx: RunContext) -> str:
+    """The original model, as the teacher whose healing targets are kept on disk."""
+    r = ctx.recipe
+    return fingerprint(r.model, ctx.model_fingerprint, r.dtype)
+
+
 def discover_key(ctx: RunContext, task: str) -> str:
     r = ctx.recipe
     return fingerprint(collect_key(ctx, task), r.discover.model_dump(), r.seed)

@@ -19,7 +19,7 @@ from fbnprune.rundir import RunDir, StageRecord
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.runner import versions
 from fbnprune.stages import check, collect, discover, heal, prune, save, select
-from fbnprune.stages.calibration import Calibration
+from fbnprune.stages.calibration import RunCalibration
 from fbnprune.stages.discover import NetworkScores
 from fbnprune.stages.prune import PruneReport, Slices
 
@@ -58,7 +58,7 @@ def _discover(ctx: RunContext, art: Artifacts) -> None:
 
 
 def _select(ctx: RunContext, art: Artifacts) -> None:
-    art.plan = select.select(ctx, Calibration(ctx, art.activations, art.networks))
+    art.plan = select.select(ctx, RunCalibration(ctx, art.activations, art.networks))
     art.slices = Slices(ctx, art.plan)
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fbnprune.plan import PrunePlan
 from fbnprune.rundir.context import RunContext
@@ -15,6 +13,9 @@ from fbnprune.rundir.layout import LAYOUTS
 from fbnprune.save import model_size
 from fbnprune.slicing import SliceError, slice_model
 from fbnprune.stages.keys import prune_key
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class Slices:
         self.layouts = list(ctx.recipe.save.layouts)
 
     @functools.cached_property
-    def models(self) -> dict[str, nn.Module]:
+    def models(self) -> dict[str, PreTrainedModel]:
         model = self.ctx.model
         return {layout: slice_model(copy.deepcopy(model), self.plan, layout=layout).eval()
                 for layout in self.layouts}  # fmt: skip

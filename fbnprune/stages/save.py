@@ -14,7 +14,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -25,6 +25,9 @@ from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.layout import CHECKPOINT_PARITY, CHECKPOINT_PLAN, CHECKPOINT_RECIPE
 from fbnprune.save import checkpoint_bytes, save_checkpoint
 from fbnprune.stages.keys import check_key
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class Staged:
 
 
 def stage_checkpoint(
-    ctx: RunContext, model: nn.Module, layout: str, *, healed: bool = False
+    ctx: RunContext, model: PreTrainedModel, layout: str, *, healed: bool = False
 ) -> Staged:
     """Save ``model`` and the tokenizer into the run's staging folder."""
     staging = ctx.layout.staging_dir(f"{layout}-healed" if healed else layout)

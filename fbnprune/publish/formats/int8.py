@@ -98,7 +98,7 @@ def quantize_int8(
     if not torch.equal(reloaded, quantized):
         raise ExportError("the saved int8 model does not reload to the quantized model "
                           f"(max |d| {float((reloaded - quantized).abs().max()):.3g})")  # fmt: skip
-    result = {
+    result: dict[str, Any] = {
         "path": INT8_DIR,
         "bytes": (target / "model.safetensors").stat().st_size,
         "reference_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),

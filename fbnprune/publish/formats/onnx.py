@@ -55,6 +55,7 @@ def export_onnx(
             output_names=["logits"], verbose=False,
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
         )  # fmt: skip
+        assert program is not None  # dynamo=True always returns a program
         program.save(str(target), external_data=large)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ExportError(f"ONNX export failed ({type(exc).__name__}: {str(exc)[:500]}); "
@@ -68,7 +69,7 @@ def export_onnx(
         logits = session.run(["logits"], {"input_ids": input_ids.numpy(),
                                           "attention_mask": attention.numpy()})[0]  # fmt: skip
         outputs.append(torch.from_numpy(np.asarray(logits))[attention.bool()])
-    result = {
+    result: dict[str, Any] = {
         "path": ONNX_FILE,
         "bytes": sum(p.stat().st_size for p in target.parent.iterdir() if p.is_file()),
         "runtime": f"onnxruntime {onnxruntime.__version__}",
