@@ -8,7 +8,7 @@ memory (``collect.onload: full``; it fits on a test machine) makes the same plan
 and ``slice_model`` + ``save_checkpoint`` write the same tensors, bit for bit.
 
 Measured (2 cores shared with another job, 1 thread): model 3.02 GiB, matrix 1,024 x 44,032
-(0.17 GiB float32). Layer by layer: collect -> select 1.58-1.67 GiB peak RSS in 40-55 s,
+(0.17 GiB float32). Layer by layer: collect -> select 1.58-1.67 GiB peak RSS in 34-55 s,
 slice + save 1.53-1.64 GiB in 17 s, per-layer check 1.63 GiB in 15 s (max |delta| 4.8e-6);
 whole model: 3.9-4.3 GiB for each. The test takes about 3 minutes.
 """
