@@ -4,6 +4,12 @@ Rows are the real (non-padding) tokens of every sample, in sample order; columns
 neurons of all layers concatenated (layer 0's units first). The matrix is preallocated at
 its exact size, in memory or as a memory-mapped ``.npy`` file, and filled batch by batch, so
 memory never holds more than one batch of activations beyond the matrix itself.
+
+The rows come from ``sample_rows`` (the whole model in memory, one forward pass per batch,
+hooks on every layer) or, for a ``LayerwiseModel`` (``collect.onload: sequential``), from
+``layer_rows``: the embeddings once, then one decoder block at a time over every batch,
+holding only that block's weights and the batches' hidden states. Both run the same batches
+through the same operations, so they record the same values, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from transformers import PreTrainedTokenizerBase
 
 from fbnprune.errors import FbnpruneError
 from fbnprune.models.adapters import get_adapter
-from fbnprune.models.hooks import SiteHooks, site_widths
+from fbnprune.models.hooks import SiteHooks, site_hook, site_widths
+from fbnprune.models.layercalls import capture_layer_calls
+from fbnprune.models.onload import LayerwiseModel
 from fbnprune.rundir.layout import ACTIVATIONS_FILE, SAMPLE_INDEX_FILE
 
 if TYPE_CHECKING:
@@ -160,8 +168,68 @@ def sample_rows(
 
 
 @torch.inference_mode()
+def layer_rows(
+    source: LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[list[int]],
+    *,
+    site: str,
+    batch_size: int,
+) -> Generator[tuple[int, int, np.ndarray], None, None]:
+    """``sample_rows`` one decoder block at a time: yield ``(layer, sample, values)``, the
+    sample's real tokens' neurons of that layer (float32, (n_tokens of the sample, width)),
+    layer after layer, the samples of each layer in ``sample_rows``'s order. Memory holds
+    one block's weights (``source.onload``) and the hidden states of every batch."""
+    model, adapter = source.model, source.adapter
+    lengths = [len(seq) for seq in ids]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = iter_batches(lengths, batch_size)
+    calls = capture_layer_calls(model, [pad_batch(ids, b, pad_id) for b in order])
+    hidden = calls.inputs
+    seen: list[np.ndarray] = []
+
+    def record(layer: int, values: torch.Tensor) -> None:
+        seen.append(values.detach().float().cpu().numpy())
+
+    for index in range(source.n_layers):
+        with source.onload(index) as block:
+            handle = site_hook(adapter, block, index, site, record)
+            try:
+                for b, batch in enumerate(order):
+                    hidden[b] = calls.replay(block, index, b, hidden[b])
+                    values = seen.pop()
+                    for row, i in enumerate(batch):
+                        yield index, i, values[row, : lengths[i]]
+            finally:
+                handle.remove()
+
+
+def row_blocks(
+    model: PreTrainedModel | LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[list[int]],
+    *,
+    site: str,
+    batch_size: int,
+) -> Generator[tuple[int | None, int, np.ndarray], None, None]:
+    """``(layer, sample, values)`` blocks of the activation matrix: whole rows (``layer``
+    None) from a model in memory (``sample_rows``), one layer's columns at a time from a
+    ``LayerwiseModel`` (``layer_rows``)."""
+    if isinstance(model, LayerwiseModel):
+        yield from layer_rows(model, tokenizer, ids, site=site, batch_size=batch_size)
+    else:
+        for i, values in sample_rows(model, tokenizer, ids, site=site, batch_size=batch_size):
+            yield None, i, values
+
+
+def model_of(model: PreTrainedModel | LayerwiseModel) -> PreTrainedModel:
+    """The model (of a ``LayerwiseModel``: its model, blocks maybe on meta)."""
+    return model.model if isinstance(model, LayerwiseModel) else model
+
+
+@torch.inference_mode()
 def collect_activations(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     *,
@@ -174,7 +242,8 @@ def collect_activations(
     """Run ``model`` over ``prompts`` and record every real token's neurons at ``site``.
 
     Args:
-        model: a causal LM with a supported architecture.
+        model: a causal LM with a supported architecture, in memory or a ``LayerwiseModel``
+            (run one decoder block at a time).
         tokenizer: its tokenizer (needs a pad token or an EOS token).
         prompts: the texts, one sample each.
         site: ``hidden`` (MLP units) or ``output`` (MLP output channels).
@@ -187,7 +256,9 @@ def collect_activations(
     Returns:
         The filled ``Activations``.
     """
-    widths = site_widths(model, get_adapter(model), site)
+    module = model_of(model)
+    widths = site_widths(module, get_adapter(module), site)
+    cols = np.concatenate([[0], np.cumsum(widths)])
     ids = tokenize(tokenizer, prompts, max_length)
     lengths = [len(seq) for seq in ids]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -206,12 +277,15 @@ def collect_activations(
             tmp_file, mode="w+", dtype=np.float32, shape=(n_tokens, n_neurons)
         )
 
-    bar = tqdm(total=n_tokens, unit="tok", desc=f"collect ({site})", disable=not progress)
+    bar = collect_bar(model, n_tokens, site, progress)
     start = time.perf_counter()
-    rows = sample_rows(model, tokenizer, ids, site=site, batch_size=batch_size)
+    rows = row_blocks(model, tokenizer, ids, site=site, batch_size=batch_size)
     try:
-        for i, values in rows:
-            matrix[offsets[i] : offsets[i + 1]] = values
+        for layer, i, values in rows:
+            if layer is None:
+                matrix[offsets[i] : offsets[i + 1]] = values
+            else:
+                matrix[offsets[i] : offsets[i + 1], cols[layer] : cols[layer + 1]] = values
             bar.update(len(values))
         elapsed = time.perf_counter() - start
     except BaseException:
@@ -233,3 +307,12 @@ def collect_activations(
     tps = n_tokens / elapsed if elapsed > 0 else float("inf")
     logger.info("collect: %d tokens in %.1f s (%.0f tokens/s)", n_tokens, elapsed, tps)
     return Activations(matrix, sample_index, widths, site, tps)
+
+
+def collect_bar(model: PreTrainedModel | LayerwiseModel, n_tokens: int, site: str,
+                progress: bool) -> tqdm:  # fmt: skip
+    """The progress bar of a collection: tokens, times the layers when layer by layer."""
+    if isinstance(model, LayerwiseModel):
+        return tqdm(total=n_tokens * model.n_layers, unit="tok", disable=not progress,
+                    desc=f"collect ({site}, layer by layer)")  # fmt: skip
+    return tqdm(total=n_tokens, unit="tok", desc=f"collect ({site})", disable=not progress)

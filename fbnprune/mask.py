@@ -13,13 +13,14 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
 from fbnprune.models.adapters import MLPAdapter, get_adapter
-from fbnprune.models.hooks import SiteHooks, site_widths
+from fbnprune.models.hooks import SiteHooks, site_hook, site_widths
 from fbnprune.plan import PrunePlan
-from fbnprune.refit import down_weights
+from fbnprune.refit import down_weight, down_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -41,13 +42,14 @@ class _RefitCorrection:
     """Adds ``h_K @ (V - W_K)^T + c`` to a down projection's output (float64 deltas, cast
     to the activations' dtype), given the down projection's input ``h``."""
 
-    def __init__(self, model: PreTrainedModel, plan: PrunePlan) -> None:
+    def __init__(self, downs: dict[int, np.ndarray], plan: PrunePlan) -> None:
+        """``downs``: the down projections (float64 (d_model, units)) of the layers hooked."""
         assert plan.refit is not None
         self.kept = [torch.tensor(k, dtype=torch.long) for k in plan.kept]
-        self.delta = [
-            plan.refit.weights[i].double() - torch.from_numpy(w[:, plan.kept[i]])
-            for i, w in enumerate(down_weights(model))
-        ]
+        self.delta = {
+            i: plan.refit.weights[i].double() - torch.from_numpy(w[:, plan.kept[i]])
+            for i, w in downs.items()
+        }
         self.bias = [b.double() for b in plan.refit.biases]
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ class _CorrectionHook:
 def _refit_hooks(
     model: PreTrainedModel, adapter: MLPAdapter, plan: PrunePlan
 ) -> Iterator[None]:
-    correction = _RefitCorrection(model, plan)
+    correction = _RefitCorrection(dict(enumerate(down_weights(model))), plan)
     handles = [
         adapter.get_down(layer).register_forward_hook(_CorrectionHook(i, correction))
         for i, layer in enumerate(adapter.get_layers(model))
@@ -94,6 +96,25 @@ def masked(model: PreTrainedModel, plan: PrunePlan) -> Masked:
     if plan.fill == "reconstruct":
         hooks.append(_refit_hooks(model, adapter, plan))
     return Masked(hooks)
+
+
+@contextlib.contextmanager
+def masked_layer(adapter: MLPAdapter, layer: nn.Module, index: int,
+                 plan: PrunePlan) -> Iterator[None]:  # fmt: skip
+    """Context manager: decoder block ``layer`` (number ``index``) behaves as ``plan`` prunes
+    it (``masked`` for one block, e.g. one onloaded from a checkpoint)."""
+    keep = [plan.keep_mask(i) for i in range(plan.n_layers)]
+    fill = [plan.fill_tensor(i) for i in range(plan.n_layers)]
+    handles = [site_hook(adapter, layer, index, plan.site, _Replace(keep, fill))]
+    if plan.fill == "reconstruct":
+        correction = _RefitCorrection({index: down_weight(adapter, layer)}, plan)
+        hook = _CorrectionHook(index, correction)
+        handles.append(adapter.get_down(layer).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Masked:

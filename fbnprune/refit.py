@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.errors import FbnpruneError
-from fbnprune.models.adapters import get_adapter
+from fbnprune.models.adapters import MLPAdapter, get_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -96,11 +97,13 @@ def file_digest(file: Path) -> str:
 def down_weights(model: PreTrainedModel) -> list[np.ndarray]:
     """Every layer's down projection as a float64 (d_model, units) array."""
     adapter = get_adapter(model)
-    out = []
-    for layer in adapter.get_layers(model):
-        weight = adapter.get_down(layer).weight.detach().double().cpu()
-        out.append((weight.T if adapter.conv1d else weight).numpy())
-    return out
+    return [down_weight(adapter, layer) for layer in adapter.get_layers(model)]
+
+
+def down_weight(adapter: MLPAdapter, layer: nn.Module) -> np.ndarray:
+    """One decoder block's down projection as a float64 (d_model, units) array."""
+    weight = adapter.get_down(layer).weight.detach().double().cpu()
+    return (weight.T if adapter.conv1d else weight).numpy()
 
 
 def solve_layer(

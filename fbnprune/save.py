@@ -70,11 +70,8 @@ def save_checkpoint(
     compact = getattr(config, COMPACT_KEY, None) is not None
     with atomic_directory(directory) as tmp:
         if compact:
-            base = _stock_class(model)
-            config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{COMPACT_CLASS}"}
-            template = importlib.resources.files("fbnprune") / "templates" / MODELING_FILE
-            source = template.read_text().replace("__BASE_CLASS__", base.__name__)
-            (tmp / MODELING_FILE).write_text(source)
+            write_modeling_file(tmp, stock_class(model))
+            config.auto_map = COMPACT_AUTO_MAP
         try:
             model.save_pretrained(tmp)
         finally:
@@ -87,7 +84,17 @@ def save_checkpoint(
     return directory
 
 
-def _stock_class(model: nn.Module) -> type:
+COMPACT_AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{COMPACT_CLASS}"}
+
+
+def write_modeling_file(directory: Path, base: type) -> None:
+    """The compact checkpoint's modeling file, on the stock class ``base``."""
+    template = importlib.resources.files("fbnprune") / "templates" / MODELING_FILE
+    source = template.read_text().replace("__BASE_CLASS__", base.__name__)
+    (directory / MODELING_FILE).write_text(source)
+
+
+def stock_class(model: nn.Module) -> type:
     """The transformers class a (possibly remote-code) model derives from."""
     import transformers
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from fbnprune.errors import FbnpruneError
@@ -55,20 +56,64 @@ def slice_model(
     """
     adapter = get_adapter(model)
     plan.check_fits(site_widths(model, adapter, plan.site), model.config.model_type)
+    check_sliceable(adapter, plan, layout)
+    for index, layer in enumerate(adapter.get_layers(model)):
+        slice_layer(adapter, layer, plan, index, layout=layout)
+    slice_config(model.config, adapter, plan, layout=layout)
+    return model
+
+
+def check_sliceable(adapter: MLPAdapter, plan: PrunePlan, layout: str) -> None:
+    """Raise unless ``plan`` can be sliced into a model of this family in ``layout``."""
     if layout not in ("padded", "compact"):
         raise SliceError(f"layout must be 'padded' or 'compact', got {layout!r}")
     needs_bias = plan.adds_bias and not adapter.always_bias
     if plan.site == "output" and plan.fill == "reconstruct":
         raise SliceError("fill 'reconstruct' refits the down projection's inputs: site 'hidden'")
-    if plan.site == "output":
-        if needs_bias and adapter.bias_key is None:
-            raise SliceError(_no_bias_message(adapter, "output"))
-        _zero_output_channels(model, adapter, plan)
-        return model
-    if needs_bias and layout == "padded" and adapter.bias_key is None:
+    if plan.site == "output" and needs_bias and adapter.bias_key is None:
+        raise SliceError(_no_bias_message(adapter, "output"))
+    if plan.site == "hidden" and needs_bias and layout == "padded" and adapter.bias_key is None:
         raise SliceError(_no_bias_message(adapter, "hidden"))
-    _slice_hidden_units(model, adapter, plan, layout)
-    return model
+
+
+def slice_layer(
+    adapter: MLPAdapter, layer: nn.Module, plan: PrunePlan, index: int, *, layout: str
+) -> None:
+    """Slice decoder block ``layer`` (number ``index``) in place (``slice_model`` does every
+    block, then ``slice_config``; a streaming writer does one block at a time)."""
+    if plan.site == "output":
+        _zero_output_channels(adapter, layer, plan, index)
+    else:
+        _slice_hidden_units(adapter, layer, plan, index, layout)
+
+
+def slice_config(config: PretrainedConfig, adapter: MLPAdapter, plan: PrunePlan, *,
+                 layout: str) -> None:  # fmt: skip
+    """The config of the sliced model (widths, bias switch, compact spec), in place."""
+    if plan.site == "output":
+        if plan.adds_bias and not adapter.always_bias:
+            assert adapter.bias_key is not None  # check_sliceable refuses the plan otherwise
+            setattr(config, adapter.bias_key, True)
+            logger.info("config.%s: -> True (bias holds the channel means)", adapter.bias_key)
+        return
+    kept_widths = plan.kept_per_layer()
+    width = max(kept_widths)
+    old = adapter.config_width(config)
+    setattr(config, adapter.width_key, width)
+    logger.info("config.%s: %d -> %d", adapter.width_key, old, width)
+    # the config's bias switch turned on, so the stock (padded) model holds the fill's bias
+    bias_key = adapter.bias_key if _uses_bias_key(adapter, plan, layout) else None
+    if bias_key is not None:
+        logger.info("config.%s: %s -> True", bias_key, getattr(config, bias_key))
+        setattr(config, bias_key, True)
+    if layout == "compact":
+        down_bias = plan.adds_bias and not adapter.always_bias
+        setattr(config, COMPACT_KEY, compact_spec(adapter, kept_widths, down_bias))
+        logger.info("config.%s: per-layer widths %s", COMPACT_KEY, kept_widths)
+
+
+def _uses_bias_key(adapter: MLPAdapter, plan: PrunePlan, layout: str) -> bool:
+    return plan.adds_bias and adapter.bias_key is not None and layout == "padded"
 
 
 def compact_spec(adapter: MLPAdapter, widths: list[int], down_bias: bool) -> dict:
@@ -94,36 +139,19 @@ def _no_bias_message(adapter: MLPAdapter, site: str) -> str:
 
 
 def _slice_hidden_units(
-    model: PreTrainedModel, adapter: MLPAdapter, plan: PrunePlan, layout: str
+    adapter: MLPAdapter, layer: nn.Module, plan: PrunePlan, index: int, layout: str
 ) -> None:
-    config = model.config
-    kept_widths = plan.kept_per_layer()
-    width = max(kept_widths)
-    # the config's bias switch turned on, so the stock (padded) model holds the fill's bias
-    bias_key = adapter.bias_key if plan.adds_bias and layout == "padded" else None
-    use_bias_key = bias_key is not None
-    for index, layer in enumerate(adapter.get_layers(model)):
-        kept = torch.tensor(plan.kept[index], dtype=torch.long)
-        target = width if layout == "padded" else len(kept)
-        mlp = adapter.get_mlp(layer)
-        down = adapter.get_down(layer)
-        shift = _fill_shift(adapter, down, plan, index)
-        for name, proj in zip(adapter.in_projs, adapter.get_in_projs(layer), strict=True):
-            setattr(mlp, name, _sliced_in_proj(adapter, proj, kept, target, add_bias=use_bias_key))
-        columns = None if plan.refit is None else plan.refit.weights[index]
-        new_down = _sliced_down(adapter, down, kept, target, shift, plan.adds_bias, columns)
-        setattr(mlp, adapter.down, new_down)
-
-    old = adapter.config_width(config)
-    setattr(config, adapter.width_key, width)
-    logger.info("config.%s: %d -> %d", adapter.width_key, old, width)
-    if bias_key is not None:
-        logger.info("config.%s: %s -> True", bias_key, getattr(config, bias_key))
-        setattr(config, bias_key, True)
-    if layout == "compact":
-        down_bias = plan.adds_bias and not adapter.always_bias
-        setattr(config, COMPACT_KEY, compact_spec(adapter, kept_widths, down_bias))
-        logger.info("config.%s: per-layer widths %s", COMPACT_KEY, kept_widths)
+    use_bias_key = _uses_bias_key(adapter, plan, layout)
+    kept = torch.tensor(plan.kept[index], dtype=torch.long)
+    target = max(plan.kept_per_layer()) if layout == "padded" else len(kept)
+    mlp = adapter.get_mlp(layer)
+    down = adapter.get_down(layer)
+    shift = _fill_shift(adapter, down, plan, index)
+    for name, proj in zip(adapter.in_projs, adapter.get_in_projs(layer), strict=True):
+        setattr(mlp, name, _sliced_in_proj(adapter, proj, kept, target, add_bias=use_bias_key))
+    columns = None if plan.refit is None else plan.refit.weights[index]
+    new_down = _sliced_down(adapter, down, kept, target, shift, plan.adds_bias, columns)
+    setattr(mlp, adapter.down, new_down)
 
 
 def _fill_shift(adapter: MLPAdapter, down: Projection, plan: PrunePlan, index: int) -> torch.Tensor:
@@ -219,31 +247,27 @@ def _sliced_down(
     return module
 
 
-def _zero_output_channels(model: PreTrainedModel, adapter: MLPAdapter, plan: PrunePlan) -> None:
+def _zero_output_channels(adapter: MLPAdapter, layer: nn.Module, plan: PrunePlan,
+                          index: int) -> None:  # fmt: skip
     """Output site: zero dropped channels' down-projection rows; bias = fill value."""
     needs_bias = plan.adds_bias and not adapter.always_bias
+    dropped = ~plan.keep_mask(index)
+    fill = plan.fill_tensor(index)
+    mlp = adapter.get_mlp(layer)
+    down = adapter.get_down(layer)
     if needs_bias:
-        assert adapter.bias_key is not None  # slice_model refuses the plan otherwise
-        setattr(model.config, adapter.bias_key, True)
-        logger.info("config.%s: -> True (bias holds the channel means)", adapter.bias_key)
-    for index, layer in enumerate(adapter.get_layers(model)):
-        dropped = ~plan.keep_mask(index)
-        fill = plan.fill_tensor(index)
-        mlp = adapter.get_mlp(layer)
-        down = adapter.get_down(layer)
-        if needs_bias:
-            for name, proj in zip(adapter.in_projs, adapter.get_in_projs(layer), strict=True):
-                if proj.bias is None:
-                    setattr(mlp, name, _with_zero_bias(proj))
-            down = _with_zero_bias(down)
-            setattr(mlp, adapter.down, down)
-        with torch.no_grad():
-            if adapter.conv1d:
-                down.weight[:, dropped] = 0.0
-            else:
-                down.weight[dropped, :] = 0.0
-            if down.bias is not None:
-                down.bias[dropped] = fill[dropped].to(down.bias.dtype)
+        for name, proj in zip(adapter.in_projs, adapter.get_in_projs(layer), strict=True):
+            if proj.bias is None:
+                setattr(mlp, name, _with_zero_bias(proj))
+        down = _with_zero_bias(down)
+        setattr(mlp, adapter.down, down)
+    with torch.no_grad():
+        if adapter.conv1d:
+            down.weight[:, dropped] = 0.0
+        else:
+            down.weight[dropped, :] = 0.0
+        if down.bias is not None:
+            down.bias[dropped] = fill[dropped].to(down.bias.dtype)
 
 
 def _with_zero_bias(linear: Projection) -> Projection:

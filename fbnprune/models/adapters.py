@@ -64,7 +64,11 @@ class MLPAdapter:
         return _get_path(model, self.backbone)
 
     def get_layers(self, model: nn.Module) -> list[nn.Module]:
-        return list(cast(nn.ModuleList, _get_path(self.get_backbone(model), self.layers)))
+        return list(self.get_layer_list(model))
+
+    def get_layer_list(self, model: nn.Module) -> nn.ModuleList:
+        """The ``nn.ModuleList`` of blocks itself (to swap a block in place)."""
+        return cast(nn.ModuleList, _get_path(self.get_backbone(model), self.layers))
 
     def get_mlp(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp)

@@ -34,12 +34,7 @@ class SiteHooks:
 
     def attach(self) -> SiteHooks:
         for index, layer in enumerate(self.adapter.get_layers(self.model)):
-            down = self.adapter.get_down(layer)
-            if self.site == "hidden":
-                handle = down.register_forward_pre_hook(_PreHook(index, self.fn))
-            else:
-                handle = down.register_forward_hook(_PostHook(index, self.fn))
-            self.handles.append(handle)
+            self.handles.append(site_hook(self.adapter, layer, index, self.site, self.fn))
         return self
 
     def remove(self) -> None:
@@ -78,6 +73,16 @@ class _PostHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         return self.fn(self.index, output)
+
+
+def site_hook(
+    adapter: MLPAdapter, layer: nn.Module, index: int, site: str, fn: SiteFn
+) -> RemovableHandle:
+    """Attach ``fn`` (called with ``index``) to the site of one decoder layer ``layer``."""
+    down = adapter.get_down(layer)
+    if site == "hidden":
+        return down.register_forward_pre_hook(_PreHook(index, fn))
+    return down.register_forward_hook(_PostHook(index, fn))
 
 
 def site_widths(model: nn.Module, adapter: MLPAdapter, site: str) -> list[int]:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PACKAGED_MODELS", "ModelLoadError", "PackagedModel", "cache_dir", "load_model",
-    "model_fingerprint", "resolve_model",
+    "load_tokenizer", "model_fingerprint", "resolve_model",
 ]  # fmt: skip
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -184,19 +184,34 @@ def load_model(
     source = resolve_model(name)
     local_only = isinstance(source, Path) or _is_offline() or not _hub_reachable()
     with _load_errors(source, local_only):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        tokenizer = _tokenizer(source, local_only)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, local_files_only=local_only
         )
     # PreTrainedModel.to is wrapped by functools.wraps, which typeshed types as unbound
     model.to(device)  # type: ignore[arg-type]
     model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(name: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer ``load_model`` gives with the model, without loading the model."""
+    source = resolve_model(name)
+    local_only = isinstance(source, Path) or _is_offline() or not _hub_reachable()
+    with _load_errors(source, local_only):
+        return _tokenizer(source, local_only)
+
+
+def _tokenizer(source: str | Path, local_only: bool) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    return model, tokenizer
+    return tokenizer
 
 
 @contextlib.contextmanager

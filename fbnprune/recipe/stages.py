@@ -12,9 +12,15 @@ _PADDED: tuple[Layout, ...] = ("padded",)  # typed: a list literal in a lambda i
 
 
 class CollectConfig(_Additions):
-    added = ("precision",)
+    added = ("precision", "onload")
 
     batch_size: int = Field(default=8, ge=1)
+    onload: Literal["full", "sequential"] = Field(
+        default="full", description="full: the whole model in memory, one forward pass per "
+        "batch; sequential: the embeddings, then one decoder layer at a time over every batch, "
+        "its weights read from the checkpoint's safetensors files (fbnprune.models.onload), so "
+        "memory holds one layer and the batches' hidden states. Same activations, bit for bit",
+    )  # fmt: skip
     storage: Literal["memory", "memmap", "zarr"] = Field(
         default="memmap", description="zarr: a chunked on-disk store (fbnprune.scale.store)"
     )

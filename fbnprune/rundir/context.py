@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from fbnprune.data.tasks import Split, TaskData
+    from fbnprune.models.onload import LayerwiseModel
     from fbnprune.recipe import Recipe
 
 
@@ -55,7 +56,24 @@ class RunContext:
 
     @property
     def tokenizer(self) -> Any:
-        return self.model_and_tokenizer[1]
+        """The model's tokenizer; loaded alone (the model is not) until the model is."""
+        if "model_and_tokenizer" in self.__dict__:
+            return self.model_and_tokenizer[1]
+        return self._tokenizer
+
+    @functools.cached_property
+    def _tokenizer(self) -> Any:
+        from fbnprune.models.loading import load_tokenizer
+
+        return load_tokenizer(self.recipe.model)
+
+    def layerwise_model(self) -> LayerwiseModel:
+        """The recipe's model with its decoder layers onloaded one at a time from its
+        checkpoint (``collect.onload: sequential``; ``fbnprune.models.onload``)."""
+        from fbnprune.models.onload import LayerwiseModel, checkpoint_dir
+
+        return LayerwiseModel.from_checkpoint(checkpoint_dir(self.recipe.model),
+                                              dtype=self.dtype)  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:

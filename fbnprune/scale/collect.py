@@ -1,10 +1,10 @@
 """Collect into the activation store: ``collect.storage: zarr``.
 
 The same batches, hooks and real-token rows as ``fbnprune.collect.collect_activations``
-(``collect.sample_rows``); the
-rows go to a ``StoreWriter`` in collection order (samples of similar length together, each
-sample's tokens contiguous), so memory holds one batch of activations and one chunk of rows,
-never the matrix.
+(``collect.row_blocks``); the rows go to a ``StoreWriter`` in collection order (samples of
+similar length together, each sample's tokens contiguous), so memory holds one batch of
+activations and one chunk of rows, never the matrix. From a ``LayerwiseModel`` the rows come
+layer by layer and are appended to each layer's array in the same order (the same store).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fbnprune.collect import Activations, sample_rows, tokenize
+from fbnprune.collect import Activations, collect_bar, model_of, row_blocks, tokenize
 from fbnprune.models.adapters import get_adapter
 from fbnprune.models.hooks import site_widths
+from fbnprune.models.onload import LayerwiseModel
 from fbnprune.scale.store import ActivationStore, StoreDtype, StoreWriter
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class StoredActivations(Activations):
 
 @torch.inference_mode()
 def collect_to_store(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     path: Path,
@@ -75,7 +75,8 @@ def collect_to_store(
     """Run ``model`` over ``prompts`` and store every real token's neurons at ``site`` in an
     activation store at ``path`` (written atomically). Arguments as ``collect_activations``;
     ``dtype`` and ``chunk_tokens`` as ``StoreWriter``."""
-    widths = site_widths(model, get_adapter(model), site)
+    module = model_of(model)
+    widths = site_widths(module, get_adapter(module), site)
     ids = tokenize(tokenizer, prompts, max_length)
     lengths = [len(seq) for seq in ids]
     n_tokens, n_neurons = sum(lengths), sum(widths)
@@ -83,14 +84,17 @@ def collect_to_store(
                 len(prompts), n_tokens, n_neurons, path,
                 n_tokens * n_neurons * (4 if dtype == "float32" else 2) / 2**30,
                 dtype)  # fmt: skip
-    bar = tqdm(total=n_tokens, unit="tok", desc=f"collect ({site})", disable=not progress)
+    bar = collect_bar(model, n_tokens, site, progress)
     with StoreWriter(path, n_tokens=n_tokens, layer_widths=widths, site=site, dtype=dtype,
                      chunk_tokens=chunk_tokens) as writer:  # fmt: skip
         start = time.perf_counter()
-        rows = sample_rows(model, tokenizer, ids, site=site, batch_size=batch_size)
+        rows = row_blocks(model, tokenizer, ids, site=site, batch_size=batch_size)
         try:
-            for i, values in rows:
-                writer.append(values, i)
+            for layer, i, values in rows:
+                if layer is None:
+                    writer.append(values, i)
+                else:
+                    writer.append_layer(layer, values, i)
                 bar.update(len(values))
         finally:
             rows.close()
@@ -106,7 +110,8 @@ def store_collector(path: Path, dtype: StoreDtype = "float16") -> Callable[..., 
     """``collect_activations``'s signature, collecting into the store at ``path`` (its
     ``out_file`` must be None: the store is the output)."""
 
-    def collect(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
+    def collect(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
+                prompts: list[str], *,
                 out_file: Path | None = None, **kwargs: Any) -> StoredActivations:  # fmt: skip
         if out_file is not None:
             raise ValueError("a store collector writes to its store, not to out_file")

@@ -21,7 +21,8 @@ from, and nothing downstream depends on the order of rows.
 
 ``StoreWriter`` fills the store batch by batch (``append``: whole rows, all layers, buffered
 until a chunk of rows is complete, so every chunk is written once) or layer by layer
-(``write_layer``: one layer's values for a range of rows). ``ActivationStore`` reads it back
+(``append_layer``: one layer's rows after another's, buffered the same way; ``write_layer``:
+one layer's values for a range of rows). ``ActivationStore`` reads it back
 as numpy (whole or one layer at a time) or as a lazy ``dask.array``. (This module needs
 neither torch nor transformers: ``fbnprune.scale.collect`` holds the ``Activations`` face.)
 """
@@ -140,6 +141,10 @@ class StoreWriter:
         self.sample_index = np.full(n_tokens, -1, dtype=np.int32)
         self.clipped = 0
         self._committed = False
+        # append_layer: the layer being filled, its buffered rows and their first row
+        self._layer = -1
+        self._layer_buffer = np.empty((0, 0), dtype=np.float32)
+        self._layer_buffered = self._layer_start = 0
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -199,9 +204,45 @@ class StoreWriter:
             self.sample_index[start : start + len(values)] = sample
         self._next_row = max(self._next_row, start + len(values))
 
+    def append_layer(self, layer: int, rows: np.ndarray, sample: int | np.ndarray) -> None:
+        """Append rows (r, width) to one layer's array: layer after layer, every layer's rows
+        in the same order (``sample``, their sample, is recorded with the first layer's)."""
+        rows = np.asarray(rows)
+        if layer != self._layer:
+            self._flush_layer()
+            if self._layer >= 0 and self._layer_start != self.n_tokens:
+                raise StoreError(f"layer {self._layer}: {self._layer_start} of "
+                                 f"{self.n_tokens} rows appended before layer {layer}")
+            self._layer, self._layer_start = layer, 0
+            self._layer_buffer = np.empty((self.chunk_tokens, self.layer_widths[layer]),
+                                          dtype=np.float32)  # fmt: skip
+        start = self._layer_start + self._layer_buffered
+        if start + len(rows) > self.n_tokens:
+            raise StoreError(f"{start + len(rows)} rows appended to a store of {self.n_tokens}")
+        if layer == 0:
+            self.sample_index[start : start + len(rows)] = sample
+        done = 0
+        while done < len(rows):
+            take = min(len(rows) - done, self.chunk_tokens - self._layer_buffered)
+            self._layer_buffer[self._layer_buffered : self._layer_buffered + take] = (
+                rows[done : done + take]
+            )
+            self._layer_buffered += take
+            done += take
+            if self._layer_buffered == self.chunk_tokens:
+                self._flush_layer()
+
+    def _flush_layer(self) -> None:
+        if self._layer_buffered:
+            self.write_layer(self._layer, self._layer_start,
+                             self._layer_buffer[: self._layer_buffered])  # fmt: skip
+            self._layer_start += self._layer_buffered
+            self._layer_buffered = 0
+
     def commit(self, *, tokens_per_second: float = float("nan")) -> ActivationStore:
         """Write the remaining rows and the bookkeeping, and move the store into place."""
         self._flush()
+        self._flush_layer()
         if (self.sample_index < 0).any():
             raise StoreError(f"{int((self.sample_index < 0).sum())} of {self.n_tokens} rows "
                              "were never written")  # fmt: skip

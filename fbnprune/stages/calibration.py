@@ -76,7 +76,7 @@ class Calibration:
         """Every unit's mean over the calibration tokens of all tasks (the ``mean`` fill)."""
         acts = list(self.activations.values())
         tokens = sum(a.n_tokens for a in acts)
-        total = sum(column_means(a.matrix).astype(np.float64) * a.n_tokens for a in acts)
+        total = sum(_means(a).astype(np.float64) * a.n_tokens for a in acts)
         return np.asarray(total / tokens)
 
 
@@ -114,3 +114,12 @@ class RunCalibration(Calibration):
             logger.info("select: layer sensitivity (KL) %s",
                         " ".join(f"{v:.3g}" for v in self._sensitivity[key]))  # fmt: skip
         return self._sensitivity[key]
+
+
+def _means(acts: Activations) -> np.ndarray:
+    """Every unit's mean (``column_means``); from a store one layer at a time, so the matrix
+    is never in memory whole."""
+    store = getattr(acts, "store", None)
+    if store is None:
+        return column_means(acts.matrix)
+    return np.concatenate([column_means(store.layer(i)) for i in range(len(acts.layer_widths))])

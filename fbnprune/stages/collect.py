@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from fbnprune.collect import Activations, collect_activations
+from fbnprune.models.onload import LayerwiseModel
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.layout import ACTIVATIONS_FILE
 from fbnprune.stages.keys import collect_key
@@ -43,8 +44,10 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
 
         collect = store_collector(layout.activations_store(task),
                                   recipe.collect.precision or "float16")  # fmt: skip
+    model = ctx.layerwise_model() if recipe.collect.onload == "sequential" else ctx.model
+    pretrained = model.model if isinstance(model, LayerwiseModel) else model
     acts = collect(
-        ctx.model,
+        model,
         ctx.tokenizer,
         ctx.tasks[task].prompts("calibration"),
         site=recipe.site,
@@ -61,7 +64,7 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
     acts.save(directory)
     meta = {
         "task": task,
-        "model_type": ctx.model.config.model_type,
+        "model_type": pretrained.config.model_type,
         "site": acts.site,
         "n_tokens": acts.n_tokens,
         "n_samples": len(ctx.tasks[task].calibration),
