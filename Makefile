@@ -1,7 +1,7 @@
 # Everything fbnprune needs is installed by these targets on a fresh machine (Python 3.11).
 #   make demo   - set up, then run the default demo recipe end to end (runs/demo)
 #   make test   - set up, then run the whole test suite (slow real-model tests included)
-#   make lint   - set up, then mypy and ruff (what CI checks before the tests)
+#   make lint   - set up, then mypy, ruff check and ruff format --check (CI, before the tests)
 #   make check-vllm - optional: load the demo's padded checkpoint in vLLM (CPU) and compare its
 #                 greedy continuations with transformers' (own venv .venv-vllm, about 3.5 GB)
 PYTHON ?= python3
@@ -38,9 +38,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline_stages.py recipes/demo.yaml
 
-# mypy over the package (settings in pyproject.toml), then ruff over the code; CI runs it first
+# mypy over the package (settings in pyproject.toml), then ruff check and ruff format --check;
+# CI runs it first
 lint: typecheck
 	$(VENV)/bin/ruff check fbnprune tests benchmarks tools
+	$(VENV)/bin/ruff format --check fbnprune tests benchmarks tools
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy fbnprune

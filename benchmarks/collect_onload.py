@@ -60,12 +60,27 @@ def child(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(args.model)
         source = LayerwiseModel.from_checkpoint(checkpoint_dir(args.model), dtype=dtype)
     loaded = time.perf_counter()
-    acts = collect_activations(source, tokenizer, texts, max_length=args.max_length,  # type: ignore[arg-type]
-                               batch_size=args.batch_size, out_file=Path(args.out),
-                               progress=False)  # fmt: skip
+    acts = collect_activations(
+        source,
+        tokenizer,
+        texts,
+        max_length=args.max_length,  # type: ignore[arg-type]
+        batch_size=args.batch_size,
+        out_file=Path(args.out),
+        progress=False,
+    )
     done = time.perf_counter()
-    print(json.dumps({"mode": args.child, "load": loaded - start, "collect": done - loaded,
-                      "peak": peak_rss(), "shape": list(acts.matrix.shape)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "mode": args.child,
+                "load": loaded - start,
+                "collect": done - loaded,
+                "peak": peak_rss(),
+                "shape": list(acts.matrix.shape),
+            }
+        )
+    )
 
 
 def max_difference(a: np.ndarray, b: np.ndarray, rows: int = 1024) -> tuple[float, int]:
@@ -97,22 +112,46 @@ def main() -> None:
     rows = {}
     for mode in MODES:
         out = work / f"{mode}.npy"
-        cmd = [sys.executable, __file__, "--child", mode, "--out", str(out), "--model",
-               args.model, "--samples", str(args.samples), "--max-length",
-               str(args.max_length), "--batch-size", str(args.batch_size), "--dtype",
-               args.dtype]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--out",
+            str(out),
+            "--model",
+            args.model,
+            "--samples",
+            str(args.samples),
+            "--max-length",
+            str(args.max_length),
+            "--batch-size",
+            str(args.batch_size),
+            "--dtype",
+            args.dtype,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=True)
         rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     a = np.load(work / "full.npy", mmap_mode="r")
     b = np.load(work / "sequential.npy", mmap_mode="r")
     worst, differ = max_difference(a, b)
-    result = {"model": args.model, "dtype": args.dtype, "tokens x units": list(a.shape),
-              "max_abs_difference": worst, "values_differing": differ, "modes": rows}  # fmt: skip
+    result = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "tokens x units": list(a.shape),
+        "max_abs_difference": worst,
+        "values_differing": differ,
+        "modes": rows,
+    }
     for mode, row in rows.items():
-        print(f"{mode:>10}: load {row['load']:6.1f} s  collect {row['collect']:6.1f} s  "
-              f"peak {row['peak'] / 2**30:5.2f} GiB")  # fmt: skip
-    print(f"matrix {a.shape[0]} x {a.shape[1]}: max |full - sequential| = {worst:g} "
-          f"({differ} of {a.size} values differ)")  # fmt: skip
+        print(
+            f"{mode:>10}: load {row['load']:6.1f} s  collect {row['collect']:6.1f} s  "
+            f"peak {row['peak'] / 2**30:5.2f} GiB"
+        )
+    print(
+        f"matrix {a.shape[0]} x {a.shape[1]}: max |full - sequential| = {worst:g} "
+        f"({differ} of {a.size} values differ)"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -45,8 +45,9 @@ ENGINES = ("sklearn", "memory", "dask")
 THRESHOLD = 3.6
 
 
-def planted(path: Path, n_tokens: int, n_neurons: int, k: int, seed: int = 0,
-            block: int = 2048) -> None:  # fmt: skip
+def planted(
+    path: Path, n_tokens: int, n_neurons: int, k: int, seed: int = 0, block: int = 2048
+) -> None:
     """Write the planted-source matrix as ``matrix.npy`` (float32) and ``activations.zarr``
     (float16), and the true networks as ``truth.npy``."""
     from fbnprune.scale.store import StoreWriter
@@ -58,11 +59,13 @@ def planted(path: Path, n_tokens: int, n_neurons: int, k: int, seed: int = 0,
         members = rng.choice(n_neurons, size, replace=False)
         mixing[c, members] = rng.uniform(2.0, 3.0, size)
     np.save(path / "truth.npy", mixing > 0)
-    matrix = np.lib.format.open_memmap(path / "matrix.npy", mode="w+", dtype=np.float32,
-                                       shape=(n_tokens, n_neurons))  # fmt: skip
+    matrix = np.lib.format.open_memmap(
+        path / "matrix.npy", mode="w+", dtype=np.float32, shape=(n_tokens, n_neurons)
+    )
     widths = [n_neurons // 4] * 3 + [n_neurons - 3 * (n_neurons // 4)]  # four "layers"
-    with StoreWriter(path / "activations.zarr", n_tokens=n_tokens, layer_widths=widths,
-                     site="hidden") as store:  # fmt: skip
+    with StoreWriter(
+        path / "activations.zarr", n_tokens=n_tokens, layer_widths=widths, site="hidden"
+    ) as store:
         for start in range(0, n_tokens, block):
             rows = min(block, n_tokens - start)
             sources = rng.laplace(size=(rows, k)).astype(np.float32) ** 3 / np.float32(720**0.5)
@@ -90,8 +93,9 @@ def child(engine: str, data: Path, k: int, memory: str, threads: int) -> None:
     start = time.perf_counter()
     if engine == "sklearn":
         X = np.load(data / "matrix.npy", mmap_mode="r")
-        ica = FastICA(n_components=k, whiten="unit-variance", max_iter=400, tol=1e-4,
-                      random_state=0).fit(X)  # fmt: skip
+        ica = FastICA(
+            n_components=k, whiten="unit-variance", max_iter=400, tol=1e-4, random_state=0
+        ).fit(X)
         maps = ica.mixing_.T.astype(np.float64)
         z = (maps - maps.mean(axis=1, keepdims=True)) / maps.std(axis=1, keepdims=True)
         networks = np.abs(z) >= THRESHOLD
@@ -100,8 +104,9 @@ def child(engine: str, data: Path, k: int, memory: str, threads: int) -> None:
         fit = GroupICA(n_components=k, random_state=0).fit(X)
         maps, networks = fit.maps_, fit.networks_
     else:
-        fit = DaskGroupICA(n_components=k, random_state=0, memory=memory,
-                           threads=threads).fit(ActivationStore(data / "activations.zarr"))
+        fit = DaskGroupICA(n_components=k, random_state=0, memory=memory, threads=threads).fit(
+            ActivationStore(data / "activations.zarr")
+        )
         maps, networks = fit.maps_, fit.networks_
     seconds = time.perf_counter() - start
     peak = peak_rss()
@@ -124,17 +129,34 @@ def peak_rss() -> int:
 
 
 def run_child(engine: str, data: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", engine, "--data", str(data),
-           "--components", str(args.components), "--memory", args.memory,
-           "--threads", str(args.threads)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        engine,
+        "--data",
+        str(data),
+        "--components",
+        str(args.components),
+        "--memory",
+        args.memory,
+        "--threads",
+        str(args.threads),
+    ]
     root = str(Path(__file__).resolve().parents[1])  # this checkout's fbnprune
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args.threads),
-           "OPENBLAS_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "OMP_NUM_THREADS": str(args.threads),
+        "OPENBLAS_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+    }
     timeout = args.timeout if engine == "sklearn" else None
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                              check=False)  # fmt: skip
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:
         return {"seconds": float("inf"), "timeout": timeout}
     if done.returncode != 0:
@@ -142,8 +164,9 @@ def run_child(engine: str, data: Path, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def matched_iou(reference: np.ndarray, ref_nets: np.ndarray, maps: np.ndarray,
-                nets: np.ndarray) -> float:  # fmt: skip
+def matched_iou(
+    reference: np.ndarray, ref_nets: np.ndarray, maps: np.ndarray, nets: np.ndarray
+) -> float:
     from scipy.optimize import linear_sum_assignment
 
     k = len(reference)
@@ -175,14 +198,19 @@ def fmt_seconds(row: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="4096x8192,8192x16384,16384x32768",
-                        help="comma-separated TOKENSxNEURONS")  # fmt: skip
+    parser.add_argument(
+        "--sizes", default="4096x8192,8192x16384,16384x32768", help="comma-separated TOKENSxNEURONS"
+    )
     parser.add_argument("--components", type=int, default=64, help="sources = ICA components")
     parser.add_argument("--memory", default="1GiB", help="the dask path's budget")
     parser.add_argument("--threads", type=int, default=1, help="BLAS and dask threads")
-    parser.add_argument("--timeout", type=float, default=240,
-                        help="sklearn's limit, seconds; once past it, larger sizes skip it "
-                             "and show the same lower bound")  # fmt: skip
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=240,
+        help="sklearn's limit, seconds; once past it, larger sizes skip it "
+        "and show the same lower bound",
+    )
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--work", type=Path, help="data folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -200,8 +228,11 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="discover-scale-"))
     results = []
     sklearn_timed_out = False
-    print(f"k={args.components} components, threads={args.threads}, dask budget {args.memory}, "
-          f"sklearn timeout {args.timeout:.0f} s, data in {work}", flush=True)  # fmt: skip
+    print(
+        f"k={args.components} components, threads={args.threads}, dask budget {args.memory}, "
+        f"sklearn timeout {args.timeout:.0f} s, data in {work}",
+        flush=True,
+    )
     try:
         for size in args.sizes.split(","):
             n_tokens, n_neurons = (int(n) for n in size.lower().split("x"))
@@ -212,12 +243,18 @@ def main() -> None:
             planted(data, n_tokens, n_neurons, args.components)
             print(f"{size}: data written in {time.perf_counter() - start:.0f} s", flush=True)
             truth = np.load(data / "truth.npy")
-            row = {"tokens": n_tokens, "neurons": n_neurons,
-                   "float32_bytes": n_tokens * n_neurons * 4}  # fmt: skip
+            row = {
+                "tokens": n_tokens,
+                "neurons": n_neurons,
+                "float32_bytes": n_tokens * n_neurons * 4,
+            }
             for engine in engines:
                 if engine == "sklearn" and sklearn_timed_out:  # larger is slower still
-                    row[engine] = {"seconds": float("inf"), "timeout": args.timeout,
-                                   "skipped": True}  # fmt: skip
+                    row[engine] = {
+                        "seconds": float("inf"),
+                        "timeout": args.timeout,
+                        "skipped": True,
+                    }
                     continue
                 row[engine] = run_child(engine, data, args)
                 sklearn_timed_out |= engine == "sklearn" and "timeout" in row[engine]
@@ -227,8 +264,9 @@ def main() -> None:
             for engine, fit in fits.items():
                 row[engine]["truth_iou"] = truth_iou(fit["networks"], truth)
                 if reference is not None:
-                    row[engine]["iou"] = matched_iou(reference["maps"], reference["networks"],
-                                                     fit["maps"], fit["networks"])  # fmt: skip
+                    row[engine]["iou"] = matched_iou(
+                        reference["maps"], reference["networks"], fit["maps"], fit["networks"]
+                    )
             results.append(row)
             (data / "matrix.npy").unlink(missing_ok=True)
             shutil.rmtree(data / "activations.zarr", ignore_errors=True)
@@ -252,9 +290,12 @@ def table(results: list[dict], engines: list[str], budget: int) -> str:
         for e in engines:
             r = row[e]
             peak = r.get("peak")
-            cells += [fmt_seconds(r), f"{peak / 2**30:.2f}" if peak is not None else "-",
-                      f"{r['iou']:.2f}" if "iou" in r else "-",
-                      f"{r['truth_iou']:.2f}" if "truth_iou" in r else "-"]  # fmt: skip
+            cells += [
+                fmt_seconds(r),
+                f"{peak / 2**30:.2f}" if peak is not None else "-",
+                f"{r['iou']:.2f}" if "iou" in r else "-",
+                f"{r['truth_iou']:.2f}" if "truth_iou" in r else "-",
+            ]
         dask = row.get("dask", {}).get("seconds", float("nan"))
         for other in ("sklearn", "memory"):
             r = row.get(other, {})

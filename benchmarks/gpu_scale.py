@@ -41,18 +41,35 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     vocab.update({ch: i + 4 for i, ch in enumerate(string.ascii_lowercase + " .,")})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 def build_model(tiny: bool, layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
-    widths = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4,
-                  num_key_value_heads=4) if tiny else dict(
-        hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-        num_key_value_heads=32)  # fmt: skip
-    config = LlamaConfig(vocab_size=32000, num_hidden_layers=layers, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, max_position_embeddings=4096,
-                         **widths)  # fmt: skip
+    widths = (
+        dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=4)
+        if tiny
+        else dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        )
+    )
+    config = LlamaConfig(
+        vocab_size=32000,
+        num_hidden_layers=layers,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=4096,
+        **widths,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -81,8 +98,9 @@ def forward_tokens_per_second(model, tokenizer, texts, seq: int, batch: int, dev
     start = time.perf_counter()
     tokens = 0
     for input_ids, attention in batches:
-        backbone(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                 use_cache=False)  # fmt: skip
+        backbone(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
+        )
         tokens += int(attention.sum())
     sync(device)
     return tokens / (time.perf_counter() - start)
@@ -116,8 +134,12 @@ def main() -> None:
 
     on_gpu = args.device.startswith("cuda")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    figures: dict = {"device": args.device, "dtype": str(dtype), "host": platform.node(),
-                     "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+    figures: dict = {
+        "device": args.device,
+        "dtype": str(dtype),
+        "host": platform.node(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     if on_gpu:
         figures["gpu"] = torch.cuda.get_device_name(0)
 
@@ -135,31 +157,57 @@ def main() -> None:
     texts = prompts(max(1, args.tokens // args.seq), args.seq)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-scale-"))
 
-    report("forward_tokens_per_second",
-           round(forward_tokens_per_second(model, tokenizer, texts, args.seq, args.batch,
-                                           args.device)))  # fmt: skip
-    acts = collect_activations(model, tokenizer, texts, max_length=args.seq,
-                               batch_size=args.batch, progress=False)  # fmt: skip
+    report(
+        "forward_tokens_per_second",
+        round(
+            forward_tokens_per_second(model, tokenizer, texts, args.seq, args.batch, args.device)
+        ),
+    )
+    acts = collect_activations(
+        model, tokenizer, texts, max_length=args.seq, batch_size=args.batch, progress=False
+    )
     report("collect_memory_tokens_per_second", round(acts.tokens_per_second))
-    report("matrix", {"tokens": int(acts.n_tokens), "neurons": int(acts.matrix.shape[1]),
-                      "float32_gib": round(acts.matrix.nbytes / 2**30, 2)})  # fmt: skip
-    stored = collect_to_store(model, tokenizer, texts, work / "activations.zarr",
-                              max_length=args.seq, batch_size=args.batch,
-                              progress=False)  # fmt: skip
+    report(
+        "matrix",
+        {
+            "tokens": int(acts.n_tokens),
+            "neurons": int(acts.matrix.shape[1]),
+            "float32_gib": round(acts.matrix.nbytes / 2**30, 2),
+        },
+    )
+    stored = collect_to_store(
+        model,
+        tokenizer,
+        texts,
+        work / "activations.zarr",
+        max_length=args.seq,
+        batch_size=args.batch,
+        progress=False,
+    )
     report("collect_zarr_tokens_per_second", round(stored.tokens_per_second))
     forward = figures["forward_tokens_per_second"]
-    report("collect_vs_forward", {
-        "memory": round(acts.tokens_per_second / forward, 3),
-        "zarr": round(stored.tokens_per_second / forward, 3),
-    })  # fmt: skip
+    report(
+        "collect_vs_forward",
+        {
+            "memory": round(acts.tokens_per_second / forward, 3),
+            "zarr": round(stored.tokens_per_second / forward, 3),
+        },
+    )
     matrix = acts.matrix
     del acts
 
     start = time.perf_counter()
     ica = DaskGroupICA(n_components=args.components, memory=args.memory).fit(stored.store)
     report("discover_dask_seconds", round(time.perf_counter() - start, 1))
-    report("discover_dask", {"block_rows": ica.block_rows_, "cached": ica.cached_,
-                             "n_iter": ica.n_iter_, "converged": bool(ica.converged_)})
+    report(
+        "discover_dask",
+        {
+            "block_rows": ica.block_rows_,
+            "cached": ica.cached_,
+            "n_iter": ica.n_iter_,
+            "converged": bool(ica.converged_),
+        },
+    )
     if args.in_memory:
         start = time.perf_counter()
         GroupICA(n_components=args.components).fit(matrix)
@@ -169,11 +217,24 @@ def main() -> None:
     scores = ica.neuron_scores()
     widths = stored.layer_widths
     kept = allocate([scores[a:b] for a, b in layer_bounds(widths)], args.budget)
-    plan = PrunePlan(model="random-llama", model_type="llama", site="hidden", fill="zero",
-                     layer_widths=list(widths), kept=kept, provenance={})  # fmt: skip
+    plan = PrunePlan(
+        model="random-llama",
+        model_type="llama",
+        site="hidden",
+        fill="zero",
+        layer_widths=list(widths),
+        kept=kept,
+        provenance={},
+    )
     student = slice_model(copy.deepcopy(model), plan, layout="compact").train()
-    cfg = HealConfig(steps=args.heal_steps, batch_size=args.heal_batch, max_length=args.seq,
-                     eval_every=10**6, checkpoint_every=10**6, max_minutes=None)  # fmt: skip
+    cfg = HealConfig(
+        steps=args.heal_steps,
+        batch_size=args.heal_batch,
+        max_length=args.seq,
+        eval_every=10**6,
+        checkpoint_every=10**6,
+        max_minutes=None,
+    )
     from fbnprune.heal import heal_model
 
     heal_texts = texts[: args.heal_batch * 4]
@@ -181,16 +242,22 @@ def main() -> None:
     start = time.perf_counter()
     _, log = heal_model(student, model, tokenizer, heal_texts, cfg, progress=False)
     sync(args.device)
-    report("heal", {"steps": log.steps, "seconds_total": round(time.perf_counter() - start, 1),
-                    "train_seconds": round(log.seconds, 1),
-                    "steps_per_second": round(log.steps / log.seconds, 3) if log.seconds else None,
-                    "loss_first": log.train_loss[0], "loss_last": log.train_loss[-1]})  # fmt: skip
+    report(
+        "heal",
+        {
+            "steps": log.steps,
+            "seconds_total": round(time.perf_counter() - start, 1),
+            "train_seconds": round(log.seconds, 1),
+            "steps_per_second": round(log.steps / log.seconds, 3) if log.seconds else None,
+            "loss_first": log.train_loss[0],
+            "loss_last": log.train_loss[-1],
+        },
+    )
     if on_gpu:
         report("gpu_peak_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
     import resource
 
-    report("cpu_peak_rss_gib",
-           round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))  # fmt: skip
+    report("cpu_peak_rss_gib", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
 
 
 if __name__ == "__main__":

@@ -82,12 +82,14 @@ def main() -> None:
 
     methods = {
         "forward (whole model)": lambda: forward_tokens_per_second(
-            model, tokenizer, prompts, length, batch),
+            model, tokenizer, prompts, length, batch
+        ),
         "forward (decoder only)": lambda: forward_tokens_per_second(
-            backbone, tokenizer, prompts, length, batch),
+            backbone, tokenizer, prompts, length, batch
+        ),
         "collect (memory)": lambda: collect_rate(None),
         "collect (memmap)": lambda: collect_rate(tmp / "activations.npy"),
-    }  # fmt: skip
+    }
     names = list(methods)
     rates: dict[str, list[float]] = {name: [] for name in names}
     methods[names[0]]()  # warm-up

@@ -47,8 +47,9 @@ def main() -> None:
     models = {"original": original}
     for layout in ("padded", "compact"):
         try:
-            models[f"sliced-{layout}"] = slice_model(copy.deepcopy(original), plan,
-                                                     layout=layout).eval()  # fmt: skip
+            models[f"sliced-{layout}"] = slice_model(
+                copy.deepcopy(original), plan, layout=layout
+            ).eval()
         except SliceError as exc:  # e.g. mean fill on a model without a down-projection bias
             print(f"no {layout} slice: {exc}")
     devices = args.device or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

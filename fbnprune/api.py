@@ -47,8 +47,7 @@ def run(
     # what --overwrite must never delete: the recipe file, a local model
     check_run_dir(out, overwrite=overwrite, protected=(recipe_file, recipe.model))
     with RunDir(Path(out)).lock():  # one process at a time in ``out``
-        return run_pipeline(recipe, Path(out), until=until, overwrite=overwrite,
-                            progress=progress)
+        return run_pipeline(recipe, Path(out), until=until, overwrite=overwrite, progress=progress)
 
 
 def prune(
@@ -100,22 +99,40 @@ def prune(
 
     if allocation == "sensitivity":
         raise ValueError("allocation='sensitivity' needs a run directory: use fbnprune.run")
-    select = SelectConfig(selector=selector, budget=budget, allocation=allocation,
-                          min_per_layer=min_per_layer)  # validated as a recipe's would be
+    select = SelectConfig(
+        selector=selector, budget=budget, allocation=allocation, min_per_layer=min_per_layer
+    )  # validated as a recipe's would be
     PruneConfig(fill=fill, ridge=ridge)
     prompts = {"task": list(tasks)} if not isinstance(tasks, Mapping) else dict(tasks)
     acts = {
-        name: collect_activations(model, tokenizer, list(p), site=site, max_length=max_length,
-                                  batch_size=batch_size, progress=progress)
+        name: collect_activations(
+            model,
+            tokenizer,
+            list(p),
+            site=site,
+            max_length=max_length,
+            batch_size=batch_size,
+            progress=progress,
+        )
         for name, p in prompts.items()
-    }  # fmt: skip
+    }
     networks: dict[str, NetworkScores] = {}
     if selector == "ica":
         discover = DiscoverConfig(n_components=n_components)
-        networks = {name: NetworkScores(name, fit_networks(discover, a, seed=seed).neuron_scores())
-                    for name, a in acts.items()}  # fmt: skip
+        networks = {
+            name: NetworkScores(name, fit_networks(discover, a, seed=seed).neuron_scores())
+            for name, a in acts.items()
+        }
     calibration = Calibration(acts, networks, model=lambda: model)
-    plan = plan_of(calibration, select, fill, seed=seed, ridge=ridge,
-                   model=str(getattr(model.config, "_name_or_path", "")),
-                   model_type=model.config.model_type, site=site, progress=progress)  # fmt: skip
+    plan = plan_of(
+        calibration,
+        select,
+        fill,
+        seed=seed,
+        ridge=ridge,
+        model=str(getattr(model.config, "_name_or_path", "")),
+        model_type=model.config.model_type,
+        site=site,
+        progress=progress,
+    )
     return slice_model(copy.deepcopy(model), plan, layout=layout).eval(), plan

@@ -63,8 +63,10 @@ class ParityReport:
 
     def table(self) -> str:
         role = "" if self.gating else ", for information"
-        lines = [f"parity vs {self.reference} in {self.dtype} over {self.n_tokens} tokens "
-                 f"(atol {self.atol:g}{role}):"]  # fmt: skip
+        lines = [
+            f"parity vs {self.reference} in {self.dtype} over {self.n_tokens} tokens "
+            f"(atol {self.atol:g}{role}):"
+        ]
         for c in self.comparisons:
             status = ("ok" if c.passed else "FAIL") if self.gating else ""
             lines.append(
@@ -90,8 +92,11 @@ class ParityResult:
         return all(r.passed for r in self.reports if r.gating)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "reports": [r.to_dict() for r in self.reports],
-                "files": self.files}  # fmt: skip
+        return {
+            "passed": self.passed,
+            "reports": [r.to_dict() for r in self.reports],
+            "files": self.files,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> ParityResult:
@@ -127,8 +132,9 @@ class ParityResult:
             limit = min(r.atol, atol)
             for c in r.comparisons:
                 if not math.isfinite(c.max_abs) or c.max_abs > limit:
-                    out.append(f"{c.name} vs {r.reference} ({r.dtype}): max|d| {c.max_abs:.3e} "
-                               f"> {limit:g}")  # fmt: skip
+                    out.append(
+                        f"{c.name} vs {r.reference} ({r.dtype}): max|d| {c.max_abs:.3e} > {limit:g}"
+                    )
         return out
 
     def table(self) -> str:

@@ -161,8 +161,9 @@ def sample_rows(
             input_ids, attention = pad_batch(ids, batch, pad_id)
             if buffer.shape[:2] != input_ids.shape:
                 buffer = np.empty((*input_ids.shape, int(col[-1])), dtype=np.float32)
-            backbone(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                     use_cache=False)  # fmt: skip
+            backbone(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
+            )
             for row, i in enumerate(batch):  # whole rows: contiguous writes, real tokens only
                 yield i, buffer[row, : lengths[i]]
 
@@ -265,8 +266,11 @@ def collect_activations(
     n_tokens, n_neurons = int(offsets[-1]), sum(widths)
     logger.info(
         "collect: %d samples, %d tokens x %d neurons (%.2f GiB float32)",
-        len(prompts), n_tokens, n_neurons, n_tokens * n_neurons * 4 / 2**30,
-    )  # fmt: skip
+        len(prompts),
+        n_tokens,
+        n_neurons,
+        n_tokens * n_neurons * 4 / 2**30,
+    )
 
     tmp_file = None
     if out_file is None:
@@ -309,10 +313,15 @@ def collect_activations(
     return Activations(matrix, sample_index, widths, site, tps)
 
 
-def collect_bar(model: PreTrainedModel | LayerwiseModel, n_tokens: int, site: str,
-                progress: bool) -> tqdm:  # fmt: skip
+def collect_bar(
+    model: PreTrainedModel | LayerwiseModel, n_tokens: int, site: str, progress: bool
+) -> tqdm:
     """The progress bar of a collection: tokens, times the layers when layer by layer."""
     if isinstance(model, LayerwiseModel):
-        return tqdm(total=n_tokens * model.n_layers, unit="tok", disable=not progress,
-                    desc=f"collect ({site}, layer by layer)")  # fmt: skip
+        return tqdm(
+            total=n_tokens * model.n_layers,
+            unit="tok",
+            disable=not progress,
+            desc=f"collect ({site}, layer by layer)",
+        )
     return tqdm(total=n_tokens, unit="tok", desc=f"collect ({site})", disable=not progress)

@@ -171,8 +171,9 @@ def measure_costs(
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be at least 2 (one decode step), got {new_tokens}")
     names = list(models)
-    vocab = min(cast(nn.Embedding, m.get_input_embeddings()).num_embeddings
-                for m in models.values())  # fmt: skip
+    vocab = min(
+        cast(nn.Embedding, m.get_input_embeddings()).num_embeddings for m in models.values()
+    )
     ids = prompt_ids(vocab, prompt_tokens=prompt_tokens, batch_size=batch_size, seed=seed)
 
     with _threads(threads), _eval_mode(models.values()):

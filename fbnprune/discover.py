@@ -103,9 +103,12 @@ class GroupICA:
         neurons): the maps, their z-scores and networks; a warning when it did not converge.
         The last step of ``fit``, whatever engine did the PCA."""
         maps, z, self.converged_, self.n_iter_ = ica_maps(
-            reduced, components, max_iter=self.max_iter, tol=self.tol,
+            reduced,
+            components,
+            max_iter=self.max_iter,
+            tol=self.tol,
             random_state=self.random_state,
-        )  # fmt: skip
+        )
         if not self.converged_:
             warnings.warn(
                 f"FastICA did not converge in {self.max_iter} iterations; networks may be "
@@ -157,16 +160,25 @@ def check_size(k: int, n_tokens: int, n_neurons: int) -> None:
 
 
 def ica_maps(
-    reduced: np.ndarray, components: np.ndarray, *, max_iter: int, tol: float,
+    reduced: np.ndarray,
+    components: np.ndarray,
+    *,
+    max_iter: int,
+    tol: float,
     random_state: int | None,
-) -> tuple[np.ndarray, np.ndarray, bool, int]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray, bool, int]:
     """FastICA on PCA-reduced data ``reduced`` (tokens, k) whose PCA ``components`` are
     (k, neurons): the mixing matrix projected back to neurons (float64 maps, (k, neurons)),
     the maps z-scored per row, both flipped to positive skew; whether FastICA converged and
     its iterations."""
     k = reduced.shape[1]
-    ica = FastICA(n_components=k, whiten="unit-variance", max_iter=max_iter, tol=tol,
-                  random_state=random_state)  # fmt: skip
+    ica = FastICA(
+        n_components=k,
+        whiten="unit-variance",
+        max_iter=max_iter,
+        tol=tol,
+        random_state=random_state,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         ica.fit(reduced.astype(np.float64))

@@ -61,9 +61,14 @@ def _last_position_weights(attention: torch.Tensor, last: torch.Tensor) -> torch
 
 @torch.no_grad()  # not inference_mode: the targets enter the student's autograd graph
 def teacher_targets(
-    teacher: nn.Module, batches: Sequence[Batch], *, top_k: int, temperature: float = 1.0,
-    last_weights: Sequence[torch.Tensor] | None = None, progress: bool = False,
-) -> list[TeacherTargets]:  # fmt: skip
+    teacher: nn.Module,
+    batches: Sequence[Batch],
+    *,
+    top_k: int,
+    temperature: float = 1.0,
+    last_weights: Sequence[torch.Tensor] | None = None,
+    progress: bool = False,
+) -> list[TeacherTargets]:
     """Run the teacher once over the batches and keep its top-k next-token log-probs at
     every real position; ``last_weights`` (one (batch,) tensor per batch) weight each row's
     last position."""
@@ -103,18 +108,29 @@ def distillation_loss(
 @torch.no_grad()
 def validation_loss(model: nn.Module, targets: list[TeacherTargets], temperature: float) -> float:
     model.eval()
-    losses = [float(distillation_loss(model(input_ids=t.input_ids,
-                                            attention_mask=t.attention_mask).logits,
-                                      t, temperature)) for t in targets]  # fmt: skip
+    losses = [
+        float(
+            distillation_loss(
+                model(input_ids=t.input_ids, attention_mask=t.attention_mask).logits, t, temperature
+            )
+        )
+        for t in targets
+    ]
     model.train()
     return sum(losses) / len(losses)
 
 
 def prepare_targets(
-    teacher: nn.Module, tokenizer: Any, texts: Sequence[str], cfg: HealConfig, *,
-    validation: Sequence[str] = (), questions: Sequence[bool] | None = None,
-    validation_questions: Sequence[bool] | None = None, progress: bool = False,
-) -> Targets:  # fmt: skip
+    teacher: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    cfg: HealConfig,
+    *,
+    validation: Sequence[str] = (),
+    questions: Sequence[bool] | None = None,
+    validation_questions: Sequence[bool] | None = None,
+    progress: bool = False,
+) -> Targets:
     """The teacher's targets on the training texts and on the validation texts.
 
     ``questions`` (one flag per text) marks the prompts of multiple-choice tasks, whose last
@@ -130,10 +146,17 @@ def prepare_targets(
         batches = [pad_batch(ids, g, pad_id) for g in groups]
         last = None
         if flags is not None and cfg.answer_weight != 1.0:
-            last = [torch.tensor([cfg.answer_weight if flags[i] else 1.0 for i in g])
-                    for g in groups]  # fmt: skip
-        return teacher_targets(teacher, batches, top_k=cfg.top_k, temperature=cfg.temperature,
-                               last_weights=last, progress=bar)  # fmt: skip
+            last = [
+                torch.tensor([cfg.answer_weight if flags[i] else 1.0 for i in g]) for g in groups
+            ]
+        return teacher_targets(
+            teacher,
+            batches,
+            top_k=cfg.top_k,
+            temperature=cfg.temperature,
+            last_weights=last,
+            progress=bar,
+        )
 
     train = run(texts, questions, progress)
     return train, run(validation, validation_questions, False) if validation else []
@@ -144,9 +167,14 @@ TARGET_SETTINGS = ("max_length", "batch_size", "top_k", "temperature", "answer_w
 _FIELDS = ("input_ids", "attention_mask", "top_ids", "top_logprobs", "weights")
 
 
-def targets_key(teacher_id: str, cfg: HealConfig, texts: Sequence[str],
-                questions: Sequence[bool] | None, validation: Sequence[str],
-                validation_questions: Sequence[bool] | None) -> str:  # fmt: skip
+def targets_key(
+    teacher_id: str,
+    cfg: HealConfig,
+    texts: Sequence[str],
+    questions: Sequence[bool] | None,
+    validation: Sequence[str],
+    validation_questions: Sequence[bool] | None,
+) -> str:
     """What a set of targets was computed from: the teacher, the texts and their flags, and
     the settings in ``TARGET_SETTINGS``."""
     settings = {name: getattr(cfg, name) for name in TARGET_SETTINGS}
@@ -186,6 +214,7 @@ def load_targets(path: Path, key: str) -> Targets | None:
         weights = tensors.get(f"{split}.{i}.weights")
         return TeacherTargets(ids, attention, top_ids, logprobs, weights)
 
-    train, validation = ([target(split, i) for i in range(int(metadata[split]))]
-                         for split in ("train", "validation"))  # fmt: skip
+    train, validation = (
+        [target(split, i) for i in range(int(metadata[split]))] for split in ("train", "validation")
+    )
     return train, validation

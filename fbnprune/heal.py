@@ -104,8 +104,7 @@ def _prepare(
     for param in model.parameters():
         param.requires_grad_(False)
     if cfg.method == "full":
-        params = [p for m in trainable_linears(model, cfg.modules).values()
-                  for p in m.parameters()]  # fmt: skip
+        params = [p for m in trainable_linears(model, cfg.modules).values() for p in m.parameters()]
         for param in params:
             param.requires_grad_(True)
         return model, params
@@ -114,9 +113,13 @@ def _prepare(
     except ImportError as exc:  # pragma: no cover - peft is in the heal extra
         raise HealError("method 'lora' needs peft: pip install 'fbnprune[heal]'") from exc
     # peft annotates lora_alpha as int, but uses it as a float (the scale lora_alpha / r)
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]
-                      lora_dropout=0.0,
-                      target_modules=_lora_targets(model, cfg.modules), bias="none")  # fmt: skip
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]
+        lora_dropout=0.0,
+        target_modules=_lora_targets(model, cfg.modules),
+        bias="none",
+    )
     wrapped = get_peft_model(model, lora)
     return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
 
@@ -178,10 +181,16 @@ def heal_model(
         The healed model (LoRA merged) and its log.
     """
     if targets is None:
-        targets = prepare_targets(teacher, tokenizer, texts, cfg, validation=validation,
-                                  questions=questions,
-                                  validation_questions=validation_questions,
-                                  progress=progress)  # fmt: skip
+        targets = prepare_targets(
+            teacher,
+            tokenizer,
+            texts,
+            cfg,
+            validation=validation,
+            questions=questions,
+            validation_questions=validation_questions,
+            progress=progress,
+        )
     train_targets, val_targets = targets
     torch.manual_seed(cfg.seed)
     model, params = _prepare(student, cfg)
@@ -208,8 +217,14 @@ def heal_model(
         best.update(0, log.validation[0][1])  # the unhealed slice is a candidate too
     started = time.perf_counter()
     log.stopped_by = "steps"
-    bar = tqdm(range(start_step, cfg.steps), desc="heal", unit="step", disable=not progress,
-               initial=start_step, total=cfg.steps)  # fmt: skip
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        desc="heal",
+        unit="step",
+        disable=not progress,
+        initial=start_step,
+        total=cfg.steps,
+    )
     epoch: list[int] = []
     for step in bar:
         if not epoch:
@@ -234,24 +249,30 @@ def heal_model(
         done = step + 1
         if val_targets and (done % cfg.eval_every == 0 or done == cfg.steps):
             log.validation.append((done, validation_loss(model, val_targets, cfg.temperature)))
-            logger.info("heal: step %d/%d, %d tokens, train loss %.4f, validation %.4f (%.0f s)",
-                        done, cfg.steps, log.tokens, value, log.validation[-1][1],
-                        time.perf_counter() - started)  # fmt: skip
+            logger.info(
+                "heal: step %d/%d, %d tokens, train loss %.4f, validation %.4f (%.0f s)",
+                done,
+                cfg.steps,
+                log.tokens,
+                value,
+                log.validation[-1][1],
+                time.perf_counter() - started,
+            )
             if best.update(done, log.validation[-1][1]):
                 log.stopped_by = "patience"
                 break
         if state_file is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save_state(state_file, params, optimizer, done, log, settings_key)
         out_of_tokens = cfg.max_tokens is not None and log.tokens >= cfg.max_tokens
-        out_of_time = (cfg.max_minutes is not None
-                       and time.perf_counter() - started > 60 * cfg.max_minutes)  # fmt: skip
+        out_of_time = (
+            cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
+        )
         if out_of_tokens or out_of_time:
             log.stopped_by = "tokens" if out_of_tokens else "time"
             if val_targets and log.validation[-1][0] != done:
                 # the last weights are a candidate too: without this, a budget that ends
                 # before the first evaluation would put the unhealed weights back
-                log.validation.append((done, validation_loss(model, val_targets,
-                                                              cfg.temperature)))  # fmt: skip
+                log.validation.append((done, validation_loss(model, val_targets, cfg.temperature)))
                 best.update(done, log.validation[-1][1])
             break
     bar.close()
@@ -260,9 +281,14 @@ def heal_model(
     log.seconds = round(time.perf_counter() - started, 2)
     if state_file is not None and state_file.exists():
         state_file.unlink()
-    logger.info("heal: %d steps in %.0f s (stopped by %s), loss %.4f -> %.4f", log.steps,
-                log.seconds, log.stopped_by, log.train_loss[0] if log.train_loss else math.nan,
-                log.train_loss[-1] if log.train_loss else math.nan)  # fmt: skip
+    logger.info(
+        "heal: %d steps in %.0f s (stopped by %s), loss %.4f -> %.4f",
+        log.steps,
+        log.seconds,
+        log.stopped_by,
+        log.train_loss[0] if log.train_loss else math.nan,
+        log.train_loss[-1] if log.train_loss else math.nan,
+    )
     return _finish(model), log
 
 
@@ -270,8 +296,9 @@ class _EarlyStopping:
     """Keeps a copy of the trained parameters at the best validation loss; says when the
     loss has not improved for ``patience`` evaluations; puts the best weights back."""
 
-    def __init__(self, params: list[nn.Parameter], patience: int | None,
-                 history: list[tuple[int, float]]) -> None:  # fmt: skip
+    def __init__(
+        self, params: list[nn.Parameter], patience: int | None, history: list[tuple[int, float]]
+    ) -> None:
         self.params, self.patience = params, patience
         self.best_loss = min((v for _, v in history), default=math.inf)
         self.best_step: int | None = None
@@ -299,14 +326,28 @@ class _EarlyStopping:
         return self.best_step
 
 
-def _save_state(file: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-                step: int, log: HealLog, settings: str) -> None:  # fmt: skip
+def _save_state(
+    file: Path,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    log: HealLog,
+    settings: str,
+) -> None:
     with atomic_file(file) as tmp:
-        torch.save({"settings": settings, "n_params": log.trainable_parameters, "step": step,
-                    "params": [p.detach().clone() for p in params],
-                    "optimizer": optimizer.state_dict(), "train_loss": log.train_loss,
-                    "tokens": log.tokens,
-                    "validation": log.validation}, tmp)  # fmt: skip
+        torch.save(
+            {
+                "settings": settings,
+                "n_params": log.trainable_parameters,
+                "step": step,
+                "params": [p.detach().clone() for p in params],
+                "optimizer": optimizer.state_dict(),
+                "train_loss": log.train_loss,
+                "tokens": log.tokens,
+                "validation": log.validation,
+            },
+            tmp,
+        )
 
 
 def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -> Path:
@@ -323,8 +364,9 @@ def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -
             continue
         window = max(1, len(losses) // 25)  # never longer than the losses
         smooth = losses.unfold(0, window, 1).mean(-1)
-        line, = ax.plot(range(window, window + len(smooth)), smooth.tolist(),
-                        label=f"{name} train")  # fmt: skip
+        (line,) = ax.plot(
+            range(window, window + len(smooth)), smooth.tolist(), label=f"{name} train"
+        )
         if log.validation:
             steps, values = zip(*log.validation, strict=True)
             ax.plot(steps, values, "o--", color=line.get_color(), label=f"{name} held-out")

@@ -51,8 +51,11 @@ def digest_mismatches(folder: Path, expected: dict[str, str]) -> list[str]:
     per missing, changed or added file; empty when the folder holds exactly those bytes."""
     actual = file_digests(folder)
     problems = [f"{name}: missing" for name in expected if name not in actual]
-    problems += [f"{name}: changed since it was checked" for name, digest in expected.items()
-                 if name in actual and actual[name] != digest]  # fmt: skip
+    problems += [
+        f"{name}: changed since it was checked"
+        for name, digest in expected.items()
+        if name in actual and actual[name] != digest
+    ]
     problems += [f"{name}: added after the check" for name in actual if name not in expected]
     return problems
 

@@ -68,9 +68,7 @@ class _CorrectionHook:
 
 
 @contextlib.contextmanager
-def _refit_hooks(
-    model: PreTrainedModel, adapter: MLPAdapter, plan: PrunePlan
-) -> Iterator[None]:
+def _refit_hooks(model: PreTrainedModel, adapter: MLPAdapter, plan: PrunePlan) -> Iterator[None]:
     correction = _RefitCorrection(dict(enumerate(down_weights(model))), plan)
     handles = [
         adapter.get_down(layer).register_forward_hook(_CorrectionHook(i, correction))
@@ -99,8 +97,9 @@ def masked(model: PreTrainedModel, plan: PrunePlan) -> Masked:
 
 
 @contextlib.contextmanager
-def masked_layer(adapter: MLPAdapter, layer: nn.Module, index: int,
-                 plan: PrunePlan) -> Iterator[None]:  # fmt: skip
+def masked_layer(
+    adapter: MLPAdapter, layer: nn.Module, index: int, plan: PrunePlan
+) -> Iterator[None]:
     """Context manager: decoder block ``layer`` (number ``index``) behaves as ``plan`` prunes
     it (``masked`` for one block, e.g. one onloaded from a checkpoint)."""
     keep = [plan.keep_mask(i) for i in range(plan.n_layers)]

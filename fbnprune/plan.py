@@ -144,8 +144,11 @@ class PrunePlan:
         path = Path(path)
         if self.refit is not None:
             file = refit_file(path)
-            self.provenance["refit"] = {"file": file.name, "sha256": self.refit.save(file),
-                                        "ridge": self.refit.ridge}  # fmt: skip
+            self.provenance["refit"] = {
+                "file": file.name,
+                "sha256": self.refit.save(file),
+                "ridge": self.refit.ridge,
+            }
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod

@@ -185,9 +185,13 @@ def _proportional_counts(widths: list[int], total: int) -> list[int]:
 
 
 def _sensitivity_counts(
-    widths: list[int], total: int, floors: list[int], sensitivity: list[float] | None,
-    max_per_layer: float, power: float,
-) -> list[int]:  # fmt: skip
+    widths: list[int],
+    total: int,
+    floors: list[int],
+    sensitivity: list[float] | None,
+    max_per_layer: float,
+    power: float,
+) -> list[int]:
     """Units per layer proportional to ``width * sensitivity ** power`` within the bounds."""
     if sensitivity is None or len(sensitivity) != len(widths):
         raise SelectError("allocation 'sensitivity' needs one sensitivity per layer")

@@ -68,9 +68,15 @@ def layer_sensitivity(
         kept = [list(range(w)) for w in widths]
         count = max(1, math.ceil(budget * widths[layer]))
         kept[layer] = sorted(top_indices(layer_scores[layer], count).tolist())
-        plan = PrunePlan(model=model_name, model_type=model.config.model_type, site="hidden",
-                         fill="zero" if fill_values is None else "mean", layer_widths=widths,
-                         kept=kept, fill_values=fill_values)  # fmt: skip
+        plan = PrunePlan(
+            model=model_name,
+            model_type=model.config.model_type,
+            site="hidden",
+            fill="zero" if fill_values is None else "mean",
+            layer_widths=widths,
+            kept=kept,
+            fill_values=fill_values,
+        )
         with masked(model, plan):
             cut = _logprobs(model, batches)
         kl = [(r.exp() * (r - c)).sum(-1) for r, c in zip(reference, cut, strict=True)]

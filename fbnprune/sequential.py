@@ -57,8 +57,9 @@ def sequential_refit(
     biases = [torch.zeros(d.shape[0]) for d in downs]
     all_units = [list(range(w)) for w in layer_widths]
     model_type = model.config.model_type
-    for index in tqdm(range(len(layers)), desc="refit (sequential)", unit="layer",
-                      disable=not progress):  # fmt: skip
+    for index in tqdm(
+        range(len(layers)), desc="refit (sequential)", unit="layer", disable=not progress
+    ):
         seen: list[np.ndarray] = []
 
         def grab(module: nn.Module, args: tuple, store: list = seen) -> None:
@@ -75,9 +76,15 @@ def sequential_refit(
         weights[index] = torch.from_numpy(v.astype(np.float32))
         biases[index] = torch.from_numpy(c.astype(np.float32))
         sofar = kept[: index + 1] + all_units[index + 1 :]
-        plan = PrunePlan(model="", model_type=model_type, site="hidden", fill="reconstruct",
-                         layer_widths=list(layer_widths), kept=sofar,
-                         refit=Refit(weights, biases, ridge))  # fmt: skip
+        plan = PrunePlan(
+            model="",
+            model_type=model_type,
+            site="hidden",
+            fill="reconstruct",
+            layer_widths=list(layer_widths),
+            kept=sofar,
+            refit=Refit(weights, biases, ridge),
+        )
         with masked(model, plan):
             hidden = [calls.replay(layers[index], index, b, x) for b, x in enumerate(hidden)]
     return Refit(weights, biases, ridge)

@@ -87,8 +87,9 @@ def slice_layer(
         _slice_hidden_units(adapter, layer, plan, index, layout)
 
 
-def slice_config(config: PretrainedConfig, adapter: MLPAdapter, plan: PrunePlan, *,
-                 layout: str) -> None:  # fmt: skip
+def slice_config(
+    config: PretrainedConfig, adapter: MLPAdapter, plan: PrunePlan, *, layout: str
+) -> None:
     """The config of the sliced model (widths, bias switch, compact spec), in place."""
     if plan.site == "output":
         if plan.adds_bias and not adapter.always_bias:
@@ -247,8 +248,9 @@ def _sliced_down(
     return module
 
 
-def _zero_output_channels(adapter: MLPAdapter, layer: nn.Module, plan: PrunePlan,
-                          index: int) -> None:  # fmt: skip
+def _zero_output_channels(
+    adapter: MLPAdapter, layer: nn.Module, plan: PrunePlan, index: int
+) -> None:
     """Output site: zero dropped channels' down-projection rows; bias = fill value."""
     needs_bias = plan.adds_bias and not adapter.always_bias
     dropped = ~plan.keep_mask(index)

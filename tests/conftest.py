@@ -25,10 +25,11 @@ TINY_CONFIGS: dict[str, dict] = {
     "phi3": dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=3, pad_token_id=0, **_ATTN
     ),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                     num_attention_heads=4),
+    "gpt_neox": dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4
+    ),
     "gpt2": dict(n_embd=32, n_inner=48, n_layer=3, n_head=4),
-}  # fmt: skip
+}
 SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 

@@ -99,16 +99,24 @@ def test_short_samples_skip():
 def test_short_samples_reduce():
     plan = plan_units(LENGTHS, 10, per_component=4, policy="reduce")
     assert [(u.samples, u.n_components) for u in plan.units] == [
-        ((0,), 10), ((1,), 2), ((2,), 3), ((3,), 7), ((5,), 10), ((6,), 2)
-    ]  # fmt: skip
+        ((0,), 10),
+        ((1,), 2),
+        ((2,), 3),
+        ((3,), 7),
+        ((5,), 10),
+        ((6,), 2),
+    ]
     assert plan.skipped == [4]  # 5 tokens: fewer than 2 components
     assert plan.summary()["reduced_units"] == 4
 
 
 def test_short_samples_merge():
     plan = plan_units(LENGTHS, 10, per_component=4, policy="merge")
-    assert [(u.samples, u.n_tokens) for u in plan.units] == [((0,), 50), ((1, 2, 3), 55),
-                                                             ((5,), 45)]  # fmt: skip
+    assert [(u.samples, u.n_tokens) for u in plan.units] == [
+        ((0,), 50),
+        ((1, 2, 3), 55),
+        ((5,), 45),
+    ]
     assert plan.skipped == [4, 6]  # the short remainder
     summary = plan.summary()
     assert summary["merged_units"] == 1 and summary["samples_in_merged_units"] == 3
@@ -153,8 +161,7 @@ def test_keep_plan_layers_and_mean_fill():
     plan = keep_plan(keep, widths, model="m", model_type="llama", site="hidden")
     assert plan.kept == [[0, 2], [2, 3]] and plan.fill == "zero"
     means = np.arange(7, dtype=np.float32)
-    plan = keep_plan(keep, widths, model="m", model_type="llama", site="hidden",
-                     fill_values=means)  # fmt: skip
+    plan = keep_plan(keep, widths, model="m", model_type="llama", site="hidden", fill_values=means)
     assert plan.fill == "mean" and plan.fill_values == [[0, 1, 2], [3, 4, 5, 6]]
 
 
@@ -197,8 +204,10 @@ def _brute_choice_logprob(model, tok, prompt: str, cont: str) -> float:
 
 def test_choice_metric_one_token_and_many_token_choices_agree_with_brute_force():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    items = [ChoiceItem("a", "the answer is", ("x", "y", "z"), 1),  # one token each
-             ChoiceItem("b", "pick one of", ("cat", "dog", "q"), 0)]  # fmt: skip
+    items = [
+        ChoiceItem("a", "the answer is", ("x", "y", "z"), 1),  # one token each
+        ChoiceItem("b", "pick one of", ("cat", "dog", "q"), 0),
+    ]
     metric = ChoiceMetric(items, tok, batch_size=2, delimiter="")
     assert len(metric.requests) == 1 + 3  # one pass for item a, one per choice for item b
     scores = metric.score(model)
@@ -212,8 +221,9 @@ def test_choice_metric_one_token_and_many_token_choices_agree_with_brute_force()
 
 def test_perplexity_metric_and_lesions():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    metric = PerplexityMetric([("a", "some held out text"), ("b", "and more of it here")], tok,
-                              max_length=16)  # fmt: skip
+    metric = PerplexityMetric(
+        [("a", "some held out text"), ("b", "and more of it here")], tok, max_length=16
+    )
     base = score_under(model, metric, None)
     assert base["ppl"] == pytest.approx(np.exp(base["nll"]))
     widths = site_widths(model, get_adapter(model), "hidden")
@@ -229,23 +239,40 @@ def test_perplexity_metric_and_lesions():
 
 def _recipe(tmp_path: Path, **analyze_cfg):
     text = tmp_path / "docs.txt"
-    text.write_text("\n\n".join(f"note {i}: the topic is {i % 7} and these words make it long "
-                                "enough for a few components" for i in range(60)))  # fmt: skip
-    cfg = dict(samples=5, n_templates=3, preserve_components=[3, 5], eval_docs=4,
-               random_seeds=[0, 1], metric_tasks=["all"])  # fmt: skip
+    text.write_text(
+        "\n\n".join(
+            f"note {i}: the topic is {i % 7} and these words make it long "
+            "enough for a few components"
+            for i in range(60)
+        )
+    )
+    cfg = dict(
+        samples=5,
+        n_templates=3,
+        preserve_components=[3, 5],
+        eval_docs=4,
+        random_seeds=[0, 1],
+        metric_tasks=["all"],
+    )
     cfg.update(analyze_cfg)
-    return parse_recipe({
-        "model": "tiny", "seed": 0,
-        "tasks": [{"name": "math", "source": "builtin:arithmetic", "max_length": 24},
-                  {"name": "text", "source": f"file:{text}", "max_length": 24}],
-        "discover": {"max_iter": 200},
-        "analyze": cfg,
-    })  # fmt: skip
+    return parse_recipe(
+        {
+            "model": "tiny",
+            "seed": 0,
+            "tasks": [
+                {"name": "math", "source": "builtin:arithmetic", "max_length": 24},
+                {"name": "text", "source": f"file:{text}", "max_length": 24},
+            ],
+            "discover": {"max_iter": 200},
+            "analyze": cfg,
+        }
+    )
 
 
 def _run(recipe, out: Path):
-    return analyze(recipe, out, model=tiny_model("llama"), tokenizer=tiny_tokenizer(),
-                   progress=False)  # fmt: skip
+    return analyze(
+        recipe, out, model=tiny_model("llama"), tokenizer=tiny_tokenizer(), progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -380,8 +407,9 @@ def test_cli_reports_bad_settings_before_loading_a_model(tmp_path, capsys):
     recipe.write_text(
         "model: no-such-model\ntasks:\n  - name: news\n    source: builtin:bbc_news\n"
     )
-    assert main(["analyze", str(recipe), "--out", str(tmp_path / "o"),
-                 "--metric-tasks", "newz"]) == 2  # fmt: skip
+    assert (
+        main(["analyze", str(recipe), "--out", str(tmp_path / "o"), "--metric-tasks", "newz"]) == 2
+    )
     assert "did you mean 'news'" in capsys.readouterr().err
     assert main(["analyze", str(recipe), "--out", str(tmp_path / "o"), "--samples", "1"]) == 2
     assert "samples" in capsys.readouterr().err

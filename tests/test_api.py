@@ -35,13 +35,21 @@ def test_every_user_error_is_an_fbnprune_error() -> None:
         assert issubclass(error, FbnpruneError)
 
 
-@pytest.mark.parametrize("selector,fill", [("magnitude", "mean"), ("random", "zero"),
-                                           ("wanda", "reconstruct")])  # fmt: skip
+@pytest.mark.parametrize(
+    "selector,fill", [("magnitude", "mean"), ("random", "zero"), ("wanda", "reconstruct")]
+)
 def test_prune_in_memory_returns_sliced_copy_and_plan(selector: str, fill: str) -> None:
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sliced, plan = prune(model, tiny_tokenizer(), {"qa": PROMPTS}, budget=0.5,
-                         selector=selector, fill=fill, layout="compact")  # fmt: skip
+    sliced, plan = prune(
+        model,
+        tiny_tokenizer(),
+        {"qa": PROMPTS},
+        budget=0.5,
+        selector=selector,
+        fill=fill,
+        layout="compact",
+    )
     assert isinstance(plan, PrunePlan) and plan.fill == fill
     assert plan.n_kept == round(0.5 * sum(plan.layer_widths))
     widths = [layer.mlp.down_proj.in_features for layer in sliced.model.layers]
@@ -57,8 +65,9 @@ def test_prune_rejects_a_bad_budget_like_a_recipe() -> None:
 
 
 @pytest.mark.parametrize("selector,fill", [("ica", "mean"), ("wanda", "zero")])
-def test_prune_in_memory_plans_what_the_run_plans(tiny_llama_dir, tmp_path, selector: str,
-                                                  fill: str) -> None:
+def test_prune_in_memory_plans_what_the_run_plans(
+    tiny_llama_dir, tmp_path, selector: str, fill: str
+) -> None:
     """``prune`` and the select stage are one selection: same data, same plan."""
     from fbnprune.recipe import parse_recipe
     from fbnprune.rundir import RunDir
@@ -70,11 +79,19 @@ def test_prune_in_memory_plans_what_the_run_plans(tiny_llama_dir, tmp_path, sele
     ctx = RunContext(recipe, RunDir.open(tmp_path / "run"), progress=False)
     cfg = recipe.tasks[0]
     prompts = {cfg.name: ctx.tasks[cfg.name].prompts("calibration")}
-    _, plan = prune(ctx.model, ctx.tokenizer, prompts,
-                    budget=recipe.select.budget, selector=selector, fill=fill,
-                    min_per_layer=recipe.select.min_per_layer, max_length=cfg.max_length,
-                    batch_size=recipe.collect.batch_size,
-                    n_components=recipe.discover.n_components, seed=recipe.seed)  # fmt: skip
+    _, plan = prune(
+        ctx.model,
+        ctx.tokenizer,
+        prompts,
+        budget=recipe.select.budget,
+        selector=selector,
+        fill=fill,
+        min_per_layer=recipe.select.min_per_layer,
+        max_length=cfg.max_length,
+        batch_size=recipe.collect.batch_size,
+        n_components=recipe.discover.n_components,
+        seed=recipe.seed,
+    )
     assert summary.plan is not None
     assert plan.kept == summary.plan.kept and plan.fill_values == summary.plan.fill_values
     shared = ("calibration_tokens", "seed", "budget", "selector", "kept_per_layer")

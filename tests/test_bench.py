@@ -15,11 +15,17 @@ from fbnprune.cli import main
 from fbnprune.recipe import RecipeError, parse_recipe
 
 BENCH = {
-    "budgets": [0.25, 0.5], "selectors": ["ica", "magnitude", "random"],
-    "random_seeds": [0, 1], "fills": ["zero", "mean"], "heal_budgets": [0.25],
-    "heal_steps": 3, "output_selectors": ["ica"], "tasks": ["bbc_topics", "ppl_news"],
-    "limit": 3, "cost_repeats": 1,
-}  # fmt: skip
+    "budgets": [0.25, 0.5],
+    "selectors": ["ica", "magnitude", "random"],
+    "random_seeds": [0, 1],
+    "fills": ["zero", "mean"],
+    "heal_budgets": [0.25],
+    "heal_steps": 3,
+    "output_selectors": ["ica"],
+    "tasks": ["bbc_topics", "ppl_news"],
+    "limit": 3,
+    "cost_repeats": 1,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -35,15 +41,24 @@ def _isolated(tmp_path_factory, monkeypatch):
 
 def recipe_dict(tiny_llama_dir: str, **bench) -> dict:
     return {
-        "name": "tiny-bench", "model": tiny_llama_dir,
-        "tasks": [{"name": "news", "source": "builtin:bbc_news", "calibration_samples": 12,
-                   "heldout_samples": 4, "max_length": 32}],
-        "collect": {"batch_size": 4}, "discover": {"n_components": 8},
+        "name": "tiny-bench",
+        "model": tiny_llama_dir,
+        "tasks": [
+            {
+                "name": "news",
+                "source": "builtin:bbc_news",
+                "calibration_samples": 12,
+                "heldout_samples": 4,
+                "max_length": 32,
+            }
+        ],
+        "collect": {"batch_size": 4},
+        "discover": {"n_components": 8},
         "select": {"budget": 0.25, "min_per_layer": 0.05},
         "heal": {"batch_size": 4, "max_length": 32},
         "evaluate": {"choice_samples": 6, "perplexity_samples": 3, "perplexity_max_words": 40},
         "bench": {**BENCH, **bench},
-    }  # fmt: skip
+    }
 
 
 def test_grid_covers_selectors_seeds_budgets_and_conditions(tiny_llama_dir):
@@ -56,9 +71,13 @@ def test_grid_covers_selectors_seeds_budgets_and_conditions(tiny_llama_dir):
     assert {v.condition for v in variants} == {"zeroed", "mean", "healed", "output"}
     healed = [v for v in variants if v.healed]
     assert [(v.selector, v.seed, v.budget, v.fill) for v in healed] == [
-        ("ica", 0, 0.25, "mean"), ("magnitude", 0, 0.25, "mean"), ("random", 0, 0.25, "mean")]
-    assert [v.condition for v in variants].index("healed") > [v.condition for v in
-                                                              variants].index("output")
+        ("ica", 0, 0.25, "mean"),
+        ("magnitude", 0, 0.25, "mean"),
+        ("random", 0, 0.25, "mean"),
+    ]
+    assert [v.condition for v in variants].index("healed") > [v.condition for v in variants].index(
+        "output"
+    )
     assert Variant("output", "ica", 0, 0.5, "zero").condition == "output"
 
 
@@ -79,8 +98,14 @@ def test_bench_writes_table_plots_and_resumes(tiny_llama_dir, tmp_path, caplog):
 
     table = (bench / "results.md").read_text()
     assert "| selector | condition | 25% | 50% |" in table
-    for selector, condition in [("ica", "zeroed"), ("ica", "mean"), ("magnitude", "zeroed"),
-                                ("random", "mean"), ("ica", "healed"), ("ica", "output")]:
+    for selector, condition in [
+        ("ica", "zeroed"),
+        ("ica", "mean"),
+        ("magnitude", "zeroed"),
+        ("random", "mean"),
+        ("ica", "healed"),
+        ("ica", "output"),
+    ]:
         assert f"| {selector} | {condition} |" in table, (selector, condition)
     random_row = next(line for line in table.splitlines() if line.startswith("| random | mean"))
     assert "±" in random_row  # two seeds: mean ± std
@@ -90,10 +115,11 @@ def test_bench_writes_table_plots_and_resumes(tiny_llama_dir, tmp_path, caplog):
         assert f"({name})" in table
     saved = json.loads((bench / "results.json").read_text())
     assert saved["tasks"]["bbc_topics"]["metric"] == "acc"
-    assert set(saved["cost"]["models"]) == {"original", "compact 25%", "compact 50%",
-                                            "padded 25%"}  # fmt: skip
-    assert saved["cost"]["models"]["compact 25%"]["parameters"] < saved["cost"]["models"][
-        "original"]["parameters"]  # fmt: skip
+    assert set(saved["cost"]["models"]) == {"original", "compact 25%", "compact 50%", "padded 25%"}
+    assert (
+        saved["cost"]["models"]["compact 25%"]["parameters"]
+        < saved["cost"]["models"]["original"]["parameters"]
+    )
 
     lines = (bench / "rows.jsonl").read_text().splitlines()
     caplog.clear()
@@ -107,10 +133,28 @@ def test_bench_writes_table_plots_and_resumes(tiny_llama_dir, tmp_path, caplog):
 def test_cli_overrides_and_errors(tiny_llama_dir, tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(tiny_llama_dir)))
-    rc = main(["bench", str(path), "--out", str(tmp_path / "run"), "--budgets", "50%",
-               "--selectors", "magnitude", "--fills", "zero", "--heal-budgets", "",
-               "--output-selectors", "", "--tasks", "bbc_topics", "--no-cost",
-               "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            str(path),
+            "--out",
+            str(tmp_path / "run"),
+            "--budgets",
+            "50%",
+            "--selectors",
+            "magnitude",
+            "--fills",
+            "zero",
+            "--heal-budgets",
+            "",
+            "--output-selectors",
+            "",
+            "--tasks",
+            "bbc_topics",
+            "--no-cost",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     shown = capsys.readouterr().out
     assert "results.md" in shown and "bbc_topics.png" in shown

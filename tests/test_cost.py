@@ -32,10 +32,17 @@ def sliced(model, layout: str):
     """A copy keeping a different number of random units per layer."""
     widths = site_widths(model, get_adapter(model), "hidden")
     gen = torch.Generator().manual_seed(1)
-    kept = [sorted(torch.randperm(w, generator=gen)[: 4 + 3 * i].tolist())
-            for i, w in enumerate(widths)]  # fmt: skip
-    plan = PrunePlan(model="tiny", model_type=model.config.model_type, site="hidden",
-                     fill="zero", layer_widths=widths, kept=kept)  # fmt: skip
+    kept = [
+        sorted(torch.randperm(w, generator=gen)[: 4 + 3 * i].tolist()) for i, w in enumerate(widths)
+    ]
+    plan = PrunePlan(
+        model="tiny",
+        model_type=model.config.model_type,
+        site="hidden",
+        fill="zero",
+        layer_widths=widths,
+        kept=kept,
+    )
     return slice_model(copy.deepcopy(model), plan, layout=layout).eval()
 
 
@@ -65,9 +72,14 @@ def test_timed_greedy_equals_generate(model_type):
     ids = prompt_ids(128, prompt_tokens=12, batch_size=2, seed=1)
     tokens, prefill, decode = timed_greedy(model, ids, 6)
     expected = model.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
-        min_new_tokens=6, eos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(tokens, expected[:, ids.shape[1] :])
     assert prefill > 0 and decode > 0
 

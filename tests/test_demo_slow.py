@@ -45,8 +45,10 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(run / "checkpoint-padded")],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out[0] == "LlamaForCausalLM"
     assert int(out[1]) == max(len(k) for k in plan["kept"]) < 1536
     sizes = json.loads((run / "prune.json").read_text())["sizes"]
@@ -54,11 +56,20 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
     assert sizes["compact"]["parameters"] < sizes["padded"]["parameters"]
 
     # re-running reuses every stage
-    assert main(["-q", "run", str(REPO / "recipes/demo.yaml"), "--out", str(run),
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(["-q", "run", str(REPO / "recipes/demo.yaml"), "--out", str(run), "--no-progress"])
+        == 0
+    )
     ledger = json.loads((run / "run.json").read_text())["stages"]
-    assert set(ledger) == {"collect:bbc-news", "discover:bbc-news", "select", "prune", "check",
-                           "save", "heal"}  # fmt: skip
+    assert set(ledger) == {
+        "collect:bbc-news",
+        "discover:bbc-news",
+        "select",
+        "prune",
+        "check",
+        "save",
+        "heal",
+    }
 
     # the demo heals (10% < heal.below_budget): distillation lowers the KD loss on held-out text
     log = json.loads((run / "heal" / "log.json").read_text())
@@ -71,8 +82,22 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
 
     # and the healed 10% model does its task: BBC topics well above chance (0.20) on articles
     # the run never used (the README's measured figures come from `fbnprune evaluate`)
-    assert main(["-q", "evaluate", str(run), "--tasks", "bbc_news", "--models", "checkpoint",
-                 "--limit", "60"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(run),
+                "--tasks",
+                "bbc_news",
+                "--models",
+                "checkpoint",
+                "--limit",
+                "60",
+            ]
+        )
+        == 0
+    )
     results = json.loads((run / "eval" / "results.json").read_text())
     scores = results["tasks"]["bbc_news"]["models"]
     assert scores["checkpoint-compact-healed"] >= 0.40, scores

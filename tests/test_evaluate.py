@@ -25,8 +25,14 @@ from fbnprune.recipe import EvaluateConfig, parse_recipe
 from fbnprune.stages.pipeline import run_pipeline
 
 SMALL = {"choice_samples": 10, "perplexity_samples": 4, "perplexity_max_words": 48}
-VARIANTS = ["original", "masked", "sliced-padded", "sliced-compact",
-            "checkpoint-padded", "checkpoint-compact"]  # fmt: skip
+VARIANTS = [
+    "original",
+    "masked",
+    "sliced-padded",
+    "sliced-compact",
+    "checkpoint-padded",
+    "checkpoint-compact",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +55,13 @@ def recipe_dict(model: str = "unused", **overrides) -> dict:
         "name": "tiny-eval",
         "model": model,
         "tasks": [
-            {"name": "news", "source": "builtin:bbc_news", "calibration_samples": 12,
-             "heldout_samples": 4, "max_length": 32},
+            {
+                "name": "news",
+                "source": "builtin:bbc_news",
+                "calibration_samples": 12,
+                "heldout_samples": 4,
+                "max_length": 32,
+            },
         ],
         "collect": {"batch_size": 4},
         "select": {"selector": "magnitude", "budget": 0.25, "min_per_layer": 0.05},
@@ -58,7 +69,7 @@ def recipe_dict(model: str = "unused", **overrides) -> dict:
         "save": {"layouts": ["padded", "compact"]},
         "heal": {"enabled": False},
         "evaluate": SMALL,
-    }  # fmt: skip
+    }
     recipe.update(overrides)
     return recipe
 
@@ -72,21 +83,41 @@ def read_jsonl(path) -> list[dict]:
 
 def test_suite_never_overlaps_calibration(tmp_path):
     """Large calibration sets on three corpora; no eval document shares an id or a text."""
-    recipe = parse_recipe(recipe_dict(tasks=[
-        {"name": "news", "source": "builtin:bbc_news", "calibration_samples": 1500,
-         "heldout_samples": 10},
-        {"name": "wiki", "source": "builtin:wikipedia", "calibration_samples": 600,
-         "heldout_samples": 10},
-        {"name": "math", "source": "builtin:arithmetic", "calibration_samples": 1000,
-         "heldout_samples": 10},
-    ], evaluate={"choice_samples": 200, "perplexity_samples": 200}))  # fmt: skip
+    recipe = parse_recipe(
+        recipe_dict(
+            tasks=[
+                {
+                    "name": "news",
+                    "source": "builtin:bbc_news",
+                    "calibration_samples": 1500,
+                    "heldout_samples": 10,
+                },
+                {
+                    "name": "wiki",
+                    "source": "builtin:wikipedia",
+                    "calibration_samples": 600,
+                    "heldout_samples": 10,
+                },
+                {
+                    "name": "math",
+                    "source": "builtin:arithmetic",
+                    "calibration_samples": 1000,
+                    "heldout_samples": 10,
+                },
+            ],
+            evaluate={"choice_samples": 200, "perplexity_samples": 200},
+        )
+    )
     calibration = calibration_documents(recipe)
     assert len(calibration) == 3130  # calibration and held-out documents of all three
     suite = build_suite(tmp_path / "suite", exclude=calibration, config=recipe.evaluate)
     cal_ids = {d.id for d in calibration}
     cal_texts = {normalise(d.text) for d in calibration}
-    by_id = {d.id: d for src in ("bbc_news", "wikipedia", "python_code", "arithmetic")
-             for d in load_documents(f"builtin:{src}")}  # fmt: skip
+    by_id = {
+        d.id: d
+        for src in ("bbc_news", "wikipedia", "python_code", "arithmetic")
+        for d in load_documents(f"builtin:{src}")
+    }
     for name in SUITE:
         ids = [r["id"] for r in read_jsonl(tmp_path / "suite" / f"{name}.jsonl")]
         assert ids == suite.doc_ids[name] and len(ids) == len(set(ids)) > 0
@@ -98,10 +129,15 @@ def test_suite_never_overlaps_calibration(tmp_path):
 
 
 def test_duplicate_text_under_another_id_is_excluded():
-    docs = [Document("a", "Same  text\nhere."), Document("b", "Same text here."),
-            Document("c", "Other text."), Document("d", "Other text.")]  # fmt: skip
-    picked = draw_documents(docs, 10, exclude=[Document("x", "same text here.".capitalize())],
-                            seed=0)  # fmt: skip
+    docs = [
+        Document("a", "Same  text\nhere."),
+        Document("b", "Same text here."),
+        Document("c", "Other text."),
+        Document("d", "Other text."),
+    ]
+    picked = draw_documents(
+        docs, 10, exclude=[Document("x", "same text here.".capitalize())], seed=0
+    )
     assert [d.id for d in picked] in (["c"], ["d"])  # a and b excluded by text, d dup of c
 
 
@@ -117,8 +153,9 @@ def test_draw_is_deterministic_stable_and_balanced():
     second = draw_documents(docs, 200, exclude=gone, seed=0)
     plain = [d for d in draw_documents(docs, 203, exclude=[], seed=0) if d not in gone]
     assert second == plain[:200]
-    assert draw_documents(docs, 50, exclude=[], seed=1) != draw_documents(docs, 50, exclude=[],
-                                                                          seed=0)  # fmt: skip
+    assert draw_documents(docs, 50, exclude=[], seed=1) != draw_documents(
+        docs, 50, exclude=[], seed=0
+    )
 
 
 def test_word_problem_choices():
@@ -167,8 +204,9 @@ def test_acc_is_primary_because_acc_norm_favours_long_labels(tmp_path):
     from lm_eval.tasks import TaskManager
 
     build_suite(tmp_path, exclude=[], config=EvaluateConfig(**SMALL), tasks=["bbc_topics"])
-    task = TaskManager(include_path=str(tmp_path), include_defaults=False).load(
-        ["bbc_topics"])["tasks"]["bbc_topics"]  # fmt: skip
+    task = TaskManager(include_path=str(tmp_path), include_defaults=False).load(["bbc_topics"])[
+        "tasks"
+    ]["bbc_topics"]
     doc = next(d for d in task.eval_docs if BBC_TOPICS[d["gold"]] == "tech")
     lls = {"business": -6.0, "entertainment": -5.0, "politics": -6.0, "sport": -6.0, "tech": -2.0}
     out = task.process_results(doc, [(lls[c], False) for c in doc["choices"]])
@@ -215,8 +253,14 @@ def test_evaluate_models_takes_pairs_and_context_factories(tmp_path):
 
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     widths = [48, 48, 48]
-    plan = PrunePlan(model="tiny", model_type="llama", site="hidden", fill="zero",
-                     layer_widths=widths, kept=[list(range(0, 48, 4))] * 3)  # fmt: skip
+    plan = PrunePlan(
+        model="tiny",
+        model_type="llama",
+        site="hidden",
+        fill="zero",
+        layer_widths=widths,
+        kept=[list(range(0, 48, 4))] * 3,
+    )
     entered = []
 
     @contextlib.contextmanager
@@ -226,9 +270,13 @@ def test_evaluate_models_takes_pairs_and_context_factories(tmp_path):
             yield model, tokenizer
 
     build_suite(tmp_path, exclude=[], config=EvaluateConfig(**SMALL), tasks=["ppl_code"])
-    scores = evaluate_models({"original": (model, tokenizer), "masked": pruned, "again":
-                              (model, tokenizer)}, ["ppl_code"], include_path=tmp_path,
-                             limit=2, batch_size=2)  # fmt: skip
+    scores = evaluate_models(
+        {"original": (model, tokenizer), "masked": pruned, "again": (model, tokenizer)},
+        ["ppl_code"],
+        include_path=tmp_path,
+        limit=2,
+        batch_size=2,
+    )
     assert entered == [True]
     ppl = {name: s["ppl_code"]["word_perplexity"] for name, s in scores.items()}
     assert ppl["again"] == pytest.approx(ppl["original"], rel=1e-6)  # hooks were removed
@@ -264,8 +312,10 @@ def test_cli_scores_every_variant_on_every_task(tiny_run, capsys):
     assert results["settings"]["limit"] == 4 and results["settings"]["offline"] is True
     assert results["settings"]["plan"]["kept_fraction"] == pytest.approx(0.25, abs=0.01)
     assert {"lm_eval", "torch", "transformers"} <= set(results["versions"])
-    assert results["models"]["sliced-compact"]["parameters"] < results["models"]["original"][
-        "parameters"]  # fmt: skip
+    assert (
+        results["models"]["sliced-compact"]["parameters"]
+        < results["models"]["original"]["parameters"]
+    )
 
     original_differs = False
     for name, task in results["tasks"].items():
@@ -295,15 +345,27 @@ def test_cli_scores_every_variant_on_every_task(tiny_run, capsys):
     assert "| task | metric | original | masked | sliced-padded |" in table
     assert "| bbc_topics |" in shown and "results.json" in shown
     suite_ids = json.loads((tiny_run / "eval" / "suite" / "manifest.json").read_text())["doc_ids"]
-    calibration = set(json.loads((tiny_run / "collect" / "news" / "meta.json").read_text())[
-        "sample_ids"])  # fmt: skip
+    calibration = set(
+        json.loads((tiny_run / "collect" / "news" / "meta.json").read_text())["sample_ids"]
+    )
     assert not calibration & set(suite_ids["bbc_topics"]) and not calibration & set(
-        suite_ids["ppl_news"])  # fmt: skip
+        suite_ids["ppl_news"]
+    )
 
 
 def test_cli_subset_of_models_and_tasks(tiny_run):
-    rc = main(["evaluate", str(tiny_run), "--tasks", "bbc_topics", "--models",
-               "original,checkpoint", "--limit", "2"])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            str(tiny_run),
+            "--tasks",
+            "bbc_topics",
+            "--models",
+            "original,checkpoint",
+            "--limit",
+            "2",
+        ]
+    )
     assert rc == 0
     results = json.loads((tiny_run / "eval" / "results.json").read_text())
     assert list(results["tasks"]) == ["bbc_topics"]
@@ -314,16 +376,40 @@ def test_cli_subset_of_models_and_tasks(tiny_run):
 
 def test_user_yaml_task_via_include_path(tiny_run, tmp_path):
     data = tmp_path / "yesno.jsonl"
-    data.write_text("\n".join(json.dumps({"q": f"is {i} even? answer:", "gold": i % 2})
-                              for i in range(6)) + "\n")  # fmt: skip
-    (tmp_path / "yesno.yaml").write_text(yaml.safe_dump({
-        "task": "my_yesno", "dataset_path": "json", "test_split": "test",
-        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "c")},
-        "output_type": "multiple_choice", "doc_to_text": "q", "doc_to_choice": ["yes", "no"],
-        "doc_to_target": "gold", "metric_list": [{"metric": "acc"}],
-    }))  # fmt: skip
-    rc = main(["evaluate", str(tiny_run), "--tasks", "my_yesno,ppl_code", "--models",
-               "original,masked", "--include-path", str(tmp_path)])  # fmt: skip
+    data.write_text(
+        "\n".join(json.dumps({"q": f"is {i} even? answer:", "gold": i % 2}) for i in range(6))
+        + "\n"
+    )
+    (tmp_path / "yesno.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "my_yesno",
+                "dataset_path": "json",
+                "test_split": "test",
+                "dataset_kwargs": {
+                    "data_files": {"test": str(data)},
+                    "cache_dir": str(tmp_path / "c"),
+                },
+                "output_type": "multiple_choice",
+                "doc_to_text": "q",
+                "doc_to_choice": ["yes", "no"],
+                "doc_to_target": "gold",
+                "metric_list": [{"metric": "acc"}],
+            }
+        )
+    )
+    rc = main(
+        [
+            "evaluate",
+            str(tiny_run),
+            "--tasks",
+            "my_yesno,ppl_code",
+            "--models",
+            "original,masked",
+            "--include-path",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     results = json.loads((tiny_run / "eval" / "results.json").read_text())
     assert list(results["tasks"]) == ["my_yesno", "ppl_code"]
@@ -362,12 +448,25 @@ def test_smollm2_bbc_topics_above_chance(tmp_path):
 
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m")
-    recipe = parse_recipe(recipe_dict("smollm2-135m", tasks=[
-        {"name": "news", "source": "builtin:bbc_news", "calibration_samples": 64,
-         "heldout_samples": 16},
-    ]))  # fmt: skip
-    build_suite(tmp_path, exclude=calibration_documents(recipe),
-                config=EvaluateConfig(choice_samples=40), tasks=["bbc_topics"])  # fmt: skip
+    recipe = parse_recipe(
+        recipe_dict(
+            "smollm2-135m",
+            tasks=[
+                {
+                    "name": "news",
+                    "source": "builtin:bbc_news",
+                    "calibration_samples": 64,
+                    "heldout_samples": 16,
+                },
+            ],
+        )
+    )
+    build_suite(
+        tmp_path,
+        exclude=calibration_documents(recipe),
+        config=EvaluateConfig(choice_samples=40),
+        tasks=["bbc_topics"],
+    )
     harness = Harness(["bbc_topics"], include_paths=[tmp_path], batch_size=8)
     scores = harness.score(model, tokenizer)["bbc_topics"]
     assert scores["acc"] > 0.2, f"SmolLM2-135M BBC topics on 40 docs: {scores}"

@@ -51,18 +51,34 @@ def make_run(
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     (root / "docs.txt").write_text("\n\n".join(DOCS))
-    recipe = parse_recipe({
-        "name": "tiny-export", "model": str(model_dir), "seed": 0,
-        "tasks": [{"name": "topics", "source": f"file:{root / 'docs.txt'}",
-                   "calibration_samples": 8, "heldout_samples": 4, "max_length": 32}],
-        "discover": {"n_components": 4}, "select": {"budget": 0.3, "min_per_layer": 0.02},
-        "prune": {"fill": "mean"}, "save": {"layouts": list(layouts)}, "check": {"atol": ATOL},
-        "heal": {"enabled": False},
-    })  # fmt: skip
+    recipe = parse_recipe(
+        {
+            "name": "tiny-export",
+            "model": str(model_dir),
+            "seed": 0,
+            "tasks": [
+                {
+                    "name": "topics",
+                    "source": f"file:{root / 'docs.txt'}",
+                    "calibration_samples": 8,
+                    "heldout_samples": 4,
+                    "max_length": 32,
+                }
+            ],
+            "discover": {"n_components": 4},
+            "select": {"budget": 0.3, "min_per_layer": 0.02},
+            "prune": {"fill": "mean"},
+            "save": {"layouts": list(layouts)},
+            "check": {"atol": ATOL},
+            "heal": {"enabled": False},
+        }
+    )
     summary = run_pipeline(recipe, root / "run", until="save", progress=False)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    sliced = {name: slice_model(copy.deepcopy(model), summary.plan, layout=name).eval()
-              for name in layouts}  # fmt: skip
+    sliced = {
+        name: slice_model(copy.deepcopy(model), summary.plan, layout=name).eval()
+        for name in layouts
+    }
     if evaluation is not None:
         write_results(evaluation, RunLayout(summary.run_dir).eval_dir)
     return summary.run_dir, sliced
@@ -83,10 +99,19 @@ def test_export_reloads_to_the_sliced_model(run, layout, tmp_path):
     run_dir, sliced = run
     result = export_run(run_dir, tmp_path / "out", layout=layout)
     files = set(result.files)
-    expected = {"README.md", "config.json", "generation_config.json", "model.safetensors",
-                "tokenizer.json", "tokenizer_config.json", "fbnprune_plan.json",
-                "fbnprune_recipe.yaml", "fbnprune_parity.json", "fbnprune_eval.json",
-                "fbnprune_export.json"}  # fmt: skip
+    expected = {
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "fbnprune_plan.json",
+        "fbnprune_recipe.yaml",
+        "fbnprune_parity.json",
+        "fbnprune_eval.json",
+        "fbnprune_export.json",
+    }
     assert expected <= files
     assert ("modeling_fbnprune.py" in files) == (layout == "compact")
     reloaded = AutoModelForCausalLM.from_pretrained(
@@ -95,8 +120,9 @@ def test_export_reloads_to_the_sliced_model(run, layout, tmp_path):
     if layout == "padded":  # stock class, stock loader
         assert type(reloaded).__module__.startswith("transformers.models.llama")
     batch = random_batch()
-    torch.testing.assert_close(logits(reloaded, batch), logits(sliced[layout], batch),
-                               atol=ATOL, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        logits(reloaded, batch), logits(sliced[layout], batch), atol=ATOL, rtol=0
+    )
     # the published weights are the run's weights, byte for byte
     source = run_dir / f"checkpoint-{layout}" / "model.safetensors"
     assert (result.out_dir / "model.safetensors").read_bytes() == source.read_bytes()
@@ -113,8 +139,9 @@ def test_resharding_past_the_threshold_keeps_every_tensor(run, tmp_path):
     assert result.report["weights"]["mode"] == "resharded"
     reloaded = AutoModelForCausalLM.from_pretrained(result.out_dir).eval()
     batch = random_batch()
-    torch.testing.assert_close(logits(reloaded, batch), logits(sliced["padded"], batch),
-                               atol=ATOL, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        logits(reloaded, batch), logits(sliced["padded"], batch), atol=ATOL, rtol=0
+    )
 
 
 def test_default_layout_reuse_and_overwrite(run, tmp_path):
@@ -165,9 +192,15 @@ def test_card_metadata_and_prose(run, tmp_path):
         for comparison in report["comparisons"]:
             row = f"| {comparison['name']} | {report['dtype']} | {comparison['max_abs']:.2e} |"
             assert row in text
-    for needed in ("`ica`", "30.0% of units", "could not be determined", "## Limitations",
-                   "| topics | acc | 60 | 0.7500 ± 0.056 | 0.6800 ± 0.061 | -0.0700 |",
-                   "variant `checkpoint-compact`", "Provenance"):  # fmt: skip
+    for needed in (
+        "`ica`",
+        "30.0% of units",
+        "could not be determined",
+        "## Limitations",
+        "| topics | acc | 60 | 0.7500 ± 0.056 | 0.6800 ± 0.061 | -0.0700 |",
+        "variant `checkpoint-compact`",
+        "Provenance",
+    ):
         assert needed in text, needed
 
 
@@ -205,7 +238,11 @@ def test_eval_reader_reads_what_evaluate_writes_and_skips_the_rest(tmp_path):
     path.write_text(json.dumps(EVAL))
     padded, compact = read_eval_results(path, "padded")[0], read_eval_results(path, "compact")[0]
     assert (padded.pruned, padded.variant, compact.pruned, compact.variant) == (
-        0.69, "sliced-padded", 0.68, "checkpoint-compact")  # fmt: skip
+        0.69,
+        "sliced-padded",
+        0.68,
+        "checkpoint-compact",
+    )
     assert padded.n_docs == 60 and padded.original_stderr == 0.056
     assert padded.extra == {"masked": 0.69, "checkpoint-compact": 0.68}
 
@@ -308,13 +345,18 @@ def test_missing_extra_gives_a_clear_error_and_writes_nothing(run, tmp_path, mon
 
 @pytest.mark.parametrize("layout", ["padded", "compact"])
 def test_int8_export_size_parity_and_reload(run, layout, tmp_path):
-    pytest.importorskip("optimum.quanto", reason="--quantize needs the 'quantize' extra "
-                        "(optimum-quanto)")  # fmt: skip
+    pytest.importorskip(
+        "optimum.quanto", reason="--quantize needs the 'quantize' extra (optimum-quanto)"
+    )
     run_dir, sliced = run
     result = export_run(run_dir, tmp_path / "out", layout=layout, quantize="int8")
     q = result.report["formats"]["int8"]
-    assert {"int8/model.safetensors", "int8/quanto_qmap.json", "int8/config.json",
-            "int8/tokenizer.json"} <= set(result.files)  # fmt: skip
+    assert {
+        "int8/model.safetensors",
+        "int8/quanto_qmap.json",
+        "int8/config.json",
+        "int8/tokenizer.json",
+    } <= set(result.files)
     assert q["bytes"] < 0.7 * q["reference_bytes"]
     assert q["texts"] == "heldout"
     assert 0 < q["max_abs"] < 0.05 and q["top1_agreement"] > 0.95
@@ -341,8 +383,9 @@ def test_onnx_export_matches_in_onnxruntime(run, tmp_path):
     assert o["max_abs"] < 1e-4 and "onnx/model.onnx" in result.files
     # a batch size and length the export never saw: the dimensions are dynamic
     batch = random_batch(seed=5, batch=3, length=13)
-    session = ort.InferenceSession(str(result.out_dir / "onnx" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    session = ort.InferenceSession(
+        str(result.out_dir / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     out = session.run(["logits"], {k: v.numpy() for k, v in batch.items()})[0]
     got = torch.from_numpy(out)[batch["attention_mask"].bool()]
     torch.testing.assert_close(got, logits(sliced[layout], batch), atol=1e-4, rtol=0)

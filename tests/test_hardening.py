@@ -43,10 +43,19 @@ def make_run_dir(path: Path) -> Path:
 def write_recipe(path: Path, model: str | Path = "no-such-model-xyz") -> Path:
     """A valid recipe (the model is never loaded by these tests)."""
     data = {
-        "name": "tiny", "model": str(model),
-        "tasks": [{"name": "news", "source": "builtin:bbc_news", "template": "Article: {text}",
-                   "calibration_samples": 12, "heldout_samples": 4, "max_length": 32}],
-    }  # fmt: skip
+        "name": "tiny",
+        "model": str(model),
+        "tasks": [
+            {
+                "name": "news",
+                "source": "builtin:bbc_news",
+                "template": "Article: {text}",
+                "calibration_samples": 12,
+                "heldout_samples": 4,
+                "max_length": 32,
+            }
+        ],
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))
     return path
@@ -196,8 +205,13 @@ def test_a_second_process_is_refused_while_the_first_holds_the_lock(tmp_path, mo
         assert held.path == run and (run / LOCK_FILE).exists()
         holder = json.loads((run / LOCK_HOLDER).read_text())
         assert holder["pid"] == os.getpid()
-        second = subprocess.run([sys.executable, "-c", SECOND, str(run)], capture_output=True,
-                                text=True, timeout=120, env=env())  # fmt: skip
+        second = subprocess.run(
+            [sys.executable, "-c", SECOND, str(run)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env(),
+        )
         assert second.returncode == 3, second.stderr
         assert "is in use by another fbnprune process" in second.stdout
         assert f"pid {os.getpid()}: fbnprune run first.yaml --out run" in second.stdout
@@ -205,8 +219,13 @@ def test_a_second_process_is_refused_while_the_first_holds_the_lock(tmp_path, mo
         with pytest.raises(RunDirLockedError), RunDir(run).lock():  # and one in this process
             pass
     assert not (run / LOCK_HOLDER).exists()
-    after = subprocess.run([sys.executable, "-c", SECOND, str(run)], capture_output=True,
-                           text=True, timeout=120, env=env())  # fmt: skip
+    after = subprocess.run(
+        [sys.executable, "-c", SECOND, str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(),
+    )
     assert after.returncode == 0 and "acquired" in after.stdout, after.stderr
 
 
@@ -217,10 +236,23 @@ def test_the_cli_refuses_a_second_run_into_the_same_out(tmp_path, monkeypatch):
     before = sorted(p.name for p in run.iterdir())
     with RunDir(run).lock(command="fbnprune run recipe.yaml --out run"):
         second = subprocess.run(
-            [sys.executable, "-m", "fbnprune", "-q", "run", str(recipe), "--out", str(run),
-             "--overwrite", "--no-progress"],
-            capture_output=True, text=True, timeout=300, env=env(),
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "fbnprune",
+                "-q",
+                "run",
+                str(recipe),
+                "--out",
+                str(run),
+                "--overwrite",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env(),
+        )
     assert second.returncode == 2, second.stderr
     assert f"is in use by another fbnprune process (pid {os.getpid()}" in second.stderr
     assert "Traceback" not in second.stderr
@@ -235,8 +267,10 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
     path.write_text(text + "select:\n  budget: 0.2\n  budget: 0.4\n")
     lines = path.read_text().splitlines()
     second = lines.index("  budget: 0.4") + 1
-    with pytest.raises(RecipeError, match=f"duplicate key 'budget' at line {second} "
-                       f"\\(first given at line {second - 1}\\)"):  # fmt: skip
+    with pytest.raises(
+        RecipeError,
+        match=f"duplicate key 'budget' at line {second} \\(first given at line {second - 1}\\)",
+    ):
         load_recipe(path)
     path.write_text(text + "model: other\n")
     with pytest.raises(RecipeError, match="duplicate key 'model'"):
@@ -249,8 +283,10 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 def test_a_directory_is_not_a_recipe(tmp_path, capsys):
     folder = tmp_path / "recipes"
     write_recipe(folder / "demo.yaml")
-    with pytest.raises(RecipeError, match="is a directory, not a recipe file; pass one of the "
-                       "recipes in it: demo.yaml"):  # fmt: skip
+    with pytest.raises(
+        RecipeError,
+        match="is a directory, not a recipe file; pass one of the recipes in it: demo.yaml",
+    ):
         load_recipe(folder)
     assert main(["validate", str(folder)]) == 2
     err = capsys.readouterr().err

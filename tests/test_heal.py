@@ -29,8 +29,16 @@ from fbnprune.stages.pipeline import run_pipeline
 
 GOODS = ["stock", "bond", "oil", "gold", "grain", "coffee", "copper", "wheat"]
 TEXTS = [f"the {w} market rose by {i} points on monday" for i, w in enumerate(GOODS)]
-SMALL = dict(steps=30, batch_size=4, max_length=48, lr=3e-3, top_k=VOCAB, max_minutes=None,
-             eval_every=10, checkpoint_every=10)  # fmt: skip
+SMALL = dict(
+    steps=30,
+    batch_size=4,
+    max_length=48,
+    lr=3e-3,
+    top_k=VOCAB,
+    max_minutes=None,
+    eval_every=10,
+    checkpoint_every=10,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +53,14 @@ def half_plan(model: torch.nn.Module, model_type: str = "llama") -> PrunePlan:
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
     kept = [list(range(0, w, 2)) for w in widths]
     kept[-1] = kept[-1][:3]  # uneven widths, so the padded layout has padding units
-    return PrunePlan(model="tiny", model_type=model_type, site="hidden", fill="zero",
-                     layer_widths=widths, kept=kept)  # fmt: skip
+    return PrunePlan(
+        model="tiny",
+        model_type=model_type,
+        site="hidden",
+        fill="zero",
+        layer_widths=widths,
+        kept=kept,
+    )
 
 
 def targets_of(teacher, texts=TEXTS, top_k=VOCAB) -> list[TeacherTargets]:
@@ -59,16 +73,24 @@ def test_loss_is_zero_for_the_teacher_and_equals_full_kl_with_every_token_kept()
     teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     for target in targets_of(teacher):
         with torch.no_grad():
-            same = distillation_loss(teacher(input_ids=target.input_ids,
-                                             attention_mask=target.attention_mask).logits, target)
-            logits = student(input_ids=target.input_ids,
-                             attention_mask=target.attention_mask).logits  # fmt: skip
+            same = distillation_loss(
+                teacher(input_ids=target.input_ids, attention_mask=target.attention_mask).logits,
+                target,
+            )
+            logits = student(
+                input_ids=target.input_ids, attention_mask=target.attention_mask
+            ).logits
             ours = distillation_loss(logits, target)
-            t_logits = teacher(input_ids=target.input_ids,
-                               attention_mask=target.attention_mask).logits  # fmt: skip
+            t_logits = teacher(
+                input_ids=target.input_ids, attention_mask=target.attention_mask
+            ).logits
         keep = target.attention_mask.bool()  # every real position, the last one included
-        reference = F.kl_div(F.log_softmax(logits[keep], -1), F.log_softmax(t_logits[keep], -1),
-                             log_target=True, reduction="batchmean")  # fmt: skip
+        reference = F.kl_div(
+            F.log_softmax(logits[keep], -1),
+            F.log_softmax(t_logits[keep], -1),
+            log_target=True,
+            reduction="batchmean",
+        )
         assert abs(float(same)) < 1e-5
         assert float(ours) == pytest.approx(float(reference), rel=1e-4)
         assert float(ours) > 0.01
@@ -79,12 +101,14 @@ def test_top_k_loss_is_a_kl_on_coarsened_distributions():
     target = targets_of(teacher, top_k=8)[0]
     assert target.top_ids.shape[-1] == 8
     with torch.no_grad():
-        loss = distillation_loss(student(input_ids=target.input_ids,
-                                         attention_mask=target.attention_mask).logits, target)
+        loss = distillation_loss(
+            student(input_ids=target.input_ids, attention_mask=target.attention_mask).logits, target
+        )
     full = targets_of(teacher, top_k=VOCAB)[0]
     with torch.no_grad():
-        exact = distillation_loss(student(input_ids=full.input_ids,
-                                          attention_mask=full.attention_mask).logits, full)
+        exact = distillation_loss(
+            student(input_ids=full.input_ids, attention_mask=full.attention_mask).logits, full
+        )
     assert 0 < float(loss) <= float(exact) + 1e-6  # coarsening never increases a KL
 
 
@@ -93,8 +117,15 @@ def test_full_healing_lowers_the_loss_and_keeps_padding_dead(layout):
     teacher = tiny_model("llama")
     sliced = slice_model(copy.deepcopy(teacher), half_plan(teacher), layout=layout)
     shapes = {n: p.shape for n, p in sliced.named_parameters()}
-    healed, log = heal_model(sliced, teacher, tiny_tokenizer(), TEXTS, HealConfig(**SMALL),
-                             validation=TEXTS[:2], progress=False)  # fmt: skip
+    healed, log = heal_model(
+        sliced,
+        teacher,
+        tiny_tokenizer(),
+        TEXTS,
+        HealConfig(**SMALL),
+        validation=TEXTS[:2],
+        progress=False,
+    )
     assert {n: p.shape for n, p in healed.named_parameters()} == shapes
     assert log.steps == 30 and log.stopped_by == "steps"
     assert sum(log.train_loss[-5:]) < 0.7 * sum(log.train_loss[:5])
@@ -102,8 +133,10 @@ def test_full_healing_lowers_the_loss_and_keeps_padding_dead(layout):
     assert not any(p.requires_grad for p in healed.parameters()) and not healed.training
     # embeddings and attention are frozen under modules="mlp"
     assert torch.equal(healed.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
-    assert torch.equal(healed.model.layers[0].self_attn.q_proj.weight,
-                       teacher.model.layers[0].self_attn.q_proj.weight)  # fmt: skip
+    assert torch.equal(
+        healed.model.layers[0].self_attn.q_proj.weight,
+        teacher.model.layers[0].self_attn.q_proj.weight,
+    )
     if layout == "padded":  # the last layer keeps 3 units; the rest is zero padding
         mlp = healed.model.layers[-1].mlp
         assert torch.count_nonzero(mlp.gate_proj.weight[3:]) == 0
@@ -143,12 +176,21 @@ def test_resume_after_interruption_and_time_budget(tmp_path):
 
     student = slice_model(copy.deepcopy(teacher), plan, layout="compact")
     with pytest.raises(KeyboardInterrupt):
-        heal_model(student, teacher, tiny_tokenizer(), TEXTS, cfg, state_file=state,
-                   progress=False, on_step=stop)  # fmt: skip
+        heal_model(
+            student,
+            teacher,
+            tiny_tokenizer(),
+            TEXTS,
+            cfg,
+            state_file=state,
+            progress=False,
+            on_step=stop,
+        )
     assert state.is_file()
     student = slice_model(copy.deepcopy(teacher), plan, layout="compact")
-    _, log = heal_model(student, teacher, tiny_tokenizer(), TEXTS, cfg, state_file=state,
-                        progress=False)  # fmt: skip
+    _, log = heal_model(
+        student, teacher, tiny_tokenizer(), TEXTS, cfg, state_file=state, progress=False
+    )
     assert log.resumed_from == 10 and log.steps == 20 and not state.exists()
 
     timed = HealConfig(**{**SMALL, "max_minutes": 1e-9})
@@ -184,14 +226,24 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path, monkeypatch):
     model_dir = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    recipe = parse_recipe({
-        "name": "tiny-heal", "model": str(model_dir),
-        "tasks": [{"name": "news", "source": "builtin:bbc_news", "calibration_samples": 8,
-                   "heldout_samples": 4, "max_length": 32}],
-        "select": {"selector": "magnitude", "budget": 0.25},
-        "save": {"layouts": ["padded", "compact"]},
-        "heal": {"steps": 6, "batch_size": 4, "max_length": 32, "eval_every": 3},
-    })  # fmt: skip
+    recipe = parse_recipe(
+        {
+            "name": "tiny-heal",
+            "model": str(model_dir),
+            "tasks": [
+                {
+                    "name": "news",
+                    "source": "builtin:bbc_news",
+                    "calibration_samples": 8,
+                    "heldout_samples": 4,
+                    "max_length": 32,
+                }
+            ],
+            "select": {"selector": "magnitude", "budget": 0.25},
+            "save": {"layouts": ["padded", "compact"]},
+            "heal": {"steps": 6, "batch_size": 4, "max_length": 32, "eval_every": 3},
+        }
+    )
     assert recipe.heal.active(recipe.select.budget)
     summary = run_pipeline(recipe, tmp_path / "run", progress=False)
     run = tmp_path / "run"
@@ -203,8 +255,9 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path, monkeypatch):
     assert (healed_dir / "fbnprune_heal.json").is_file()
     assert summary.stages["heal"].details["reload_max_abs"] == 0.0
     healed = AutoModelForCausalLM.from_pretrained(healed_dir, trust_remote_code=True)
-    unhealed = AutoModelForCausalLM.from_pretrained(run / "checkpoint-compact",
-                                                    trust_remote_code=True)  # fmt: skip
+    unhealed = AutoModelForCausalLM.from_pretrained(
+        run / "checkpoint-compact", trust_remote_code=True
+    )
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     assert not torch.allclose(healed(ids).logits, unhealed(ids).logits)
     # the same export code publishes it, with a card that says it was healed
@@ -239,5 +292,7 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path, monkeypatch):
     assert not bigger.heal.active(bigger.select.budget)
     # in the same directory the stale healed checkpoint (of the 25% plan) is removed
     assert "compact-healed" not in run_pipeline(bigger, run, progress=False).checkpoints
-    assert not healed_dir.exists() and "heal" not in json.loads(
-        (run / "run.json").read_text())["stages"]  # fmt: skip
+    assert (
+        not healed_dir.exists()
+        and "heal" not in json.loads((run / "run.json").read_text())["stages"]
+    )

@@ -104,9 +104,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self._body()
         path = urlsplit(self.path).path
         with hub.lock:
-            hub.requests.append({"method": self.command, "url": self.path,
-                                 "headers": {k.lower(): v for k, v in self.headers.items()},
-                                 "body": body})  # fmt: skip
+            hub.requests.append(
+                {
+                    "method": self.command,
+                    "url": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": body,
+                }
+            )
         parts = [unquote(p) for p in path.strip("/").split("/")]
         route = self._route(parts)
         if route is None:
@@ -115,8 +120,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._reply(404, {"error": "unknown route"})
         name, args = route
         if self.headers.get("Authorization") != f"Bearer {hub.token}":
-            return self._reply(401, {"error": "Invalid credentials in Authorization header"},
-                               {"X-Error-Message": "Invalid credentials in Authorization header"})
+            return self._reply(
+                401,
+                {"error": "Invalid credentials in Authorization header"},
+                {"X-Error-Message": "Invalid credentials in Authorization header"},
+            )
         if name in hub.fail:
             return self._reply(hub.fail[name], {"error": f"injected failure of {name}"})
         with hub.lock:
@@ -147,8 +155,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         url = f"{self.server.url}/{repo}"
         if repo in self.server.repos:
             return self._reply(409, {"error": "You already created this model repo", "url": url})
-        self.server.repos[repo] = {"private": data.get("visibility") == "private",
-                                   "branches": {"main": {}}, "head": {"main": "0" * 40}}
+        self.server.repos[repo] = {
+            "private": data.get("visibility") == "private",
+            "branches": {"main": {}},
+            "head": {"main": "0" * 40},
+        }
         return self._reply(200, {"url": url, "name": repo})
 
     def _validate(self, body: bytes) -> None:
@@ -170,9 +181,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if state is None or revision not in state["branches"]:
             return self._reply(404, {"error": "not found"}, {"X-Error-Code": "RepoNotFound"})
         held = state["branches"][revision]
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                  "oid": git_oid(held[f["path"]]) if f["path"] in held else None}
-                 for f in json.loads(body)["files"]]  # fmt: skip
+        files = [
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_oid(held[f["path"]]) if f["path"] in held else None,
+            }
+            for f in json.loads(body)["files"]
+        ]
         return self._reply(200, {"files": files, "commitOid": state["head"][revision]})
 
     def _commit(self, body: bytes, repo: str, revision: str) -> None:
@@ -190,10 +207,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         state["branches"][revision].update(added)
         oid = hashlib.sha1(body).hexdigest()
         state["head"][revision] = oid
-        self.server.commits.append({"repo": repo, "revision": revision, "files": added,
-                                    "summary": lines[0]["value"]["summary"]})  # fmt: skip
-        return self._reply(200, {"commitUrl": f"{self.server.url}/{repo}/commit/{oid}",
-                                 "commitOid": oid, "pullRequestUrl": None})  # fmt: skip
+        self.server.commits.append(
+            {
+                "repo": repo,
+                "revision": revision,
+                "files": added,
+                "summary": lines[0]["value"]["summary"],
+            }
+        )
+        return self._reply(
+            200,
+            {
+                "commitUrl": f"{self.server.url}/{repo}/commit/{oid}",
+                "commitOid": oid,
+                "pullRequestUrl": None,
+            },
+        )
 
     def _branch(self, body: bytes, repo: str, branch: str) -> None:
         state = self._repo(repo)
@@ -219,9 +248,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _revision(self, body: bytes, repo: str, revision: str) -> None:
         state = self._repo(repo)
         files = state["branches"][revision]
-        return self._reply(200, {"id": repo, "modelId": repo, "sha": state["head"][revision],
-                                 "private": state["private"],
-                                 "siblings": [{"rfilename": f} for f in files]})  # fmt: skip
+        return self._reply(
+            200,
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": state["head"][revision],
+                "private": state["private"],
+                "siblings": [{"rfilename": f} for f in files],
+            },
+        )
 
 
 @pytest.fixture
@@ -232,8 +268,9 @@ def hub(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     server = FakeHub()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)  # fmt: skip
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield server
     server.shutdown()
@@ -250,8 +287,10 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
-            for name in list_files(folder)}  # fmt: skip
+    return {
+        name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        for name in list_files(folder)
+    }
 
 
 def assert_no_token_anywhere(hub: FakeHub, *texts: str, folder: Path | None = None) -> None:
@@ -271,8 +310,9 @@ def assert_no_token_anywhere(hub: FakeHub, *texts: str, folder: Path | None = No
 def test_push_uploads_every_file_byte_identical(hub, export_dir, caplog):
     caplog.set_level(logging.DEBUG)
     before = snapshot(export_dir)
-    result = push_folder(export_dir, REPO, token=TOKEN, endpoint=hub.url,
-                         commit_message="first upload")  # fmt: skip
+    result = push_folder(
+        export_dir, REPO, token=TOKEN, endpoint=hub.url, commit_message="first upload"
+    )
     local = {name: (export_dir / name).read_bytes() for name in list_files(export_dir)}
     assert hub.files() == local
     assert result.files == {name: len(data) for name, data in local.items()}
@@ -309,8 +349,9 @@ def test_retry_sends_only_changed_files(hub, export_dir, tmp_path):
 
 
 def test_revision_branch_and_private(hub, export_dir):
-    result = push_folder(export_dir, REPO, token=TOKEN, endpoint=hub.url, revision="pruned-v1",
-                         private=True)  # fmt: skip
+    result = push_folder(
+        export_dir, REPO, token=TOKEN, endpoint=hub.url, revision="pruned-v1", private=True
+    )
     assert hub.repos[REPO]["private"]
     assert set(hub.files(branch="pruned-v1")) == set(list_files(export_dir))
     assert hub.files(branch="main") == {}
@@ -372,8 +413,9 @@ def test_network_failure(export_dir, monkeypatch):
     assert TOKEN not in str(info.value)
 
 
-def test_offline_mode_and_missing_token_fail_before_any_request(hub, export_dir, monkeypatch,
-                                                               tmp_path):  # fmt: skip
+def test_offline_mode_and_missing_token_fail_before_any_request(
+    hub, export_dir, monkeypatch, tmp_path
+):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
@@ -425,8 +467,11 @@ def test_transformers_push_to_hub_reaches_the_same_server(hub, monkeypatch):
 
     monkeypatch.setattr(transformers_hub, "_hf_api", HfApi(endpoint=hub.url))
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")  # fmt: skip
+    monkeypatch.setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+    )
     tiny_model("llama").push_to_hub(REPO, token=TOKEN, commit_message="from transformers")
     assert {"model.safetensors", "config.json", "README.md"} <= set(hub.files())
     assert_no_token_anywhere(hub)

@@ -45,8 +45,7 @@ def test_safetensors_problem_finds_truncation_from_the_header(tmp_path):
     save_file({"a": torch.ones(64, 64), "b": torch.zeros(8)}, path)
     assert integrity.safetensors_problem(path) is None
     data = path.read_bytes()
-    for cut, why in ((len(data) - 1, "truncated"), (20, "truncated: its header"),
-                     (5, "too short")):  # fmt: skip
+    for cut, why in ((len(data) - 1, "truncated"), (20, "truncated: its header"), (5, "too short")):
         path.write_bytes(data[:cut])
         assert why in integrity.safetensors_problem(path)
     path.write_bytes((10).to_bytes(8, "little") + b"not json!!")
@@ -64,7 +63,10 @@ def test_digest_mismatches_name_changed_missing_and_added_files(tmp_path):
     (tmp_path / "b.bin").unlink()
     (tmp_path / "c.py").write_text("")
     assert integrity.digest_mismatches(tmp_path, recorded) == [
-        "b.bin: missing", "a.bin: changed since it was checked", "c.py: added after the check"]
+        "b.bin: missing",
+        "a.bin: changed since it was checked",
+        "c.py: added after the check",
+    ]
 
 
 # --- reuse follows content ------------------------------------------------------------------
@@ -107,10 +109,13 @@ def test_a_changed_checkpoint_is_checked_and_saved_again_on_resume(finished_run,
 
 
 # --- faults of the machine ------------------------------------------------------------------
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on the device"),
-                                         (errno.EROFS, "the file system is read-only")])
-def test_a_full_disk_or_read_only_folder_is_one_message(model_dir, tmp_path, monkeypatch, capsys,
-                                                        code, words):  # fmt: skip
+@pytest.mark.parametrize(
+    "code, words",
+    [(errno.ENOSPC, "no space left on the device"), (errno.EROFS, "the file system is read-only")],
+)
+def test_a_full_disk_or_read_only_folder_is_one_message(
+    model_dir, tmp_path, monkeypatch, capsys, code, words
+):
     recipe = write_recipe(tmp_path, recipe_dict(str(model_dir), save={"layouts": ["padded"]}))
     from fbnprune import save
 
@@ -137,8 +142,10 @@ def test_disk_faults_raised_by_rust_code_are_recognised():
     class SafetensorError(Exception):
         pass
 
-    text = "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: " \
-           '"No space left on device" })'  # fmt: skip
+    text = (
+        "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+        '"No space left on device" })'
+    )
     assert disk_fault(SafetensorError(text)).startswith("no space left on the device")
     assert disk_fault(ValueError("something else")) is None
 
@@ -166,11 +173,14 @@ def test_validate_data_refuses_more_components_than_tokens(model_dir, tmp_path, 
     assert "calibration tokens" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("select, words", [
-    ({"budget": 0.05, "min_per_layer": 0.2}, "min_per_layer (0.2) is above the budget (0.05)"),
-    ({"budget": 0.5, "max_per_layer": 0.3}, "max_per_layer (0.3) is below the budget (0.5)"),
-    ({"budget": True}, "budget: expected a number or text, got the boolean True"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "select, words",
+    [
+        ({"budget": 0.05, "min_per_layer": 0.2}, "min_per_layer (0.2) is above the budget (0.05)"),
+        ({"budget": 0.5, "max_per_layer": 0.3}, "max_per_layer (0.3) is below the budget (0.5)"),
+        ({"budget": True}, "budget: expected a number or text, got the boolean True"),
+    ],
+)
 def test_recipes_that_cannot_be_met_are_refused_at_once(tmp_path, select, words):
     data = recipe_dict("some-model", select=select)
     with pytest.raises(RecipeError, match=words.replace("(", r"\(").replace(")", r"\)")):

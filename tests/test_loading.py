@@ -41,20 +41,37 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> LlamaForCausalLM:
     """Write a tiny float32 Llama GGUF (tied embeddings, byte-level BPE); return the HF original."""
     tokens = [*bytes_to_unicode().values(), "Ġt", "he", "<s>", "</s>"]
     config = LlamaConfig(
-        vocab_size=len(tokens), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=True, bos_token_id=258, eos_token_id=259,
-    )  # fmt: skip
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=258,
+        eos_token_id=259,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     writer = GGUFWriter(str(path), "llama")
     metadata = dict(
-        context_length=64, embedding_length=32, block_count=2, feed_forward_length=48,
-        head_count=4, head_count_kv=2, layer_norm_rms_eps=1e-6, rope_freq_base=10000.0,
-        rope_dimension_count=8, tokenizer_model="gpt2", token_list=tokens,
-        token_types=[1] * 258 + [3, 3], token_merges=["Ġ t", "h e"], bos_token_id=258,
+        context_length=64,
+        embedding_length=32,
+        block_count=2,
+        feed_forward_length=48,
+        head_count=4,
+        head_count_kv=2,
+        layer_norm_rms_eps=1e-6,
+        rope_freq_base=10000.0,
+        rope_dimension_count=8,
+        tokenizer_model="gpt2",
+        token_list=tokens,
+        token_types=[1] * 258 + [3, 3],
+        token_merges=["Ġ t", "h e"],
+        bos_token_id=258,
         eos_token_id=259,
-    )  # fmt: skip
+    )
     for key, value in metadata.items():
         getattr(writer, f"add_{key}")(value)
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -289,10 +306,14 @@ def test_hub_id_offline_is_explained() -> None:
 
 def test_packaged_model_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     missing = PackagedModel(
-        name="ghost-1m", package="ghost-model", module="fbnprune_no_such_module",
-        install='pip install --no-deps "ghost-model==1.0"', license="apache-2.0",
-        base_model="nobody/ghost", gguf_path=lambda: Path("/nonexistent.gguf"),
-    )  # fmt: skip
+        name="ghost-1m",
+        package="ghost-model",
+        module="fbnprune_no_such_module",
+        install='pip install --no-deps "ghost-model==1.0"',
+        license="apache-2.0",
+        base_model="nobody/ghost",
+        gguf_path=lambda: Path("/nonexistent.gguf"),
+    )
     monkeypatch.setitem(PACKAGED_MODELS, "ghost-1m", missing)
     with pytest.raises(ModelLoadError, match='pip install --no-deps "ghost-model==1.0"'):
         load_model("ghost-1m")
@@ -367,9 +388,15 @@ def test_a_truncated_cached_conversion_is_converted_again(
 
 def test_a_truncated_local_safetensors_file_is_named(tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                 num_hidden_layers=1, num_attention_heads=2)).save_pretrained(
-        model_dir)  # fmt: skip
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    ).save_pretrained(model_dir)
     _truncate(model_dir / "model.safetensors", keep=0.9)
     with pytest.raises(ModelLoadError, match=r"model.safetensors is truncated: \d+ of \d+ bytes"):
         load_model(str(model_dir))

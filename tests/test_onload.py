@@ -43,8 +43,10 @@ def saved(model: torch.nn.Module, path, shard: str | None = None) -> str:
 
 
 def blocks_on_meta(source: LayerwiseModel) -> list[bool]:
-    return [all(p.is_meta for p in block.parameters())
-            for block in source.adapter.get_layer_list(source.model)]  # fmt: skip
+    return [
+        all(p.is_meta for p in block.parameters())
+        for block in source.adapter.get_layer_list(source.model)
+    ]
 
 
 @pytest.mark.parametrize("site", ["hidden", "output"])
@@ -55,8 +57,9 @@ def test_layer_by_layer_from_disk_equals_the_whole_model(model_type, site, tmp_p
     kwargs = dict(site=site, max_length=32, batch_size=4, progress=False)
     full = collect_activations(model, tiny_tokenizer(), TEXTS, **kwargs)
     layered = collect_activations(source, tiny_tokenizer(), TEXTS, **kwargs)
-    resident = collect_activations(LayerwiseModel.resident(model), tiny_tokenizer(), TEXTS,
-                                   **kwargs)  # fmt: skip
+    resident = collect_activations(
+        LayerwiseModel.resident(model), tiny_tokenizer(), TEXTS, **kwargs
+    )
     np.testing.assert_array_equal(layered.matrix, full.matrix)
     np.testing.assert_array_equal(resident.matrix, full.matrix)
     np.testing.assert_array_equal(layered.sample_index, full.sample_index)
@@ -79,8 +82,11 @@ def test_bfloat16_and_one_file_checkpoint(tmp_path):
 def test_per_layer_masks_are_replayed(tmp_path):
     """Gemma3 alternates sliding-window and full attention: each block must be replayed
     with its own mask (a window shorter than the texts makes them differ)."""
-    config = dict(TINY_CONFIGS["gemma3_text"], sliding_window=3,
-                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    config = dict(
+        TINY_CONFIGS["gemma3_text"],
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
     from conftest import SPECIAL, VOCAB
     from transformers import AutoConfig
 
@@ -103,8 +109,9 @@ def test_per_layer_masks_are_replayed(tmp_path):
 def test_onload_holds_one_block_at_a_time(tmp_path):
     source = LayerwiseModel.from_checkpoint(saved(tiny_model("qwen2"), tmp_path / "m"))
     assert all(blocks_on_meta(source)) and source.n_layers == 3
-    assert not any(p.is_meta for p in source.adapter.get_backbone(source.model).embed_tokens
-                   .parameters())  # fmt: skip
+    assert not any(
+        p.is_meta for p in source.adapter.get_backbone(source.model).embed_tokens.parameters()
+    )
     with source.onload(1) as block:
         assert blocks_on_meta(source) == [True, False, True]
         assert block is source.adapter.get_layers(source.model)[1]
@@ -126,8 +133,7 @@ def test_a_folder_without_safetensors_is_a_clear_error(tmp_path):
         Checkpoint(tmp_path)
 
 
-def test_pipeline_collects_layer_by_layer_with_the_same_plan(tiny_llama_dir, tmp_path,
-                                                            monkeypatch):  # fmt: skip
+def test_pipeline_collects_layer_by_layer_with_the_same_plan(tiny_llama_dir, tmp_path, monkeypatch):
     base = parse_recipe(tiny_recipe(tiny_llama_dir))
     seq = parse_recipe(tiny_recipe(tiny_llama_dir, collect={"onload": "sequential"}))
     assert fingerprint(base.collect.model_dump()) == fingerprint(

@@ -22,15 +22,23 @@ def recipe_dict(model_dir: str, **overrides) -> dict:
     recipe = {
         "name": "tiny",
         "model": model_dir,
-        "tasks": [{"name": "news", "source": "builtin:bbc_news", "template": "Article: {text}",
-                   "calibration_samples": 12, "heldout_samples": 4, "max_length": 32}],
+        "tasks": [
+            {
+                "name": "news",
+                "source": "builtin:bbc_news",
+                "template": "Article: {text}",
+                "calibration_samples": 12,
+                "heldout_samples": 4,
+                "max_length": 32,
+            }
+        ],
         "collect": {"batch_size": 4},
         "discover": {"n_components": 8},
         "select": {"budget": 0.25, "min_per_layer": 0.05},
         "check": {"samples": 4, "atol": 1e-5},
         "save": {"layouts": ["padded", "compact"]},
         "heal": {"enabled": False},
-    }  # fmt: skip
+    }
     for key, value in overrides.items():
         recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
     return recipe
@@ -64,8 +72,9 @@ def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_llama_dir, tmp_p
 
     padded = AutoModelForCausalLM.from_pretrained(run / "checkpoint-padded")
     assert padded.config.intermediate_size == max(plan.kept_per_layer())
-    compact = AutoModelForCausalLM.from_pretrained(run / "checkpoint-compact",
-                                                   trust_remote_code=True)  # fmt: skip
+    compact = AutoModelForCausalLM.from_pretrained(
+        run / "checkpoint-compact", trust_remote_code=True
+    )
     assert compact.config.fbnprune_compact["widths"] == plan.kept_per_layer()
     for name in ("fbnprune_plan.json", "fbnprune_recipe.yaml", "tokenizer.json"):
         assert (run / "checkpoint-padded" / name).is_file()
@@ -147,8 +156,9 @@ def test_existing_non_run_directory_is_refused(tmp_path):
         ({"discover": {"n_components": 4000}}, "needs more than 4000 tokens"),
     ],
 )
-def test_bad_input_gives_a_clear_error_and_exit_code(tiny_llama_dir, tmp_path, capsys, overrides,
-                                                     message):  # fmt: skip
+def test_bad_input_gives_a_clear_error_and_exit_code(
+    tiny_llama_dir, tmp_path, capsys, overrides, message
+):
     path = write_recipe(tmp_path, recipe_dict(tiny_llama_dir, **overrides))
     code = main(["-q", "run", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err

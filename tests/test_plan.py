@@ -10,10 +10,16 @@ from fbnprune.plan import PlanError, PrunePlan
 
 
 def plan(**overrides) -> PrunePlan:
-    fields = dict(model="m", model_type="llama", site="hidden", fill="mean",
-                  layer_widths=[4, 6], kept=[[0, 3], [1, 2, 5]],
-                  fill_values=[[0.1, 0.2, 0.3, 0.4], [1e-8, -2.5, 3.0, 0.0, 7.0, 1 / 3]],
-                  provenance={"budget": 0.5, "seed": 0})  # fmt: skip
+    fields = dict(
+        model="m",
+        model_type="llama",
+        site="hidden",
+        fill="mean",
+        layer_widths=[4, 6],
+        kept=[[0, 3], [1, 2, 5]],
+        fill_values=[[0.1, 0.2, 0.3, 0.4], [1e-8, -2.5, 3.0, 0.0, 7.0, 1 / 3]],
+        provenance={"budget": 0.5, "seed": 0},
+    )
     return PrunePlan(**{**fields, **overrides})
 
 

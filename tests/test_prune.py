@@ -34,10 +34,21 @@ def make_plan(model, site: str, fill: str, seed: int = 1) -> PrunePlan:
     if fill == "reconstruct":  # any columns and bias: slicing must carry them exactly
         adapter = get_adapter(model)
         d_model = adapter.output_width(adapter.get_layers(model)[0])
-        refit = Refit([torch.randn(d_model, len(k), generator=gen) for k in kept],
-                      [torch.randn(d_model, generator=gen) for _ in kept], ridge=0.0)
-    return PrunePlan(model="tiny", model_type=model.config.model_type, site=site, fill=fill,
-                     layer_widths=widths, kept=kept, fill_values=fill_values, refit=refit)
+        refit = Refit(
+            [torch.randn(d_model, len(k), generator=gen) for k in kept],
+            [torch.randn(d_model, generator=gen) for _ in kept],
+            ridge=0.0,
+        )
+    return PrunePlan(
+        model="tiny",
+        model_type=model.config.model_type,
+        site=site,
+        fill=fill,
+        layer_widths=widths,
+        kept=kept,
+        fill_values=fill_values,
+        refit=refit,
+    )
 
 
 def logits(model, batch) -> torch.Tensor:
@@ -120,13 +131,22 @@ def test_each_layer_uses_its_own_mask():
     model = tiny_model("llama")
     adapter = get_adapter(model)
     widths = site_widths(model, adapter, "hidden")
-    plan = PrunePlan(model="tiny", model_type="llama", site="hidden", fill="zero",
-                     layer_widths=widths, kept=[[0], list(range(widths[1])), [1, 2]])  # fmt: skip
+    plan = PrunePlan(
+        model="tiny",
+        model_type="llama",
+        site="hidden",
+        fill="zero",
+        layer_widths=widths,
+        kept=[[0], list(range(widths[1])), [1, 2]],
+    )
     seen: list[torch.Tensor] = []
     with masked(model, plan):  # observers registered after the mask hooks run after them
-        hooks = [adapter.get_down(layer).register_forward_pre_hook(
-            lambda mod, args, store=seen: store.append(args[0].detach().clone()))
-            for layer in adapter.get_layers(model)]  # fmt: skip
+        hooks = [
+            adapter.get_down(layer).register_forward_pre_hook(
+                lambda mod, args, store=seen: store.append(args[0].detach().clone())
+            )
+            for layer in adapter.get_layers(model)
+        ]
         logits(model, random_batch())
     for h in hooks:
         h.remove()

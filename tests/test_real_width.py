@@ -43,10 +43,16 @@ MEASURE = (
 
 
 def llama_dir(path: Path, *, hidden: int, mlp: int, layers: int, heads: int) -> Path:
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=hidden,
-                                  intermediate_size=mlp, num_hidden_layers=layers,
-                                  num_attention_heads=heads, num_key_value_heads=heads,
-                                  **SPECIAL)  # fmt: skip
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        **SPECIAL,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path, max_shard_size="1GB")
@@ -56,13 +62,23 @@ def llama_dir(path: Path, *, hidden: int, mlp: int, layers: int, heads: int) -> 
 
 def recipe(model: Path, onload: str) -> dict:
     return {
-        "name": "real-width", "model": str(model),
-        "tasks": [{"name": "news", "source": "builtin:bbc_news", "template": "{text}",
-                   "calibration_samples": 16, "heldout_samples": 2, "max_length": 64}],
+        "name": "real-width",
+        "model": str(model),
+        "tasks": [
+            {
+                "name": "news",
+                "source": "builtin:bbc_news",
+                "template": "{text}",
+                "calibration_samples": 16,
+                "heldout_samples": 2,
+                "max_length": 64,
+            }
+        ],
         "collect": {"batch_size": 8, "storage": "zarr", "onload": onload},
         "discover": {"n_components": 16, "engine": "dask", "memory": "256MiB"},
-        "select": {"budget": 0.25, "min_per_layer": 0.05}, "heal": {"enabled": False},
-    }  # fmt: skip
+        "select": {"budget": 0.25, "min_per_layer": 0.05},
+        "heal": {"enabled": False},
+    }
 
 
 # the plan sliced and saved: streamed from the shards, or with the whole model in memory
@@ -96,8 +112,13 @@ def measured(*command: str) -> tuple[int, float, list[str]]:
     thread)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True,
-                          text=True, env=env, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     wall = time.perf_counter() - start
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -109,8 +130,9 @@ def run_until_select(tmp: Path, model: Path, onload: str) -> tuple[dict, int, fl
     file = tmp / f"{onload}.yaml"
     file.write_text(yaml.safe_dump(recipe(model, onload)))
     out = tmp / f"run-{onload}"
-    peak, wall, _ = measured(sys.executable, "-m", "fbnprune", "select", str(file), "--out",
-                             str(out), "--no-progress")  # fmt: skip
+    peak, wall, _ = measured(
+        sys.executable, "-m", "fbnprune", "select", str(file), "--out", str(out), "--no-progress"
+    )
     return json.loads((out / PLAN_FILE).read_text()), peak, wall
 
 
@@ -143,23 +165,29 @@ def test_real_width_llama_runs_under_a_memory_cap(tmp_path):
     plan, peak, wall = run_until_select(tmp_path, model, "sequential")
     tokens = sum(plan["provenance"]["calibration_tokens"].values())
     matrix_bytes = tokens * sum(plan["layer_widths"]) * 4  # the float32 matrix
-    print(f"real width: model {model_bytes / GiB:.2f} GiB, matrix {tokens} x "
-          f"{sum(plan['layer_widths'])} = {matrix_bytes / GiB:.2f} GiB float32; layer by layer: "
-          f"peak RSS {peak / GiB:.2f} GiB (cap {CAP / GiB:.1f} GiB), {wall:.0f} s")  # fmt: skip
+    print(
+        f"real width: model {model_bytes / GiB:.2f} GiB, matrix {tokens} x "
+        f"{sum(plan['layer_widths'])} = {matrix_bytes / GiB:.2f} GiB float32; layer by layer: "
+        f"peak RSS {peak / GiB:.2f} GiB (cap {CAP / GiB:.1f} GiB), {wall:.0f} s"
+    )
     assert model_bytes + matrix_bytes > CAP  # the cap is below model + matrix
     assert peak < CAP
     # the plan sliced and saved one layer at a time, from the shards: under the cap too
     plan_file = tmp_path / "run-sequential" / PLAN_FILE
-    save_peak, save_wall, _ = measured(sys.executable, "-c", STREAMED, str(model),
-                                       str(plan_file), str(tmp_path / "streamed"))  # fmt: skip
+    save_peak, save_wall, _ = measured(
+        sys.executable, "-c", STREAMED, str(model), str(plan_file), str(tmp_path / "streamed")
+    )
     print(f"streamed slice + save: peak RSS {save_peak / GiB:.2f} GiB, {save_wall:.0f} s")
     assert save_peak < CAP
     # ... and checked one layer at a time against the masked original
-    check_peak, check_wall, out = measured(sys.executable, "-c", LAYER_CHECK, str(model),
-                                           str(plan_file), str(tmp_path / "streamed"))  # fmt: skip
+    check_peak, check_wall, out = measured(
+        sys.executable, "-c", LAYER_CHECK, str(model), str(plan_file), str(tmp_path / "streamed")
+    )
     worst, passed = out[-1].split()
-    print(f"per-layer check (float32): max |delta| {float(worst):.2e}, peak RSS "
-          f"{check_peak / GiB:.2f} GiB, {check_wall:.0f} s")  # fmt: skip
+    print(
+        f"per-layer check (float32): max |delta| {float(worst):.2e}, peak RSS "
+        f"{check_peak / GiB:.2f} GiB, {check_wall:.0f} s"
+    )
     assert passed == "True" and check_peak < CAP
     # the same run with the whole model in memory (it fits here): the same plan, the same
     # sliced checkpoint
@@ -167,7 +195,8 @@ def test_real_width_llama_runs_under_a_memory_cap(tmp_path):
     print(f"whole model: select peak RSS {full_peak / GiB:.2f} GiB, {full_wall:.0f} s")
     assert plan["kept"] == full["kept"] and plan["fill_values"] == full["fill_values"]
     assert [len(k) for k in plan["kept"]] == plan["provenance"]["kept_per_layer"]
-    mem_peak, mem_wall, _ = measured(sys.executable, "-c", IN_MEMORY, str(model),
-                                     str(plan_file), str(tmp_path / "in-memory"))  # fmt: skip
+    mem_peak, mem_wall, _ = measured(
+        sys.executable, "-c", IN_MEMORY, str(model), str(plan_file), str(tmp_path / "in-memory")
+    )
     print(f"whole model: slice + save peak RSS {mem_peak / GiB:.2f} GiB, {mem_wall:.0f} s")
     assert same_tensors(tmp_path / "streamed", tmp_path / "in-memory")

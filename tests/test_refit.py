@@ -24,14 +24,17 @@ TEXTS = [f"sample {i}: the quick brown fox jumps over the lazy dog {i * 7}" for 
 
 
 def activations(model):
-    return collect_activations(model, tiny_tokenizer(), TEXTS, site="hidden", max_length=48,
-                               batch_size=4, progress=False)  # fmt: skip
+    return collect_activations(
+        model, tiny_tokenizer(), TEXTS, site="hidden", max_length=48, batch_size=4, progress=False
+    )
 
 
 def mlp_outputs(matrix: np.ndarray, downs: list[np.ndarray], widths: list[int]) -> list:
     bounds = np.cumsum([0, *widths])
-    return [matrix[:, a:b].astype(np.float64) @ d.T
-            for a, b, d in zip(bounds[:-1], bounds[1:], downs, strict=True)]  # fmt: skip
+    return [
+        matrix[:, a:b].astype(np.float64) @ d.T
+        for a, b, d in zip(bounds[:-1], bounds[1:], downs, strict=True)
+    ]
 
 
 def test_refit_with_every_unit_kept_and_no_ridge_is_the_original_projection():
@@ -85,8 +88,15 @@ def test_reconstruct_plan_round_trips_and_slices_exactly(tmp_path):
     widths = acts.layer_widths
     kept = [[0, 5, 9], list(range(0, widths[1], 2)), [3]]
     refit = refit_plan(model, [acts.matrix], widths, kept, ridge=1e-3)
-    plan = PrunePlan(model="tiny", model_type="llama", site="hidden", fill="reconstruct",
-                     layer_widths=widths, kept=kept, refit=refit)  # fmt: skip
+    plan = PrunePlan(
+        model="tiny",
+        model_type="llama",
+        site="hidden",
+        fill="reconstruct",
+        layer_widths=widths,
+        kept=kept,
+        refit=refit,
+    )
     plan.save(tmp_path / "plan.json")
     assert refit_file(tmp_path / "plan.json").is_file()
     loaded = PrunePlan.load(tmp_path / "plan.json")
@@ -105,9 +115,15 @@ def test_a_changed_refit_file_is_refused(tmp_path):
     acts = activations(model)
     widths = acts.layer_widths
     kept = [[0, 1], [2, 3], [4, 5]]
-    plan = PrunePlan(model="tiny", model_type="llama", site="hidden", fill="reconstruct",
-                     layer_widths=widths, kept=kept,
-                     refit=refit_plan(model, [acts.matrix], widths, kept, ridge=1e-3))  # fmt: skip
+    plan = PrunePlan(
+        model="tiny",
+        model_type="llama",
+        site="hidden",
+        fill="reconstruct",
+        layer_widths=widths,
+        kept=kept,
+        refit=refit_plan(model, [acts.matrix], widths, kept, ridge=1e-3),
+    )
     plan.save(tmp_path / "plan.json")
     file = refit_file(tmp_path / "plan.json")
     data = bytearray(file.read_bytes())
@@ -116,8 +132,14 @@ def test_a_changed_refit_file_is_refused(tmp_path):
     with pytest.raises(PlanError, match="differs from the digest"):
         PrunePlan.load(tmp_path / "plan.json")
     with pytest.raises(PlanError, match="needs its refit"):
-        PrunePlan(model="tiny", model_type="llama", site="hidden", fill="reconstruct",
-                  layer_widths=widths, kept=kept)  # fmt: skip
+        PrunePlan(
+            model="tiny",
+            model_type="llama",
+            site="hidden",
+            fill="reconstruct",
+            layer_widths=widths,
+            kept=kept,
+        )
 
 
 # --- allocation by sensitivity ------------------------------------------------------------
@@ -127,8 +149,15 @@ def test_sensitivity_allocation_sums_to_the_budget_within_floor_and_cap():
     rng = np.random.default_rng(0)
     scores = [rng.random(100) for _ in range(6)]
     sensitivity = [0.0, 0.01, 0.1, 1.0, 10.0, 1000.0]
-    kept = allocate(scores, 0.2, policy="sensitivity", min_per_layer=0.05, max_per_layer=0.5,
-                    sensitivity=sensitivity, power=1.0)  # fmt: skip
+    kept = allocate(
+        scores,
+        0.2,
+        policy="sensitivity",
+        min_per_layer=0.05,
+        max_per_layer=0.5,
+        sensitivity=sensitivity,
+        power=1.0,
+    )
     counts = [len(k) for k in kept]
     assert sum(counts) == 120
     assert all(5 <= c <= 50 for c in counts)
@@ -146,8 +175,9 @@ def test_sensitivity_allocation_with_equal_sensitivities_is_uniform():
 
 def test_an_impossible_cap_is_refused():
     with pytest.raises(SelectError, match="max_per_layer"):
-        allocate([np.zeros(10)] * 3, 0.5, policy="sensitivity", max_per_layer=0.3,
-                 sensitivity=[1, 1, 1])  # fmt: skip
+        allocate(
+            [np.zeros(10)] * 3, 0.5, policy="sensitivity", max_per_layer=0.3, sensitivity=[1, 1, 1]
+        )
 
 
 def test_bounded_counts_respects_every_bound():
@@ -159,11 +189,13 @@ def test_layer_sensitivity_measures_each_layers_cut():
     model = tiny_model("llama")
     widths = site_widths(model, get_adapter(model), "hidden")
     scores = [np.arange(w, dtype=np.float32) for w in widths]
-    kl = layer_sensitivity(model, tiny_tokenizer(), TEXTS[:4], scores, 0.1, unit_means=None,
-                           max_length=48)  # fmt: skip
+    kl = layer_sensitivity(
+        model, tiny_tokenizer(), TEXTS[:4], scores, 0.1, unit_means=None, max_length=48
+    )
     assert len(kl) == len(widths) and all(v > 0 for v in kl)
-    full = layer_sensitivity(model, tiny_tokenizer(), TEXTS[:4], scores, 1.0, unit_means=None,
-                             max_length=48)  # fmt: skip
+    full = layer_sensitivity(
+        model, tiny_tokenizer(), TEXTS[:4], scores, 1.0, unit_means=None, max_length=48
+    )
     assert max(full) < 1e-6  # keeping every unit moves nothing
 
 
@@ -179,13 +211,21 @@ def test_sequential_refit_starts_like_the_plain_one_and_slices_exactly(model_typ
     widths = acts.layer_widths
     kept = [list(range(0, w, 3)) for w in widths]
     plain = refit_plan(model, [acts.matrix], widths, kept, ridge=1e-3)
-    seq = sequential_refit(model, tiny_tokenizer(), TEXTS, widths, kept, ridge=1e-3,
-                           max_length=48, batch_size=4)  # fmt: skip
+    seq = sequential_refit(
+        model, tiny_tokenizer(), TEXTS, widths, kept, ridge=1e-3, max_length=48, batch_size=4
+    )
     # layer 0 sees the same inputs either way; the layers above see the pruned model's
     torch.testing.assert_close(seq.weights[0], plain.weights[0], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(seq.weights[-1], plain.weights[-1], atol=1e-4)
-    plan = PrunePlan(model="tiny", model_type=model_type, site="hidden", fill="reconstruct",
-                     layer_widths=widths, kept=kept, refit=seq)  # fmt: skip
+    plan = PrunePlan(
+        model="tiny",
+        model_type=model_type,
+        site="hidden",
+        fill="reconstruct",
+        layer_widths=widths,
+        kept=kept,
+        refit=seq,
+    )
     batch = random_batch()
     with torch.no_grad():
         with masked(model, plan):
@@ -200,7 +240,8 @@ def test_sequential_refit_with_every_unit_kept_is_the_original_projection():
     model = tiny_model("llama")
     widths = site_widths(model, get_adapter(model), "hidden")
     kept = [list(range(w)) for w in widths]
-    seq = sequential_refit(model, tiny_tokenizer(), TEXTS, widths, kept, ridge=0.0,
-                           max_length=48, batch_size=4)  # fmt: skip
+    seq = sequential_refit(
+        model, tiny_tokenizer(), TEXTS, widths, kept, ridge=0.0, max_length=48, batch_size=4
+    )
     for w, d in zip(seq.weights, down_weights(model), strict=True):
         np.testing.assert_allclose(w.numpy(), d, atol=1e-4)

@@ -38,8 +38,14 @@ from fbnprune.stages.pipeline import run_pipeline
 # --- planted sources -------------------------------------------------------------------------
 
 
-def planted(n_tokens: int = 3000, n_neurons: int = 400, k: int = 6, seed: int = 0,
-            size: int = 12, noise: float = 0.5):  # fmt: skip
+def planted(
+    n_tokens: int = 3000,
+    n_neurons: int = 400,
+    k: int = 6,
+    seed: int = 0,
+    size: int = 12,
+    noise: float = 0.5,
+):
     """X = S @ A + noise: k heavy-tailed independent sources, each driving its own network of
     ``size`` neurons (disjoint). Returns X (float32) and the true networks (k, n_neurons)."""
     rng = np.random.default_rng(seed)
@@ -100,16 +106,27 @@ def assert_same_networks(ica, reference, truth) -> None:
 
 
 def write_store(path, X, widths, *, dtype="float16", chunk_tokens=64, batch=50):
-    with StoreWriter(path, n_tokens=len(X), layer_widths=widths, site="hidden", dtype=dtype,
-                     chunk_tokens=chunk_tokens) as writer:  # fmt: skip
+    with StoreWriter(
+        path,
+        n_tokens=len(X),
+        layer_widths=widths,
+        site="hidden",
+        dtype=dtype,
+        chunk_tokens=chunk_tokens,
+    ) as writer:
         for sample, start in enumerate(range(0, len(X), batch)):
             writer.append(X[start : start + batch], sample)
         return writer.commit(tokens_per_second=123.0)
 
 
-@pytest.mark.parametrize(("dtype", "rel", "absolute"), [
-    ("float16", 2**-11, 2**-24), ("bfloat16", 2**-8, 0.0), ("float32", 0.0, 0.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("dtype", "rel", "absolute"),
+    [
+        ("float16", 2**-11, 2**-24),
+        ("bfloat16", 2**-8, 0.0),
+        ("float32", 0.0, 0.0),
+    ],
+)
 def test_store_round_trips_shape_dtype_sample_index_and_values(tmp_path, dtype, rel, absolute):
     rng = np.random.default_rng(1)
     X = (rng.standard_normal((301, 40)) * np.logspace(-3, 3, 40)).astype(np.float32)
@@ -140,8 +157,13 @@ def test_store_round_trips_shape_dtype_sample_index_and_values(tmp_path, dtype, 
 def test_layer_by_layer_writes_equal_row_writes(tmp_path):
     X = np.random.default_rng(2).standard_normal((200, 30)).astype(np.float32)
     rows = write_store(tmp_path / "rows.zarr", X, [10, 20])
-    with StoreWriter(tmp_path / "layers.zarr", n_tokens=200, layer_widths=[10, 20],
-                     site="hidden", chunk_tokens=64) as writer:  # fmt: skip
+    with StoreWriter(
+        tmp_path / "layers.zarr",
+        n_tokens=200,
+        layer_widths=[10, 20],
+        site="hidden",
+        chunk_tokens=64,
+    ) as writer:
         writer.write_layer(1, 0, X[:, 10:], sample=np.arange(200) // 50)
         writer.write_layer(0, 0, X[:, :10])
         layers = writer.commit()
@@ -151,8 +173,10 @@ def test_layer_by_layer_writes_equal_row_writes(tmp_path):
 
 def test_an_unfinished_store_leaves_nothing_and_float16_clips(tmp_path):
     X = np.ones((10, 4), dtype=np.float32)
-    with pytest.raises(RuntimeError), StoreWriter(tmp_path / "a.zarr", n_tokens=10,
-                                                  layer_widths=[4], site="hidden") as writer:
+    with (
+        pytest.raises(RuntimeError),
+        StoreWriter(tmp_path / "a.zarr", n_tokens=10, layer_widths=[4], site="hidden") as writer,
+    ):
         writer.append(X[:5], 0)
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
@@ -184,8 +208,9 @@ def test_dask_threads_find_the_same_networks_as_in_memory(planted_data, memory, 
         assert ica.block_rows_ < len(X)  # the budget really split the matrix into blocks
     assert_same_networks(ica, reference, truth)
     np.testing.assert_allclose(ica.mean_, reference.mean_, atol=1e-4)
-    np.testing.assert_allclose(ica.explained_variance_ratio_,
-                               reference.explained_variance_ratio_, rtol=1e-3)  # fmt: skip
+    np.testing.assert_allclose(
+        ica.explained_variance_ratio_, reference.explained_variance_ratio_, rtol=1e-3
+    )
     assert ica.converged_ and ica.scheduler_ == "threads"
 
 
@@ -213,9 +238,14 @@ def test_memory_budget_and_errors():
 @pytest.fixture(scope="module")
 def cluster():
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None,
-                                  memory_limit="1GiB") as cluster:  # fmt: skip
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        memory_limit="1GiB",
+    ) as cluster:
         yield cluster
 
 
@@ -238,8 +268,10 @@ def test_unreachable_scheduler_is_a_clear_error(monkeypatch):
     import fbnprune.scale.discover as scale_discover
 
     monkeypatch.setattr(scale_discover, "CONNECT_TIMEOUT", "1s")
-    with pytest.raises(DiscoverError, match="cannot reach a dask scheduler"), \
-            use_scheduler("tcp://127.0.0.1:9"):  # fmt: skip
+    with (
+        pytest.raises(DiscoverError, match="cannot reach a dask scheduler"),
+        use_scheduler("tcp://127.0.0.1:9"),
+    ):
         pass
 
 
@@ -249,18 +281,31 @@ def test_unreachable_scheduler_is_a_clear_error(monkeypatch):
 def test_existing_recipes_keep_their_fingerprints():
     """Stage keys hash the collect and discover sections: the new fields must not enter them
     at their defaults (the values were computed on main before the fields existed)."""
-    raw = {"model": "some/model", "tasks": [{"name": "news", "source": "builtin:bbc_news"}],
-           "collect": {"batch_size": 4}, "discover": {"n_components": 8}}  # fmt: skip
+    raw = {
+        "model": "some/model",
+        "tasks": [{"name": "news", "source": "builtin:bbc_news"}],
+        "collect": {"batch_size": 4},
+        "discover": {"n_components": 8},
+    }
     recipe = parse_recipe(raw)
     assert recipe.fingerprint() == "fc210ca38f389351"
     assert recipe.fingerprint("collect") == "3307dcad8db11e6c"
     assert recipe.fingerprint("discover") == "2b25a76daca1c01b"
-    explicit = parse_recipe({**raw, "collect": {"batch_size": 4, "storage": "memmap"},
-                             "discover": {"n_components": 8, "engine": "sklearn",
-                                          "memory": "4GiB"}})  # fmt: skip
+    explicit = parse_recipe(
+        {
+            **raw,
+            "collect": {"batch_size": 4, "storage": "memmap"},
+            "discover": {"n_components": 8, "engine": "sklearn", "memory": "4GiB"},
+        }
+    )
     assert explicit.fingerprint() == recipe.fingerprint()
-    scaled = parse_recipe({**raw, "collect": {"batch_size": 4, "storage": "zarr"},
-                           "discover": {"n_components": 8, "engine": "dask"}})  # fmt: skip
+    scaled = parse_recipe(
+        {
+            **raw,
+            "collect": {"batch_size": 4, "storage": "zarr"},
+            "discover": {"n_components": 8, "engine": "dask"},
+        }
+    )
     assert fingerprint(scaled.collect.model_dump()) != fingerprint(recipe.collect.model_dump())
     assert fingerprint(scaled.discover.model_dump()) != fingerprint(recipe.discover.model_dump())
     assert parse_recipe(yaml.safe_load(scaled.to_yaml())) == scaled
@@ -281,12 +326,23 @@ def test_recipe_rejects_bad_scale_settings(tmp_path):
 
 def tiny_recipe(model_dir: str, **sections) -> dict:
     recipe = {
-        "name": "tiny", "model": model_dir,
-        "tasks": [{"name": "news", "source": "builtin:bbc_news", "template": "Article: {text}",
-                   "calibration_samples": 12, "heldout_samples": 4, "max_length": 32}],
-        "collect": {"batch_size": 4}, "discover": {"n_components": 8},
-        "select": {"budget": 0.25, "min_per_layer": 0.05}, "heal": {"enabled": False},
-    }  # fmt: skip
+        "name": "tiny",
+        "model": model_dir,
+        "tasks": [
+            {
+                "name": "news",
+                "source": "builtin:bbc_news",
+                "template": "Article: {text}",
+                "calibration_samples": 12,
+                "heldout_samples": 4,
+                "max_length": 32,
+            }
+        ],
+        "collect": {"batch_size": 4},
+        "discover": {"n_components": 8},
+        "select": {"budget": 0.25, "min_per_layer": 0.05},
+        "heal": {"enabled": False},
+    }
     for key, value in sections.items():
         recipe[key] = {**recipe[key], **value}
     return recipe
@@ -294,8 +350,13 @@ def tiny_recipe(model_dir: str, **sections) -> dict:
 
 def test_pipeline_collects_into_zarr_and_discovers_on_dask(tiny_llama_dir, tmp_path):
     base = parse_recipe(tiny_recipe(tiny_llama_dir))
-    scaled = parse_recipe(tiny_recipe(tiny_llama_dir, collect={"storage": "zarr"},
-                                      discover={"engine": "dask", "memory": "64MiB"}))
+    scaled = parse_recipe(
+        tiny_recipe(
+            tiny_llama_dir,
+            collect={"storage": "zarr"},
+            discover={"engine": "dask", "memory": "64MiB"},
+        )
+    )
     ref_run = run_pipeline(base, tmp_path / "base", until="select", progress=False)
     scaled_run = run_pipeline(scaled, tmp_path / "scaled", until="select", progress=False)
     assert (tmp_path / "scaled/collect/news/activations.zarr").is_dir()
@@ -311,10 +372,13 @@ def test_pipeline_collects_into_zarr_and_discovers_on_dask(tiny_llama_dir, tmp_p
         got = b.matrix[b.sample_index == sample]
         assert (np.abs(got - want) <= np.abs(want) * 2**-11 + 2**-24).all()
     # the dask engine's PCA agrees with sklearn's on the real activations
-    with np.load(ref.layout.discover_file("news")) as x, \
-            np.load(pipe.layout.discover_file("news")) as y:  # fmt: skip
-        np.testing.assert_allclose(y["explained_variance_ratio"],
-                                   x["explained_variance_ratio"], rtol=1e-2)  # fmt: skip
+    with (
+        np.load(ref.layout.discover_file("news")) as x,
+        np.load(pipe.layout.discover_file("news")) as y,
+    ):
+        np.testing.assert_allclose(
+            y["explained_variance_ratio"], x["explained_variance_ratio"], rtol=1e-2
+        )
         assert y["z_maps"].shape == x["z_maps"].shape
     assert ref_run.plan is not None and scaled_run.plan is not None
     assert sum(scaled_run.plan.kept_per_layer()) == sum(ref_run.plan.kept_per_layer())
@@ -327,12 +391,24 @@ def test_discover_command_takes_a_scheduler(tiny_llama_dir, tmp_path, cluster, c
     from fbnprune.cli import main
 
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe(tiny_llama_dir, collect={"storage": "zarr"},
-                                               discover={"engine": "dask"})))
+    path.write_text(
+        yaml.safe_dump(
+            tiny_recipe(tiny_llama_dir, collect={"storage": "zarr"}, discover={"engine": "dask"})
+        )
+    )
     transitions = cluster.scheduler.transition_counter
     # the stage subcommands share fbnprune run's arguments (--scheduler) and execution
-    code = main(["discover", str(path), "--out", str(tmp_path / "run"), "--no-progress",
-                 "--scheduler", cluster.scheduler_address])  # fmt: skip
+    code = main(
+        [
+            "discover",
+            str(path),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--scheduler",
+            cluster.scheduler_address,
+        ]
+    )
     assert code == 0
     assert "discover:news" in capsys.readouterr().out
     assert (tmp_path / "run/discover/news.npz").is_file()

@@ -40,20 +40,27 @@ def config(directory) -> dict:
     return data
 
 
-@pytest.mark.parametrize(("site", "fill", "layout"), [
-    ("hidden", "mean", "padded"), ("hidden", "reconstruct", "compact"),
-    ("hidden", "zero", "padded"), ("output", "mean", "padded"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("site", "fill", "layout"),
+    [
+        ("hidden", "mean", "padded"),
+        ("hidden", "reconstruct", "compact"),
+        ("hidden", "zero", "padded"),
+        ("output", "mean", "padded"),
+    ],
+)
 def test_streamed_checkpoint_equals_the_in_memory_one(model_type, site, fill, layout, tmp_path):
     model = tiny_model(model_type)
     model.save_pretrained(tmp_path / "original", max_shard_size="40KB")
     plan = make_plan(model, site, fill)
     adapter = get_adapter(model)
-    if fill != "zero" and (layout == "padded" or site == "output") and \
-            not adapter.can_hold_down_bias():  # fmt: skip
+    if (
+        fill != "zero"
+        and (layout == "padded" or site == "output")
+        and not adapter.can_hold_down_bias()
+    ):
         with pytest.raises(SliceError):
-            save_sliced_layerwise(tmp_path / "original", plan, tmp_path / "streamed",
-                                  layout=layout)  # fmt: skip
+            save_sliced_layerwise(tmp_path / "original", plan, tmp_path / "streamed", layout=layout)
         return
     sliced = slice_model(copy.deepcopy(model), plan, layout=layout).eval()
     save_checkpoint(sliced, None, tmp_path / "memory")
@@ -69,11 +76,13 @@ def test_streamed_checkpoint_equals_the_in_memory_one(model_type, site, fill, la
     batch = random_batch()
     torch.testing.assert_close(logits(reloaded, batch), logits(sliced, batch), atol=0, rtol=0)
     # the per-layer check passes it, and fails the slice of another plan
-    parity = layerwise_parity(tmp_path / "original", tmp_path / "streamed", plan,
-                              tiny_tokenizer(), TEXTS, atol=1e-6)  # fmt: skip
+    parity = layerwise_parity(
+        tmp_path / "original", tmp_path / "streamed", plan, tiny_tokenizer(), TEXTS, atol=1e-6
+    )
     assert parity.passed and len(parity.layers) == plan.n_layers, parity
     other = make_plan(model, site, fill, seed=2)
     save_sliced_layerwise(tmp_path / "original", other, tmp_path / "other", layout=layout)
-    wrong = layerwise_parity(tmp_path / "original", tmp_path / "other", plan,
-                             tiny_tokenizer(), TEXTS, atol=1e-6)  # fmt: skip
+    wrong = layerwise_parity(
+        tmp_path / "original", tmp_path / "other", plan, tiny_tokenizer(), TEXTS, atol=1e-6
+    )
     assert not wrong.passed and wrong.layers[0] > 1e-3

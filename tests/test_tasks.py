@@ -28,28 +28,44 @@ from fbnprune.slicing import slice_model
 from fbnprune.stages.pipeline import run_pipeline
 
 CHOICES = {t: f" {t}" for t in ("business", "entertainment", "politics", "sport", "tech")}
-ALT = {"business": " Business", "entertainment": " Arts", "politics": " Politics",
-       "sport": " Sports", "tech": " Technology"}  # fmt: skip
+ALT = {
+    "business": " Business",
+    "entertainment": " Arts",
+    "politics": " Politics",
+    "sport": " Sports",
+    "tech": " Technology",
+}
 
 
 def bbc_task(**overrides) -> dict:
-    task = {"name": "bbc-news", "source": "builtin:bbc_news",
-            "template": "Article: {text}\nTopic:", "max_words": 20, "choices": CHOICES,
-            "wordings": [{"name": "alt", "template": "Story: {text}\nSection:",
-                          "choices": ALT}],
-            "calibration_samples": 8, "heldout_samples": 4, "heal_samples": 6,
-            "max_length": 48}  # fmt: skip
+    task = {
+        "name": "bbc-news",
+        "source": "builtin:bbc_news",
+        "template": "Article: {text}\nTopic:",
+        "max_words": 20,
+        "choices": CHOICES,
+        "wordings": [{"name": "alt", "template": "Story: {text}\nSection:", "choices": ALT}],
+        "calibration_samples": 8,
+        "heldout_samples": 4,
+        "heal_samples": 6,
+        "max_length": 48,
+    }
     task.update(overrides)
     return task
 
 
 def recipe(model: str = "unused", **overrides):
-    data = {"name": "tiny-task", "model": model, "tasks": [bbc_task()],
-            "collect": {"batch_size": 4},
-            "select": {"selector": "magnitude", "budget": 0.25, "min_per_layer": 0.05},
-            "check": {"samples": 2, "atol": 1e-5}, "save": {"layouts": ["compact"]},
-            "heal": {"enabled": False},
-            "evaluate": {"choice_samples": 10, "perplexity_samples": 3}}  # fmt: skip
+    data = {
+        "name": "tiny-task",
+        "model": model,
+        "tasks": [bbc_task()],
+        "collect": {"batch_size": 4},
+        "select": {"selector": "magnitude", "budget": 0.25, "min_per_layer": 0.05},
+        "check": {"samples": 2, "atol": 1e-5},
+        "save": {"layouts": ["compact"]},
+        "heal": {"enabled": False},
+        "evaluate": {"choice_samples": 10, "perplexity_samples": 3},
+    }
     data.update(overrides)
     return parse_recipe(data)
 
@@ -69,8 +85,9 @@ def test_healing_documents_are_a_third_disjoint_split_that_changes_no_other():
     assert len(with_heal.heal) == 50
     ids = [set(with_heal.document_ids()[s]) for s in ("calibration", "heldout", "heal")]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
-    texts = [{normalise(d.text) for d in with_heal.split(s)}
-             for s in ("calibration", "heldout", "heal")]  # fmt: skip
+    texts = [
+        {normalise(d.text) for d in with_heal.split(s)} for s in ("calibration", "heldout", "heal")
+    ]
     assert not (texts[0] & texts[2] or texts[1] & texts[2])
 
 
@@ -78,9 +95,14 @@ def test_labels_no_choice_answers_are_refused(tmp_path):
     file = tmp_path / "docs.jsonl"
     rows = [{"text": f"doc {i}", "topic": "yes" if i % 2 else "maybe"} for i in range(10)]
     file.write_text("\n".join(json.dumps(r) for r in rows))
-    task = TaskConfig(name="t", source=f"file:{file}", label_field="topic",
-                      choices={"yes": " yes", "no": " no"},
-                      calibration_samples=4, heldout_samples=2)  # fmt: skip
+    task = TaskConfig(
+        name="t",
+        source=f"file:{file}",
+        label_field="topic",
+        choices={"yes": " yes", "no": " no"},
+        calibration_samples=4,
+        heldout_samples=2,
+    )
     with pytest.raises(DataError, match="no choice answers"):
         load_task(task, seed=0)
     ok = task.model_copy(update={"choices": {"yes": " yes", "maybe": " maybe"}})
@@ -89,8 +111,19 @@ def test_labels_no_choice_answers_are_refused(tmp_path):
 
 def test_a_wording_must_answer_the_same_labels():
     with pytest.raises(RecipeError, match="wording 'alt'"):
-        recipe(tasks=[bbc_task(wordings=[{"name": "alt", "template": "{text}?",
-                                          "choices": {"business": " b", "sport": " s"}}])])
+        recipe(
+            tasks=[
+                bbc_task(
+                    wordings=[
+                        {
+                            "name": "alt",
+                            "template": "{text}?",
+                            "choices": {"business": " b", "sport": " s"},
+                        }
+                    ]
+                )
+            ]
+        )
 
 
 def test_the_suite_is_generated_from_the_tasks_own_definition(tmp_path):
@@ -98,8 +131,9 @@ def test_the_suite_is_generated_from_the_tasks_own_definition(tmp_path):
     assert list(recipe_tasks(r)) == ["bbc_news", "bbc_news_alt"]
     assert default_tasks(r)[:2] == ["bbc_news", "bbc_news_alt"]
     exclude = calibration_documents(r)
-    suite = build_suite(tmp_path, exclude=exclude, config=r.evaluate, recipe=r,
-                        tasks=["bbc_news", "bbc_news_alt"])  # fmt: skip
+    suite = build_suite(
+        tmp_path, exclude=exclude, config=r.evaluate, recipe=r, tasks=["bbc_news", "bbc_news_alt"]
+    )
     first = [json.loads(line) for line in (tmp_path / "bbc_news.jsonl").read_text().splitlines()]
     alt = [json.loads(line) for line in (tmp_path / "bbc_news_alt.jsonl").read_text().splitlines()]
     assert len(first) == len(alt) == 10
@@ -141,8 +175,9 @@ def test_the_answer_position_weighs_as_asked():
     teacher, student = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     batches = token_batches(tiny_tokenizer(), PROMPTS, 48, 4)
     plain = teacher_targets(teacher, batches, top_k=16)
-    weighted = teacher_targets(teacher, batches, top_k=16,
-                               last_weights=[torch.full((4,), 1000.0)] * len(batches))
+    weighted = teacher_targets(
+        teacher, batches, top_k=16, last_weights=[torch.full((4,), 1000.0)] * len(batches)
+    )
     target = weighted[0]
     ends = target.attention_mask.sum(1) - 1
     assert target.weights is not None and float(target.weights.max()) == 1000.0
@@ -166,17 +201,25 @@ def test_the_answer_position_weighs_as_asked():
 
 def half_slice(model):
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
-    plan = PrunePlan(model="tiny", model_type="llama", site="hidden", fill="zero",
-                     layer_widths=widths, kept=[list(range(0, w, 2)) for w in widths])
+    plan = PrunePlan(
+        model="tiny",
+        model_type="llama",
+        site="hidden",
+        fill="zero",
+        layer_widths=widths,
+        kept=[list(range(0, w, 2)) for w in widths],
+    )
     return slice_model(copy.deepcopy(model), plan, layout="compact")
 
 
 def test_healing_stops_on_its_token_budget():
     teacher = tiny_model("llama")
-    cfg = HealConfig(steps=50, batch_size=4, max_length=48, lr=1e-3, top_k=16,
-                     max_minutes=None, max_tokens=200)  # fmt: skip
-    _, log = heal_model(half_slice(teacher), teacher, tiny_tokenizer(), PROMPTS, cfg,
-                        progress=False)  # fmt: skip
+    cfg = HealConfig(
+        steps=50, batch_size=4, max_length=48, lr=1e-3, top_k=16, max_minutes=None, max_tokens=200
+    )
+    _, log = heal_model(
+        half_slice(teacher), teacher, tiny_tokenizer(), PROMPTS, cfg, progress=False
+    )
     assert log.stopped_by == "tokens" and 200 <= log.tokens < 200 + 4 * 48
     assert log.steps < 50
 
@@ -184,10 +227,26 @@ def test_healing_stops_on_its_token_budget():
 def test_early_stopping_keeps_the_best_weights():
     teacher = tiny_model("llama")
     # a learning rate far too high: the validation loss gets worse after the first steps
-    cfg = HealConfig(steps=60, batch_size=4, max_length=48, lr=0.05, top_k=16, max_minutes=None,
-                     eval_every=2, patience=2, warmup=0.0)  # fmt: skip
-    healed, log = heal_model(half_slice(teacher), teacher, tiny_tokenizer(), PROMPTS, cfg,
-                             validation=PROMPTS[:4], progress=False)  # fmt: skip
+    cfg = HealConfig(
+        steps=60,
+        batch_size=4,
+        max_length=48,
+        lr=0.05,
+        top_k=16,
+        max_minutes=None,
+        eval_every=2,
+        patience=2,
+        warmup=0.0,
+    )
+    healed, log = heal_model(
+        half_slice(teacher),
+        teacher,
+        tiny_tokenizer(),
+        PROMPTS,
+        cfg,
+        validation=PROMPTS[:4],
+        progress=False,
+    )
     assert log.stopped_by == "patience" and log.steps < 60
     best_step, best_loss = min(log.validation, key=lambda sv: sv[1])
     assert log.best_step == best_step
@@ -203,33 +262,55 @@ def test_a_budget_that_ends_before_the_first_evaluation_keeps_the_trained_weight
     """Stopped by tokens or time before any scheduled evaluation: the last weights are
     evaluated and kept when better, never the unhealed step-0 weights put back."""
     teacher = tiny_model("llama")
-    cfg = HealConfig(steps=60, batch_size=4, max_length=48, lr=3e-3, top_k=16, eval_every=50,
-                     patience=2, **{"max_minutes": None, **budget})  # fmt: skip
+    cfg = HealConfig(
+        steps=60,
+        batch_size=4,
+        max_length=48,
+        lr=3e-3,
+        top_k=16,
+        eval_every=50,
+        patience=2,
+        **{"max_minutes": None, **budget},
+    )
     student = half_slice(teacher)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    healed, log = heal_model(student, teacher, tiny_tokenizer(), PROMPTS, cfg,
-                             validation=PROMPTS[:4], progress=False)  # fmt: skip
+    healed, log = heal_model(
+        student, teacher, tiny_tokenizer(), PROMPTS, cfg, validation=PROMPTS[:4], progress=False
+    )
     assert log.stopped_by in ("tokens", "time") and log.steps < 50
     assert [step for step, _ in log.validation] == [0, log.steps]
     assert log.validation[1][1] < log.validation[0][1] and log.best_step == log.steps
     assert any(not torch.equal(before[n], p) for n, p in healed.named_parameters())
 
 
-def test_healing_trains_on_calibration_and_healing_documents_only(tiny_llama_dir, tmp_path,
-                                                                  monkeypatch):  # fmt: skip
+def test_healing_trains_on_calibration_and_healing_documents_only(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
     import fbnprune.distill
 
     seen: dict = {}
     real = fbnprune.distill.prepare_targets
 
     def spy(teacher, tokenizer, texts, cfg, **kwargs):  # the teacher labels what is trained on
-        seen.update(texts=list(texts), validation=list(kwargs["validation"]),
-                    questions=list(kwargs["questions"]))
+        seen.update(
+            texts=list(texts),
+            validation=list(kwargs["validation"]),
+            questions=list(kwargs["questions"]),
+        )
         return real(teacher, tokenizer, texts, cfg, **kwargs)
 
     monkeypatch.setattr(fbnprune.distill, "prepare_targets", spy)
-    r = recipe(model=tiny_llama_dir, heal={"enabled": True, "steps": 2, "batch_size": 4,
-                                           "max_length": 48, "top_k": 8, "answer_weight": 5})
+    r = recipe(
+        model=tiny_llama_dir,
+        heal={
+            "enabled": True,
+            "steps": 2,
+            "batch_size": 4,
+            "max_length": 48,
+            "top_k": 8,
+            "answer_weight": 5,
+        },
+    )
     run_pipeline(r, tmp_path / "run", progress=False)
     data = load_task(r.tasks[0], seed=r.seed)
     assert seen["texts"] == data.prompts("calibration") + data.prompts("heal")
@@ -244,12 +325,17 @@ def lmeval_yaml(tmp_path) -> str:
     rows = [{"question": f"Is {n} an even number?", "answer": int(n % 2)} for n in range(40)]
     data = tmp_path / "parity.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    spec = {"task": "tiny_parity", "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(data)},
-                               "cache_dir": str(tmp_path / "cache")},
-            "test_split": "test", "output_type": "multiple_choice",
-            "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": ["yes", "no"],
-            "doc_to_target": "answer", "metric_list": [{"metric": "acc"}]}  # fmt: skip
+    spec = {
+        "task": "tiny_parity",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "cache")},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": ["yes", "no"],
+        "doc_to_target": "answer",
+        "metric_list": [{"metric": "acc"}],
+    }
     file = tmp_path / "tiny_parity.yaml"
     file.write_text(json.dumps(spec))  # JSON is YAML
     return str(file)
@@ -258,8 +344,13 @@ def lmeval_yaml(tmp_path) -> str:
 def test_an_lmeval_task_drives_calibration_and_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     spec = lmeval_yaml(tmp_path)
-    task = TaskConfig(name="parity", source=f"lmeval:{spec}", calibration_samples=10,
-                      heldout_samples=4, heal_samples=6)  # fmt: skip
+    task = TaskConfig(
+        name="parity",
+        source=f"lmeval:{spec}",
+        calibration_samples=10,
+        heldout_samples=4,
+        heal_samples=6,
+    )
     data = load_task(task, seed=0)
     assert data.choices == {"yes": " yes", "no": " no"}  # lm-eval's delimiter, then the answer
     prompt = data.prompts("calibration")[0]
@@ -268,10 +359,16 @@ def test_an_lmeval_task_drives_calibration_and_evaluation(tmp_path, monkeypatch)
         n = int(doc.text.split()[2])
         assert doc.label == ("yes" if n % 2 == 0 else "no")
     r = recipe(tasks=[task.model_dump()], evaluate={"choice_samples": 20})
-    build_suite(tmp_path / "suite", exclude=calibration_documents(r), config=r.evaluate,
-                recipe=r, tasks=["parity"])  # fmt: skip
-    rows = [json.loads(line) for line in (tmp_path / "suite" / "parity.jsonl").read_text()
-            .splitlines()]  # fmt: skip
+    build_suite(
+        tmp_path / "suite",
+        exclude=calibration_documents(r),
+        config=r.evaluate,
+        recipe=r,
+        tasks=["parity"],
+    )
+    rows = [
+        json.loads(line) for line in (tmp_path / "suite" / "parity.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 20 and rows[0]["choices"] == [" yes", " no"]
     used = {d.id for s in ("calibration", "heldout", "heal") for d in data.split(s)}
     assert not {row["id"] for row in rows} & used
@@ -284,13 +381,16 @@ def test_a_non_choice_lmeval_task_is_refused(tmp_path):
     file = tmp_path / "rolling.yaml"
     file.write_text(json.dumps(spec))
     with pytest.raises(DataError, match="multiple_choice"):
-        load_task(TaskConfig(name="r", source=f"lmeval:{file}", calibration_samples=2,
-                             heldout_samples=1), seed=0)
+        load_task(
+            TaskConfig(name="r", source=f"lmeval:{file}", calibration_samples=2, heldout_samples=1),
+            seed=0,
+        )
 
 
 def test_more_healing_documents_reuse_collection_and_plan(tiny_llama_dir, tmp_path):
-    first = run_pipeline(recipe(model=tiny_llama_dir), tmp_path / "run", until="select",
-                         progress=False)  # fmt: skip
+    first = run_pipeline(
+        recipe(model=tiny_llama_dir), tmp_path / "run", until="select", progress=False
+    )
     more = recipe(model=tiny_llama_dir, tasks=[bbc_task(heal_samples=12)])
     again = run_pipeline(more, tmp_path / "run", until="select", progress=False)
     for stage in ("collect:bbc-news", "select"):

@@ -38,10 +38,14 @@ def hf_generate(
         for ids in prompts:
             x = torch.tensor([ids])
             g = model.generate(
-                x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
-                output_scores=True, return_dict_in_generate=True,
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=n,
+                output_scores=True,
+                return_dict_in_generate=True,
             )
-            outs.append(g.sequences[0, len(ids):].tolist())
+            outs.append(g.sequences[0, len(ids) :].tolist())
             gaps.append([float(t[0] - t[1]) for t in (s[0].topk(2).values for s in g.scores)])
     return outs, gaps
 
@@ -70,28 +74,43 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("checkpoint", nargs="?", default="runs/demo/checkpoint-padded", type=Path,
-                    help="padded checkpoint folder (default: %(default)s, made by `make demo`)")
-    ap.add_argument("--max-tokens", type=int, default=24,
-                    help="new tokens per prompt (default: %(default)s)")
-    ap.add_argument("--min-match", type=float, default=1.0,
-                    help="fraction of prompts that must match exactly (default: %(default)s)")
-    ap.add_argument("--compile", action="store_true",
-                    help="let vLLM compile the model (default: eager, much faster to start)")
+    ap.add_argument(
+        "checkpoint",
+        nargs="?",
+        default="runs/demo/checkpoint-padded",
+        type=Path,
+        help="padded checkpoint folder (default: %(default)s, made by `make demo`)",
+    )
+    ap.add_argument(
+        "--max-tokens", type=int, default=24, help="new tokens per prompt (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--min-match",
+        type=float,
+        default=1.0,
+        help="fraction of prompts that must match exactly (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="let vLLM compile the model (default: eager, much faster to start)",
+    )
     args = ap.parse_args(argv)
 
     ckpt = args.checkpoint
     missing = [f for f in ("config.json", "model.safetensors") if not (ckpt / f).is_file()]
     if missing:
-        print(f"error: {ckpt} is not a checkpoint (missing {', '.join(missing)});"
-              " run `make demo` first", file=sys.stderr)
+        print(
+            f"error: {ckpt} is not a checkpoint (missing {', '.join(missing)});"
+            " run `make demo` first",
+            file=sys.stderr,
+        )
         return 2
     try:
         import vllm
         from transformers import AutoTokenizer
     except ImportError as e:
-        print(f"error: {e}; run this in .venv-vllm (`make check-vllm` creates it)",
-              file=sys.stderr)
+        print(f"error: {e}; run this in .venv-vllm (`make check-vllm` creates it)", file=sys.stderr)
         return 2
 
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -102,15 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vl = vllm_generate(ckpt, prompts, args.max_tokens, eager=not args.compile)
     except Exception as e:  # noqa: BLE001 - any failure here means vLLM did not load or run it
-        print(f"error: vLLM {vllm.__version__} could not load or run {ckpt}:"
-              f" {type(e).__name__}: {e}", file=sys.stderr)
+        print(
+            f"error: vLLM {vllm.__version__} could not load or run {ckpt}: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
         return 2
     t_vl = time.perf_counter() - t0 - t_hf
 
-    print(f"\nvLLM {vllm.__version__} vs transformers on {ckpt}, greedy, {args.max_tokens}"
-          f" new tokens (transformers {t_hf:.1f}s, vLLM {t_vl:.1f}s incl. load)")
-    print(f"{'#':>2}  {'match':5}  {'first diff':>10}  {'hf gap':>6}"
-          "  prompt -> transformers continuation")
+    print(
+        f"\nvLLM {vllm.__version__} vs transformers on {ckpt}, greedy, {args.max_tokens}"
+        f" new tokens (transformers {t_hf:.1f}s, vLLM {t_vl:.1f}s incl. load)"
+    )
+    print(
+        f"{'#':>2}  {'match':5}  {'first diff':>10}  {'hf gap':>6}"
+        "  prompt -> transformers continuation"
+    )
     n_ok = 0
     for i, (p, a, b) in enumerate(zip(PROMPTS, hf, vl, strict=True)):
         d = first_diff(a, b)
@@ -121,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         mark = "yes" if d is None else "NO"
         print(f"{i:>2}  {mark:5}  {pos:>10}  {gap:>6}  {p!r} -> {tok.decode(a)!r}")
         if d is not None:
-            print(f"{'':27}vLLM from token {d}: {tok.decode(b[d:])!r}"
-                  f" (transformers: {tok.decode(a[d:])!r})")
+            print(
+                f"{'':27}vLLM from token {d}: {tok.decode(b[d:])!r}"
+                f" (transformers: {tok.decode(a[d:])!r})"
+            )
     frac = n_ok / len(PROMPTS)
     ok = frac >= args.min_match
-    print(f"{n_ok}/{len(PROMPTS)} continuations identical token for token"
-          f" (required: {args.min_match:.0%}) -> {'PASS' if ok else 'FAIL'}")
+    print(
+        f"{n_ok}/{len(PROMPTS)} continuations identical token for token"
+        f" (required: {args.min_match:.0%}) -> {'PASS' if ok else 'FAIL'}"
+    )
     return 0 if ok else 1
 
 

@@ -105,13 +105,17 @@ def iou_heatmap(cross: dict[str, Any], site: str) -> Figure:
     fig = Figure(figsize=(size + 1, size), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(iou, cmap="viridis", vmin=0, vmax=max(float(iou.max()), 1e-6))
-    edges = [i for i in range(1, len(labels))
-             if labels[i].rsplit(":", 1)[0] != labels[i - 1].rsplit(":", 1)[0]]  # fmt: skip
+    edges = [
+        i
+        for i in range(1, len(labels))
+        if labels[i].rsplit(":", 1)[0] != labels[i - 1].rsplit(":", 1)[0]
+    ]
     for e in edges:
         ax.axhline(e - 0.5, color="white", lw=1)
         ax.axvline(e - 0.5, color="white", lw=1)
-    ticks = [np.mean([i for i, lab in enumerate(labels) if lab.rsplit(":", 1)[0] == t])
-             for t in tasks]  # fmt: skip
+    ticks = [
+        np.mean([i for i, lab in enumerate(labels) if lab.rsplit(":", 1)[0] == t]) for t in tasks
+    ]
     ax.set_xticks(ticks, tasks)
     ax.set_yticks(ticks, tasks)
     ax.set_title(f"IoU between templates ({site})", fontsize=10)
@@ -134,11 +138,22 @@ def preservation_curve(data: dict[str, Any], task: str) -> Figure:
                 continue
             x = [max(r["kept_fraction"], 1e-6) for r in rows]
             for fill, style, marker in (("zero", "--", "x"), ("mean", "-", "o")):
-                ax.plot(x, [r[fill][key] for r in rows], style, marker=marker,
-                        color=colors.get(site), label=f"{site}, {fill} fill")  # fmt: skip
+                ax.plot(
+                    x,
+                    [r[fill][key] for r in rows],
+                    style,
+                    marker=marker,
+                    color=colors.get(site),
+                    label=f"{site}, {fill} fill",
+                )
             for r, xi in zip(rows, x, strict=True):
-                ax.annotate(f"k={r['k']}", (xi, r["mean"][key]), fontsize=6,
-                            textcoords="offset points", xytext=(3, 3))  # fmt: skip
+                ax.annotate(
+                    f"k={r['k']}",
+                    (xi, r["mean"][key]),
+                    fontsize=6,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
         ax.axhline(metric["original"][key], color="black", lw=1, label="original")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -162,11 +177,15 @@ def lesion_bars(data: dict[str, Any], task: str) -> Figure:
         les = data["sites"][site]["lesions"][task]
         base = les["original"][key]
         labels = [f"net {r['template']}" for r in les["networks"]] + [
-            "all", "random frac.", "random same size"]  # fmt: skip
+            "all",
+            "random frac.",
+            "random same size",
+        ]
         values = [r["delta"] for r in les["networks"]] + [
-            les["all"]["delta"], les["random_fraction_summary"]["mean"] - base,
+            les["all"]["delta"],
+            les["random_fraction_summary"]["mean"] - base,
             les["random_same_size_summary"]["mean"] - base,
-        ]  # fmt: skip
+        ]
         errors = [0.0] * (len(values) - 2) + [
             les["random_fraction_summary"]["std"],
             les["random_same_size_summary"]["std"],
@@ -190,25 +209,64 @@ def write_figures(result: Analysis, directory: Path) -> list[dict[str, str]]:
     data, out = result.data, []
     for site, templates in result.templates.items():
         for task, nets in templates.items():
-            name = _save(network_maps(nets, result.layer_widths[site],
-                                      f"{task}: template networks ({site} site)"),
-                         directory, f"maps-{site}-{task}.png")  # fmt: skip
-            out.append({"file": name, "kind": "maps", "site": site, "task": task,
-                        "caption": f"Template networks of {task}, {site} site: layer x neuron "
-                        "of every member, coloured by z."})  # fmt: skip
-        out.append({"file": _save(layer_shares(result, site), directory, f"layers-{site}.png"),
-                    "kind": "layers", "site": site, "task": "",
-                    "caption": f"Per-layer share of neurons kept, {site} site."})  # fmt: skip
-        out.append({"file": _save(iou_heatmap(data["sites"][site]["cross_task"], site),
-                                  directory, f"cross-task-iou-{site}.png"),
-                    "kind": "cross_task", "site": site, "task": "",
-                    "caption": f"IoU between all tasks' templates, {site} site."})  # fmt: skip
+            name = _save(
+                network_maps(
+                    nets, result.layer_widths[site], f"{task}: template networks ({site} site)"
+                ),
+                directory,
+                f"maps-{site}-{task}.png",
+            )
+            out.append(
+                {
+                    "file": name,
+                    "kind": "maps",
+                    "site": site,
+                    "task": task,
+                    "caption": f"Template networks of {task}, {site} site: layer x neuron "
+                    "of every member, coloured by z.",
+                }
+            )
+        out.append(
+            {
+                "file": _save(layer_shares(result, site), directory, f"layers-{site}.png"),
+                "kind": "layers",
+                "site": site,
+                "task": "",
+                "caption": f"Per-layer share of neurons kept, {site} site.",
+            }
+        )
+        out.append(
+            {
+                "file": _save(
+                    iou_heatmap(data["sites"][site]["cross_task"], site),
+                    directory,
+                    f"cross-task-iou-{site}.png",
+                ),
+                "kind": "cross_task",
+                "site": site,
+                "task": "",
+                "caption": f"IoU between all tasks' templates, {site} site.",
+            }
+        )
     for task in data["metrics"]:
-        out.append({"file": _save(preservation_curve(data, task), directory,
-                                  f"preservation-{task}.png"),
-                    "kind": "preservation", "site": "", "task": task,
-                    "caption": f"{task}: metric against neurons kept."})  # fmt: skip
-        out.append({"file": _save(lesion_bars(data, task), directory, f"lesions-{task}.png"),
-                    "kind": "lesions", "site": "", "task": task,
-                    "caption": f"{task}: change of the metric under lesions."})  # fmt: skip
+        out.append(
+            {
+                "file": _save(
+                    preservation_curve(data, task), directory, f"preservation-{task}.png"
+                ),
+                "kind": "preservation",
+                "site": "",
+                "task": task,
+                "caption": f"{task}: metric against neurons kept.",
+            }
+        )
+        out.append(
+            {
+                "file": _save(lesion_bars(data, task), directory, f"lesions-{task}.png"),
+                "kind": "lesions",
+                "site": "",
+                "task": task,
+                "caption": f"{task}: change of the metric under lesions.",
+            }
+        )
     return out

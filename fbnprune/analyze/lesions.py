@@ -29,11 +29,20 @@ if TYPE_CHECKING:
 
 
 def run_lesions(
-    model: PreTrainedModel, metric: Metric, templates: NetworkSet, layer_widths: list[int], *,
-    site: str, model_name: str, original: dict[str, float], random_fraction: float,
-    seeds: list[int], spread: np.ndarray | None = None, progress: bool = False,
+    model: PreTrainedModel,
+    metric: Metric,
+    templates: NetworkSet,
+    layer_widths: list[int],
+    *,
+    site: str,
+    model_name: str,
+    original: dict[str, float],
+    random_fraction: float,
+    seeds: list[int],
+    spread: np.ndarray | None = None,
+    progress: bool = False,
     desc: str = "lesions",
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Lesion table of one task and site (numbers only; the caller adds seeds and ids).
     ``spread``: per-neuron activation standard deviation, for the top-variance control."""
     n = sum(layer_widths)
@@ -43,8 +52,10 @@ def run_lesions(
         ("network", j, net) for j, net in enumerate(templates.members)
     ]
     jobs.append(("all", None, union))
-    for name, size in (("random_fraction", round(random_fraction * n)),
-                       ("random_same_size", int(union.sum()))):  # fmt: skip
+    for name, size in (
+        ("random_fraction", round(random_fraction * n)),
+        ("random_same_size", int(union.sum())),
+    ):
         jobs.extend((name, seed, random_set(n, size, seed)) for seed in seeds)
     loudest = None
     if spread is not None:
@@ -52,12 +63,20 @@ def run_lesions(
         jobs.append(("top_variance_same_size", None, loudest))
 
     key = metric.primary
-    results: dict[str, Any] = {"networks": [], "all": None, "random_fraction": [],
-                               "random_same_size": []}  # fmt: skip
+    results: dict[str, Any] = {
+        "networks": [],
+        "all": None,
+        "random_fraction": [],
+        "random_same_size": [],
+    }
     for kind, tag, lesioned in tqdm(jobs, desc=desc, leave=False, disable=not progress):
         scores = score_under(model, metric, lesion_plan(lesioned, layer_widths, **plan_kw))
-        row = {"size": int(lesioned.sum()), "fraction": float(lesioned.sum() / n),
-               "scores": scores, "delta": scores[key] - original[key]}  # fmt: skip
+        row = {
+            "size": int(lesioned.sum()),
+            "fraction": float(lesioned.sum() / n),
+            "scores": scores,
+            "delta": scores[key] - original[key],
+        }
         if kind == "network":
             results["networks"].append({"template": tag, **row})
         elif kind in ("all", "top_variance_same_size"):

@@ -129,8 +129,9 @@ class ChoiceMetric:
                 conts.append(cont)
             if all(len(c) == 1 for c in conts):  # one pass: every choice at the last position
                 pos = [len(ctx) - 1] * len(conts)
-                self.requests.append((index, ctx, pos, [c[0] for c in conts],
-                                      list(range(len(conts)))))  # fmt: skip
+                self.requests.append(
+                    (index, ctx, pos, [c[0] for c in conts], list(range(len(conts))))
+                )
                 continue
             for c, cont in enumerate(conts):
                 seq = ctx + cont[:-1]
@@ -142,8 +143,13 @@ class ChoiceMetric:
         batches = iter_batches([len(r[1]) for r in self.requests], self.batch_size)
         for batch in tqdm(batches, desc="score", leave=False, disable=not progress):
             reqs = [self.requests[i] for i in batch]
-            logps = target_logprobs(model, [r[1] for r in reqs], [r[2] for r in reqs],
-                                    [r[3] for r in reqs], pad_id=self.pad_id)  # fmt: skip
+            logps = target_logprobs(
+                model,
+                [r[1] for r in reqs],
+                [r[2] for r in reqs],
+                [r[3] for r in reqs],
+                pad_id=self.pad_id,
+            )
             for (item, _, _, _, which), lp in zip(reqs, logps, strict=True):
                 np.add.at(totals[item], which, lp)
         correct, gold_lp = [], []
@@ -168,13 +174,18 @@ class PerplexityMetric:
     higher_is_better = False
 
     def __init__(
-        self, docs: Sequence[tuple[str, str]], tokenizer, *, max_length: int = 128,
+        self,
+        docs: Sequence[tuple[str, str]],
+        tokenizer,
+        *,
+        max_length: int = 128,
         batch_size: int = 8,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.doc_ids = [doc_id for doc_id, _ in docs]
         self.batch_size, self.pad_id = batch_size, _pad_id(tokenizer)
-        self.seqs = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-                     for _, text in docs]  # fmt: skip
+        self.seqs = [
+            tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for _, text in docs
+        ]
         self.seqs = [s for s in self.seqs if len(s) >= 2]
         if not self.seqs:
             raise ValueError("no document has the two tokens a next-token loss needs")
@@ -190,8 +201,12 @@ class PerplexityMetric:
                 total -= float(lp.sum())
                 count += len(lp)
         nll = total / count
-        return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "n_docs": len(self.seqs),
-                "n_tokens": count}  # fmt: skip
+        return {
+            "nll": nll,
+            "ppl": math.exp(min(nll, 700.0)),
+            "n_docs": len(self.seqs),
+            "n_tokens": count,
+        }
 
 
 Metric = ChoiceMetric | PerplexityMetric
@@ -206,9 +221,15 @@ def metric_kind(source: str) -> str:
 
 
 def build_metric(
-    source: str, docs: Sequence[Document], texts: Sequence[str], tokenizer, *,
-    seed: int, max_length: int, batch_size: int,
-) -> Metric:  # fmt: skip
+    source: str,
+    docs: Sequence[Document],
+    texts: Sequence[str],
+    tokenizer,
+    *,
+    seed: int,
+    max_length: int,
+    batch_size: int,
+) -> Metric:
     """The metric of a task over its evaluation documents (``texts``: the documents with the
     task's template applied, used for perplexity)."""
     kind = metric_kind(source)
@@ -217,7 +238,11 @@ def build_metric(
     elif kind == "word_problems":
         records = [word_problem_record(d, seed) for d in docs]
     else:
-        return PerplexityMetric(list(zip([d.id for d in docs], texts, strict=True)), tokenizer,
-                                max_length=max_length, batch_size=batch_size)  # fmt: skip
+        return PerplexityMetric(
+            list(zip([d.id for d in docs], texts, strict=True)),
+            tokenizer,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
     items = [ChoiceItem(r["id"], r["prompt"], tuple(r["choices"]), r["gold"]) for r in records]
     return ChoiceMetric(items, tokenizer, batch_size=batch_size)

@@ -56,15 +56,26 @@ def fit_group(matrix: np.ndarray, k: int, discover: DiscoverConfig, seed: int) -
     """``GroupICA(k)`` on a tokens x neurons matrix."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        ica = GroupICA(n_components=k, threshold=discover.threshold, max_iter=discover.max_iter,
-                       tol=discover.tol, random_state=seed).fit(matrix)  # fmt: skip
+        ica = GroupICA(
+            n_components=k,
+            threshold=discover.threshold,
+            max_iter=discover.max_iter,
+            tol=discover.tol,
+            random_state=seed,
+        ).fit(matrix)
     return NetworkSet(ica.z_maps_, ica.networks_, ica.converged_)
 
 
 def fit_individual(
-    matrix: np.ndarray, sample_index: np.ndarray, units: list[Unit], discover: DiscoverConfig,
-    seed: int, *, progress: bool = False, desc: str = "individual ICA",
-) -> IndividualNetworks:  # fmt: skip
+    matrix: np.ndarray,
+    sample_index: np.ndarray,
+    units: list[Unit],
+    discover: DiscoverConfig,
+    seed: int,
+    *,
+    progress: bool = False,
+    desc: str = "individual ICA",
+) -> IndividualNetworks:
     """One ``GroupICA`` per unit, on that unit's tokens only."""
     members, owners, not_converged = [], [], 0
     for u, unit in enumerate(tqdm(units, desc=desc, leave=False, disable=not progress)):
@@ -75,8 +86,9 @@ def fit_individual(
         not_converged += not nets.converged
     n = matrix.shape[1]
     stacked = np.concatenate(members) if members else np.zeros((0, n), dtype=bool)
-    return IndividualNetworks(stacked, np.asarray(owners, dtype=np.int64), len(units),
-                              not_converged)  # fmt: skip
+    return IndividualNetworks(
+        stacked, np.asarray(owners, dtype=np.int64), len(units), not_converged
+    )
 
 
 class ComponentSweep:
@@ -94,7 +106,11 @@ class ComponentSweep:
     def networks(self, k: int, discover: DiscoverConfig) -> NetworkSet:
         if not 2 <= k <= self.k_max:
             raise ValueError(f"k={k} outside [2, {self.k_max}]")
-        _, z, converged, _ = ica_maps(self.reduced[:, :k], self.components[:k],
-                                      max_iter=discover.max_iter, tol=discover.tol,
-                                      random_state=self.seed)  # fmt: skip
+        _, z, converged, _ = ica_maps(
+            self.reduced[:, :k],
+            self.components[:k],
+            max_iter=discover.max_iter,
+            tol=discover.tol,
+            random_state=self.seed,
+        )
         return NetworkSet(z.astype(np.float32), np.abs(z) >= discover.threshold, converged)

@@ -29,9 +29,15 @@ def split_layers(values: np.ndarray, layer_widths: list[int]) -> list[np.ndarray
 
 
 def keep_plan(
-    keep: np.ndarray, layer_widths: list[int], *, model: str, model_type: str, site: str,
-    fill_values: np.ndarray | None = None, provenance: dict[str, Any] | None = None,
-) -> PrunePlan:  # fmt: skip
+    keep: np.ndarray,
+    layer_widths: list[int],
+    *,
+    model: str,
+    model_type: str,
+    site: str,
+    fill_values: np.ndarray | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> PrunePlan:
     """The plan that keeps the neurons where ``keep`` (bool, all layers) is True; dropped
     neurons read zero, or their ``fill_values`` (per neuron) when given."""
     keep = np.asarray(keep, dtype=bool)
@@ -39,9 +45,16 @@ def keep_plan(
     fills = None
     if fill_values is not None:
         fills = [v.astype(float).tolist() for v in split_layers(fill_values, layer_widths)]
-    return PrunePlan(model=model, model_type=model_type, site=site,
-                     fill="zero" if fills is None else "mean", layer_widths=list(layer_widths),
-                     kept=kept, fill_values=fills, provenance=provenance or {})  # fmt: skip
+    return PrunePlan(
+        model=model,
+        model_type=model_type,
+        site=site,
+        fill="zero" if fills is None else "mean",
+        layer_widths=list(layer_widths),
+        kept=kept,
+        fill_values=fills,
+        provenance=provenance or {},
+    )
 
 
 def lesion_plan(network: np.ndarray, layer_widths: list[int], **kwargs: Any) -> PrunePlan:

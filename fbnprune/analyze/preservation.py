@@ -21,9 +21,14 @@ if TYPE_CHECKING:
 
 
 def sweep_networks(
-    matrix: np.ndarray, ks: list[int], templates: NetworkSet, *, discover: DiscoverConfig,
-    seed: int, progress: bool = False,
-) -> tuple[dict[int, NetworkSet], list[int]]:  # fmt: skip
+    matrix: np.ndarray,
+    ks: list[int],
+    templates: NetworkSet,
+    *,
+    discover: DiscoverConfig,
+    seed: int,
+    progress: bool = False,
+) -> tuple[dict[int, NetworkSet], list[int]]:
     """Networks for every feasible k (the templates for k = their own count) and the ks that
     were left out because the matrix has too few tokens or neurons for them."""
     n_tokens, n_neurons = matrix.shape
@@ -41,10 +46,17 @@ def sweep_networks(
 
 
 def run_preservation(
-    model: PreTrainedModel, metric: Metric, networks: dict[int, NetworkSet], means: np.ndarray,
-    layer_widths: list[int], *, site: str, model_name: str, progress: bool = False,
+    model: PreTrainedModel,
+    metric: Metric,
+    networks: dict[int, NetworkSet],
+    means: np.ndarray,
+    layer_widths: list[int],
+    *,
+    site: str,
+    model_name: str,
+    progress: bool = False,
     desc: str = "preservation",
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """One row per k: neurons kept (in all and per layer) and the metric, zero and mean fill."""
     model_type = model.config.model_type
     rows = []
@@ -53,14 +65,22 @@ def run_preservation(
     for k, nets in networks.items():
         keep = nets.union()
         row: dict[str, Any] = {
-            "k": k, "kept": int(keep.sum()), "kept_fraction": float(keep.mean()),
+            "k": k,
+            "kept": int(keep.sum()),
+            "kept_fraction": float(keep.mean()),
             "kept_per_layer": [float(p.mean()) for p in split_layers(keep, layer_widths)],
             "converged": nets.converged,
-        }  # fmt: skip
+        }
         for fill in ("zero", "mean"):
             fills = means if fill == "mean" else None
-            plan = keep_plan(keep, layer_widths, fill_values=fills, model=model_name,
-                             model_type=model_type, site=site)  # fmt: skip
+            plan = keep_plan(
+                keep,
+                layer_widths,
+                fill_values=fills,
+                model=model_name,
+                model_type=model_type,
+                site=site,
+            )
             row[fill] = score_under(model, metric, plan)
             bar.update()
         rows.append(row)

@@ -39,9 +39,10 @@ def _median_size(members: np.ndarray) -> float:
 
 
 def recurrence(
-    templates: dict[str, NetworkSet], individuals: dict[str, IndividualNetworks],
+    templates: dict[str, NetworkSet],
+    individuals: dict[str, IndividualNetworks],
     threshold: float,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Counts per template (rows: template task) and individual task (columns)."""
     n = next(iter(templates.values())).members.shape[1]
     counts: dict[str, dict[str, Any]] = {}
@@ -51,11 +52,14 @@ def recurrence(
         keep = ~core(tmpl.members)
         for u, ind in individuals.items():
             nets, units = match_counts(tmpl.members, ind.members, ind.owners, threshold)
-            bare, _ = match_counts(tmpl.members & keep, ind.members & keep, ind.owners,
-                                   threshold)  # fmt: skip
-            counts[t][u] = {"networks": nets.tolist(), "units": units.tolist(),
-                            "networks_without_core": bare.tolist(), "n_units": ind.n_units,
-                            "n_networks": len(ind.members)}  # fmt: skip
+            bare, _ = match_counts(tmpl.members & keep, ind.members & keep, ind.owners, threshold)
+            counts[t][u] = {
+                "networks": nets.tolist(),
+                "units": units.tolist(),
+                "networks_without_core": bare.tolist(),
+                "n_units": ind.n_units,
+                "n_networks": len(ind.members),
+            }
             median = _median_size(ind.members)
             chance[t][u] = [chance_iou(s, median, n) for s in tmpl.sizes]
     return {
@@ -69,7 +73,7 @@ def recurrence(
                 "mean_pairwise_iou": mean_pairwise_iou(s.members),
             }
             for t, s in templates.items()
-        },  # fmt: skip
+        },
         "individual": {
             u: {
                 "units": ind.n_units,
@@ -78,7 +82,7 @@ def recurrence(
                 "not_converged": ind.not_converged,
             }
             for u, ind in individuals.items()
-        },  # fmt: skip
+        },
         "counts": counts,
         "chance_iou": chance,
     }
@@ -91,8 +95,9 @@ def cross_task(templates: dict[str, NetworkSet], threshold: float) -> dict[str, 
     stacked = np.concatenate([s.members for s in templates.values()])
     full = iou_matrix(stacked, stacked)
     bounds = np.cumsum([0, *(len(s.members) for s in templates.values())])
-    span = {t: slice(int(a), int(b))
-            for t, a, b in zip(templates, bounds[:-1], bounds[1:], strict=True)}  # fmt: skip
+    span = {
+        t: slice(int(a), int(b)) for t, a, b in zip(templates, bounds[:-1], bounds[1:], strict=True)
+    }
     shared: dict[str, dict[str, Any]] = {}
     for t in templates:
         shared[t] = {}
@@ -101,7 +106,12 @@ def cross_task(templates: dict[str, NetworkSet], threshold: float) -> dict[str, 
             if t == u:
                 block = block - np.eye(len(block))  # a template trivially matches itself
             best = block.max(axis=1)
-            shared[t][u] = {"matched": int((best > threshold).sum()),
-                            "mean_best_iou": float(best.mean())}  # fmt: skip
-    return {"order": [f"{t}:{j}" for t, j in order], "iou": full.round(4).tolist(),
-            "shared": shared}  # fmt: skip
+            shared[t][u] = {
+                "matched": int((best > threshold).sum()),
+                "mean_best_iou": float(best.mean()),
+            }
+    return {
+        "order": [f"{t}:{j}" for t, j in order],
+        "iou": full.round(4).tolist(),
+        "shared": shared,
+    }

@@ -31,8 +31,10 @@ def _samples_caption(data: dict[str, Any], task: str, parts: tuple[str, ...]) ->
 
 def _seeds(data: dict[str, Any]) -> str:
     s = data["seeds"]
-    return (f"seeds: draw and ICA {s['draw_and_ica']}, random controls "
-            f"{', '.join(map(str, s['random_controls']))}")  # fmt: skip
+    return (
+        f"seeds: draw and ICA {s['draw_and_ica']}, random controls "
+        f"{', '.join(map(str, s['random_controls']))}"
+    )
 
 
 def _setup(data: dict[str, Any]) -> list[str]:
@@ -40,9 +42,15 @@ def _setup(data: dict[str, Any]) -> list[str]:
     rows = []
     for task, ids in data["samples"].items():
         metric = data["metrics"].get(task)
-        rows.append([task, len(ids["template"]), len(ids["individual"]),
-                     len(ids["eval"]) or "-",
-                     f"{metric['kind']} ({metric['primary']})" if metric else "-"])  # fmt: skip
+        rows.append(
+            [
+                task,
+                len(ids["template"]),
+                len(ids["individual"]),
+                len(ids["eval"]) or "-",
+                f"{metric['kind']} ({metric['primary']})" if metric else "-",
+            ]
+        )
     return [
         f"# Functional-network analysis: {data['recipe']} ({data['model']})",
         "",
@@ -55,10 +63,9 @@ def _setup(data: dict[str, Any]) -> list[str]:
         f"{disc['tol']}. {_seeds(data)}. Every sample id is in `analysis.json` "
         "(`samples`, and again in each table); `#` below is a hash of an id list.",
         "",
-        _table(["task", "template samples", "individual samples", "eval docs", "metric"],
-               rows),
+        _table(["task", "template samples", "individual samples", "eval docs", "metric"], rows),
         "",
-    ]  # fmt: skip
+    ]
 
 
 def _units(data: dict[str, Any]) -> list[str]:
@@ -86,18 +93,31 @@ def _units(data: dict[str, Any]) -> list[str]:
         f"A sample needs {cfg['min_tokens_per_component']} tokens per component "
         f"({cfg['min_tokens_per_component']} x {cfg['n_templates']} tokens) for its own ICA; "
         f"policy `{cfg['short_samples']}`: shorter samples are "
-        + {"merge": "merged with the next short samples into one unit (a short remainder "
-                    "is skipped)",
-           "reduce": "decomposed with floor(tokens / per-component) components (skipped "
-                     "below 2)",
-           "skip": "left out"}[cfg["short_samples"]]
+        + {
+            "merge": "merged with the next short samples into one unit (a short remainder "
+            "is skipped)",
+            "reduce": "decomposed with floor(tokens / per-component) components (skipped below 2)",
+            "skip": "left out",
+        }[cfg["short_samples"]]
         + ". Counts below are per unit; FastICA fits that hit max_iter are counted, not "
         "dropped.",
         "",
-        _table(["site", "task", "samples", "min tokens", "units", "merged units",
-                "reduced units", "skipped samples", "fits not converged"], rows),
+        _table(
+            [
+                "site",
+                "task",
+                "samples",
+                "min tokens",
+                "units",
+                "merged units",
+                "reduced units",
+                "skipped samples",
+                "fits not converged",
+            ],
+            rows,
+        ),
         "",
-    ]  # fmt: skip
+    ]
 
 
 def _recurrence(data: dict[str, Any], site: str, figures: dict[tuple, str]) -> list[str]:
@@ -106,21 +126,30 @@ def _recurrence(data: dict[str, Any], site: str, figures: dict[tuple, str]) -> l
     header = ["template", "size"] + [
         f"{u} ({rec['individual'][u]['units']} units, {rec['individual'][u]['networks']} nets)"
         for u in tasks
-    ]  # fmt: skip
+    ]
     rows = []
     for t in tasks:
         for j, size in enumerate(rec["templates"][t]["sizes"]):
             cells = []
             for u in tasks:
                 c = rec["counts"][t][u]
-                cells.append(f"{c['networks'][j]} ({c['units'][j]}) "
-                             f"[{c['networks_without_core'][j]}]")  # fmt: skip
+                cells.append(
+                    f"{c['networks'][j]} ({c['units'][j]}) [{c['networks_without_core'][j]}]"
+                )
             rows.append([f"{t}:{j}", size, *cells])
     chance = max((c for t in tasks for u in tasks for c in rec["chance_iou"][t][u]), default=0)
     caps = "; ".join(_samples_caption(data, t, ("template", "individual")) for t in tasks)
-    summary = [[t, sum(rec["templates"][t]["sizes"]), rec["templates"][t]["union"],
-                rec["templates"][t]["core"], f"{rec['templates'][t]['mean_pairwise_iou']:.3f}",
-                rec["individual"][t]["median_size"]] for t in tasks]  # fmt: skip
+    summary = [
+        [
+            t,
+            sum(rec["templates"][t]["sizes"]),
+            rec["templates"][t]["union"],
+            rec["templates"][t]["core"],
+            f"{rec['templates'][t]['mean_pairwise_iou']:.3f}",
+            rec["individual"][t]["median_size"],
+        ]
+        for t in tasks
+    ]
     out = [
         f"### {site} site",
         "",
@@ -128,8 +157,17 @@ def _recurrence(data: dict[str, Any], site: str, figures: dict[tuple, str]) -> l
         "half of a task's templates) and the mean IoU between two templates of the task; "
         "median size of an individual network.",
         "",
-        _table(["task", "sum of sizes", "union", "core", "mean pairwise IoU",
-                "individual median size"], summary),
+        _table(
+            [
+                "task",
+                "sum of sizes",
+                "union",
+                "core",
+                "mean pairwise IoU",
+                "individual median size",
+            ],
+            summary,
+        ),
         "",
         f"Individual networks with IoU > {rec['threshold']} per template; in round brackets "
         "the sample units holding at least one, in square brackets the networks that still "
@@ -140,7 +178,7 @@ def _recurrence(data: dict[str, Any], site: str, figures: dict[tuple, str]) -> l
         "",
         _table(header, rows),
         "",
-    ]  # fmt: skip
+    ]
     shared = data["sites"][site]["cross_task"]["shared"]
     k = data["config"]["n_templates"]
     out += [
@@ -148,11 +186,21 @@ def _recurrence(data: dict[str, Any], site: str, figures: dict[tuple, str]) -> l
         f"{rec['threshold']}) among the column task's templates, of {k}; in brackets the "
         "mean best IoU (on the diagonal: the best other template of the same task).",
         "",
-        _table(["templates of", *tasks],
-               [[t, *(f"{shared[t][u]['matched']} ({shared[t][u]['mean_best_iou']:.3f})"
-                      for u in tasks)] for t in tasks]),
+        _table(
+            ["templates of", *tasks],
+            [
+                [
+                    t,
+                    *(
+                        f"{shared[t][u]['matched']} ({shared[t][u]['mean_best_iou']:.3f})"
+                        for u in tasks
+                    ),
+                ]
+                for t in tasks
+            ],
+        ),
         "",
-    ]  # fmt: skip
+    ]
     for key in [("cross_task", site, "")] + [("maps", site, t) for t in tasks]:
         if key in figures:
             out += [f"![{key[0]} {site} {key[2]}]({figures[key]})", ""]
@@ -164,29 +212,57 @@ def _lesions(data: dict[str, Any], task: str, site: str) -> list[str]:
     metric = data["metrics"][task]
     key, sec = metric["primary"], secondary_key(metric)
     base = les["original"]
-    rows = [[f"network {r['template']}", r["size"], f"{100 * r['fraction']:.2f}%",
-             _num(r["scores"][key]), f"{r['delta']:+.3f}", _num(r["scores"][sec])]
-            for r in les["networks"]]  # fmt: skip
-    table5 = [["none (original)", 0, "0%", _num(base[key]), "", _num(base[sec])],
-              ["all templates", les["all"]["size"], f"{100 * les['all']['fraction']:.2f}%",
-               _num(les["all"]["scores"][key]), f"{les['all']['delta']:+.3f}",
-               _num(les["all"]["scores"][sec])]]  # fmt: skip
+    rows = [
+        [
+            f"network {r['template']}",
+            r["size"],
+            f"{100 * r['fraction']:.2f}%",
+            _num(r["scores"][key]),
+            f"{r['delta']:+.3f}",
+            _num(r["scores"][sec]),
+        ]
+        for r in les["networks"]
+    ]
+    table5 = [
+        ["none (original)", 0, "0%", _num(base[key]), "", _num(base[sec])],
+        [
+            "all templates",
+            les["all"]["size"],
+            f"{100 * les['all']['fraction']:.2f}%",
+            _num(les["all"]["scores"][key]),
+            f"{les['all']['delta']:+.3f}",
+            _num(les["all"]["scores"][sec]),
+        ],
+    ]
     for kind, label in (
         ("random_fraction", f"random, {100 * data['config']['random_fraction']:.0f}% of neurons"),
         ("random_same_size", "random, same size as all templates"),
     ):
         runs, summary = les[kind], les[f"{kind}_summary"]
         secs = [r["scores"][sec] for r in runs]
-        table5.append([label, summary["size"], f"{100 * summary['fraction']:.2f}%",
-                       f"{_num(summary['mean'])} ± {_num(summary['std'])}",
-                       f"{summary['mean'] - base[key]:+.3f}",
-                       _num(sum(secs) / len(secs))])  # fmt: skip
+        table5.append(
+            [
+                label,
+                summary["size"],
+                f"{100 * summary['fraction']:.2f}%",
+                f"{_num(summary['mean'])} ± {_num(summary['std'])}",
+                f"{summary['mean'] - base[key]:+.3f}",
+                _num(sum(secs) / len(secs)),
+            ]
+        )
     loud = les.get("top_variance_same_size")
     loud_note = ""
     if loud is not None:
-        table5.append(["highest-variance neurons, same size", loud["size"],
-                       f"{100 * loud['fraction']:.2f}%", _num(loud["scores"][key]),
-                       f"{loud['delta']:+.3f}", _num(loud["scores"][sec])])  # fmt: skip
+        table5.append(
+            [
+                "highest-variance neurons, same size",
+                loud["size"],
+                f"{100 * loud['fraction']:.2f}%",
+                _num(loud["scores"][key]),
+                f"{loud['delta']:+.3f}",
+                _num(loud["scores"][sec]),
+            ]
+        )
         loud_note = (
             " Last row: the neurons whose activations vary most over the template tokens; "
             f"{100 * les['union_in_top_variance']:.0f}% of the templates' union is among them."
@@ -210,7 +286,7 @@ def _lesions(data: dict[str, Any], task: str, site: str) -> list[str]:
         "",
         _table(header, table5),
         "",
-    ]  # fmt: skip
+    ]
 
 
 def _preservation(data: dict[str, Any], task: str, site: str) -> list[str]:
@@ -230,9 +306,12 @@ def _preservation(data: dict[str, Any], task: str, site: str) -> list[str]:
         ]
         for r in pres["rows"]
     ]
-    skipped = (f" n_components {pres['skipped_components']} were left out: the "
-               f"{pres['n_template_tokens']} template tokens (or the neurons) are too few."
-               if pres["skipped_components"] else "")  # fmt: skip
+    skipped = (
+        f" n_components {pres['skipped_components']} were left out: the "
+        f"{pres['n_template_tokens']} template tokens (or the neurons) are too few."
+        if pres["skipped_components"]
+        else ""
+    )
     return [
         f"### {task}, {site} site",
         "",
@@ -242,10 +321,21 @@ def _preservation(data: dict[str, Any], task: str, site: str) -> list[str]:
         f"{_samples_caption(data, task, ('template', 'eval'))}; ICA seed "
         f"{pres['seeds']['ica']}.{skipped}",
         "",
-        _table(["k", "kept", "share", f"{key} (zero fill)", f"{key} (mean fill)",
-                f"{sec} (zero fill)", f"{sec} (mean fill)", "ICA converged"], rows),
+        _table(
+            [
+                "k",
+                "kept",
+                "share",
+                f"{key} (zero fill)",
+                f"{key} (mean fill)",
+                f"{sec} (zero fill)",
+                f"{sec} (mean fill)",
+                "ICA converged",
+            ],
+            rows,
+        ),
         "",
-    ]  # fmt: skip
+    ]
 
 
 def build_report(data: dict[str, Any]) -> str:
@@ -275,8 +365,11 @@ def build_report(data: dict[str, Any]) -> str:
             if ("preservation", "", task) in figures:
                 out += [f"![preservation {task}]({figures[('preservation', '', task)]})", ""]
     out += ["## Per-layer share of kept neurons", ""]
-    out += [f"![layers {s}]({figures[('layers', s, '')]})" for s in sites
-            if ("layers", s, "") in figures] + [""]  # fmt: skip
+    out += [
+        f"![layers {s}]({figures[('layers', s, '')]})"
+        for s in sites
+        if ("layers", s, "") in figures
+    ] + [""]
     timings = data.get("timings", {})
     out += [
         "## Timings",
@@ -285,8 +378,11 @@ def build_report(data: dict[str, Any]) -> str:
         "",
     ]
     v = data["versions"]
-    out += [f"fbnprune {v['fbnprune']}, torch {v['torch']}, transformers {v['transformers']}, "
-            f"scikit-learn {v['scikit-learn']}; {data['created']}.", ""]  # fmt: skip
+    out += [
+        f"fbnprune {v['fbnprune']}, torch {v['torch']}, transformers {v['transformers']}, "
+        f"scikit-learn {v['scikit-learn']}; {data['created']}.",
+        "",
+    ]
     return "\n".join(out)
 
 

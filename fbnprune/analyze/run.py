@@ -91,8 +91,9 @@ def metric_tasks(recipe: Recipe, config: AnalyzeConfig) -> list[str]:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise AnalyzeError(f"metric task {name!r} is not a task of the recipe "
-                               f"({', '.join(names)}){hint}")  # fmt: skip
+            raise AnalyzeError(
+                f"metric task {name!r} is not a task of the recipe ({', '.join(names)}){hint}"
+            )
     return list(dict.fromkeys(wanted))
 
 
@@ -106,11 +107,14 @@ def check_out_dir(out_dir: Path, overwrite: bool, *, protected: tuple[Any, ...] 
     if not out_dir.is_dir():
         return
     if not overwrite and not is_empty_dir(out_dir):
-        raise AnalyzeError(f"{out_dir} exists and is not empty; choose another --out or pass "
-                           "--overwrite to replace an earlier analysis there")  # fmt: skip
+        raise AnalyzeError(
+            f"{out_dir} exists and is not empty; choose another --out or pass "
+            "--overwrite to replace an earlier analysis there"
+        )
     try:  # the folder is replaced as a whole, even when empty
-        check_replaceable(out_dir, protected=protected, markers=("analysis.json",),
-                          kind="an fbnprune analysis")  # fmt: skip
+        check_replaceable(
+            out_dir, protected=protected, markers=("analysis.json",), kind="an fbnprune analysis"
+        )
     except RunDirError as exc:
         raise AnalyzeError(str(exc)) from None
 
@@ -161,11 +165,14 @@ def analyze(
     check_out_dir(out_dir, overwrite, protected=(recipe.model,))
     start = time.perf_counter()
     samples = {
-        t.name: draw_samples(t, samples=config.samples,
-                             eval_docs=config.eval_docs if t.name in measured else 0,
-                             seed=recipe.seed)
+        t.name: draw_samples(
+            t,
+            samples=config.samples,
+            eval_docs=config.eval_docs if t.name in measured else 0,
+            seed=recipe.seed,
+        )
         for t in recipe.tasks
-    }  # fmt: skip
+    }
     if model is None or tokenizer is None:
         from fbnprune.models.loading import load_model
 
@@ -186,9 +193,15 @@ class _Runner:
     """The analysis of one recipe on one loaded model; each method is one step."""
 
     def __init__(
-        self, recipe: Recipe, config: AnalyzeConfig, measured: list[str],
-        samples: dict[str, TaskSamples], model: PreTrainedModel, tokenizer: Any, progress: bool,
-    ) -> None:  # fmt: skip
+        self,
+        recipe: Recipe,
+        config: AnalyzeConfig,
+        measured: list[str],
+        samples: dict[str, TaskSamples],
+        model: PreTrainedModel,
+        tokenizer: Any,
+        progress: bool,
+    ) -> None:
         self.recipe, self.config, self.measured, self.samples = recipe, config, measured, samples
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
         self.clock = _Clock()
@@ -211,10 +224,11 @@ class _Runner:
                 site_data["recurrence"] = {
                     **recurrence(templates, individuals, self.config.iou_threshold),
                     "seeds": self.seeds,
-                    "samples": {t: {"template": s.ids()["template"],
-                                    "individual": s.ids()["individual"]}
-                                for t, s in self.samples.items()},
-                }  # fmt: skip
+                    "samples": {
+                        t: {"template": s.ids()["template"], "individual": s.ids()["individual"]}
+                        for t, s in self.samples.items()
+                    },
+                }
                 site_data["cross_task"] = cross_task(templates, self.config.iou_threshold)
             site_data["layer_widths"] = result.layer_widths[site]
             result.data["sites"][site] = site_data
@@ -225,9 +239,14 @@ class _Runner:
         for task in self.measured:
             s = self.samples[task]
             self.metrics[task] = build_metric(
-                s.source, s.eval, s.prompts(s.eval), self.tokenizer, seed=self.recipe.seed,
-                max_length=s.max_length, batch_size=self.config.batch_size,
-            )  # fmt: skip
+                s.source,
+                s.eval,
+                s.prompts(s.eval),
+                self.tokenizer,
+                seed=self.recipe.seed,
+                max_length=s.max_length,
+                batch_size=self.config.batch_size,
+            )
             with self.clock(f"score original {task}"):
                 scores = score_under(self.model, self.metrics[task], None, progress=self.progress)
             self.original[task] = scores
@@ -247,32 +266,48 @@ class _Runner:
             "discover": recipe.discover.model_dump(mode="json"),
             "seeds": self.seeds,
             "versions": versions(),
-            "samples": {t: {**s.ids(), "fingerprints": {p: id_fingerprint(ids)
-                                                        for p, ids in s.ids().items()}}
-                        for t, s in self.samples.items()},
-            "metrics": {t: {"kind": m.kind, "primary": m.primary,
-                            "higher_is_better": m.higher_is_better, "doc_ids": m.doc_ids,
-                            "original": self.original[t]} for t, m in self.metrics.items()},
+            "samples": {
+                t: {
+                    **s.ids(),
+                    "fingerprints": {p: id_fingerprint(ids) for p, ids in s.ids().items()},
+                }
+                for t, s in self.samples.items()
+            },
+            "metrics": {
+                t: {
+                    "kind": m.kind,
+                    "primary": m.primary,
+                    "higher_is_better": m.higher_is_better,
+                    "doc_ids": m.doc_ids,
+                    "original": self.original[t],
+                }
+                for t, m in self.metrics.items()
+            },
             "sites": {},
             "timings": self.clock.seconds,
-        }  # fmt: skip
+        }
 
     def collect(self, task: str, site: str, part: str) -> Activations:
         s = self.samples[task]
         with self.clock("collect"):
             return collect_activations(
-                self.model, self.tokenizer, s.prompts(getattr(s, part)), site=site,
-                max_length=s.max_length, batch_size=self.config.batch_size,
+                self.model,
+                self.tokenizer,
+                s.prompts(getattr(s, part)),
+                site=site,
+                max_length=s.max_length,
+                batch_size=self.config.batch_size,
                 progress=self.progress,
-            )  # fmt: skip
+            )
 
     def individual(self, task: str, site: str) -> tuple[IndividualNetworks, dict[str, Any]]:
         """Individual networks of every unit of the task's individual samples."""
         s, config, k = self.samples[task], self.config, self.config.n_templates
         acts = self.collect(task, site, "individual")
         lengths = np.bincount(acts.sample_index, minlength=len(s.individual)).tolist()
-        units = plan_units(lengths, k, per_component=config.min_tokens_per_component,
-                           policy=config.short_samples)  # fmt: skip
+        units = plan_units(
+            lengths, k, per_component=config.min_tokens_per_component, policy=config.short_samples
+        )
         if not units.units:
             raise AnalyzeError(
                 f"{task}/{site}: no sample, alone or merged, has the {units.min_tokens} tokens "
@@ -283,15 +318,26 @@ class _Runner:
         record = {
             **units.summary(),
             "sample_tokens": lengths,
-            "unit_samples": [{"samples": [s.individual[i].id for i in u.samples],
-                              "n_tokens": u.n_tokens, "n_components": u.n_components}
-                             for u in units.units],
+            "unit_samples": [
+                {
+                    "samples": [s.individual[i].id for i in u.samples],
+                    "n_tokens": u.n_tokens,
+                    "n_components": u.n_components,
+                }
+                for u in units.units
+            ],
             "skipped": [s.individual[i].id for i in units.skipped],
-        }  # fmt: skip
+        }
         with self.clock("individual ICA"):
-            found = fit_individual(acts.matrix, acts.sample_index, units.units,
-                                   self.recipe.discover, self.recipe.seed, progress=self.progress,
-                                   desc=f"individual ICA {task}/{site}")  # fmt: skip
+            found = fit_individual(
+                acts.matrix,
+                acts.sample_index,
+                units.units,
+                self.recipe.discover,
+                self.recipe.seed,
+                progress=self.progress,
+                desc=f"individual ICA {task}/{site}",
+            )
         return found, record
 
     def templates(
@@ -301,8 +347,10 @@ class _Runner:
         k = self.config.n_templates
         acts = self.collect(task, site, "template")
         if acts.n_tokens <= k:
-            raise AnalyzeError(f"{task}/{site}: {acts.n_tokens} template tokens cannot give "
-                               f"{k} templates; raise analyze.samples")  # fmt: skip
+            raise AnalyzeError(
+                f"{task}/{site}: {acts.n_tokens} template tokens cannot give "
+                f"{k} templates; raise analyze.samples"
+            )
         with self.clock("template ICA"):
             templates = fit_group(acts.matrix, k, self.recipe.discover, self.recipe.seed)
         logger.info("%s/%s: %d templates, sizes %s", task, site, k, templates.sizes)
@@ -317,9 +365,14 @@ class _Runner:
         """Lesions and the preservation curve of one measured task at one site."""
         recipe, config, metric, tag = self.recipe, self.config, self.metrics[task], f"{task}/{site}"
         with self.clock("component sweep"):
-            networks, skipped = sweep_networks(acts.matrix, config.preserve_components, templates,
-                                               discover=recipe.discover, seed=recipe.seed,
-                                               progress=self.progress)  # fmt: skip
+            networks, skipped = sweep_networks(
+                acts.matrix,
+                config.preserve_components,
+                templates,
+                discover=recipe.discover,
+                seed=recipe.seed,
+                progress=self.progress,
+            )
         means = column_means(acts.matrix)
         rms = rms_scores(acts.matrix).astype(np.float64)
         spread = np.sqrt(np.maximum(rms**2 - means.astype(np.float64) ** 2, 0.0))
@@ -332,23 +385,42 @@ class _Runner:
                 *acts.matrix.shape,
             )
         with self.clock("lesions"):
-            lesions = run_lesions(self.model, metric, templates, acts.layer_widths,
-                                  site=site, model_name=recipe.model,
-                                  original=self.original[task],
-                                  random_fraction=config.random_fraction,
-                                  seeds=list(config.random_seeds), spread=spread,
-                                  progress=self.progress, desc=f"lesions {tag}")  # fmt: skip
+            lesions = run_lesions(
+                self.model,
+                metric,
+                templates,
+                acts.layer_widths,
+                site=site,
+                model_name=recipe.model,
+                original=self.original[task],
+                random_fraction=config.random_fraction,
+                seeds=list(config.random_seeds),
+                spread=spread,
+                progress=self.progress,
+                desc=f"lesions {tag}",
+            )
         with self.clock("preservation"):
-            rows = run_preservation(self.model, metric, networks, means, acts.layer_widths,
-                                    site=site, model_name=recipe.model, progress=self.progress,
-                                    desc=f"preservation {tag}")  # fmt: skip
+            rows = run_preservation(
+                self.model,
+                metric,
+                networks,
+                means,
+                acts.layer_widths,
+                site=site,
+                model_name=recipe.model,
+                progress=self.progress,
+                desc=f"preservation {tag}",
+            )
         provenance = {
             "seeds": {"ica": recipe.seed, "random_controls": list(config.random_seeds)},
-            "samples": {"template": self.samples[task].ids()["template"],
-                        "eval": metric.doc_ids},
+            "samples": {"template": self.samples[task].ids()["template"], "eval": metric.doc_ids},
             "metric": metric.primary,
             "original": self.original[task],
-        }  # fmt: skip
-        curve = {"rows": rows, "skipped_components": skipped,
-                 "n_template_tokens": int(acts.n_tokens), **provenance}  # fmt: skip
+        }
+        curve = {
+            "rows": rows,
+            "skipped_components": skipped,
+            "n_template_tokens": int(acts.n_tokens),
+            **provenance,
+        }
         return {**lesions, **provenance}, curve

@@ -44,8 +44,9 @@ class TaskSamples:
         return [self.template_text.replace("{text}", d.text) for d in docs]
 
     def ids(self) -> dict[str, list[str]]:
-        return {part: [d.id for d in getattr(self, part)]
-                for part in ("template", "individual", "eval")}  # fmt: skip
+        return {
+            part: [d.id for d in getattr(self, part)] for part in ("template", "individual", "eval")
+        }
 
 
 def id_fingerprint(ids: list[str]) -> str:
@@ -60,14 +61,27 @@ def draw_samples(task: TaskConfig, *, samples: int, eval_docs: int, seed: int) -
     picked = data.calibration
     evals: list[Document] = []
     if eval_docs:
-        pool = load_documents(task.source, text_field=task.text_field, split=task.split,
-                              hf_config=task.hf_config)  # fmt: skip
-        evals = draw_documents(pool, eval_docs, exclude=picked, seed=seed,
-                               balance_labels=task.source == "builtin:bbc_news")  # fmt: skip
+        pool = load_documents(
+            task.source, text_field=task.text_field, split=task.split, hf_config=task.hf_config
+        )
+        evals = draw_documents(
+            pool,
+            eval_docs,
+            exclude=picked,
+            seed=seed,
+            balance_labels=task.source == "builtin:bbc_news",
+        )
         if not evals:
             raise AnalyzeError(f"task {task.name!r}: no documents left for evaluation")
-    return TaskSamples(task.name, task.source, task.template, task.max_length,
-                       picked[:samples], picked[samples:], evals)  # fmt: skip
+    return TaskSamples(
+        task.name,
+        task.source,
+        task.template,
+        task.max_length,
+        picked[:samples],
+        picked[samples:],
+        evals,
+    )
 
 
 @dataclass(frozen=True)
@@ -94,11 +108,12 @@ class UnitPlan:
             "samples": sum(len(u.samples) for u in self.units) + len(self.skipped),
             "units": len(self.units),
             "merged_units": sum(len(u.samples) > 1 for u in self.units),
-            "samples_in_merged_units": sum(len(u.samples) for u in self.units
-                                           if len(u.samples) > 1),  # fmt: skip
+            "samples_in_merged_units": sum(
+                len(u.samples) for u in self.units if len(u.samples) > 1
+            ),
             "reduced_units": sum(u.n_components < self.n_components for u in self.units),
             "skipped_samples": len(self.skipped),
-        }  # fmt: skip
+        }
 
 
 def plan_units(

@@ -38,8 +38,11 @@ def summarise(rows: list[dict[str, Any]], task: str, metric: str) -> dict[tuple,
             groups[(row["condition"], row["selector"], row["budget"])].append(row)
     out = {}
     for key, members in groups.items():
-        values = [m["scores"][task][metric] for m in members
-                  if m["scores"].get(task, {}).get(metric) is not None]  # fmt: skip
+        values = [
+            m["scores"][task][metric]
+            for m in members
+            if m["scores"].get(task, {}).get(metric) is not None
+        ]
         if not values:
             continue
         out[key] = {
@@ -90,11 +93,10 @@ def results_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
         f"{settings['heal']['modules']}, {settings['heal']['steps']} steps of KD on the "
         "task's prompts of the calibration and healing documents. Every model scored by "
         "lm-eval on the same documents (outside every split the run uses): "
-        + ", ".join(f"{t} ({i['metric']}, {i['n_docs']} docs)"
-                    for t, i in results["tasks"].items())
+        + ", ".join(f"{t} ({i['metric']}, {i['n_docs']} docs)" for t, i in results["tasks"].items())
         + ".",
         "",
-    ]  # fmt: skip
+    ]
     for task, info in results["tasks"].items():
         metric = info["metric"]
         summary = summarise(rows, task, metric)
@@ -114,21 +116,35 @@ def results_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
         lines.append("")
     heal_rows = [r for r in rows if r.get("heal")]
     if heal_rows:
-        lines += ["## Healing", "", "| variant | steps | seconds | KD loss first -> last |",
-                  "|---|---:|---:|---|"]  # fmt: skip
+        lines += [
+            "## Healing",
+            "",
+            "| variant | steps | seconds | KD loss first -> last |",
+            "|---|---:|---:|---|",
+        ]
         for row in heal_rows:
             h = row["heal"]
-            lines.append(f"| {row['key']} | {h['steps']} | {h['seconds']:.0f} | "
-                         f"{h['train_loss'][0]:.4g} -> {h['train_loss'][-1]:.4g} |")  # fmt: skip
+            lines.append(
+                f"| {row['key']} | {h['steps']} | {h['seconds']:.0f} | "
+                f"{h['train_loss'][0]:.4g} -> {h['train_loss'][-1]:.4g} |"
+            )
         if "healing" in figures:
             lines += ["", f"![healing loss]({figures['healing']})"]
         lines.append("")
     cost = results.get("cost")
     if cost:
-        lines += [f"## Cost (slices of the `{cost['selector']}` plans, CPU, measured "
-                  "interleaved in one process)", "", cost["markdown"].strip(), ""]  # fmt: skip
-    lines += [f"Grid time: {settings['grid_seconds'] / 60:.1f} min. Rows: `{BENCH_ROWS}`; "
-              f"everything: `{RESULTS_FILE}`.", ""]  # fmt: skip
+        lines += [
+            f"## Cost (slices of the `{cost['selector']}` plans, CPU, measured "
+            "interleaved in one process)",
+            "",
+            cost["markdown"].strip(),
+            "",
+        ]
+    lines += [
+        f"Grid time: {settings['grid_seconds'] / 60:.1f} min. Rows: `{BENCH_ROWS}`; "
+        f"everything: `{RESULTS_FILE}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -145,15 +161,23 @@ def plot_task(results: Mapping[str, Any], task: str, file: Path) -> Path:
     original = next(r for r in results["rows"] if r["key"] == "original")
     reference = original["scores"][task][metric]
     conditions = [c for c in CONDITIONS if any(k[0] == c for k in summary)]
-    fig, axes = plt.subplots(1, len(conditions), figsize=(4.2 * len(conditions), 3.8),
-                             sharex=True, sharey=True, squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1,
+        len(conditions),
+        figsize=(4.2 * len(conditions), 3.8),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
     log = "perplexity" in metric
     colors = dict(zip(SELECTOR_ORDER, ("C0", "C1", "C2", "C7"), strict=True))
     for ax, condition in zip(axes[0], conditions, strict=True):
         for selector in _selectors(summary):
-            points = sorted((s["kept_fraction"], s["mean"], s["std"] or 0.0)
-                            for (c, sel, _), s in summary.items()
-                            if c == condition and sel == selector)  # fmt: skip
+            points = sorted(
+                (s["kept_fraction"], s["mean"], s["std"] or 0.0)
+                for (c, sel, _), s in summary.items()
+                if c == condition and sel == selector
+            )
             if not points:
                 continue
             x, y, err = (list(v) for v in zip(*points, strict=True))
@@ -161,9 +185,13 @@ def plot_task(results: Mapping[str, Any], task: str, file: Path) -> Path:
             color = colors.get(selector)
             ax.plot(x, y, "o-", label=selector, color=color)
             if any(err):
-                ax.fill_between(x, [a - b for a, b in zip(y, err, strict=True)],
-                                [a + b for a, b in zip(y, err, strict=True)],
-                                color=color, alpha=0.2)  # fmt: skip
+                ax.fill_between(
+                    x,
+                    [a - b for a, b in zip(y, err, strict=True)],
+                    [a + b for a, b in zip(y, err, strict=True)],
+                    color=color,
+                    alpha=0.2,
+                )
         ax.axhline(reference, color="black", ls="--", lw=1, label="original")
         ax.set_title(CONDITIONS[condition], fontsize=9)
         ax.set_xlabel("MLP units kept (%)")
@@ -177,8 +205,7 @@ def plot_task(results: Mapping[str, Any], task: str, file: Path) -> Path:
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=8,
-               ncol=len(handles))  # fmt: skip
+    fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=8, ncol=len(handles))
     fig.suptitle(f"{results['model']}: {task}", fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     return save_figure(fig, file)
@@ -187,9 +214,13 @@ def plot_task(results: Mapping[str, Any], task: str, file: Path) -> Path:
 def plot_healing(results: Mapping[str, Any], file: Path) -> Path | None:
     from fbnprune.heal import HealLog, plot_loss
 
-    logs = {row["key"].split("/", 1)[1]: HealLog("", 0, train_loss=row["heal"]["train_loss"],
-                                                 validation=row["heal"]["validation"])
-            for row in results["rows"] if row.get("heal")}  # fmt: skip
+    logs = {
+        row["key"].split("/", 1)[1]: HealLog(
+            "", 0, train_loss=row["heal"]["train_loss"], validation=row["heal"]["validation"]
+        )
+        for row in results["rows"]
+        if row.get("heal")
+    }
     if not logs:
         return None
     return plot_loss(logs, file, title=f"{results['model']}: healing (KD) in the benchmark")

@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Variant:
     """One pruned model of the grid."""
@@ -66,8 +65,10 @@ class Variant:
     def key(self) -> str:
         tail = "/healed" if self.healed else ""
         alloc = f"/{self.allocation}" if self.allocation else ""
-        return (f"{self.site}/{self.selector}/seed{self.seed}/{self.budget:.4f}/{self.fill}"
-                f"{alloc}{tail}")  # fmt: skip
+        return (
+            f"{self.site}/{self.selector}/seed{self.seed}/{self.budget:.4f}/{self.fill}"
+            f"{alloc}{tail}"
+        )
 
     @property
     def label(self) -> str:
@@ -94,25 +95,48 @@ def grid(recipe: Recipe) -> list[Variant]:
     def seeds(selector: str) -> list[int]:
         return cfg.random_seeds if selector == "random" else [recipe.seed]
 
-    allocations = [a if a != recipe.select.allocation else None
-                   for a in (cfg.allocations or [recipe.select.allocation])]  # fmt: skip
-    hidden = [Variant("hidden", sel, seed, budget, fill, allocation=alloc)
-              for budget in cfg.budgets for sel in cfg.selectors for seed in seeds(sel)
-              for fill in cfg.fills for alloc in allocations]  # fmt: skip
-    output = [Variant("output", sel, seed, budget, "zero")
-              for budget in cfg.budgets for sel in cfg.output_selectors
-              for seed in seeds(sel)[:1]]  # fmt: skip
-    healed = [Variant("hidden", sel, seed, budget, recipe.prune.fill, healed=True)
-              for budget in cfg.heal_budgets for sel in cfg.selectors
-              for seed in seeds(sel)[: cfg.heal_seeds]]  # fmt: skip
+    allocations = [
+        a if a != recipe.select.allocation else None
+        for a in (cfg.allocations or [recipe.select.allocation])
+    ]
+    hidden = [
+        Variant("hidden", sel, seed, budget, fill, allocation=alloc)
+        for budget in cfg.budgets
+        for sel in cfg.selectors
+        for seed in seeds(sel)
+        for fill in cfg.fills
+        for alloc in allocations
+    ]
+    output = [
+        Variant("output", sel, seed, budget, "zero")
+        for budget in cfg.budgets
+        for sel in cfg.output_selectors
+        for seed in seeds(sel)[:1]
+    ]
+    healed = [
+        Variant("hidden", sel, seed, budget, recipe.prune.fill, healed=True)
+        for budget in cfg.heal_budgets
+        for sel in cfg.selectors
+        for seed in seeds(sel)[: cfg.heal_seeds]
+    ]
     return hidden + output + healed
 
 
 def bench_fingerprint(recipe: Recipe) -> str:
     """What every row depends on: rows of another fingerprint are not reused."""
-    data = recipe.model_dump(mode="json", include={
-        "model", "dtype", "seed", "tasks", "collect", "discover", "evaluate", "heal",
-    })  # fmt: skip
+    data = recipe.model_dump(
+        mode="json",
+        include={
+            "model",
+            "dtype",
+            "seed",
+            "tasks",
+            "collect",
+            "discover",
+            "evaluate",
+            "heal",
+        },
+    )
     data["select"] = recipe.select.model_dump(exclude={"selector", "budget"})
     data["prune"] = recipe.prune.model_dump()
     data["bench"] = recipe.bench.model_dump(include={"tasks", "limit", "layout", "heal_steps"})
@@ -155,26 +179,32 @@ def _contexts(recipe: Recipe, run: RunDir, progress: bool) -> dict[str, RunConte
     needed = {"hidden"} | ({"output"} if recipe.bench.output_selectors else set())
     for site in needed - {recipe.site}:
         sub = RunDir.open(main.layout.bench_site_dir(site))
-        contexts[site] = RunContext(recipe.model_copy(update={"site": site}), sub,
-                                    progress=progress,
-                                    model_and_tokenizer=main.model_and_tokenizer)  # fmt: skip
+        contexts[site] = RunContext(
+            recipe.model_copy(update={"site": site}),
+            sub,
+            progress=progress,
+            model_and_tokenizer=main.model_and_tokenizer,
+        )
     return contexts
 
 
 def _calibration(ctx: RunContext, selectors: Sequence[str]) -> RunCalibration:
     """Collect (and, for the ica selector, discover) every task of one site's context."""
     acts = {task: collect(ctx, task) for task in ctx.tasks}
-    networks = {task: discover(ctx, task, acts[task]) for task in ctx.tasks
-                if "ica" in selectors}  # fmt: skip
+    networks = {task: discover(ctx, task, acts[task]) for task in ctx.tasks if "ica" in selectors}
     return RunCalibration(ctx, acts, networks)
 
 
 def variant_plan(cals: dict[str, RunCalibration], variant: Variant, recipe: Recipe) -> PrunePlan:
     """The plan of one variant, built from the calibration data of its neuron site."""
-    select = recipe.select.model_copy(update={
-        "selector": variant.selector, "budget": variant.budget,
-        "allocation": variant.allocation or recipe.select.allocation,
-        "min_per_layer": layer_floor(recipe, variant.budget)})  # fmt: skip
+    select = recipe.select.model_copy(
+        update={
+            "selector": variant.selector,
+            "budget": variant.budget,
+            "allocation": variant.allocation or recipe.select.allocation,
+            "min_per_layer": layer_floor(recipe, variant.budget),
+        }
+    )
     return build_plan(cals[variant.site], select, variant.fill, seed=variant.seed)
 
 
@@ -199,8 +229,7 @@ def run_bench(
     known = catalog(recipe)
     suite_tasks = [t for t in tasks if t in known]
     run = RunDir.open(Path(out), overwrite=overwrite)
-    run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(),
-                   versions=versions())  # fmt: skip
+    run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(), versions=versions())
     layout = RunLayout(run.path)
     atomic_write_text(layout.recipe_file, recipe.to_yaml())
     bench_dir = layout.bench_dir
@@ -209,27 +238,46 @@ def run_bench(
     model, tokenizer = main.model, main.tokenizer
     suite_dir = layout.bench_suite_dir
     if suite_tasks:
-        build_suite(suite_dir, exclude=calibration_documents(recipe, run.path),
-                    config=recipe.evaluate, tasks=suite_tasks, recipe=recipe)  # fmt: skip
+        build_suite(
+            suite_dir,
+            exclude=calibration_documents(recipe, run.path),
+            config=recipe.evaluate,
+            tasks=suite_tasks,
+            recipe=recipe,
+        )
     include = ([suite_dir] if suite_tasks else []) + list(recipe.evaluate.include_paths)
-    harness = Harness(tasks, include_paths=include, limit=cfg.limit,
-                      batch_size=recipe.evaluate.batch_size,
-                      max_length=recipe.evaluate.max_length)  # fmt: skip
+    harness = Harness(
+        tasks,
+        include_paths=include,
+        limit=cfg.limit,
+        batch_size=recipe.evaluate.batch_size,
+        max_length=recipe.evaluate.max_length,
+    )
     selectors = {"hidden": cfg.selectors, "output": cfg.output_selectors}
     # collect (and discover) before the grid's clock starts
     cals = {site: _calibration(ctx, selectors[site]) for site, ctx in contexts.items()}
     rows = _Rows(layout.bench_rows_file, bench_fingerprint(recipe))
     variants = grid(recipe)
     todo = [v for v in variants if v.key not in rows.rows]
-    logger.info("bench: %d variants (%d done earlier), tasks %s, %s documents per task",
-                len(variants), len(variants) - len(todo), ", ".join(harness.tasks),
-                cfg.limit or "all")  # fmt: skip
+    logger.info(
+        "bench: %d variants (%d done earlier), tasks %s, %s documents per task",
+        len(variants),
+        len(variants) - len(todo),
+        ", ".join(harness.tasks),
+        cfg.limit or "all",
+    )
     started = time.perf_counter()
     if "original" not in rows.rows:
         t0 = time.perf_counter()
         result = harness.score(model, tokenizer)
-        rows.add({"key": "original", "parameters": count_parameters(model), "scores": result,
-                  "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        rows.add(
+            {
+                "key": "original",
+                "parameters": count_parameters(model),
+                "scores": result,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         logger.info("bench: original: %s", harness.summary(result))
     heal_cfg = recipe.heal.model_copy(update={"steps": cfg.heal_steps or recipe.heal.steps})
     teacher: tuple | None = None  # the original's targets, computed once for every student
@@ -238,9 +286,14 @@ def run_bench(
         bar.set_postfix_str(variant.key)
         t0 = time.perf_counter()
         plan = variant_plan(cals, variant, recipe)
-        row: dict[str, Any] = {"key": variant.key, **asdict(variant), "selector": variant.label,
-                               "condition": variant.condition, "kept": plan.n_kept,
-                               "kept_fraction": plan.kept_fraction}  # fmt: skip
+        row: dict[str, Any] = {
+            "key": variant.key,
+            **asdict(variant),
+            "selector": variant.label,
+            "condition": variant.condition,
+            "kept": plan.n_kept,
+            "kept_fraction": plan.kept_fraction,
+        }
         if variant.site == "output":
             with masked(model, plan):
                 result = harness.score(model, tokenizer)
@@ -252,11 +305,17 @@ def run_bench(
                     texts, questions = main.prompts_of(("calibration", "heal"))
                     validation, val_questions = main.prompts_of(("heldout",))
                     teacher = prepare_targets(
-                        model, tokenizer, texts, heal_cfg, validation=validation,
-                        questions=questions, validation_questions=val_questions,
-                    )  # fmt: skip
-                pruned, log = heal_model(pruned, model, tokenizer, (), heal_cfg,
-                                         targets=teacher, progress=False)  # fmt: skip
+                        model,
+                        tokenizer,
+                        texts,
+                        heal_cfg,
+                        validation=validation,
+                        questions=questions,
+                        validation_questions=val_questions,
+                    )
+                pruned, log = heal_model(
+                    pruned, model, tokenizer, (), heal_cfg, targets=teacher, progress=False
+                )
                 row["heal"] = _heal_summary(log)
             result = harness.score(pruned, tokenizer)
             row["parameters"] = count_parameters(pruned)
@@ -265,35 +324,46 @@ def run_bench(
         row["scores"] = result
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.add(row)
-        logger.info("bench: %s (%.0f s): %s", variant.key, row["seconds"],
-                    harness.summary(result))  # fmt: skip
+        logger.info("bench: %s (%.0f s): %s", variant.key, row["seconds"], harness.summary(result))
     bar.close()
     cost = _costs(recipe, cals, model) if cfg.cost else None
     results = {
         "recipe": recipe.name,
         "model": recipe.model,
-        "tasks": {name: {"metric": info.metric, "higher_is_better": info.higher_is_better,
-                         "n_docs": info.n_docs} for name, info in harness.tasks.items()},
-        "settings": {**recipe.bench.model_dump(mode="json"),
-                     "allocation": recipe.select.allocation,
-                     "min_per_layer": recipe.select.min_per_layer,
-                     "heal": heal_cfg.model_dump(mode="json"), "harness": harness.settings(),
-                     "calibration_tokens": {t: a.n_tokens for t, a
-                                            in cals[recipe.site].activations.items()},
-                     "grid_seconds": round(time.perf_counter() - started, 1)},
+        "tasks": {
+            name: {
+                "metric": info.metric,
+                "higher_is_better": info.higher_is_better,
+                "n_docs": info.n_docs,
+            }
+            for name, info in harness.tasks.items()
+        },
+        "settings": {
+            **recipe.bench.model_dump(mode="json"),
+            "allocation": recipe.select.allocation,
+            "min_per_layer": recipe.select.min_per_layer,
+            "heal": heal_cfg.model_dump(mode="json"),
+            "harness": harness.settings(),
+            "calibration_tokens": {t: a.n_tokens for t, a in cals[recipe.site].activations.items()},
+            "grid_seconds": round(time.perf_counter() - started, 1),
+        },
         "fingerprint": rows.fingerprint,
         "versions": versions(),
         "rows": [rows.rows["original"], *(rows.rows[v.key] for v in variants)],
         "cost": cost,
-    }  # fmt: skip
+    }
     write_report(results, bench_dir)
     return results
 
 
 def _heal_summary(log: HealLog) -> dict[str, Any]:
-    return {"steps": log.steps, "seconds": log.seconds, "stopped_by": log.stopped_by,
-            "train_loss": [round(v, 5) for v in log.train_loss],
-            "validation": log.validation}  # fmt: skip
+    return {
+        "steps": log.steps,
+        "seconds": log.seconds,
+        "stopped_by": log.stopped_by,
+        "train_loss": [round(v, 5) for v in log.train_loss],
+        "validation": log.validation,
+    }
 
 
 def _costs(
@@ -313,8 +383,9 @@ def _costs(
     def add(name: str, budget: float, layout: str) -> None:
         variant = Variant("hidden", selector, recipe.seed, budget, recipe.prune.fill)
         try:
-            models[name] = slice_model(copy.deepcopy(model), variant_plan(cals, variant, recipe),
-                                       layout=layout).eval()  # fmt: skip
+            models[name] = slice_model(
+                copy.deepcopy(model), variant_plan(cals, variant, recipe), layout=layout
+            ).eval()
         except SliceError as exc:
             logger.info("cost: no %s (%s)", name, exc)
 
@@ -324,5 +395,8 @@ def _costs(
     add(f"{other} {recipe.select.budget:.0%}", recipe.select.budget, other)
     logger.info("cost: measuring %s", ", ".join(models))
     costs = measure_costs(models, repeats=cfg.cost_repeats)
-    return {"selector": selector, "models": {n: c.to_dict() for n, c in costs.items()},
-            "markdown": costs_markdown(costs)}  # fmt: skip
+    return {
+        "selector": selector,
+        "models": {n: c.to_dict() for n, c in costs.items()},
+        "markdown": costs_markdown(costs),
+    }

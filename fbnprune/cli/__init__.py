@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         importlib.import_module(f"fbnprune.cli.{name}").register(sub)
     for command in sub.choices.values():  # also accepted after the subcommand
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help=DEBUG_HELP)  # fmt: skip
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
     return parser
 
 
@@ -95,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print("\ninterrupted; finished stages are kept, re-run the same command to resume",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "\ninterrupted; finished stages are kept, re-run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     except FbnpruneError as exc:  # every error that is the user's to fix
         if debug:
@@ -109,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if debug:
             traceback.print_exc()
-        print(f"{_prog(args)}: error: {fault}. Free space or choose a writable --out; "
-              "finished stages are kept (nothing half-written), so the same command resumes",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{_prog(args)}: error: {fault}. Free space or choose a writable --out; "
+            "finished stages are kept (nothing half-written), so the same command resumes",
+            file=sys.stderr,
+        )
         return 2

@@ -24,32 +24,72 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier analysis in --out (only an fbnprune analysis "
-                        "or an empty folder is replaced; never the working or home directory, "
-                        "nor a folder holding the recipe or the model)")  # fmt: skip
-    parser.add_argument("--samples", type=int, default=None, metavar="N",
-                        help="samples per task for templates, and as many for individual ICA "
-                        "(default 100)")  # fmt: skip
-    parser.add_argument("--templates", type=int, default=None, metavar="K", dest="n_templates",
-                        help="template networks per task (default 10)")  # fmt: skip
-    parser.add_argument("--components", type=ints, default=None, metavar="K1,K2",
-                        dest="preserve_components",
-                        help="n_components of the preservation curve (default "
-                        "10,64,128,256,512)")  # fmt: skip
-    parser.add_argument("--eval-docs", type=int, default=None, metavar="M",
-                        help="documents scored per measured task (default 50)")  # fmt: skip
-    parser.add_argument("--metric-tasks", type=names, default=None, metavar="T1,T2",
-                        help="tasks measured under lesions and preservation, 'all' or "
-                        "'none' (default: the first task)")  # fmt: skip
-    parser.add_argument("--sites", type=names, default=None, metavar="S1,S2",
-                        help="hidden, output or both (default both)")  # fmt: skip
-    parser.add_argument("--seeds", type=ints, default=None, metavar="S1,S2",
-                        dest="random_seeds", help="seeds of the random controls "
-                        "(default 0,1,2)")  # fmt: skip
-    parser.add_argument("--short-samples", choices=("merge", "reduce", "skip"), default=None,
-                        help="individual ICA on samples too short for their components "
-                        "(default merge)")  # fmt: skip
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier analysis in --out (only an fbnprune analysis "
+        "or an empty folder is replaced; never the working or home directory, "
+        "nor a folder holding the recipe or the model)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="samples per task for templates, and as many for individual ICA (default 100)",
+    )
+    parser.add_argument(
+        "--templates",
+        type=int,
+        default=None,
+        metavar="K",
+        dest="n_templates",
+        help="template networks per task (default 10)",
+    )
+    parser.add_argument(
+        "--components",
+        type=ints,
+        default=None,
+        metavar="K1,K2",
+        dest="preserve_components",
+        help="n_components of the preservation curve (default 10,64,128,256,512)",
+    )
+    parser.add_argument(
+        "--eval-docs",
+        type=int,
+        default=None,
+        metavar="M",
+        help="documents scored per measured task (default 50)",
+    )
+    parser.add_argument(
+        "--metric-tasks",
+        type=names,
+        default=None,
+        metavar="T1,T2",
+        help="tasks measured under lesions and preservation, 'all' or "
+        "'none' (default: the first task)",
+    )
+    parser.add_argument(
+        "--sites",
+        type=names,
+        default=None,
+        metavar="S1,S2",
+        help="hidden, output or both (default both)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=ints,
+        default=None,
+        metavar="S1,S2",
+        dest="random_seeds",
+        help="seeds of the random controls (default 0,1,2)",
+    )
+    parser.add_argument(
+        "--short-samples",
+        choices=("merge", "reduce", "skip"),
+        default=None,
+        help="individual ICA on samples too short for their components (default merge)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, metavar="B")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -65,11 +105,17 @@ def execute(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     config = resolve_config(
-        recipe, samples=args.samples, n_templates=args.n_templates,
-        preserve_components=args.preserve_components, eval_docs=args.eval_docs,
-        metric_tasks=args.metric_tasks, sites=args.sites, random_seeds=args.random_seeds,
-        short_samples=args.short_samples, batch_size=args.batch_size,
-    )  # fmt: skip
+        recipe,
+        samples=args.samples,
+        n_templates=args.n_templates,
+        preserve_components=args.preserve_components,
+        eval_docs=args.eval_docs,
+        metric_tasks=args.metric_tasks,
+        sites=args.sites,
+        random_seeds=args.random_seeds,
+        short_samples=args.short_samples,
+        batch_size=args.batch_size,
+    )
     metric_tasks(recipe, config)  # fail on a bad name before loading the model
     check_out_dir(args.out, args.overwrite, protected=inputs(args, recipe))
     with RunDir(args.out).lock():  # one process at a time in --out
@@ -81,8 +127,15 @@ def execute(args: argparse.Namespace) -> int:
 
             dtype = getattr(torch, recipe.dtype)
             model, tokenizer = load_model(recipe.model, dtype=dtype, device=args.device)
-        result = analyze(recipe, args.out, config=config, model=model, tokenizer=tokenizer,
-                         overwrite=args.overwrite, progress=not args.no_progress)  # fmt: skip
+        result = analyze(
+            recipe,
+            args.out,
+            config=config,
+            model=model,
+            tokenizer=tokenizer,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     print(summary(result.data))
     print(f"report: {args.out / 'report.md'}")
     return 0
@@ -98,13 +151,17 @@ def summary(data: dict) -> str:
         for site, sd in data["sites"].items():
             les = sd["lesions"][task]
             same = les["random_same_size_summary"]
-            curve = ", ".join(f"k={r['k']} {100 * r['kept_fraction']:.1f}% -> "
-                              f"{r['zero'][key]:.3g}/{r['mean'][key]:.3g}"
-                              for r in sd["preservation"][task]["rows"])  # fmt: skip
-            lines.append(f"  {site}: all templates ({les['all']['size']} neurons) -> "
-                         f"{les['all']['scores'][key]:.4g}; random same size -> "
-                         f"{same['mean']:.4g} ± {same['std']:.2g}; keep union (zero/mean "
-                         f"fill): {curve}")  # fmt: skip
+            curve = ", ".join(
+                f"k={r['k']} {100 * r['kept_fraction']:.1f}% -> "
+                f"{r['zero'][key]:.3g}/{r['mean'][key]:.3g}"
+                for r in sd["preservation"][task]["rows"]
+            )
+            lines.append(
+                f"  {site}: all templates ({les['all']['size']} neurons) -> "
+                f"{les['all']['scores'][key]:.4g}; random same size -> "
+                f"{same['mean']:.4g} ± {same['std']:.2g}; keep union (zero/mean "
+                f"fill): {curve}"
+            )
     total = data["timings"].get("total")
     if total is not None:
         lines.append(f"total {total:.0f} s")

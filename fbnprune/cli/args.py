@@ -32,8 +32,9 @@ def ints(text: str) -> list[int]:
 def fractions(text: str) -> list[float]:
     """``0.1,0.3`` or ``10%,30%`` -> ``[0.1, 0.3]``; ``''`` -> ``[]``."""
     try:
-        return [float(v.rstrip("%")) / (100 if v.endswith("%") else 1)
-                for v in optional_names(text)]  # fmt: skip
+        return [
+            float(v.rstrip("%")) / (100 if v.endswith("%") else 1) for v in optional_names(text)
+        ]
     except ValueError as exc:
         message = f"expected fractions like 0.1,0.3 or 10%,30%: {exc}"
         raise argparse.ArgumentTypeError(message) from None

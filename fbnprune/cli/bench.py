@@ -16,15 +16,24 @@ OVERRIDES = {  # flag -> (recipe.bench field, parser, help)
     "--selectors": ("selectors", names, "ica, magnitude, wanda, random"),
     "--random-seeds": ("random_seeds", ints, "seeds of the random selector"),
     "--fills": ("fills", names, "zero, mean"),
-    "--heal-budgets": ("heal_budgets", fractions, "budgets that also get a healed variant "
-                       "('' for none)"),
+    "--heal-budgets": (
+        "heal_budgets",
+        fractions,
+        "budgets that also get a healed variant ('' for none)",
+    ),
     "--heal-steps": ("heal_steps", int, "distillation steps per healed variant"),
-    "--output-selectors": ("output_selectors", optional_names, "selectors masked at the output "
-                           "site ('' for none)"),
-    "--tasks": ("tasks", names, "lm-eval tasks (suite: bbc_topics, word_problems, ppl_news, "
-                "ppl_wiki, ppl_code)"),
+    "--output-selectors": (
+        "output_selectors",
+        optional_names,
+        "selectors masked at the output site ('' for none)",
+    ),
+    "--tasks": (
+        "tasks",
+        names,
+        "lm-eval tasks (suite: bbc_topics, word_problems, ppl_news, ppl_wiki, ppl_code)",
+    ),
     "--limit": ("limit", int, "documents per task"),
-}  # fmt: skip
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(reuses the collect and discover stages of `fbnprune run` in the same directory).",
     )
     parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="run directory (collect/discover are shared with fbnprune run)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="run directory (collect/discover are shared with fbnprune run)",
+    )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--no-cost", action="store_true", help="skip the size/speed table")
@@ -58,8 +71,10 @@ def execute(args: argparse.Namespace) -> int:
     from fbnprune.recipe import parse_recipe
 
     recipe = load_recipe(args.recipe)
-    overrides = {field: getattr(args, flag[2:].replace("-", "_"))
-                 for flag, (field, _, _) in OVERRIDES.items()}  # fmt: skip
+    overrides = {
+        field: getattr(args, flag[2:].replace("-", "_"))
+        for flag, (field, _, _) in OVERRIDES.items()
+    }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_cost:
         overrides["cost"] = False
@@ -69,8 +84,9 @@ def execute(args: argparse.Namespace) -> int:
         recipe = parse_recipe(raw, origin=f"{args.recipe} (with command-line overrides)")
     check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
     with RunDir(args.out).lock():  # one process at a time in --out
-        results = run_bench(recipe, args.out, progress=not args.no_progress,
-                            overwrite=args.overwrite)  # fmt: skip
+        results = run_bench(
+            recipe, args.out, progress=not args.no_progress, overwrite=args.overwrite
+        )
     bench_dir = RunLayout(args.out).bench_dir
     print(f"benchmark: {bench_dir / RESULTS_TABLE}")
     for name in results.get("figures", {}).values():

@@ -94,10 +94,15 @@ def execute(args: argparse.Namespace) -> int:
     from fbnprune.evaluate.results import results_markdown
 
     results = evaluate_run(
-        args.run_dir, tasks=args.tasks, models=args.models, limit=args.limit,
-        batch_size=args.batch_size, include_paths=args.include_path, device=args.device,
+        args.run_dir,
+        tasks=args.tasks,
+        models=args.models,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        include_paths=args.include_path,
+        device=args.device,
         max_length=args.max_length,
-    )  # fmt: skip
+    )
     print(results_markdown(results), end="")
     from fbnprune.rundir.layout import RunLayout
 

@@ -22,20 +22,29 @@ from fbnprune.stages.pipeline import STAGES, RunSummary, run_pipeline
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", type=Path, help="recipe YAML (see recipes/)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="run directory; an earlier run there is resumed, finished stages "
-                             "whose inputs did not change are reused")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="run directory; an earlier run there is resumed, finished stages "
+        "whose inputs did not change are reused",
+    )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--scheduler", metavar="ADDRESS",
-                        help="run discover.engine: dask on the dask.distributed cluster at "
-                             "ADDRESS (tcp://host:8786), whose workers can read --out "
-                             "(default: local threads within discover.memory)")  # fmt: skip
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run discover.engine: dask on the dask.distributed cluster at "
+        "ADDRESS (tcp://host:8786), whose workers can read --out "
+        "(default: local threads within discover.memory)",
+    )
 
 
-OVERWRITE_HELP = ("discard the earlier run in --out first (only an fbnprune run directory or an "
-                  "empty folder is replaced; never the working or home directory, nor a folder "
-                  "holding the recipe or the model)")  # fmt: skip
+OVERWRITE_HELP = (
+    "discard the earlier run in --out first (only an fbnprune run directory or an "
+    "empty folder is replaced; never the working or home directory, nor a folder "
+    "holding the recipe or the model)"
+)
 
 
 def inputs(args: argparse.Namespace, recipe: Recipe) -> tuple[Path, str]:
@@ -56,8 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"{HEAL_DIR}/{HEAL_PLOT}.",
     )
     add_run_arguments(parser)
-    parser.add_argument("--until", choices=STAGES, default="heal",
-                        help="stop after this stage (default: heal, the last)")  # fmt: skip
+    parser.add_argument(
+        "--until",
+        choices=STAGES,
+        default="heal",
+        help="stop after this stage (default: heal, the last)",
+    )
     parser.set_defaults(execute=execute)
 
 
@@ -66,9 +79,12 @@ def execute(args: argparse.Namespace) -> int:
     check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
     with RunDir(args.out).lock(), use_scheduler(args.scheduler):  # one process at a time in --out
         summary = run_pipeline(
-            recipe, args.out, until=args.until, overwrite=args.overwrite,
+            recipe,
+            args.out,
+            until=args.until,
+            overwrite=args.overwrite,
             progress=not args.no_progress,
-        )  # fmt: skip
+        )
     print(format_summary(summary))
     return 0
 

@@ -60,8 +60,9 @@ def check_data(recipe: Recipe) -> list[str]:
     summaries = []
     for task in recipe.tasks:
         data = documents[task.name]
-        tokens = sum(len(ids) for ids in tokenize(tokenizer, data.prompts("calibration"),
-                                                  task.max_length))  # fmt: skip
+        tokens = sum(
+            len(ids) for ids in tokenize(tokenizer, data.prompts("calibration"), task.max_length)
+        )
         where = f"task {task.name!r}"
         uses_ica = recipe.select.selector == "ica"
         if uses_ica and not ica_feasible(k, tokens, units or k + 1):
@@ -72,12 +73,19 @@ def check_data(recipe: Recipe) -> list[str]:
                 + "; lower discover.n_components or raise calibration_samples/max_length"
             )
         if uses_ica and tokens < MIN_TOKENS_PER_COMPONENT * k:
-            logger.warning("%s: only %d calibration tokens for %d ICA components (fewer than "
-                           "%d per component): networks will be noisy; collect more text or "
-                           "lower discover.n_components", where, tokens, k,
-                           MIN_TOKENS_PER_COMPONENT)  # fmt: skip
-        summaries.append(f"{task.name}: {len(data.calibration)}+{len(data.heldout)} docs, "
-                         f"{tokens} calibration tokens")  # fmt: skip
+            logger.warning(
+                "%s: only %d calibration tokens for %d ICA components (fewer than "
+                "%d per component): networks will be noisy; collect more text or "
+                "lower discover.n_components",
+                where,
+                tokens,
+                k,
+                MIN_TOKENS_PER_COMPONENT,
+            )
+        summaries.append(
+            f"{task.name}: {len(data.calibration)}+{len(data.heldout)} docs, "
+            f"{tokens} calibration tokens"
+        )
     return summaries
 
 
@@ -85,8 +93,11 @@ def _units(config: Any, site: str) -> int | None:
     """MLP units at ``site`` from a model config, when its names are the usual ones."""
     config = getattr(config, "text_config", None) or config
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    width = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-             if site == "hidden" else getattr(config, "hidden_size", None))  # fmt: skip
+    width = (
+        getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+        if site == "hidden"
+        else getattr(config, "hidden_size", None)
+    )
     if site == "hidden" and width is None and getattr(config, "n_embd", None):
         width = 4 * config.n_embd  # gpt2's default inner width
     return layers * width if layers and width else None

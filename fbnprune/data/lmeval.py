@@ -34,8 +34,10 @@ def _task_name(spec: str) -> tuple[str, str | None]:
     if path.suffix.lower() not in (".yaml", ".yml"):
         return spec, None
     if not path.is_file():
-        raise DataError(f"lm-eval task file not found: {path} (a relative path in a recipe "
-                        "is resolved against the recipe's folder)")
+        raise DataError(
+            f"lm-eval task file not found: {path} (a relative path in a recipe "
+            "is resolved against the recipe's folder)"
+        )
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(config, dict) or "task" not in config:
         raise DataError(f"{path}: not an lm-eval task YAML (no 'task' key)")
@@ -58,9 +60,18 @@ def load_lmeval_task(spec: str) -> LmevalTask:
             f"lm-eval task {name!r} is {task.OUTPUT_TYPE!r}; fbnprune tasks from lm-eval must "
             "be multiple_choice"
         )
-    split = next((s for s, has in (("test", task.has_test_docs()),
-                                   ("validation", task.has_validation_docs()),
-                                   ("train", task.has_training_docs())) if has), None)  # fmt: skip
+    split = next(
+        (
+            s
+            for s, has in (
+                ("test", task.has_test_docs()),
+                ("validation", task.has_validation_docs()),
+                ("train", task.has_training_docs()),
+            )
+            if has
+        ),
+        None,
+    )
     if split is None:
         raise DataError(f"lm-eval task {name!r} has no documents")
     docs = getattr(task, f"{split}_docs")()
@@ -77,6 +88,7 @@ def load_lmeval_task(spec: str) -> LmevalTask:
         answers = choices
         target = task.doc_to_target(doc)
         label = choices[target] if isinstance(target, int) else str(target)
-        documents.append(Document(id=f"{name}/{split}/{i}", text=str(task.doc_to_text(doc)),
-                                  label=label))  # fmt: skip
+        documents.append(
+            Document(id=f"{name}/{split}/{i}", text=str(task.doc_to_text(doc)), label=label)
+        )
     return LmevalTask(name, tuple(documents), {a: f"{delimiter}{a}" for a in answers})

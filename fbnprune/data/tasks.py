@@ -141,8 +141,10 @@ def _load_builtin(name: str) -> list[Document]:
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise DataError(f"file not found: {path} (a relative file: path in a recipe is "
-                        "resolved against the recipe's folder)")
+        raise DataError(
+            f"file not found: {path} (a relative file: path in a recipe is "
+            "resolved against the recipe's folder)"
+        )
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -354,8 +356,13 @@ def load_task(task: TaskConfig, *, seed: int) -> TaskData:
     ids = [{d.id for d in split} for split in (calibration, heldout, heal)]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     return TaskData(
-        task.name, task.template, calibration, heldout, heal,
-        max_words=task.max_words, choices=choices,
+        task.name,
+        task.template,
+        calibration,
+        heldout,
+        heal,
+        max_words=task.max_words,
+        choices=choices,
     )
 
 

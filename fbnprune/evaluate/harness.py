@@ -65,8 +65,11 @@ def offline(enabled: bool = True) -> Iterator[None]:
     import huggingface_hub.constants as hub_constants
 
     env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    saved = [(hub_constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
-             (datasets.config, "HF_DATASETS_OFFLINE")]  # fmt: skip
+    saved = [
+        (hub_constants, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+    ]
     values = [getattr(obj, name) for obj, name in saved]
     os.environ.update({k: "1" for k in env})
     for obj, name in saved:
@@ -156,8 +159,11 @@ class Harness:
         missing = [n for n in names if n not in manager.all_tasks and not Path(n).is_file()]
         self.offline = not missing
         if missing:
-            logger.info("tasks %s are not local; indexing lm-eval's built-in tasks (their "
-                        "data needs the network)", ", ".join(missing))  # fmt: skip
+            logger.info(
+                "tasks %s are not local; indexing lm-eval's built-in tasks (their "
+                "data needs the network)",
+                ", ".join(missing),
+            )
             manager = TaskManager(include_path=self.include_paths or None, include_defaults=True)
             _raise_unknown([n for n in missing if n not in manager.all_tasks], manager.all_tasks)
         with offline(self.offline), _quiet_lm_eval():
@@ -166,8 +172,9 @@ class Harness:
             if task.get_config("num_fewshot") is None:  # unless a task says otherwise,
                 task.set_config(key="num_fewshot", value=0)  # and a fixed few-shot draw
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        self.tasks = {name: _task_info(name, task, limit)
-                      for name, task in self.loaded["tasks"].items()}  # fmt: skip
+        self.tasks = {
+            name: _task_info(name, task, limit) for name, task in self.loaded["tasks"].items()
+        }
         logger.info("evaluation tasks: %s", ", ".join(self.tasks))
 
     def score(self, model: nn.Module, tokenizer: Any) -> Scores:
@@ -178,10 +185,19 @@ class Harness:
         if self.device is not None:
             model.to(self.device)
         with offline(self.offline), _quiet_lm_eval():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
-                      max_length=self.max_length)  # fmt: skip
-            out = evaluate(lm, self.loaded, limit=self.limit, log_samples=False,
-                           bootstrap_iters=self.bootstrap_iters)  # fmt: skip
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+            )
+            out = evaluate(
+                lm,
+                self.loaded,
+                limit=self.limit,
+                log_samples=False,
+                bootstrap_iters=self.bootstrap_iters,
+            )
         if out is None:
             raise EvalError("lm-eval returned no results (not rank 0?)")
         return {name: _metrics(out["results"][name]) for name in self.tasks}
@@ -203,13 +219,21 @@ class Harness:
         return scores
 
     def summary(self, scores: Scores) -> str:
-        return ", ".join(f"{n} {info.metric}={_fmt(scores[n].get(info.metric))}"
-                         for n, info in self.tasks.items())  # fmt: skip
+        return ", ".join(
+            f"{n} {info.metric}={_fmt(scores[n].get(info.metric))}"
+            for n, info in self.tasks.items()
+        )
 
     def settings(self) -> dict[str, Any]:
-        return {"limit": self.limit, "batch_size": self.batch_size, "device": self.device,
-                "max_length": self.max_length, "include_paths": self.include_paths,
-                "offline": self.offline, "bootstrap_iters": self.bootstrap_iters}  # fmt: skip
+        return {
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "max_length": self.max_length,
+            "include_paths": self.include_paths,
+            "offline": self.offline,
+            "bootstrap_iters": self.bootstrap_iters,
+        }
 
 
 def evaluate_models(
@@ -225,8 +249,14 @@ def evaluate_models(
     """Score every model on the same tasks with the same settings: ``{model: {task:
     {metric: value}}}``. For many models, build one ``Harness`` and call ``score``."""
     paths = [include_path] if isinstance(include_path, str | Path) else list(include_path)
-    harness = Harness(task_names, include_paths=paths, limit=limit, batch_size=batch_size,
-                      device=device, max_length=max_length)  # fmt: skip
+    harness = Harness(
+        task_names,
+        include_paths=paths,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        max_length=max_length,
+    )
     return harness.score_all(models)
 
 
@@ -293,8 +323,10 @@ def _raise_unknown(unknown: list[str], known: Sequence[str]) -> None:
     for name in unknown:
         close = difflib.get_close_matches(name, known, n=3)
         hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    raise EvalError(f"unknown task(s): {'; '.join(hints)}. Suite tasks: {', '.join(SUITE)}; "
-                    "add your own YAML with --include-path")  # fmt: skip
+    raise EvalError(
+        f"unknown task(s): {'; '.join(hints)}. Suite tasks: {', '.join(SUITE)}; "
+        "add your own YAML with --include-path"
+    )
 
 
 def _fmt(value: float | None) -> str:

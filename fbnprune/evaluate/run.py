@@ -100,10 +100,13 @@ def evaluate_run(
     include += [suite_dir] if suite_tasks else []
     include += [*cfg.include_paths, *include_paths]
     harness = Harness(
-        task_names, include_paths=include, limit=limit or cfg.limit,
-        batch_size=batch_size or cfg.batch_size, device=device,
+        task_names,
+        include_paths=include,
+        limit=limit or cfg.limit,
+        batch_size=batch_size or cfg.batch_size,
+        device=device,
         max_length=max_length or cfg.max_length,
-    )  # fmt: skip
+    )
 
     variants, described = model_variants(context, plan, kinds, run_dir)
     timings: dict[str, float] = {}
@@ -119,8 +122,9 @@ def evaluate_run(
         "recipe": recipe.name,
         "model": recipe.model,
     }
-    results = build_results(scores, harness.tasks, models=described, settings=settings,
-                            versions=eval_versions())  # fmt: skip
+    results = build_results(
+        scores, harness.tasks, models=described, settings=settings, versions=eval_versions()
+    )
     if write:
         json_file, md_file = write_results(results, layout.eval_dir)
         logger.info("evaluation results: %s, %s", json_file, md_file)
@@ -147,12 +151,16 @@ def model_variants(
     recipe = context.recipe
     if "original" in kinds:
         variants["original"] = (context.model, context.tokenizer)
-        described["original"] = {"source": recipe.model,
-                                 "parameters": count_parameters(context.model)}  # fmt: skip
+        described["original"] = {
+            "source": recipe.model,
+            "parameters": count_parameters(context.model),
+        }
     if "masked" in kinds and plan is not None:
         variants["masked"] = _masked(context, plan)
-        described["masked"] = {"source": f"original with {PLAN_FILE} applied by hooks",
-                               "kept_fraction": plan.kept_fraction}  # fmt: skip
+        described["masked"] = {
+            "source": f"original with {PLAN_FILE} applied by hooks",
+            "kept_fraction": plan.kept_fraction,
+        }
     if "sliced" in kinds and plan is not None:
         for layout in recipe.save.layouts:
             info = {"source": f"original sliced in memory ({layout} layout)"}
@@ -160,11 +168,14 @@ def model_variants(
             described[f"sliced-{layout}"] = info
     if "checkpoint" in kinds:
         order = {checkpoint_name(layout): i for i, layout in enumerate(LAYOUTS)}
-        dirs = sorted(RunLayout(run_dir).saved_checkpoints(),
-                      key=lambda d: (order.get(d.name, len(order)), d.name))  # fmt: skip
+        dirs = sorted(
+            RunLayout(run_dir).saved_checkpoints(),
+            key=lambda d: (order.get(d.name, len(order)), d.name),
+        )
         if not dirs:
-            logger.warning("no saved %s*/ in %s; run the save stage to score one",
-                           CHECKPOINT_PREFIX, run_dir)  # fmt: skip
+            logger.warning(
+                "no saved %s*/ in %s; run the save stage to score one", CHECKPOINT_PREFIX, run_dir
+            )
         for directory in dirs:
             info = {"source": str(directory.resolve())}
             variants[directory.name] = _checkpoint(context, directory, info)
@@ -268,7 +279,10 @@ def _plan_summary(plan: PrunePlan | None) -> dict[str, Any] | None:
         return None
     keys = ("selector", "budget", "allocation", "recipe_fingerprint")
     return {
-        "site": plan.site, "fill": plan.fill, "kept": plan.n_kept, "units": plan.n_units,
+        "site": plan.site,
+        "fill": plan.fill,
+        "kept": plan.n_kept,
+        "units": plan.n_units,
         "kept_fraction": plan.kept_fraction,
         **{k: plan.provenance[k] for k in keys if k in plan.provenance},
-    }  # fmt: skip
+    }

@@ -93,18 +93,48 @@ class SuiteTask:
 SUITE: dict[str, SuiteTask] = {
     t.name: t
     for t in (
-        SuiteTask("bbc_topics", "builtin:bbc_news", "choice", "acc", True,
-                  "BBC News topic, 5-way multiple choice"),
-        SuiteTask("word_problems", "builtin:arithmetic", "choice", "acc", True,
-                  "arithmetic word problems, 4-way multiple choice"),
-        SuiteTask("ppl_news", "builtin:bbc_news", "perplexity", "word_perplexity", False,
-                  "perplexity of BBC News articles"),
-        SuiteTask("ppl_wiki", "builtin:wikipedia", "perplexity", "word_perplexity", False,
-                  "perplexity of Wikipedia articles"),
-        SuiteTask("ppl_code", "builtin:python_code", "perplexity", "word_perplexity", False,
-                  "perplexity of Python standard-library code"),
+        SuiteTask(
+            "bbc_topics",
+            "builtin:bbc_news",
+            "choice",
+            "acc",
+            True,
+            "BBC News topic, 5-way multiple choice",
+        ),
+        SuiteTask(
+            "word_problems",
+            "builtin:arithmetic",
+            "choice",
+            "acc",
+            True,
+            "arithmetic word problems, 4-way multiple choice",
+        ),
+        SuiteTask(
+            "ppl_news",
+            "builtin:bbc_news",
+            "perplexity",
+            "word_perplexity",
+            False,
+            "perplexity of BBC News articles",
+        ),
+        SuiteTask(
+            "ppl_wiki",
+            "builtin:wikipedia",
+            "perplexity",
+            "word_perplexity",
+            False,
+            "perplexity of Wikipedia articles",
+        ),
+        SuiteTask(
+            "ppl_code",
+            "builtin:python_code",
+            "perplexity",
+            "word_perplexity",
+            False,
+            "perplexity of Python standard-library code",
+        ),
     )
-}  # fmt: skip
+}
 assert tuple(SUITE) == EVAL_SUITE_TASKS
 PERPLEXITY_TASKS = tuple(n for n, t in SUITE.items() if t.kind == "perplexity")
 
@@ -238,8 +268,12 @@ def bbc_record(doc: Document) -> dict[str, Any]:
     if doc.label not in BBC_TOPICS:
         raise EvalError(f"{doc.id}: label {doc.label!r} is not one of {BBC_TOPICS}")
     prompt = f"Article: {first_words(doc.text, BBC_PROMPT_WORDS, keep_layout=False)}\nTopic:"
-    return {"id": doc.id, "prompt": prompt, "choices": list(BBC_TOPICS),
-            "gold": BBC_TOPICS.index(doc.label)}  # fmt: skip
+    return {
+        "id": doc.id,
+        "prompt": prompt,
+        "choices": list(BBC_TOPICS),
+        "gold": BBC_TOPICS.index(doc.label),
+    }
 
 
 def choice_record(doc: Document, task: TaskConfig, wording: Wording | None) -> dict[str, Any]:
@@ -251,8 +285,12 @@ def choice_record(doc: Document, task: TaskConfig, wording: Wording | None) -> d
     labels = list(own)
     if doc.label not in labels:
         raise EvalError(f"{doc.id}: label {doc.label!r} is not one of {labels}")
-    return {"id": doc.id, "prompt": render(template, doc.text, task.max_words),
-            "choices": [answers[label] for label in labels], "gold": labels.index(doc.label)}
+    return {
+        "id": doc.id,
+        "prompt": render(template, doc.text, task.max_words),
+        "choices": [answers[label] for label in labels],
+        "gold": labels.index(doc.label),
+    }
 
 
 def word_problem_record(doc: Document, seed: int) -> dict[str, Any]:
@@ -264,8 +302,12 @@ def word_problem_record(doc: Document, seed: int) -> dict[str, Any]:
     random.Random(f"{seed}:{doc.id}").shuffle(offsets)
     wrong = [answer + o for o in offsets if answer + o >= 0][:3]
     choices = sorted([answer, *wrong])
-    return {"id": doc.id, "prompt": doc.text, "choices": [str(c) for c in choices],
-            "gold": choices.index(answer)}  # fmt: skip
+    return {
+        "id": doc.id,
+        "prompt": doc.text,
+        "choices": [str(c) for c in choices],
+        "gold": choices.index(answer),
+    }
 
 
 def text_record(doc: Document, max_words: int) -> dict[str, Any]:
@@ -361,9 +403,12 @@ def build_suite(
             source = f"{source}|{spec.text_field}|{spec.label_field}|{spec.split}"
             if source not in cache:
                 cache[source] = load_documents(
-                    spec.source, text_field=spec.text_field, label_field=spec.label_field,
-                    split=spec.split, hf_config=spec.hf_config,
-                )  # fmt: skip
+                    spec.source,
+                    text_field=spec.text_field,
+                    label_field=spec.label_field,
+                    split=spec.split,
+                    hf_config=spec.hf_config,
+                )
         elif source not in cache:
             cache[source] = loader(source)
         n = config.choice_samples if task.kind == "choice" else config.perplexity_samples
@@ -371,23 +416,32 @@ def build_suite(
         pool = cache[source]
         if task.task is not None:  # only documents whose label a choice answers
             pool = [d for d in pool if d.label in (task_choices(task.task) or {})]
-        docs = draw_documents(pool, n, exclude=exclude, seed=config.seed,
-                              balance_labels=balance)  # fmt: skip
+        docs = draw_documents(pool, n, exclude=exclude, seed=config.seed, balance_labels=balance)
         if not docs:
             raise EvalError(f"{name}: no documents of {task.source} are left outside calibration")
         if len(docs) < n:
-            logger.warning("%s: only %d documents outside calibration (asked %d)", name,
-                           len(docs), n)  # fmt: skip
+            logger.warning(
+                "%s: only %d documents outside calibration (asked %d)", name, len(docs), n
+            )
         data_file = directory / f"{name}.jsonl"
         lines = (json.dumps(r, ensure_ascii=False) for r in _records(task, docs, config))
         atomic_write_text(data_file, "\n".join(lines) + "\n")
         task_yaml = _task_yaml(task, data_file, directory / ".datasets-cache")
         atomic_write_text(directory / f"{name}.yaml", yaml.safe_dump(task_yaml, sort_keys=False))
         doc_ids[name] = [d.id for d in docs]
-    atomic_write_json(directory / "manifest.json", {
-        "version": SUITE_VERSION, "tasks": names, "settings": config.model_dump(mode="json"),
-        "excluded_documents": len(exclude), "doc_ids": doc_ids,
-    })  # fmt: skip
-    logger.info("evaluation suite: %s in %s", ", ".join(f"{n} ({len(doc_ids[n])} docs)"
-                                                         for n in names), directory)  # fmt: skip
+    atomic_write_json(
+        directory / "manifest.json",
+        {
+            "version": SUITE_VERSION,
+            "tasks": names,
+            "settings": config.model_dump(mode="json"),
+            "excluded_documents": len(exclude),
+            "doc_ids": doc_ids,
+        },
+    )
+    logger.info(
+        "evaluation suite: %s in %s",
+        ", ".join(f"{n} ({len(doc_ids[n])} docs)" for n in names),
+        directory,
+    )
     return Suite(directory, tuple(names), doc_ids)

@@ -112,9 +112,12 @@ class _Paths(TypedDict):
 
 
 LLAMA_LIKE: _Paths = dict(
-    backbone="model", layers="layers", mlp="mlp", in_projs=("gate_proj", "up_proj"),
+    backbone="model",
+    layers="layers",
+    mlp="mlp",
+    in_projs=("gate_proj", "up_proj"),
     down="down_proj",
-)  # fmt: skip
+)
 
 ADAPTERS: tuple[MLPAdapter, ...] = (
     MLPAdapter(family="Llama", model_types=("llama",), bias_key="mlp_bias", **LLAMA_LIKE),
@@ -122,18 +125,38 @@ ADAPTERS: tuple[MLPAdapter, ...] = (
     MLPAdapter(family="Qwen2", model_types=("qwen2",), **LLAMA_LIKE),
     MLPAdapter(family="Gemma3 text", model_types=("gemma3_text",), **LLAMA_LIKE),
     MLPAdapter(
-        family="Phi-3", model_types=("phi3",), backbone="model", layers="layers", mlp="mlp",
-        in_projs=("gate_up_proj",), down="down_proj", fused_gate_up=True,
+        family="Phi-3",
+        model_types=("phi3",),
+        backbone="model",
+        layers="layers",
+        mlp="mlp",
+        in_projs=("gate_up_proj",),
+        down="down_proj",
+        fused_gate_up=True,
     ),
     MLPAdapter(
-        family="GPT-NeoX", model_types=("gpt_neox",), backbone="gpt_neox", layers="layers",
-        mlp="mlp", in_projs=("dense_h_to_4h",), down="dense_4h_to_h", always_bias=True,
+        family="GPT-NeoX",
+        model_types=("gpt_neox",),
+        backbone="gpt_neox",
+        layers="layers",
+        mlp="mlp",
+        in_projs=("dense_h_to_4h",),
+        down="dense_4h_to_h",
+        always_bias=True,
     ),
     MLPAdapter(
-        family="GPT-2", model_types=("gpt2",), backbone="transformer", layers="h", mlp="mlp",
-        in_projs=("c_fc",), down="c_proj", conv1d=True, width_key="n_inner", always_bias=True,
+        family="GPT-2",
+        model_types=("gpt2",),
+        backbone="transformer",
+        layers="h",
+        mlp="mlp",
+        in_projs=("c_fc",),
+        down="c_proj",
+        conv1d=True,
+        width_key="n_inner",
+        always_bias=True,
     ),
-)  # fmt: skip
+)
 
 _BY_MODEL_TYPE = {mt: a for a in ADAPTERS for mt in a.model_types}
 

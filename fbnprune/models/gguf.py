@@ -64,8 +64,11 @@ def converted_gguf(gguf: Path) -> Path:
         if not broken:
             logger.debug("using converted %s from %s", gguf.name, target)
             return target
-        logger.warning("the cached conversion %s is incomplete (%s); converting again", target,
-                       "; ".join(f"{name}: {why}" for name, why in broken.items()))
+        logger.warning(
+            "the cached conversion %s is incomplete (%s); converting again",
+            target,
+            "; ".join(f"{name}: {why}" for name, why in broken.items()),
+        )
     if target.exists():  # not ours: a complete conversion always has config.json
         shutil.rmtree(target)
     _sweep_stale_tmp(models)

@@ -99,8 +99,9 @@ def capture_layer_calls(
         for input_ids, attention in batches:
             current.clear()
             first_inputs.clear()
-            backbone(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                     use_cache=False)  # fmt: skip
+            backbone(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
+            )
             inputs.append(first_inputs[0].detach())
             calls.append(list(current))
     finally:

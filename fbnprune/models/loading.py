@@ -43,9 +43,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "PACKAGED_MODELS", "ModelLoadError", "PackagedModel", "cache_dir", "load_model",
-    "load_tokenizer", "model_fingerprint", "resolve_model",
-]  # fmt: skip
+    "PACKAGED_MODELS",
+    "ModelLoadError",
+    "PackagedModel",
+    "cache_dir",
+    "load_model",
+    "load_tokenizer",
+    "model_fingerprint",
+    "resolve_model",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -117,8 +123,10 @@ def _check_weights_complete(folder: Path, *, fix: str) -> None:
     broken = incomplete_weights(folder)
     if broken:
         listed = "; ".join(f"{name} is {why}" for name, why in broken.items())
-        raise ModelLoadError(f"{folder}: {listed}. The file was cut short (an interrupted copy "
-                             f"or download, or a full disk?): {fix}.")
+        raise ModelLoadError(
+            f"{folder}: {listed}. The file was cut short (an interrupted copy "
+            f"or download, or a full disk?): {fix}."
+        )
 
 
 def model_fingerprint(name: str | os.PathLike[str]) -> str:
@@ -138,8 +146,11 @@ def _folder_fingerprint_cached(folder: Path, stamp: tuple[tuple[str, int, int], 
 
 def _folder_fingerprint(folder: Path) -> str:
     """``folder_fingerprint``, computed once per process while no file changes."""
-    stamp = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in sorted(folder.rglob("*")) if p.is_file())  # fmt: skip
+    stamp = tuple(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    )
     return _folder_fingerprint_cached(folder, stamp)
 
 

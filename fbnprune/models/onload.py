@@ -47,9 +47,11 @@ class Checkpoint:
             with safe_open(self.directory / SINGLE_FILE, framework="pt") as f:
                 self.files = {k: self.directory / SINGLE_FILE for k in f.keys()}  # noqa: SIM118
         else:
-            raise ModelLoadError(f"{self.directory} holds no safetensors weights ({SINGLE_FILE} "
-                                 f"or {INDEX_FILE}): layer-sequential onloading reads only "
-                                 "safetensors checkpoints")  # fmt: skip
+            raise ModelLoadError(
+                f"{self.directory} holds no safetensors weights ({SINGLE_FILE} "
+                f"or {INDEX_FILE}): layer-sequential onloading reads only "
+                "safetensors checkpoints"
+            )
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -62,8 +64,9 @@ class Checkpoint:
         with safe_open(self.files[key], framework="pt", device="cpu") as f:
             return f.get_tensor(key)
 
-    def load(self, module: nn.Module, prefix: str, device: torch.device,
-             *, skip: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def load(
+        self, module: nn.Module, prefix: str, device: torch.device, *, skip: tuple[str, ...] = ()
+    ) -> None:
         """Fill ``module``'s parameters and persistent buffers from the tensors named
         ``prefix + name`` (in the dtype the module holds); names under ``skip`` stay as
         they are. Buffers the checkpoint lacks keep their computed values."""
@@ -81,8 +84,11 @@ class Checkpoint:
 
 
 def _non_persistent(module: nn.Module) -> set[str]:
-    return {f"{p}.{b}" if p else b for p, m in module.named_modules()
-            for b in m._non_persistent_buffers_set}  # fmt: skip
+    return {
+        f"{p}.{b}" if p else b
+        for p, m in module.named_modules()
+        for b in m._non_persistent_buffers_set
+    }
 
 
 def release(module: nn.Module) -> None:
@@ -103,8 +109,13 @@ class LayerwiseModel:
         device: where onloaded weights and the hidden states live.
     """
 
-    def __init__(self, model: PreTrainedModel, checkpoint: Checkpoint | None,
-                 device: torch.device, prefix: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        checkpoint: Checkpoint | None,
+        device: torch.device,
+        prefix: str = "",
+    ) -> None:
         """``prefix``: the checkpoint's key prefix of the backbone's tensors."""
         self.model, self.checkpoint, self.device = model, checkpoint, device
         self.adapter: MLPAdapter = get_adapter(model)
@@ -116,9 +127,14 @@ class LayerwiseModel:
         return cls(model, None, next(model.parameters()).device)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike[str], *,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        trust_remote_code: bool = False) -> LayerwiseModel:  # fmt: skip
+    def from_checkpoint(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
+    ) -> LayerwiseModel:
         """The model of the checkpoint in ``directory`` (``config.json`` and safetensors),
         everything but its decoder blocks (and LM head) loaded on ``device``
         (``trust_remote_code``: a compact checkpoint's own modeling file)."""
@@ -135,8 +151,7 @@ class LayerwiseModel:
         prefix = adapter.backbone + "."
         if not any(k.startswith(prefix) for k in checkpoint.files):
             prefix = ""  # a base model's checkpoint (keys without the backbone's name)
-        checkpoint.load(adapter.get_backbone(model), prefix, device,
-                        skip=(adapter.layers + ".",))  # fmt: skip
+        checkpoint.load(adapter.get_backbone(model), prefix, device, skip=(adapter.layers + ".",))
         return cls(model, checkpoint, device, prefix)
 
     @property
@@ -167,5 +182,10 @@ def checkpoint_dir(name: str | os.PathLike[str]) -> Path:
         return source
     from huggingface_hub import constants, snapshot_download
 
-    return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"],
-                                  local_files_only=constants.HF_HUB_OFFLINE))  # fmt: skip
+    return Path(
+        snapshot_download(
+            source,
+            allow_patterns=["*.json", "*.safetensors"],
+            local_files_only=constants.HF_HUB_OFFLINE,
+        )
+    )

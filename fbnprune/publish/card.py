@@ -58,10 +58,15 @@ def _eval_results(
         for who, value in (("pruned", score.pruned), (f"original {base.name}", score.original)):
             if value is None:
                 continue
-            results.append(EvalResult(
-                task_type="text-generation", task_name=score.task,
-                dataset_type=dataset, dataset_name=score.task,
-                metric_type=METRIC_IDS.get(score.metric, score.metric),
-                metric_name=f"{score.metric} ({who})", metric_value=round(value, 4),
-            ))  # fmt: skip
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=score.task,
+                    dataset_type=dataset,
+                    dataset_name=score.task,
+                    metric_type=METRIC_IDS.get(score.metric, score.metric),
+                    metric_name=f"{score.metric} ({who})",
+                    metric_value=round(value, 4),
+                )
+            )
     return results

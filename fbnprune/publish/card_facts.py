@@ -108,18 +108,26 @@ def read_eval_results(
         pruned = _number(values.get(variant)) if variant else None
         if original is None and pruned is None:
             continue
-        extra = {str(k): _number(v) for k, v in values.items()
-                 if k not in ("original", "pruned", variant)}  # fmt: skip
+        extra = {
+            str(k): _number(v)
+            for k, v in values.items()
+            if k not in ("original", "pruned", variant)
+        }
         n_docs = entry.get("n_docs")
-        scores.append(TaskScore(
-            task=str(task), metric=metric, original=original, pruned=pruned,
-            original_stderr=_number(stderr.get("original")),
-            pruned_stderr=_number(stderr.get(variant)) if variant else None,
-            n_docs=n_docs if isinstance(n_docs, int) else None,
-            higher_is_better=entry.get("higher_is_better") is not False,
-            variant=variant if variant != "pruned" else data.get("pruned") or None,
-            extra={k: v for k, v in extra.items() if v is not None},
-        ))  # fmt: skip
+        scores.append(
+            TaskScore(
+                task=str(task),
+                metric=metric,
+                original=original,
+                pruned=pruned,
+                original_stderr=_number(stderr.get("original")),
+                pruned_stderr=_number(stderr.get(variant)) if variant else None,
+                n_docs=n_docs if isinstance(n_docs, int) else None,
+                higher_is_better=entry.get("higher_is_better") is not False,
+                variant=variant if variant != "pruned" else data.get("pruned") or None,
+                extra={k: v for k, v in extra.items() if v is not None},
+            )
+        )
     return scores
 
 
@@ -145,8 +153,10 @@ def base_model_info(name: str) -> BaseModel:
         except Exception as exc:  # noqa: BLE001 - any unreadable README means "unknown"
             logger.debug("cannot read %s: %s", readme, exc)
     hub_id = name if _looks_like_hub_id(name) and not Path(name).exists() else None
-    note = (f"The license of the base model {name!r} could not be determined offline; check "
-            "it before using or redistributing this model.")  # fmt: skip
+    note = (
+        f"The license of the base model {name!r} could not be determined offline; check "
+        "it before using or redistributing this model."
+    )
     return BaseModel(name, hub_id, UNKNOWN_LICENSE, license_note=note)
 
 

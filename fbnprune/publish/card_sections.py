@@ -48,19 +48,28 @@ def human_bytes(n: float | None) -> str:
 
 def _intro(facts: CardFacts, base: BaseModel) -> str:
     plan, prov = facts.plan, facts.plan.provenance
-    link = f"[{base.hub_id}](https://huggingface.co/{base.hub_id})" if base.hub_id else \
-        f"`{plan.model}`"  # fmt: skip
+    link = (
+        f"[{base.hub_id}](https://huggingface.co/{base.hub_id})"
+        if base.hub_id
+        else f"`{plan.model}`"
+    )
     tasks = ", ".join(f"`{t}`" for t in task_datasets(facts.recipe)) or "its calibration text"
     what = "MLP intermediate units" if plan.site == "hidden" else "MLP output channels"
     selector = prov.get("selector", "?")
-    how = ("to the functional networks (group ICA of MLP activations) used by the tasks"
-           if selector == "ica" else f"with the `{selector}` selector (a baseline) for the tasks")
+    how = (
+        "to the functional networks (group ICA of MLP activations) used by the tasks"
+        if selector == "ica"
+        else f"with the `{selector}` selector (a baseline) for the tasks"
+    )
     return (
         f"# {model_name(facts)}\n\n"
         f"{link}, pruned with fbnprune {how} {tasks}: it keeps **{plan.n_kept:,} of "
         f"{plan.n_units:,} {what} ({plan.kept_fraction:.1%})**, "
-        + ("then healed by distillation from the original (see Healing). "
-           if facts.heal else "with no retraining. ")
+        + (
+            "then healed by distillation from the original (see Healing). "
+            if facts.heal
+            else "with no retraining. "
+        )
         + "Attention, embeddings and norms keep their shapes."
     )
 
@@ -72,11 +81,18 @@ def _healing(facts: CardFacts) -> str:
     cfg = heal.get("settings", {})
     losses = heal.get("train_loss") or [float("nan")]
     validation = heal.get("validation") or []
-    held = (f" Held-out KD loss: {validation[0][1]:.3f} at step {validation[0][0]} -> "
-            f"{validation[-1][1]:.3f} at step {validation[-1][0]}." if validation else "")
+    held = (
+        f" Held-out KD loss: {validation[0][1]:.3f} at step {validation[0][0]} -> "
+        f"{validation[-1][1]:.3f} at step {validation[-1][0]}."
+        if validation
+        else ""
+    )
     what = "the MLPs" if cfg.get("modules") == "mlp" else "every decoder linear layer"
-    how = "their weights" if heal.get("method") == "full" else \
-        f"LoRA adapters of rank {cfg.get('lora_rank')}, merged into the weights"  # fmt: skip
+    how = (
+        "their weights"
+        if heal.get("method") == "full"
+        else f"LoRA adapters of rank {cfg.get('lora_rank')}, merged into the weights"
+    )
     return (
         "## Healing\n\n"
         f"After slicing, the model was distilled from the original: KL divergence between the "
@@ -95,9 +111,7 @@ def _healing(facts: CardFacts) -> str:
 def _how_to_load(facts: CardFacts) -> str:
     where = facts.repo_id or "path/to/this/folder"
     if facts.layout == "compact":
-        load = (
-            f'model = AutoModelForCausalLM.from_pretrained("{where}", trust_remote_code=True)\n'
-        )
+        load = f'model = AutoModelForCausalLM.from_pretrained("{where}", trust_remote_code=True)\n'
         note = (
             "Layout **compact**: every layer has exactly its kept width. Stock configs hold one "
             "MLP width, so the checkpoint ships `modeling_fbnprune.py` (a stock transformers "
@@ -129,30 +143,49 @@ FILL_NOTES = {
 def _what_was_kept(facts: CardFacts) -> str:
     plan, prov = facts.plan, facts.plan.provenance
     rows = [
-        ("site", f"`{plan.site}` (" + ("MLP intermediate units, the down projection's inputs"
-                                        if plan.site == "hidden" else
-                                        "MLP output channels; shapes are kept") + ")"),
+        (
+            "site",
+            f"`{plan.site}` ("
+            + (
+                "MLP intermediate units, the down projection's inputs"
+                if plan.site == "hidden"
+                else "MLP output channels; shapes are kept"
+            )
+            + ")",
+        ),
         ("selector", f"`{prov.get('selector', '?')}`"),
         ("budget", f"{prov['budget']:.1%} of units" if "budget" in prov else "n/a"),
-        ("allocation", f"`{prov.get('allocation', '?')}` (at least "
-                       f"{prov.get('min_per_layer', 0):.0%} of every layer)"),
+        (
+            "allocation",
+            f"`{prov.get('allocation', '?')}` (at least "
+            f"{prov.get('min_per_layer', 0):.0%} of every layer)",
+        ),
         ("fill of dropped units", f"`{plan.fill}`" + FILL_NOTES.get(plan.fill, "")),
         ("kept", f"{plan.n_kept:,} / {plan.n_units:,} ({plan.kept_fraction:.2%})"),
-    ]  # fmt: skip
+    ]
     if "n_components" in prov:
-        rows.append(("ICA", f"{prov['n_components']} components, z >= {prov.get('threshold')}"
-                            f"; the plain threshold union alone would keep "
-                            f"{prov.get('threshold_union_units', '?'):,} units"))  # fmt: skip
+        rows.append(
+            (
+                "ICA",
+                f"{prov['n_components']} components, z >= {prov.get('threshold')}"
+                f"; the plain threshold union alone would keep "
+                f"{prov.get('threshold_union_units', '?'):,} units",
+            )
+        )
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     kept = plan.kept_per_layer()
     widths = sorted(set(plan.layer_widths))
     of = f"of {widths[0]:,}" if len(widths) == 1 else "of each layer's width"
     lines = ["| layers | kept units per layer (" + of + ") |", "|---|---|"]
     for start in range(0, len(kept), 10):
-        chunk = kept[start:start + 10]
+        chunk = kept[start : start + 10]
         lines.append(f"| {start}-{start + len(chunk) - 1} | {' '.join(map(str, chunk))} |")
-    return "## What was kept\n\n" + table + "\n\n" + "\n".join(lines) + (
-        f"\n\nThe kept indices of every layer are in `{CHECKPOINT_PLAN}`."
+    return (
+        "## What was kept\n\n"
+        + table
+        + "\n\n"
+        + "\n".join(lines)
+        + (f"\n\nThe kept indices of every layer are in `{CHECKPOINT_PLAN}`.")
     )
 
 
@@ -166,22 +199,28 @@ def _score(value: float | None, stderr: float | None) -> str:
 
 def _evaluation(facts: CardFacts, base: BaseModel) -> str:
     if not facts.scores:
-        return ("## Evaluation\n\nNo evaluation results were recorded for this run "
-                f"(`fbnprune evaluate` writes them to `{EVAL_DIR}/{RESULTS_FILE}`). "
-                "Evaluate it on your "
-                "task before relying on it.")  # fmt: skip
+        return (
+            "## Evaluation\n\nNo evaluation results were recorded for this run "
+            f"(`fbnprune evaluate` writes them to `{EVAL_DIR}/{RESULTS_FILE}`). "
+            "Evaluate it on your "
+            "task before relying on it."
+        )
     lines = ["| task | metric | docs | original | pruned | change |", "|---|---|---|---|---|---|"]
     for s in facts.scores:
         change = "n/a"
         if s.pruned is not None and s.original is not None:
             change = f"{s.pruned - s.original:+.4f}"
         arrow = "" if s.higher_is_better else " (lower is better)"
-        lines.append(f"| {s.task} | {s.metric}{arrow} | {s.n_docs or 'n/a'} | "
-                     f"{_score(s.original, s.original_stderr)} | "
-                     f"{_score(s.pruned, s.pruned_stderr)} | {change} |")  # fmt: skip
+        lines.append(
+            f"| {s.task} | {s.metric}{arrow} | {s.n_docs or 'n/a'} | "
+            f"{_score(s.original, s.original_stderr)} | "
+            f"{_score(s.pruned, s.pruned_stderr)} | {change} |"
+        )
     variants = sorted({s.variant for s in facts.scores if s.variant})
-    notes = [f"Original = `{base.name}` before pruning, scored in the same run with the same "
-             "settings (± standard error)."]  # fmt: skip
+    notes = [
+        f"Original = `{base.name}` before pruning, scored in the same run with the same "
+        "settings (± standard error)."
+    ]
     if variants:
         notes.append(f"Pruned = the evaluated variant {', '.join(f'`{v}`' for v in variants)}.")
     others = sorted({k for s in facts.scores for k in s.extra})
@@ -201,8 +240,10 @@ def _parity(facts: CardFacts) -> str:
     for r in result.reports:
         for c in r.comparisons:
             passed = ("yes" if c.passed else "NO") if r.gating else "for information"
-            lines.append(f"| {r.reference} | {c.name} | {r.dtype} | {c.max_abs:.2e} | "
-                         f"{c.mean_abs:.2e} | {r.atol:g} | {passed} |")  # fmt: skip
+            lines.append(
+                f"| {r.reference} | {c.name} | {r.dtype} | {c.max_abs:.2e} | "
+                f"{c.mean_abs:.2e} | {r.atol:g} | {passed} |"
+            )
     return (
         "## Parity\n\nThe plan applied by hooks to the original (`masked`) and the sliced model "
         "compute the same logits: in float64, where rounding cannot hide a wrong unit, and for "
@@ -245,9 +286,11 @@ def _formats(facts: CardFacts) -> str:
             f"{q['top1_agreement']:.1%}, perplexity {ppl.get('reference', float('nan')):.3f} -> "
             f"{ppl.get('quantized', float('nan')):.3f}. Task metrics were not re-measured for "
             "int8. Only linear layers are quantized: embeddings keep their precision"
-            + (", and so does the tied `lm_head`" if q.get("excluded") else "") + ". Load it "
+            + (", and so does the tied `lm_head`" if q.get("excluded") else "")
+            + ". Load it "
             "(transformers cannot read quanto weights itself):\n\n```python\n"
-            + q["load_snippet"] + "```"
+            + q["load_snippet"]
+            + "```"
         )
     o = facts.formats.get("onnx")
     if o:
@@ -264,21 +307,35 @@ def _provenance(facts: CardFacts) -> str:
     prov = facts.plan.provenance
     rows = [
         ("base model", f"`{facts.plan.model}` ({facts.plan.model_type})"),
-        ("recipe", f"`{prov.get('recipe', facts.recipe.get('name', '?'))}`, fingerprint "
-                   f"`{prov.get('recipe_fingerprint', '?')}` (`{CHECKPOINT_RECIPE}`)"),
+        (
+            "recipe",
+            f"`{prov.get('recipe', facts.recipe.get('name', '?'))}`, fingerprint "
+            f"`{prov.get('recipe_fingerprint', '?')}` (`{CHECKPOINT_RECIPE}`)",
+        ),
         ("seed", str(prov.get("seed", facts.recipe.get("seed", "?")))),
-        ("task data", ", ".join(f"{t} `{h}`" for t, h in (prov.get("tasks") or {}).items())
-         or "n/a"),
-        ("calibration tokens", ", ".join(f"{t}: {n:,}" for t, n in
-                                         (prov.get("calibration_tokens") or {}).items()) or "n/a"),
-        ("versions", ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items())
-         or "n/a"),
+        (
+            "task data",
+            ", ".join(f"{t} `{h}`" for t, h in (prov.get("tasks") or {}).items()) or "n/a",
+        ),
+        (
+            "calibration tokens",
+            ", ".join(f"{t}: {n:,}" for t, n in (prov.get("calibration_tokens") or {}).items())
+            or "n/a",
+        ),
+        (
+            "versions",
+            ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()) or "n/a",
+        ),
         ("planned", str(prov.get("created", "n/a"))),
-    ]  # fmt: skip
-    return ("## Provenance\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-            + f"\n\nFiles: `{CHECKPOINT_PLAN}` (kept indices, fill values, provenance), "
-            f"`{CHECKPOINT_RECIPE}`, `{CHECKPOINT_PARITY}`, `fbnprune_export.json`"
-            + (", `fbnprune_eval.json`" if facts.scores else "") + ".")  # fmt: skip
+    ]
+    return (
+        "## Provenance\n\n| | |\n|---|---|\n"
+        + "\n".join(f"| {k} | {v} |" for k, v in rows)
+        + f"\n\nFiles: `{CHECKPOINT_PLAN}` (kept indices, fill values, provenance), "
+        f"`{CHECKPOINT_RECIPE}`, `{CHECKPOINT_PARITY}`, `fbnprune_export.json`"
+        + (", `fbnprune_eval.json`" if facts.scores else "")
+        + "."
+    )
 
 
 def _limitations(facts: CardFacts, base: BaseModel) -> str:
@@ -286,17 +343,24 @@ def _limitations(facts: CardFacts, base: BaseModel) -> str:
     items = [
         "Units were chosen for the recipe's tasks only; abilities those tasks do not exercise "
         "are likely lost. "
-        + ("Healing used only the calibration and healing documents of those tasks."
-           if facts.heal else "It was not retrained after pruning."),
+        + (
+            "Healing used only the calibration and healing documents of those tasks."
+            if facts.heal
+            else "It was not retrained after pruning."
+        ),
         "Only MLP units are removed; attention and embeddings keep their size, so the "
         "parameter reduction is well below the fraction of units removed.",
     ]
     if plan.site == "output":
-        items.append("Output-site pruning zeroes channels but keeps every shape: this export "
-                     "is no smaller or faster than the original.")
+        items.append(
+            "Output-site pruning zeroes channels but keeps every shape: this export "
+            "is no smaller or faster than the original."
+        )
     elif facts.layout == "padded":
-        items.append(f"Padded layout: every layer carries {max(plan.kept_per_layer())} units "
-                     "(the widest kept layer); narrower layers compute on zero padding.")
+        items.append(
+            f"Padded layout: every layer carries {max(plan.kept_per_layer())} units "
+            "(the widest kept layer); narrower layers compute on zero padding."
+        )
     if not facts.scores:
         items.append("No evaluation results are attached.")
     if base.license_note:

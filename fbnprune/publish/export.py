@@ -77,12 +77,16 @@ class ExportResult:
             lines.append(f"  {name:<40} {human_bytes(size):>12}")
         lines.append(f"  {'total':<40} {human_bytes(self.total_bytes):>12}")
         for name, fmt in self.report.get("formats", {}).items():
-            lines.append(f"{name}: {fmt['path']} ({human_bytes(fmt['bytes'])}), max |d logits| "
-                         f"{fmt['max_abs']:.3g}, mean {fmt['mean_abs']:.3g}")  # fmt: skip
+            lines.append(
+                f"{name}: {fmt['path']} ({human_bytes(fmt['bytes'])}), max |d logits| "
+                f"{fmt['max_abs']:.3g}, mean {fmt['mean_abs']:.3g}"
+            )
             if "perplexity" in fmt:
                 ppl = fmt["perplexity"]
-                lines.append(f"  perplexity {ppl['reference']:.4f} -> {ppl['quantized']:.4f}, "
-                             f"top-1 agreement {fmt['top1_agreement']:.1%}")  # fmt: skip
+                lines.append(
+                    f"  perplexity {ppl['reference']:.4f} -> {ppl['quantized']:.4f}, "
+                    f"top-1 agreement {fmt['top1_agreement']:.1%}"
+                )
         return "\n".join(lines)
 
 
@@ -118,8 +122,10 @@ def export_run(
     run_dir = Path(run_dir)
     run = RunLayout(run_dir)
     if not run.plan_file.is_file():
-        raise ExportError(f"{run_dir} is not an fbnprune run directory (no {PLAN_FILE}); run "
-                          "`fbnprune run RECIPE --out RUN_DIR` first")  # fmt: skip
+        raise ExportError(
+            f"{run_dir} is not an fbnprune run directory (no {PLAN_FILE}); run "
+            "`fbnprune run RECIPE --out RUN_DIR` first"
+        )
     layout, source = source_checkpoint(run_dir, layout, healed)
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
@@ -127,13 +133,21 @@ def export_run(
     name = f"{layout}-healed" if healed else layout
     out = Path(out_dir) if out_dir is not None else run.export_dir(name)
     check_out_dir(out, run_dir)
-    options = {"layout": layout, "healed": healed, "quantize": quantize, "onnx": onnx,
-               "max_shard_size": limit, "repo_id": repo_id}  # fmt: skip
+    options = {
+        "layout": layout,
+        "healed": healed,
+        "quantize": quantize,
+        "onnx": onnx,
+        "max_shard_size": limit,
+        "repo_id": repo_id,
+    }
     previous = read_json(out / EXPORT_REPORT) if out.exists() else None
     if out.exists():  # may be replaced as a whole: only an earlier export or an empty folder
         if previous is None and not overwrite:
-            raise ExportError(f"{out} exists and is not an fbnprune export; pass --overwrite to "
-                              "replace it, or choose another --out")  # fmt: skip
+            raise ExportError(
+                f"{out} exists and is not an fbnprune export; pass --overwrite to "
+                "replace it, or choose another --out"
+            )
         from fbnprune.rundir import RunDirError, check_replaceable
 
         try:
@@ -169,29 +183,38 @@ def export_run(
 
             texts, origin = evaluation_texts(recipe_text)
             atol = min(r.atol for r in ParityResult.from_dict(parity).reports if r.gating)
-            formats = extra_formats(tmp, layout, quantize=quantize, onnx=onnx, texts=texts,
-                                     atol=atol, repo_id=repo_id)  # fmt: skip
+            formats = extra_formats(
+                tmp, layout, quantize=quantize, onnx=onnx, texts=texts, atol=atol, repo_id=repo_id
+            )
             for fmt in formats.values():
                 fmt["texts"] = origin
         export_bytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         report = {
             "fingerprint": fingerprint,
             "fbnprune": __version__,
-            "run": {"plan_model": plan.model, "recipe": plan.provenance.get("recipe"),
-                    "recipe_fingerprint": plan.provenance.get("recipe_fingerprint")},
+            "run": {
+                "plan_model": plan.model,
+                "recipe": plan.provenance.get("recipe"),
+                "recipe_fingerprint": plan.provenance.get("recipe_fingerprint"),
+            },
             "options": options,
             "weights": weights,
             "safetensors_bytes": export_bytes,
             "formats": formats,
-        }  # fmt: skip
+        }
         atomic_write_json(tmp / EXPORT_REPORT, report)
         facts = CardFacts(
-            plan=plan, layout=layout, recipe=read_yaml(recipe_text), parity=parity,
+            plan=plan,
+            layout=layout,
+            recipe=read_yaml(recipe_text),
+            parity=parity,
             prune=read_json(run.prune_file),
             scores=read_eval_results(run.eval_results_file, layout, healed=healed),
-            export_bytes=export_bytes, formats=formats, repo_id=repo_id,
+            export_bytes=export_bytes,
+            formats=formats,
+            repo_id=repo_id,
             heal=read_json(source / CHECKPOINT_HEAL) if healed else None,
-        )  # fmt: skip
+        )
         build_card(facts).save(tmp / "README.md")
     logger.info("export: wrote %s (%s layout)", out, layout)
     return ExportResult(out, layout, False, list_files(out), report)

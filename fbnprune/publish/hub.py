@@ -65,15 +65,19 @@ class PushResult:
 
         target = f"{self.endpoint.rstrip('/')}/{self.repo_id} (branch {self.revision})"
         if self.dry_run:
-            lines = [f"dry run: would upload {len(self.files)} files "
-                     f"({human_bytes(self.total_bytes)}) to {target}"
-                     + (", private" if self.private else "")]  # fmt: skip
+            lines = [
+                f"dry run: would upload {len(self.files)} files "
+                f"({human_bytes(self.total_bytes)}) to {target}"
+                + (", private" if self.private else "")
+            ]
             lines += [f"  {name:<40} {human_bytes(size):>12}" for name, size in self.files.items()]
             missing = "none found (set HF_TOKEN or run `hf auth login`)"
             lines.append("token: " + ("found" if self.token_found else missing))
         else:
-            lines = [f"uploaded {len(self.files)} files ({human_bytes(self.total_bytes)}) to "
-                     f"{target}", f"commit: {self.commit_url}"]  # fmt: skip
+            lines = [
+                f"uploaded {len(self.files)} files ({human_bytes(self.total_bytes)}) to {target}",
+                f"commit: {self.commit_url}",
+            ]
         return "\n".join(lines + self.notes)
 
 
@@ -100,11 +104,21 @@ def upload_files(folder: Path) -> dict[str, int]:
     try:  # the client's own list (a private module)
         from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
     except ImportError:
-        DEFAULT_IGNORE_PATTERNS = [".git", ".git/*", "*/.git", "**/.git/**", ".cache/huggingface",
-                                   ".cache/huggingface/*", "*/.cache/huggingface",
-                                   "**/.cache/huggingface/**"]  # fmt: skip
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+        DEFAULT_IGNORE_PATTERNS = [
+            ".git",
+            ".git/*",
+            "*/.git",
+            "**/.git/**",
+            ".cache/huggingface",
+            ".cache/huggingface/*",
+            "*/.cache/huggingface",
+            "**/.cache/huggingface/**",
+        ]
+    files = {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
     kept = set(filter_repo_objects(files, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS)))
     return {name: size for name, size in files.items() if name in kept}
 
@@ -119,8 +133,9 @@ def check_repo_id(repo_id: str) -> None:
     except HFValidationError as exc:
         raise HubError(f"invalid repository id {repo_id!r}: {exc}", reason="invalid") from None
     if "/" not in repo_id:
-        raise HubError(f"repository id {repo_id!r} needs a namespace: 'user/{repo_id}'",
-                       reason="invalid")  # fmt: skip
+        raise HubError(
+            f"repository id {repo_id!r} needs a namespace: 'user/{repo_id}'", reason="invalid"
+        )
 
 
 def push_folder(
@@ -152,35 +167,56 @@ def push_folder(
     check_repo_id(repo_id)
     endpoint = resolve_endpoint(endpoint)
     token = resolve_token(token)
-    result = PushResult(repo_id=repo_id, endpoint=endpoint, revision=revision or "main",
-                        files=upload_files(folder), dry_run=dry_run, private=private,
-                        token_found=token is not None)  # fmt: skip
+    result = PushResult(
+        repo_id=repo_id,
+        endpoint=endpoint,
+        revision=revision or "main",
+        files=upload_files(folder),
+        dry_run=dry_run,
+        private=private,
+        token_found=token is not None,
+    )
     if dry_run:
         return result
     if token is None:
-        raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was "
-                       "uploaded)", reason="no-token")  # fmt: skip
+        raise HubError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded)",
+            reason="no-token",
+        )
 
     from huggingface_hub import HfApi, constants
 
     if constants.is_offline_mode():
-        raise HubError("HF_HUB_OFFLINE is set, so huggingface_hub refuses to upload; unset it "
-                       f"and retry (the folder {folder} is intact)", reason="offline")  # fmt: skip
+        raise HubError(
+            "HF_HUB_OFFLINE is set, so huggingface_hub refuses to upload; unset it "
+            f"and retry (the folder {folder} is intact)",
+            reason="offline",
+        )
     api = HfApi(endpoint=endpoint, token=token)
     step, error, info = "create the repository", None, None
     try:
-        api.create_repo(repo_id, repo_type="model", private=True if private else None,
-                        exist_ok=True)  # fmt: skip
+        api.create_repo(
+            repo_id, repo_type="model", private=True if private else None, exist_ok=True
+        )
         if revision and revision != "main":
             step = f"create branch {revision!r}"
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         step = "upload the folder"
-        logger.info("hub: uploading %d files (%.1f MiB) to %s/%s@%s", len(result.files),
-                    result.total_bytes / 2**20, endpoint, repo_id, result.revision)  # fmt: skip
+        logger.info(
+            "hub: uploading %d files (%.1f MiB) to %s/%s@%s",
+            len(result.files),
+            result.total_bytes / 2**20,
+            endpoint,
+            repo_id,
+            result.revision,
+        )
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
             commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-        )  # fmt: skip
+        )
     except Exception as exc:  # noqa: BLE001 - every failure is scrubbed and classified
         error = _hub_error(exc, token, step=step, repo_id=repo_id, folder=folder)
     if error is not None:  # raised outside the handler: no chained exception holds the request
@@ -203,8 +239,9 @@ def _status(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def _hub_error(exc: Exception, token: str | None, *, step: str, repo_id: str,
-               folder: Path) -> HubError:  # fmt: skip
+def _hub_error(
+    exc: Exception, token: str | None, *, step: str, repo_id: str, folder: Path
+) -> HubError:
     """Classify a failed Hub call into a clear, token-free ``HubError``."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -215,10 +252,12 @@ def _hub_error(exc: Exception, token: str | None, *, step: str, repo_id: str,
         reason, why = "offline", "HF_HUB_OFFLINE is set; unset it to upload"
     elif status in (401, 403) and not any(w in lowered for w in ("quota", "storage limit")):
         reason = "auth"
-        why = (f"the token was rejected ({status}): check HF_TOKEN or `hf auth login`"
-               if status == 401 else
-               f"the token may not write to {repo_id} ({status}): it needs write access to "
-               "that namespace")  # fmt: skip
+        why = (
+            f"the token was rejected ({status}): check HF_TOKEN or `hf auth login`"
+            if status == 401
+            else f"the token may not write to {repo_id} ({status}): it needs write access to "
+            "that namespace"
+        )
     elif status in (402, 413, 507) or "quota" in lowered or "storage limit" in lowered:
         reason, why = "quota", f"storage quota or size limit ({status}): free space or upgrade"
     elif status == 429:
@@ -234,9 +273,11 @@ def _hub_error(exc: Exception, token: str | None, *, step: str, repo_id: str,
     else:
         reason = "error"
         why = f"{type(exc).__name__}" + (f" ({status})" if status else "")
-    message = (f"upload to {repo_id} failed while trying to {step}: {why}.\n  {detail}\n"
-               f"The local folder {folder} is intact; re-run the same command to retry "
-               "(files the Hub already holds unchanged are not sent again).")  # fmt: skip
+    message = (
+        f"upload to {repo_id} failed while trying to {step}: {why}.\n  {detail}\n"
+        f"The local folder {folder} is intact; re-run the same command to retry "
+        "(files the Hub already holds unchanged are not sent again)."
+    )
     return HubError(scrub(message, token), reason=reason, status=status)
 
 
@@ -245,8 +286,14 @@ def _is_network(exc: BaseException | None) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         names = {c.__name__ for c in type(exc).__mro__}
-        if names & {"TransportError", "NetworkError", "TimeoutException", "ConnectionError",
-                    "ConnectError", "OSError"}:  # fmt: skip
+        if names & {
+            "TransportError",
+            "NetworkError",
+            "TimeoutException",
+            "ConnectionError",
+            "ConnectError",
+            "OSError",
+        }:
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -36,21 +36,27 @@ def source_checkpoint(run_dir: Path, layout: str | None, healed: bool = False) -
             layout = done[0]
         if layout not in done:
             missing = checkpoint_name(layout or "<layout>", healed=True)
-            raise ExportError(f"{run_dir} has no {missing}/; run "
-                              "the heal stage (`fbnprune heal RECIPE --out RUN_DIR`, with "
-                              "heal.enabled: true if the budget is above heal.below_budget)")
+            raise ExportError(
+                f"{run_dir} has no {missing}/; run "
+                "the heal stage (`fbnprune heal RECIPE --out RUN_DIR`, with "
+                "heal.enabled: true if the budget is above heal.below_budget)"
+            )
         return layout, run.checkpoint_dir(layout, healed=True)
     available = [name for name in LAYOUTS if run.checkpoint_dir(name).is_dir()]
     if not available:
         names = " or ".join(f"{checkpoint_name(name)}/" for name in LAYOUTS)
-        raise ExportError(f"{run_dir} has no {names}; run the "
-                          "save stage first (`fbnprune run RECIPE --out RUN_DIR`)")  # fmt: skip
+        raise ExportError(
+            f"{run_dir} has no {names}; run the "
+            "save stage first (`fbnprune run RECIPE --out RUN_DIR`)"
+        )
     if layout is None:
         layout = available[0]
     elif layout not in available:
-        raise ExportError(f"{run_dir} has no {checkpoint_name(layout)}/ (it has: "
-                          f"{', '.join(available)}); add {layout!r} to the recipe's "
-                          "save.layouts and re-run")  # fmt: skip
+        raise ExportError(
+            f"{run_dir} has no {checkpoint_name(layout)}/ (it has: "
+            f"{', '.join(available)}); add {layout!r} to the recipe's "
+            "save.layouts and re-run"
+        )
     return layout, run.checkpoint_dir(layout)
 
 
@@ -58,21 +64,23 @@ def check_out_dir(out: Path, run_dir: Path) -> None:
     """Refuse output folders whose replacement would destroy the run or its stages."""
     out_r, run_r = out.resolve(), run_dir.resolve()
     if out_r == run_r or out_r in run_r.parents:
-        raise ExportError(f"--out {out} would replace the run directory itself; choose a folder "
-                          "outside it or inside it under a new name")  # fmt: skip
+        raise ExportError(
+            f"--out {out} would replace the run directory itself; choose a folder "
+            "outside it or inside it under a new name"
+        )
     if run_r in out_r.parents:
         top = out_r.relative_to(run_r).parts[0]
         if top.startswith(CHECKPOINT_PREFIX) or top in RUN_ENTRIES or (run_r / top).is_file():
-            raise ExportError(f"--out {out} lies inside the run's own {top!r}; choose another "
-                              "folder")  # fmt: skip
+            raise ExportError(
+                f"--out {out} lies inside the run's own {top!r}; choose another folder"
+            )
 
 
 def verified_parity(run_dir: Path, source: Path, *, healed: bool) -> dict:
     """The run's parity report, once its figures prove parity at the recipe's tolerance and
     ``source`` holds exactly the bytes that were checked; else ``ExportError`` saying why."""
     atol = _recipe_atol(run_dir)
-    fix = (f"re-run `fbnprune run RECIPE --out {run_dir}`: it checks and saves the checkpoints "
-           "again")  # fmt: skip
+    fix = f"re-run `fbnprune run RECIPE --out {run_dir}`: it checks and saves the checkpoints again"
     run = RunLayout(run_dir)
     reports = [(run.relative(run.parity_file), run.parity_file)]
     if healed:
@@ -84,21 +92,28 @@ def verified_parity(run_dir: Path, source: Path, *, healed: bool) -> dict:
         try:
             results[name] = ParityResult.parse(json.loads(path.read_text()))
         except ValueError as exc:  # JSONDecodeError is a ValueError
-            raise ExportError(f"{path} is unreadable ({exc}); refusing to export what cannot be "
-                              f"shown to be checked; {fix}") from None  # fmt: skip
+            raise ExportError(
+                f"{path} is unreadable ({exc}); refusing to export what cannot be "
+                f"shown to be checked; {fix}"
+            ) from None
         problems = results[name].problems(atol)
         if problems:
-            raise ExportError(f"{path}: the figures do not show parity at atol {atol:g} "
-                              f"({'; '.join(problems)}); refusing to export:\n"
-                              f"{results[name].table()}")  # fmt: skip
+            raise ExportError(
+                f"{path}: the figures do not show parity at atol {atol:g} "
+                f"({'; '.join(problems)}); refusing to export:\n"
+                f"{results[name].table()}"
+            )
     checked = results[reports[-1][0]].files.get(source.name)
     if not checked:
-        raise ExportError(f"{reports[-1][1]} records no file digests of {source.name}/, so "
-                          f"nothing shows that its files are the checked ones; {fix}")
+        raise ExportError(
+            f"{reports[-1][1]} records no file digests of {source.name}/, so "
+            f"nothing shows that its files are the checked ones; {fix}"
+        )
     changed = digest_mismatches(source, checked)
     if changed:
-        raise ExportError(f"{source} is not the checkpoint that was checked: "
-                          f"{'; '.join(changed)}; {fix}")  # fmt: skip
+        raise ExportError(
+            f"{source} is not the checkpoint that was checked: {'; '.join(changed)}; {fix}"
+        )
     return results[reports[0][0]].to_dict()
 
 
@@ -139,8 +154,14 @@ def export_fingerprint(run_dir: Path, source: Path, options: dict[str, Any]) -> 
         stat = path.stat()
         digest.update(f"{path.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     run = RunLayout(run_dir)
-    for path in (run.plan_file, run.parity_file, run.heal_parity_file, run.prune_file,
-                 run.recipe_file, run.eval_results_file):  # fmt: skip
+    for path in (
+        run.plan_file,
+        run.parity_file,
+        run.heal_parity_file,
+        run.prune_file,
+        run.recipe_file,
+        run.eval_results_file,
+    ):
         name = run.relative(path)
         digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"<absent>"))
     return digest.hexdigest()[:16]

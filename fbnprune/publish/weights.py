@@ -18,8 +18,10 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 def copy_non_weights(source: Path, dest: Path) -> None:
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
-        if not path.is_file() or path.suffix == ".safetensors" or rel.as_posix() in (
-            WEIGHTS_INDEX, "README.md"
+        if (
+            not path.is_file()
+            or path.suffix == ".safetensors"
+            or rel.as_posix() in (WEIGHTS_INDEX, "README.md")
         ):
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -47,8 +49,12 @@ def write_weights(source: Path, dest: Path, limit: int) -> dict[str, Any]:
     del state
     written = sorted(p.name for p in dest.glob("*.safetensors"))
     _verify_same_tensors(shards, sorted(dest.glob("*.safetensors")))
-    logger.info("export: re-sharded %d file(s) into %d of at most %d bytes", len(shards),
-                len(written), limit)  # fmt: skip
+    logger.info(
+        "export: re-sharded %d file(s) into %d of at most %d bytes",
+        len(shards),
+        len(written),
+        limit,
+    )
     return {"mode": "resharded", "files": written}
 
 
@@ -79,12 +85,25 @@ def _verify_same_tensors(before: list[Path], after: list[Path]) -> None:
 def list_files(folder: Path) -> dict[str, int]:
     """Relative path -> bytes of every file under ``folder``, sorted."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): p.stat().st_size
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:

@@ -29,11 +29,25 @@ from fbnprune.recipe.tasks import TaskConfig, Wording
 from fbnprune.rundir.runner import digest
 
 __all__ = [
-    "EVAL_SUITE_TASKS", "RECIPE_VERSION", "AnalyzeConfig", "BenchConfig", "CheckConfig",
-    "CollectConfig", "DiscoverConfig", "EvaluateConfig", "HealConfig", "PruneConfig", "Recipe",
-    "RecipeError", "SaveConfig", "SelectConfig", "TaskConfig", "Wording", "load_recipe",
+    "EVAL_SUITE_TASKS",
+    "RECIPE_VERSION",
+    "AnalyzeConfig",
+    "BenchConfig",
+    "CheckConfig",
+    "CollectConfig",
+    "DiscoverConfig",
+    "EvaluateConfig",
+    "HealConfig",
+    "PruneConfig",
+    "Recipe",
+    "RecipeError",
+    "SaveConfig",
+    "SelectConfig",
+    "TaskConfig",
+    "Wording",
+    "load_recipe",
     "parse_recipe",
-]  # fmt: skip
+]
 
 
 class Recipe(_Strict):
@@ -111,8 +125,13 @@ def _paths_beside(raw: dict, folder: Path) -> dict:
         source = task.get("source") if isinstance(task, dict) else None
         scheme, sep, rest = source.partition(":") if isinstance(source, str) else ("", "", "")
         is_path = scheme == "file" or Path(rest).suffix.lower() in (".yaml", ".yml")
-        if sep and scheme in ("file", "lmeval") and is_path and rest and \
-                not Path(rest).expanduser().is_absolute():
+        if (
+            sep
+            and scheme in ("file", "lmeval")
+            and is_path
+            and rest
+            and not Path(rest).expanduser().is_absolute()
+        ):
             task = {**task, "source": f"{scheme}:{(folder / rest).resolve()}"}
         resolved.append(task)
     return {**raw, "tasks": resolved}
@@ -142,8 +161,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
 
 
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
-                              deep: bool = False) -> dict:  # fmt: skip
+def _construct_unique_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict:
     seen: dict[object, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
@@ -163,8 +183,9 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-                                 _construct_unique_mapping)  # fmt: skip
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
 
 
 def parse_recipe(raw: dict, *, origin: str = "<recipe>") -> Recipe:

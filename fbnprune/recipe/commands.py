@@ -113,10 +113,10 @@ class BenchConfig(_Strict):
     in 45 minutes on 2 CPU cores (README, Benchmarks).
     """
 
-    budgets: list[float] = Field(default_factory=lambda: [0.05, 0.10, 0.20, 0.30, 0.50],
-                                 min_length=1)  # fmt: skip
-    selectors: list[Selector] = Field(default_factory=lambda: list(_BENCH_SELECTORS),
-                                      min_length=1)  # fmt: skip
+    budgets: list[float] = Field(
+        default_factory=lambda: [0.05, 0.10, 0.20, 0.30, 0.50], min_length=1
+    )
+    selectors: list[Selector] = Field(default_factory=lambda: list(_BENCH_SELECTORS), min_length=1)
     random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     fills: list[Fill] = Field(default_factory=lambda: list(_BENCH_FILLS), min_length=1)
     heal_budgets: list[float] = Field(default_factory=lambda: [0.10])

@@ -16,24 +16,26 @@ class CollectConfig(_Additions):
 
     batch_size: int = Field(default=8, ge=1)
     onload: Literal["full", "sequential"] = Field(
-        default="full", description="full: the whole model in memory, one forward pass per "
+        default="full",
+        description="full: the whole model in memory, one forward pass per "
         "batch; sequential: the embeddings, then one decoder layer at a time over every batch, "
         "its weights read from the checkpoint's safetensors files (fbnprune.models.onload), so "
         "memory holds one layer and the batches' hidden states. Same activations, bit for bit",
-    )  # fmt: skip
+    )
     storage: Literal["memory", "memmap", "zarr"] = Field(
         default="memmap", description="zarr: a chunked on-disk store (fbnprune.scale.store)"
     )
     precision: Literal["float16", "bfloat16", "float32"] | None = Field(
-        default=None, description="values stored by zarr (None: float16); memory and memmap "
-        "hold float32",
-    )  # fmt: skip
+        default=None,
+        description="values stored by zarr (None: float16); memory and memmap hold float32",
+    )
 
     @model_validator(mode="after")
     def _precision_needs_zarr(self) -> CollectConfig:
         if self.precision not in (None, "float32") and self.storage != "zarr":
-            raise ValueError(f"precision {self.precision} needs storage: zarr "
-                             f"({self.storage} holds float32)")  # fmt: skip
+            raise ValueError(
+                f"precision {self.precision} needs storage: zarr ({self.storage} holds float32)"
+            )
         return self
 
 
@@ -50,9 +52,10 @@ class DiscoverConfig(_Additions):
         "drawn to the loudest neurons",
     )
     engine: Literal["sklearn", "dask"] = Field(
-        default="sklearn", description="dask: centring and PCA out of core "
+        default="sklearn",
+        description="dask: centring and PCA out of core "
         "(fbnprune.scale.discover), on a cluster with fbnprune run --scheduler",
-    )  # fmt: skip
+    )
     memory: str = Field(default="4GiB", description="the dask engine's memory budget")
 
     @field_validator("memory")
@@ -76,9 +79,11 @@ class SelectConfig(_Strict):
         default=0.02, ge=0, lt=1, description="floor on the fraction kept in every layer"
     )
     max_per_layer: float = Field(
-        default=1.0, gt=0, le=1, description="cap on the fraction kept in any layer "
-        "(sensitivity allocation)",
-    )  # fmt: skip
+        default=1.0,
+        gt=0,
+        le=1,
+        description="cap on the fraction kept in any layer (sensitivity allocation)",
+    )
     sensitivity_samples: int = Field(
         default=8, ge=1, description="calibration prompts on which each layer's cut is measured"
     )
@@ -96,12 +101,16 @@ class SelectConfig(_Strict):
     @model_validator(mode="after")
     def _floor_and_cap_fit_the_budget(self) -> SelectConfig:
         if self.min_per_layer > self.budget:
-            raise ValueError(f"min_per_layer ({self.min_per_layer:g}) is above the budget "
-                             f"({self.budget:g}): every layer would keep more than the whole "
-                             "model may; lower min_per_layer or raise the budget")  # fmt: skip
+            raise ValueError(
+                f"min_per_layer ({self.min_per_layer:g}) is above the budget "
+                f"({self.budget:g}): every layer would keep more than the whole "
+                "model may; lower min_per_layer or raise the budget"
+            )
         if self.max_per_layer < self.budget:
-            raise ValueError(f"max_per_layer ({self.max_per_layer:g}) is below the budget "
-                             f"({self.budget:g}): no layer may keep enough to reach it")
+            raise ValueError(
+                f"max_per_layer ({self.max_per_layer:g}) is below the budget "
+                f"({self.budget:g}): no layer may keep enough to reach it"
+            )
         return self
 
 
@@ -117,9 +126,11 @@ class PruneConfig(_Strict):
 
     fill: Fill = "mean"
     ridge: float = Field(
-        default=1e-3, ge=0, description="ridge term of the refit, relative to the mean "
+        default=1e-3,
+        ge=0,
+        description="ridge term of the refit, relative to the mean "
         "diagonal of the kept units' Gram matrix",
-    )  # fmt: skip
+    )
     sequential: bool = False
 
 
@@ -157,13 +168,17 @@ class HealConfig(_Strict):
         default=None, ge=1, description="stop after training on this many tokens"
     )
     answer_weight: float = Field(
-        default=1.0, ge=0, description="weight of the answer position (the last token of a "
+        default=1.0,
+        ge=0,
+        description="weight of the answer position (the last token of a "
         "multiple-choice task's prompt) against 1 for every other position",
-    )  # fmt: skip
+    )
     patience: int | None = Field(
-        default=None, ge=1, description="stop when the validation loss has not improved for "
+        default=None,
+        ge=1,
+        description="stop when the validation loss has not improved for "
         "this many evaluations (and keep the best weights)",
-    )  # fmt: skip
+    )
     max_minutes: float | None = Field(default=15, gt=0, description="stop after this long")
     lr: float = Field(default=5e-4, gt=0)
     warmup: float = Field(default=0.05, ge=0, lt=1, description="fraction of steps")

@@ -19,7 +19,20 @@ from fbnprune.rundir.runner import (
 )
 
 __all__ = [
-    "BOOKKEEPING", "LOCK_FILE", "LOCK_HOLDER", "RUN_FILE", "RunDir", "RunDirError",
-    "RunDirLockedError", "RunLayout", "StageRecord", "check_replaceable", "check_run_dir",
-    "digest", "fingerprint", "is_empty_dir", "measure", "now",
-]  # fmt: skip
+    "BOOKKEEPING",
+    "LOCK_FILE",
+    "LOCK_HOLDER",
+    "RUN_FILE",
+    "RunDir",
+    "RunDirError",
+    "RunDirLockedError",
+    "RunLayout",
+    "StageRecord",
+    "check_replaceable",
+    "check_run_dir",
+    "digest",
+    "fingerprint",
+    "is_empty_dir",
+    "measure",
+    "now",
+]

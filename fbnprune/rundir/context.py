@@ -72,8 +72,7 @@ class RunContext:
         checkpoint (``collect.onload: sequential``; ``fbnprune.models.onload``)."""
         from fbnprune.models.onload import LayerwiseModel, checkpoint_dir
 
-        return LayerwiseModel.from_checkpoint(checkpoint_dir(self.recipe.model),
-                                              dtype=self.dtype)  # fmt: skip
+        return LayerwiseModel.from_checkpoint(checkpoint_dir(self.recipe.model), dtype=self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -42,7 +42,10 @@ PARITY_FILE = "parity.json"
 STAGING = ".staging"
 COLLECT_DIR, DISCOVER_DIR = "collect", "discover"
 ACTIVATIONS_FILE, SAMPLE_INDEX_FILE, COLLECT_META_FILE = (
-    "activations.npy", "sample_index.npy", "meta.json")  # fmt: skip
+    "activations.npy",
+    "sample_index.npy",
+    "meta.json",
+)
 ACTIVATIONS_STORE = "activations.zarr"  # collect.storage: zarr (fbnprune.scale.store)
 HEAL_DIR = "heal"
 HEAL_LOG, HEAL_PLOT, HEAL_STATE = "log.json", "loss.png", "state.pt"
@@ -194,8 +197,9 @@ class RunLayout:
 
     def saved_checkpoints(self) -> list[Path]:
         """Every saved ``checkpoint-*/`` folder holding a ``config.json``, sorted by name."""
-        return sorted(d for d in self.root.glob(f"{CHECKPOINT_PREFIX}*")
-                      if (d / "config.json").is_file())  # fmt: skip
+        return sorted(
+            d for d in self.root.glob(f"{CHECKPOINT_PREFIX}*") if (d / "config.json").is_file()
+        )
 
     # -- typed reads and writes ------------------------------------------------------------
     def read_plan(self) -> PrunePlan:
@@ -233,9 +237,12 @@ class RunLayout:
         return dict(read_json(self.documents_file))
 
     def write_documents(self, document_ids: dict[str, dict[str, list[str]]]) -> None:
-        atomic_write_json(self.documents_file, {
-            "note": "calibration: collect, discover, select, refit; heal: healing only; "
-            "heldout: parity check and healing's validation loss. Evaluation documents are "
-            "drawn outside all three (eval/suite/manifest.json).",
-            "tasks": document_ids,
-        })  # fmt: skip
+        atomic_write_json(
+            self.documents_file,
+            {
+                "note": "calibration: collect, discover, select, refit; heal: healing only; "
+                "heldout: parity check and healing's validation loss. Evaluation documents are "
+                "drawn outside all three (eval/suite/manifest.json).",
+                "tasks": document_ids,
+            },
+        )

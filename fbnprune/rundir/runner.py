@@ -109,8 +109,10 @@ def check_replaceable(
             continue  # a Hub id or packaged name, not a path
         guarded = guarded.resolve()
         if guarded == target or target in guarded.parents:
-            raise RunDirError(f"refusing to replace {shown}: it holds {guarded}, an input of this "
-                              f"command (the recipe or the model); {fix}")  # fmt: skip
+            raise RunDirError(
+                f"refusing to replace {shown}: it holds {guarded}, an input of this "
+                f"command (the recipe or the model); {fix}"
+            )
     markers = tuple(markers)
     if is_empty_dir(path) or any((path / name).is_file() for name in markers):
         return
@@ -217,15 +219,20 @@ class RunDir:
                 "it to finish, or choose another --out"
             ) from None
         except OSError as exc:
-            raise RunDirError(f"cannot lock {self.path}: {exc.strerror or exc}; check that the "
-                              "folder is writable, or choose another --out") from exc  # fmt: skip
+            raise RunDirError(
+                f"cannot lock {self.path}: {exc.strerror or exc}; check that the "
+                "folder is writable, or choose another --out"
+            ) from exc
         holder = self.path / LOCK_HOLDER
         try:
-            atomic_write_json(holder, {
-                "pid": os.getpid(),
-                "command": command if command is not None else _command_line(),
-                "since": now(),
-            })  # fmt: skip
+            atomic_write_json(
+                holder,
+                {
+                    "pid": os.getpid(),
+                    "command": command if command is not None else _command_line(),
+                    "since": now(),
+                },
+            )
             yield self
         finally:
             try:

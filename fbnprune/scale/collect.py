@@ -80,13 +80,24 @@ def collect_to_store(
     ids = tokenize(tokenizer, prompts, max_length)
     lengths = [len(seq) for seq in ids]
     n_tokens, n_neurons = sum(lengths), sum(widths)
-    logger.info("collect: %d samples, %d tokens x %d neurons into %s (%.2f GiB %s)",
-                len(prompts), n_tokens, n_neurons, path,
-                n_tokens * n_neurons * (4 if dtype == "float32" else 2) / 2**30,
-                dtype)  # fmt: skip
+    logger.info(
+        "collect: %d samples, %d tokens x %d neurons into %s (%.2f GiB %s)",
+        len(prompts),
+        n_tokens,
+        n_neurons,
+        path,
+        n_tokens * n_neurons * (4 if dtype == "float32" else 2) / 2**30,
+        dtype,
+    )
     bar = collect_bar(model, n_tokens, site, progress)
-    with StoreWriter(path, n_tokens=n_tokens, layer_widths=widths, site=site, dtype=dtype,
-                     chunk_tokens=chunk_tokens) as writer:  # fmt: skip
+    with StoreWriter(
+        path,
+        n_tokens=n_tokens,
+        layer_widths=widths,
+        site=site,
+        dtype=dtype,
+        chunk_tokens=chunk_tokens,
+    ) as writer:
         start = time.perf_counter()
         rows = row_blocks(model, tokenizer, ids, site=site, batch_size=batch_size)
         try:
@@ -110,9 +121,14 @@ def store_collector(path: Path, dtype: StoreDtype = "float16") -> Callable[..., 
     """``collect_activations``'s signature, collecting into the store at ``path`` (its
     ``out_file`` must be None: the store is the output)."""
 
-    def collect(model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
-                prompts: list[str], *,
-                out_file: Path | None = None, **kwargs: Any) -> StoredActivations:  # fmt: skip
+    def collect(
+        model: PreTrainedModel | LayerwiseModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[str],
+        *,
+        out_file: Path | None = None,
+        **kwargs: Any,
+    ) -> StoredActivations:
         if out_file is not None:
             raise ValueError("a store collector writes to its store, not to out_file")
         return collect_to_store(model, tokenizer, prompts, path, dtype=dtype, **kwargs)

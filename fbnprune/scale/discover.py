@@ -90,8 +90,11 @@ def use_scheduler(address: str | None) -> Iterator[Any | None]:
     except (OSError, TimeoutError) as exc:
         raise DiscoverError(f"cannot reach a dask scheduler at {address!r}: {exc}") from None
     with client:
-        logger.info("dask: using the cluster at %s (%d workers)", address,
-                    len(client.scheduler_info().get("workers", {})))  # fmt: skip
+        logger.info(
+            "dask: using the cluster at %s (%d workers)",
+            address,
+            len(client.scheduler_info().get("workers", {})),
+        )
         yield client
 
 
@@ -150,18 +153,26 @@ class DaskGroupICA(GroupICA):
         n_tokens, n_neurons = source.shape
         k = self.n_components
         check_size(k, n_tokens, n_neurons)
-        self.block_rows_ = min(n_tokens, row_block(budget, source.widest, threads,
-                                                   source.store_rows))  # fmt: skip
+        self.block_rows_ = min(
+            n_tokens, row_block(budget, source.widest, threads, source.store_rows)
+        )
         X = source.dask(self.block_rows_)
         self.scheduler_ = "threads" if client is None else client.scheduler.address
         if client is not None and isinstance(source.X, np.ndarray):
-            logger.warning("discover (dask): the matrix is in this process and is sent to the "
-                           "cluster's workers; with collect.storage: zarr they read the store "
-                           "themselves")  # fmt: skip
+            logger.warning(
+                "discover (dask): the matrix is in this process and is sent to the "
+                "cluster's workers; with collect.storage: zarr they read the store "
+                "themselves"
+            )
         config = {} if client is not None else {"scheduler": "threads", "num_workers": threads}
-        logger.info("discover (dask): %d x %d, row blocks of %d, %s, budget %s",
-                    n_tokens, n_neurons, self.block_rows_, self.scheduler_,
-                    self.memory)  # fmt: skip
+        logger.info(
+            "discover (dask): %d x %d, row blocks of %d, %s, budget %s",
+            n_tokens,
+            n_neurons,
+            self.block_rows_,
+            self.scheduler_,
+            self.memory,
+        )
         # the passes re-read the matrix; when it fits in CACHE_SHARE of the budget (float32)
         # it is read once and held, so the passes cost only the products
         self.cached_ = n_tokens * n_neurons * 4 <= budget * CACHE_SHARE
@@ -183,9 +194,14 @@ class DaskGroupICA(GroupICA):
             if self.standardize:
                 centred = centred / self.scale_
             u, s, v = da.linalg.svd_compressed(
-                centred, k, iterator="QR", n_power_iter=self.power_iter,
-                n_oversamples=self.oversamples, seed=self.random_state, compute=True,
-            )  # fmt: skip
+                centred,
+                k,
+                iterator="QR",
+                n_power_iter=self.power_iter,
+                n_oversamples=self.oversamples,
+                seed=self.random_state,
+                compute=True,
+            )
             u, s, v = dask.compute(u, s, v)
         reduced = u * s  # (tokens, k), as PCA.fit_transform
         components = v.astype(np.float32)  # (k, neurons)
@@ -211,8 +227,10 @@ class _Source:
             self.widest = max(X.chunks[1])
         else:
             if not hasattr(X, "shape") or len(X.shape) != 2:
-                raise DiscoverError("expected a tokens x neurons matrix, got "
-                                    f"{type(X).__name__} of shape {getattr(X, 'shape', None)}")
+                raise DiscoverError(
+                    "expected a tokens x neurons matrix, got "
+                    f"{type(X).__name__} of shape {getattr(X, 'shape', None)}"
+                )
             self.widest = X.shape[1]
         self.shape = tuple(int(n) for n in X.shape)
 

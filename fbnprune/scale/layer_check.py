@@ -63,8 +63,9 @@ def layerwise_parity(
     rounding cannot hide a wrong unit)."""
     compact = json.loads((Path(sliced) / "config.json").read_text()).get(COMPACT_KEY)
     reference = LayerwiseModel.from_checkpoint(original, dtype=dtype)
-    candidate = LayerwiseModel.from_checkpoint(sliced, dtype=dtype,
-                                               trust_remote_code=compact is not None)  # fmt: skip
+    candidate = LayerwiseModel.from_checkpoint(
+        sliced, dtype=dtype, trust_remote_code=compact is not None
+    )
     batches = token_batches(tokenizer, prompts, max_length, batch_size)
     calls = capture_layer_calls(reference.model, batches)
     hidden = calls.inputs
@@ -72,8 +73,11 @@ def layerwise_parity(
     adapter = reference.adapter
     worst: list[float] = []
     for index in range(reference.n_layers):
-        with reference.onload(index) as ref, candidate.onload(index) as cand, \
-                masked_layer(adapter, ref, index, plan):  # fmt: skip
+        with (
+            reference.onload(index) as ref,
+            candidate.onload(index) as cand,
+            masked_layer(adapter, ref, index, plan),
+        ):
             delta = 0.0
             for b, x in enumerate(hidden):
                 want = calls.replay(ref, index, b, x)

@@ -121,17 +121,24 @@ class StoreWriter:
             raise StoreError(f"cannot store {n_tokens} tokens x layers {layer_widths}")
         self.path = Path(path)
         self.n_tokens, self.layer_widths, self.site, self.dtype = (
-            n_tokens, list(layer_widths), site, dtype
-        )  # fmt: skip
+            n_tokens,
+            list(layer_widths),
+            site,
+            dtype,
+        )
         self.chunk_tokens = min(n_tokens, chunk_tokens or default_chunk_tokens(layer_widths, dtype))
         self._tmp = self.path.with_name(f".{self.path.name}.tmp")
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._group = zarr.open_group(self._tmp, mode="w")
         self._layers = [
             self._group.create_array(
-                layer_name(i), shape=(n_tokens, w), chunks=(self.chunk_tokens, w),
-                dtype=_STORED[dtype], fill_value=0, compressors=None,
-            )  # fmt: skip
+                layer_name(i),
+                shape=(n_tokens, w),
+                chunks=(self.chunk_tokens, w),
+                dtype=_STORED[dtype],
+                fill_value=0,
+                compressors=None,
+            )
             for i, w in enumerate(self.layer_widths)
         ]
         self._cols = np.concatenate([[0], np.cumsum(self.layer_widths)]).astype(int)
@@ -188,15 +195,18 @@ class StoreWriter:
         self._next_row += n
         self._buffered = 0
 
-    def write_layer(self, layer: int, start: int, values: np.ndarray,
-                    sample: int | np.ndarray | None = None) -> None:  # fmt: skip
+    def write_layer(
+        self, layer: int, start: int, values: np.ndarray, sample: int | np.ndarray | None = None
+    ) -> None:
         """Write one layer's values (r, width) at rows ``start:start + r`` (layer-by-layer
         collection; rows aligned to ``chunk_tokens`` write whole chunks). ``sample``, if
         given, records the rows' samples."""
         values = np.asarray(values)
         if values.ndim != 2 or values.shape[1] != self.layer_widths[layer]:
-            raise StoreError(f"layer {layer}: values of shape {values.shape}, expected "
-                             f"(r, {self.layer_widths[layer]})")  # fmt: skip
+            raise StoreError(
+                f"layer {layer}: values of shape {values.shape}, expected "
+                f"(r, {self.layer_widths[layer]})"
+            )
         stored, clipped = encode(values, self.dtype)
         self.clipped += clipped
         self._layers[layer][start : start + len(values)] = stored
@@ -211,11 +221,14 @@ class StoreWriter:
         if layer != self._layer:
             self._flush_layer()
             if self._layer >= 0 and self._layer_start != self.n_tokens:
-                raise StoreError(f"layer {self._layer}: {self._layer_start} of "
-                                 f"{self.n_tokens} rows appended before layer {layer}")
+                raise StoreError(
+                    f"layer {self._layer}: {self._layer_start} of "
+                    f"{self.n_tokens} rows appended before layer {layer}"
+                )
             self._layer, self._layer_start = layer, 0
-            self._layer_buffer = np.empty((self.chunk_tokens, self.layer_widths[layer]),
-                                          dtype=np.float32)  # fmt: skip
+            self._layer_buffer = np.empty(
+                (self.chunk_tokens, self.layer_widths[layer]), dtype=np.float32
+            )
         start = self._layer_start + self._layer_buffered
         if start + len(rows) > self.n_tokens:
             raise StoreError(f"{start + len(rows)} rows appended to a store of {self.n_tokens}")
@@ -224,9 +237,9 @@ class StoreWriter:
         done = 0
         while done < len(rows):
             take = min(len(rows) - done, self.chunk_tokens - self._layer_buffered)
-            self._layer_buffer[self._layer_buffered : self._layer_buffered + take] = (
-                rows[done : done + take]
-            )
+            self._layer_buffer[self._layer_buffered : self._layer_buffered + take] = rows[
+                done : done + take
+            ]
             self._layer_buffered += take
             done += take
             if self._layer_buffered == self.chunk_tokens:
@@ -234,8 +247,9 @@ class StoreWriter:
 
     def _flush_layer(self) -> None:
         if self._layer_buffered:
-            self.write_layer(self._layer, self._layer_start,
-                             self._layer_buffer[: self._layer_buffered])  # fmt: skip
+            self.write_layer(
+                self._layer, self._layer_start, self._layer_buffer[: self._layer_buffered]
+            )
             self._layer_start += self._layer_buffered
             self._layer_buffered = 0
 
@@ -244,19 +258,30 @@ class StoreWriter:
         self._flush()
         self._flush_layer()
         if (self.sample_index < 0).any():
-            raise StoreError(f"{int((self.sample_index < 0).sum())} of {self.n_tokens} rows "
-                             "were never written")  # fmt: skip
-        self._group.create_array("sample_index", data=self.sample_index,
-                                 chunks=(max(1, min(self.n_tokens, 2**20)),))  # fmt: skip
-        self._group.attrs.update({
-            "format": FORMAT, "dtype": self.dtype, "site": self.site,
-            "layer_widths": self.layer_widths, "n_tokens": self.n_tokens,
-            "chunk_tokens": self.chunk_tokens, "clipped": self.clipped,
-            "tokens_per_second": float(tokens_per_second),
-        })  # fmt: skip
+            raise StoreError(
+                f"{int((self.sample_index < 0).sum())} of {self.n_tokens} rows were never written"
+            )
+        self._group.create_array(
+            "sample_index", data=self.sample_index, chunks=(max(1, min(self.n_tokens, 2**20)),)
+        )
+        self._group.attrs.update(
+            {
+                "format": FORMAT,
+                "dtype": self.dtype,
+                "site": self.site,
+                "layer_widths": self.layer_widths,
+                "n_tokens": self.n_tokens,
+                "chunk_tokens": self.chunk_tokens,
+                "clipped": self.clipped,
+                "tokens_per_second": float(tokens_per_second),
+            }
+        )
         if self.clipped:
-            logger.warning("store: %d values beyond float16's range were clipped to +-%g",
-                           self.clipped, _FLOAT16_MAX)  # fmt: skip
+            logger.warning(
+                "store: %d values beyond float16's range were clipped to +-%g",
+                self.clipped,
+                _FLOAT16_MAX,
+            )
         shutil.rmtree(self.path, ignore_errors=True)
         self._tmp.rename(self.path)
         self._committed = True
@@ -293,8 +318,10 @@ class ActivationStore:
             raise StoreError(f"no activation store at {self.path}") from exc
         attrs: dict[str, Any] = dict(self._group.attrs)
         if attrs.get("format") != FORMAT:
-            raise StoreError(f"{self.path} is not an fbnprune activation store "
-                             f"(format {attrs.get('format')!r}, expected {FORMAT!r})")  # fmt: skip
+            raise StoreError(
+                f"{self.path} is not an fbnprune activation store "
+                f"(format {attrs.get('format')!r}, expected {FORMAT!r})"
+            )
         self.dtype: StoreDtype = attrs["dtype"]
         self.site: str = attrs["site"]
         self.layer_widths: list[int] = list(attrs["layer_widths"])
@@ -342,8 +369,9 @@ class ActivationStore:
         rows = chunk_tokens or self.chunk_tokens
         blocks = []
         for layer in range(len(self.layer_widths)):
-            stored = da.from_zarr(str(self.path), component=layer_name(layer),
-                                  chunks=(rows, self.layer_widths[layer]))  # fmt: skip
+            stored = da.from_zarr(
+                str(self.path), component=layer_name(layer), chunks=(rows, self.layer_widths[layer])
+            )
             if self.dtype == "bfloat16":
                 blocks.append(stored.map_blocks(decode, "bfloat16", dtype=np.float32))
             else:

@@ -68,14 +68,21 @@ def save_sliced_layerwise(
         for index in range(source.n_layers):
             with source.onload(index) as block:
                 slice_layer(adapter, block, plan, index, layout=layout)
-                tensors = {f"{blocks}{index}.{name}": value.contiguous()
-                           for name, value in block.state_dict().items()}  # fmt: skip
+                tensors = {
+                    f"{blocks}{index}.{name}": value.contiguous()
+                    for name, value in block.state_dict().items()
+                }
                 total += _write(tensors, tmp, shard_name(index, count), weight_map)
-        rest = {key: _as(checkpoint.tensor(key), dtype) for key in checkpoint.files
-                if not key.startswith(blocks)}  # fmt: skip
+        rest = {
+            key: _as(checkpoint.tensor(key), dtype)
+            for key in checkpoint.files
+            if not key.startswith(blocks)
+        }
         total += _write(rest, tmp, shard_name(count - 1, count), weight_map)
-        listing = {"metadata": {"total_size": total},
-                   "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
+        listing = {
+            "metadata": {"total_size": total},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (tmp / INDEX_FILE).write_text(json.dumps(listing, indent=2) + "\n")
         config = copy.deepcopy(model.config)
         slice_config(config, adapter, plan, layout=layout)
@@ -94,8 +101,9 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _write(tensors: dict[str, torch.Tensor], directory: Path, name: str,
-           weight_map: dict[str, str]) -> int:  # fmt: skip
+def _write(
+    tensors: dict[str, torch.Tensor], directory: Path, name: str, weight_map: dict[str, str]
+) -> int:
     """Write one shard; record its tensors in ``weight_map``; return its bytes."""
     save_file(tensors, str(directory / name), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, name))

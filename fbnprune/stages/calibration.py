@@ -105,14 +105,21 @@ class RunCalibration(Calibration):
             scores = self.merged_scores(select.selector, seed)
             prompts = ctx.calibration_prompts()[: select.sensitivity_samples]
             self._sensitivity[key] = layer_sensitivity(
-                ctx.model, ctx.tokenizer, prompts, [scores[a:b] for a, b in layers],
-                select.budget, unit_means=[self.unit_means[a:b] for a, b in layers],
+                ctx.model,
+                ctx.tokenizer,
+                prompts,
+                [scores[a:b] for a, b in layers],
+                select.budget,
+                unit_means=[self.unit_means[a:b] for a, b in layers],
                 model_name=ctx.recipe.model,
-                max_length=ctx.max_length, batch_size=ctx.recipe.collect.batch_size,
+                max_length=ctx.max_length,
+                batch_size=ctx.recipe.collect.batch_size,
                 progress=ctx.progress,
-            )  # fmt: skip
-            logger.info("select: layer sensitivity (KL) %s",
-                        " ".join(f"{v:.3g}" for v in self._sensitivity[key]))  # fmt: skip
+            )
+            logger.info(
+                "select: layer sensitivity (KL) %s",
+                " ".join(f"{v:.3g}" for v in self._sensitivity[key]),
+            )
         return self._sensitivity[key]
 
 

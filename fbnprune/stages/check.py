@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 def check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> ParityResult:
     """The parity result (``parity.json``): reused when fresh, else measured; the checked
     checkpoints are left in staging for save."""
-    ctx.run.stage("check", check_key(ctx), [ctx.layout.parity_file],
-                  lambda: _check(ctx, plan, slices))  # fmt: skip
+    ctx.run.stage(
+        "check", check_key(ctx), [ctx.layout.parity_file], lambda: _check(ctx, plan, slices)
+    )
     return ctx.layout.read_parity()
 
 
@@ -43,16 +44,18 @@ def _check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
     serialisation.comparisons = [r.comparisons[0] for r in per_layout]
     sliced = {f"sliced-{layout}": m for layout, m in slices.models.items()}
     model = ctx.model
-    in_dtype = check_parity(("masked", model, lambda: masked(model, plan)), sliced,
-                            gating=False, **inputs)  # fmt: skip
+    in_dtype = check_parity(
+        ("masked", model, lambda: masked(model, plan)), sliced, gating=False, **inputs
+    )
     # the slicing procedure itself, run in float64 so rounding cannot hide a wrong unit
     reference64 = copy.deepcopy(model).double()
     sliced64 = {
         f"sliced-{layout}": slice_model(copy.deepcopy(reference64), plan, layout=layout)
         for layout in slices.layouts
     }
-    exact = check_parity(("masked", reference64, lambda: masked(reference64, plan)),
-                         sliced64, **inputs)  # fmt: skip
+    exact = check_parity(
+        ("masked", reference64, lambda: masked(reference64, plan)), sliced64, **inputs
+    )
     result = ParityResult([exact, serialisation, in_dtype], files=files)
     logger.info("check:\n%s", result.table())
     ctx.layout.write_parity(result)

@@ -20,8 +20,7 @@ def collect(ctx: RunContext, task: str) -> Activations:
     zarr = ctx.recipe.collect.storage == "zarr"
     matrix = layout.activations_store(task) if zarr else layout.activations_file(task)
     outputs = [matrix, layout.collect_meta_file(task)]
-    ctx.run.stage(f"collect:{task}", collect_key(ctx, task), outputs,
-                  lambda: _collect(ctx, task))  # fmt: skip
+    ctx.run.stage(f"collect:{task}", collect_key(ctx, task), outputs, lambda: _collect(ctx, task))
     meta = layout.read_collect_meta(task)
     if zarr:
         from fbnprune.scale.collect import ActivationStore, StoredActivations
@@ -42,8 +41,9 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
     if recipe.collect.storage == "zarr":
         from fbnprune.scale.collect import store_collector
 
-        collect = store_collector(layout.activations_store(task),
-                                  recipe.collect.precision or "float16")  # fmt: skip
+        collect = store_collector(
+            layout.activations_store(task), recipe.collect.precision or "float16"
+        )
     model = ctx.layerwise_model() if recipe.collect.onload == "sequential" else ctx.model
     pretrained = model.model if isinstance(model, LayerwiseModel) else model
     acts = collect(

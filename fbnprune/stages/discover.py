@@ -28,8 +28,12 @@ class NetworkScores:
 def discover(ctx: RunContext, task: str, activations: Activations) -> NetworkScores:
     """The task's network scores: reused when fresh, else fitted on ``activations``."""
     file = ctx.layout.discover_file(task)
-    ctx.run.stage(f"discover:{task}", discover_key(ctx, task), [file],
-                  lambda: _discover(ctx, task, activations))  # fmt: skip
+    ctx.run.stage(
+        f"discover:{task}",
+        discover_key(ctx, task),
+        [file],
+        lambda: _discover(ctx, task, activations),
+    )
     with np.load(file) as data:
         return NetworkScores(task, data["scores"])
 

@@ -43,8 +43,11 @@ def heal(ctx: RunContext, plan: PrunePlan) -> Path:
         recorded = layout.read_parity(healed=True)
         changed = digest_mismatches(healed_dir, recorded.files.get(healed_dir.name, {}))
         if changed:
-            logger.warning("heal: %s differs from the checked one (%s); healing again",
-                           healed_dir.name, "; ".join(changed))  # fmt: skip
+            logger.warning(
+                "heal: %s differs from the checked one (%s); healing again",
+                healed_dir.name,
+                "; ".join(changed),
+            )
             ctx.run.forget("heal")
     ctx.run.stage("heal", key, outputs, lambda: _heal(ctx, plan))
     return healed_dir
@@ -59,15 +62,21 @@ def discard_healed(ctx: RunContext) -> None:
         shutil.rmtree(ctx.layout.heal_dir, ignore_errors=True)
         ctx.run.forget("heal")
         logger.info("heal: removed %s, healed from an earlier plan", healed_dir.name)
-    logger.info("heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "
-                "set heal.enabled: true to heal anyway)", 100 * recipe.select.budget,
-                100 * recipe.heal.below_budget)  # fmt: skip
+    logger.info(
+        "heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "
+        "set heal.enabled: true to heal anyway)",
+        100 * recipe.select.budget,
+        100 * recipe.heal.below_budget,
+    )
 
 
 def _teacher_targets(
-    ctx: RunContext, texts: list[str], questions: list[bool], validation: list[str],
+    ctx: RunContext,
+    texts: list[str],
+    questions: list[bool],
+    validation: list[str],
     validation_questions: list[bool],
-) -> Targets:  # fmt: skip
+) -> Targets:
     """The teacher's top-k targets, computed once and kept in the run directory (the
     layout's ``heal_targets_file``): a resumed or re-tuned heal (other lr, steps, ...) skips
     the teacher's pass."""
@@ -79,9 +88,16 @@ def _teacher_targets(
     if targets is not None:
         logger.info("heal: the teacher's targets reused from %s", ctx.layout.relative(file))
         return targets
-    targets = prepare_targets(ctx.model, ctx.tokenizer, texts, cfg, validation=validation,
-                              questions=questions, validation_questions=validation_questions,
-                              progress=ctx.progress)  # fmt: skip
+    targets = prepare_targets(
+        ctx.model,
+        ctx.tokenizer,
+        texts,
+        cfg,
+        validation=validation,
+        questions=questions,
+        validation_questions=validation_questions,
+        progress=ctx.progress,
+    )
     save_targets(file, key, targets)
     return targets
 
@@ -97,9 +113,16 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     texts, questions = ctx.prompts_of(("calibration", "heal"))
     validation, validation_questions = ctx.prompts_of(("heldout",))
     targets = _teacher_targets(ctx, texts, questions, validation, validation_questions)
-    healed, log = heal_model(student, ctx.model, ctx.tokenizer, texts, cfg, targets=targets,
-                             state_file=ctx.layout.heal_state_file,
-                             progress=ctx.progress)  # fmt: skip
+    healed, log = heal_model(
+        student,
+        ctx.model,
+        ctx.tokenizer,
+        texts,
+        cfg,
+        targets=targets,
+        state_file=ctx.layout.heal_state_file,
+        progress=ctx.progress,
+    )
     staged = stage_checkpoint(ctx, healed, layout, healed=True)
     report = reload_parity(ctx, staged, healed)
     result = ParityResult([report], files={staged.final.name: staged.files})
@@ -109,12 +132,19 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     ctx.layout.write_parity(result, healed=True)
     log_text = json.dumps(log.to_dict(), indent=2) + "\n"  # as atomic_write_json writes
     atomic_write_text(ctx.layout.heal_log_file, log_text)
-    plot_loss({"healing": log}, ctx.layout.heal_plot_file,
-              title=f"healing {ctx.recipe.model} ({layout}, {cfg.method})")
+    plot_loss(
+        {"healing": log},
+        ctx.layout.heal_plot_file,
+        title=f"healing {ctx.recipe.model} ({layout}, {cfg.method})",
+    )
     extras = {**checkpoint_extras(ctx), CHECKPOINT_HEAL: log_text}
     publish(staged.staging, staged.final, staged.files, extras)
     shutil.rmtree(ctx.layout.staging_root, ignore_errors=True)
     logger.info("heal: saved %s", staged.final)
-    return {"steps": log.steps, "stopped_by": log.stopped_by,
-            "loss_first": log.train_loss[0], "loss_last": log.train_loss[-1],
-            "reload_max_abs": result.worst()}  # fmt: skip
+    return {
+        "steps": log.steps,
+        "stopped_by": log.stopped_by,
+        "loss_first": log.train_loss[0],
+        "loss_last": log.train_loss[-1],
+        "reload_max_abs": result.worst(),
+    }

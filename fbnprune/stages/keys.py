@@ -16,10 +16,14 @@ def collect_key(ctx: RunContext, task: str) -> str:
     cfg = next(t for t in r.tasks if t.name == task)
     # healing documents and evaluation wordings change neither collection nor the plan
     return fingerprint(
-        r.model, ctx.model_fingerprint, r.dtype, r.site,
-        cfg.model_dump(exclude={"heal_samples", "wordings"}), r.collect.model_dump(),
+        r.model,
+        ctx.model_fingerprint,
+        r.dtype,
+        r.site,
+        cfg.model_dump(exclude={"heal_samples", "wordings"}),
+        r.collect.model_dump(),
         ctx.tasks[task].fingerprint(heal=False),
-    )  # fmt: skip
+    )
 
 
 def teacher_key(ctx: RunContext) -> str:

@@ -53,8 +53,9 @@ def _collect(ctx: RunContext, art: Artifacts) -> None:
 
 def _discover(ctx: RunContext, art: Artifacts) -> None:
     if ctx.recipe.select.selector == "ica":
-        art.networks = {task: discover.discover(ctx, task, art.activations[task])
-                        for task in ctx.tasks}  # fmt: skip
+        art.networks = {
+            task: discover.discover(ctx, task, art.activations[task]) for task in ctx.tasks
+        }
 
 
 def _select(ctx: RunContext, art: Artifacts) -> None:
@@ -113,8 +114,7 @@ def run_pipeline(
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     run = RunDir.open(out, overwrite=overwrite, protected=(recipe.model,))
-    run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(),
-                   versions=versions())  # fmt: skip
+    run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(), versions=versions())
     ctx = RunContext(recipe, run, progress=progress)
     atomic_write_text(ctx.layout.recipe_file, recipe.to_yaml())
     ctx.layout.write_documents(ctx.document_ids())

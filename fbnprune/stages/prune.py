@@ -33,14 +33,17 @@ class Slices:
     @functools.cached_property
     def models(self) -> dict[str, PreTrainedModel]:
         model = self.ctx.model
-        return {layout: slice_model(copy.deepcopy(model), self.plan, layout=layout).eval()
-                for layout in self.layouts}  # fmt: skip
+        return {
+            layout: slice_model(copy.deepcopy(model), self.plan, layout=layout).eval()
+            for layout in self.layouts
+        }
 
 
 def prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> PruneReport:
     """The prune report (``prune.json``): reused when fresh, else measured on ``slices``."""
-    ctx.run.stage("prune", prune_key(ctx), [ctx.layout.prune_file],
-                  lambda: _prune(ctx, plan, slices))  # fmt: skip
+    ctx.run.stage(
+        "prune", prune_key(ctx), [ctx.layout.prune_file], lambda: _prune(ctx, plan, slices)
+    )
     return ctx.layout.read_prune_report()
 
 
@@ -71,8 +74,12 @@ def _prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
     ctx.layout.write_prune_report(report)
     for name, s in sizes.items():
         if "parameters" in s:
-            logger.info("prune: %-8s %9.2f M params  %8.1f MiB", name, s["parameters"] / 1e6,
-                        s["bytes"] / 2**20)  # fmt: skip
+            logger.info(
+                "prune: %-8s %9.2f M params  %8.1f MiB",
+                name,
+                s["parameters"] / 1e6,
+                s["bytes"] / 2**20,
+            )
         else:
             logger.info("prune: %-8s unavailable (%s)", name, s["unavailable"])
     return {"padded_width": report["padded_width"]}

@@ -70,8 +70,12 @@ def reload_parity(ctx: RunContext, staged: Staged, model: nn.Module) -> ParityRe
 def parity_inputs(ctx: RunContext) -> dict[str, Any]:
     """The prompts, tokenizer, length and tolerance of every parity comparison of a run."""
     cfg = ctx.recipe.check
-    return {"tokenizer": ctx.tokenizer, "prompts": ctx.heldout_prompts(cfg.samples),
-            "max_length": ctx.max_length, "atol": cfg.atol}  # fmt: skip
+    return {
+        "tokenizer": ctx.tokenizer,
+        "prompts": ctx.heldout_prompts(cfg.samples),
+        "max_length": ctx.max_length,
+        "atol": cfg.atol,
+    }
 
 
 def checkpoint_extras(ctx: RunContext) -> dict[str, str]:
@@ -87,8 +91,10 @@ def publish(staging: Path, final: Path, checked: dict[str, str], extras: dict[st
     """Move the staged checkpoint to ``final`` with ``extras``, if its bytes are ``checked``."""
     changed = digest_mismatches(staging, checked)
     if changed:
-        raise ParityError(f"the staged {final.name} is not what was checked: "
-                          f"{'; '.join(changed)}; run the command again")  # fmt: skip
+        raise ParityError(
+            f"the staged {final.name} is not what was checked: "
+            f"{'; '.join(changed)}; run the command again"
+        )
     with atomic_directory(final) as tmp:
         shutil.copytree(staging, tmp, dirs_exist_ok=True)
         for name, text in extras.items():
@@ -109,8 +115,11 @@ def recheck_needed(ctx: RunContext, parity: ParityResult) -> bool:
             for line in digest_mismatches(folder, parity.files.get(folder.name, {}))
         ]
         if changed:
-            logger.warning("save: the saved checkpoints differ from the checked ones (%s); "
-                           "checking and saving them again", "; ".join(changed))  # fmt: skip
+            logger.warning(
+                "save: the saved checkpoints differ from the checked ones (%s); "
+                "checking and saving them again",
+                "; ".join(changed),
+            )
             ctx.run.forget("check")
             ctx.run.forget("save")
         return bool(changed)

@@ -29,8 +29,9 @@ SENSITIVITY_WHY = (
 
 def select(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
     """The recipe's plan (``plan.json``): reused when fresh, else built and saved."""
-    ctx.run.stage("select", select_key(ctx), [ctx.layout.plan_file],
-                  lambda: _select(ctx, calibration))  # fmt: skip
+    ctx.run.stage(
+        "select", select_key(ctx), [ctx.layout.plan_file], lambda: _select(ctx, calibration)
+    )
     return ctx.layout.read_plan()
 
 
@@ -43,9 +44,10 @@ def _select(ctx: RunContext, calibration: RunCalibration) -> dict[str, Any]:
     if "threshold_union_units" in provenance:
         logger.info(
             "select: the threshold union (|z| >= %.1f) alone would keep %d units (%.1f%%)",
-            r.discover.threshold, provenance["threshold_union_units"],
+            r.discover.threshold,
+            provenance["threshold_union_units"],
             100 * provenance["threshold_union_fraction"],
-        )  # fmt: skip
+        )
     return {"kept": plan.n_kept, "kept_fraction": plan.kept_fraction}
 
 
@@ -60,11 +62,17 @@ def build_plan(cal: RunCalibration, select: SelectConfig, fill: str, *, seed: in
     if fill == "reconstruct" and r.prune.sequential:
         from fbnprune.sequential import sequential_refit
 
-        refit = functools.partial(sequential_refit, ctx.model, ctx.tokenizer,
-                                  ctx.calibration_prompts(), cal.layer_widths,
-                                  ridge=r.prune.ridge, max_length=ctx.max_length,
-                                  batch_size=r.collect.batch_size,
-                                  progress=ctx.progress)  # fmt: skip
+        refit = functools.partial(
+            sequential_refit,
+            ctx.model,
+            ctx.tokenizer,
+            ctx.calibration_prompts(),
+            cal.layer_widths,
+            ridge=r.prune.ridge,
+            max_length=ctx.max_length,
+            batch_size=r.collect.batch_size,
+            progress=ctx.progress,
+        )
 
     head = {
         "recipe": r.name,
@@ -74,10 +82,12 @@ def build_plan(cal: RunCalibration, select: SelectConfig, fill: str, *, seed: in
     tail: dict[str, Any] = {}
     if sensitivity is not None:
         tail["sensitivity"] = {
-            "kl_per_layer": sensitivity, "power": select.sensitivity_power,
-            "max_per_layer": select.max_per_layer, "samples": select.sensitivity_samples,
+            "kl_per_layer": sensitivity,
+            "power": select.sensitivity_power,
+            "max_per_layer": select.max_per_layer,
+            "samples": select.sensitivity_samples,
             "why": SENSITIVITY_WHY,
-        }  # fmt: skip
+        }
     if select.selector == "ica":
         union = cal.merged_scores(select.selector, seed) >= r.discover.threshold
         tail.update(
@@ -88,9 +98,21 @@ def build_plan(cal: RunCalibration, select: SelectConfig, fill: str, *, seed: in
             threshold_union_per_layer=[int(union[a:b].sum()) for a, b in cal.layers],
         )
     model_type = ctx.layout.read_collect_meta(next(iter(ctx.tasks)))["model_type"]
-    return plan_of(cal, select, fill, seed=seed, ridge=r.prune.ridge, model=r.model,
-                   model_type=model_type, site=r.site, sensitivity=sensitivity, refit=refit,
-                   head=head, tail=tail, progress=ctx.progress)  # fmt: skip
+    return plan_of(
+        cal,
+        select,
+        fill,
+        seed=seed,
+        ridge=r.prune.ridge,
+        model=r.model,
+        model_type=model_type,
+        site=r.site,
+        sensitivity=sensitivity,
+        refit=refit,
+        head=head,
+        tail=tail,
+        progress=ctx.progress,
+    )
 
 
 def plan_of(
@@ -127,9 +149,15 @@ def plan_of(
     """
     widths, layers = cal.layer_widths, cal.layers
     scores = cal.merged_scores(select.selector, seed)
-    kept = allocate([scores[a:b] for a, b in layers], select.budget, policy=select.allocation,
-                    min_per_layer=select.min_per_layer, max_per_layer=select.max_per_layer,
-                    sensitivity=sensitivity, power=select.sensitivity_power)  # fmt: skip
+    kept = allocate(
+        [scores[a:b] for a, b in layers],
+        select.budget,
+        policy=select.allocation,
+        min_per_layer=select.min_per_layer,
+        max_per_layer=select.max_per_layer,
+        sensitivity=sensitivity,
+        power=select.sensitivity_power,
+    )
     fill_values = None
     if fill == "mean":
         fill_values = [cal.unit_means[a:b].astype(np.float32).tolist() for a, b in layers]
@@ -137,8 +165,14 @@ def plan_of(
     if fill == "reconstruct" and refit is not None:
         refitted = refit(kept)
     elif fill == "reconstruct":
-        refitted = refit_plan(cal.model(), [a.matrix for a in cal.activations.values()], widths,
-                              kept, ridge=ridge, progress=progress)  # fmt: skip
+        refitted = refit_plan(
+            cal.model(),
+            [a.matrix for a in cal.activations.values()],
+            widths,
+            kept,
+            ridge=ridge,
+            progress=progress,
+        )
     provenance: dict[str, Any] = {
         **(head or {}),
         "calibration_tokens": {t: a.n_tokens for t, a in cal.activations.items()},
@@ -153,6 +187,13 @@ def plan_of(
         **(tail or {}),
     }
     return PrunePlan(
-        model=model, model_type=model_type, site=site, fill=fill, layer_widths=widths,
-        kept=kept, fill_values=fill_values, provenance=provenance, refit=refitted,
-    )  # fmt: skip
+        model=model,
+        model_type=model_type,
+        site=site,
+        fill=fill,
+        layer_widths=widths,
+        kept=kept,
+        fill_values=fill_values,
+        provenance=provenance,
+        refit=refitted,
+    )

@@ -33,15 +33,24 @@ def evaluation_texts(recipe_text: str, n: int = 8) -> tuple[list[str], str]:
         if texts:
             return texts[:n], "heldout"
     except Exception as exc:  # noqa: BLE001 - any failure to rebuild the data means "fallback"
-        logger.warning("export: cannot rebuild the run's held-out text (%s); comparing formats "
-                       "on fixed sentences", exc)  # fmt: skip
+        logger.warning(
+            "export: cannot rebuild the run's held-out text (%s); comparing formats "
+            "on fixed sentences",
+            exc,
+        )
     return list(FALLBACK_TEXTS), "fallback"
 
 
 def extra_formats(
-    folder: Path, layout: str, *, quantize: str | None, onnx: bool, texts: list[str],
-    atol: float, repo_id: str | None,
-) -> dict[str, dict[str, Any]]:  # fmt: skip
+    folder: Path,
+    layout: str,
+    *,
+    quantize: str | None,
+    onnx: bool,
+    texts: list[str],
+    atol: float,
+    repo_id: str | None,
+) -> dict[str, dict[str, Any]]:
     """Write the int8 and ONNX formats of the exported model and measure them against it."""
     if quantize:
         require("optimum.quanto", "quantize", "--quantize int8")

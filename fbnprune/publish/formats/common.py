@@ -14,8 +14,10 @@ def require(module: str, extra: str, flag: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError as exc:
-        raise ExportError(f"{flag} needs the '{extra}' extra ({module} is not installed): "
-                          f"pip install 'fbnprune[{extra}]'") from exc  # fmt: skip
+        raise ExportError(
+            f"{flag} needs the '{extra}' extra ({module} is not installed): "
+            f"pip install 'fbnprune[{extra}]'"
+        ) from exc
 
 
 def nll(logits: Any, batches: list[tuple[Any, Any]]) -> float:
@@ -26,7 +28,7 @@ def nll(logits: Any, batches: list[tuple[Any, Any]]) -> float:
     for input_ids, attention in batches:
         mask = attention.bool()
         n = int(mask.sum())
-        rows = logits[start:start + n]
+        rows = logits[start : start + n]
         start += n
         targets = input_ids[mask]
         # position t predicts token t+1 of the same row: drop each row's last real token
@@ -42,12 +44,18 @@ def nll(logits: Any, batches: list[tuple[Any, Any]]) -> float:
 
 def compare(reference: Any, candidate: Any) -> dict[str, float]:
     delta = (candidate - reference).abs()
-    return {"max_abs": float(delta.max()), "mean_abs": float(delta.mean()),
-            "top1_agreement": float((candidate.argmax(-1) == reference.argmax(-1)).float().mean()),
-            "n_tokens": int(reference.shape[0])}  # fmt: skip
+    return {
+        "max_abs": float(delta.max()),
+        "mean_abs": float(delta.mean()),
+        "top1_agreement": float((candidate.argmax(-1) == reference.argmax(-1)).float().mean()),
+        "n_tokens": int(reference.shape[0]),
+    }
 
 
 def export_only(name: str) -> bool:
     """Files of the export that a format folder does not repeat (weights, card, reports)."""
-    return (name.endswith(".safetensors") or name in (WEIGHTS_INDEX, "README.md")
-            or name.startswith("fbnprune_"))  # fmt: skip
+    return (
+        name.endswith(".safetensors")
+        or name in (WEIGHTS_INDEX, "README.md")
+        or name.startswith("fbnprune_")
+    )

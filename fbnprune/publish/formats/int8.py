@@ -20,8 +20,11 @@ QMAP_FILE = "quanto_qmap.json"
 
 def int8_snippet(layout: str, repo_id: str | None) -> str:
     remote = ", trust_remote_code=True" if layout == "compact" else ""
-    where = (f'snapshot_download("{repo_id}", allow_patterns="{INT8_DIR}/*") + "/{INT8_DIR}"'
-             if repo_id else f'"path/to/this/folder/{INT8_DIR}"')  # fmt: skip
+    where = (
+        f'snapshot_download("{repo_id}", allow_patterns="{INT8_DIR}/*") + "/{INT8_DIR}"'
+        if repo_id
+        else f'"path/to/this/folder/{INT8_DIR}"'
+    )
     lines = [
         "import json",
         "",
@@ -96,8 +99,10 @@ def quantize_int8(
     quantized = real_token_logits(qmodel, batches)
     reloaded = real_token_logits(load_int8(target), batches)
     if not torch.equal(reloaded, quantized):
-        raise ExportError("the saved int8 model does not reload to the quantized model "
-                          f"(max |d| {float((reloaded - quantized).abs().max()):.3g})")  # fmt: skip
+        raise ExportError(
+            "the saved int8 model does not reload to the quantized model "
+            f"(max |d| {float((reloaded - quantized).abs().max()):.3g})"
+        )
     result: dict[str, Any] = {
         "path": INT8_DIR,
         "bytes": (target / "model.safetensors").stat().st_size,
@@ -106,11 +111,18 @@ def quantize_int8(
         "weights": "qint8",
         "excluded": exclude or [],
         **compare(reference, quantized),
-        "perplexity": {"reference": math.exp(nll(reference, batches)),
-                       "quantized": math.exp(nll(quantized, batches))},
+        "perplexity": {
+            "reference": math.exp(nll(reference, batches)),
+            "quantized": math.exp(nll(quantized, batches)),
+        },
         "load_snippet": int8_snippet(layout, repo_id),
-    }  # fmt: skip
-    logger.info("export: int8 %.2f MiB (from %.2f), max |d logits| %.3g, perplexity %.3f -> %.3f",
-                result["bytes"] / 2**20, result["reference_bytes"] / 2**20, result["max_abs"],
-                result["perplexity"]["reference"], result["perplexity"]["quantized"])  # fmt: skip
+    }
+    logger.info(
+        "export: int8 %.2f MiB (from %.2f), max |d logits| %.3g, perplexity %.3f -> %.3f",
+        result["bytes"] / 2**20,
+        result["reference_bytes"] / 2**20,
+        result["max_abs"],
+        result["perplexity"]["reference"],
+        result["perplexity"]["quantized"],
+    )
     return result

@@ -25,8 +25,9 @@ def logits_only(model: Any) -> Any:
             self.inner = inner
 
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                              use_cache=False).logits  # fmt: skip
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
 
     return LogitsOnly(model).eval()
 
@@ -51,23 +52,29 @@ def export_onnx(
         log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
     try:
         program = torch.onnx.export(
-            logits_only(model), example, dynamo=True, input_names=["input_ids", "attention_mask"],
-            output_names=["logits"], verbose=False,
+            logits_only(model),
+            example,
+            dynamo=True,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            verbose=False,
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-        )  # fmt: skip
+        )
         assert program is not None  # dynamo=True always returns a program
         program.save(str(target), external_data=large)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-        raise ExportError(f"ONNX export failed ({type(exc).__name__}: {str(exc)[:500]}); "
-                          "export without --onnx") from exc  # fmt: skip
+        raise ExportError(
+            f"ONNX export failed ({type(exc).__name__}: {str(exc)[:500]}); export without --onnx"
+        ) from exc
     finally:
         for log, level in zip(chatty, levels, strict=True):
             log.setLevel(level)
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     outputs = []
     for input_ids, attention in batches:
-        logits = session.run(["logits"], {"input_ids": input_ids.numpy(),
-                                          "attention_mask": attention.numpy()})[0]  # fmt: skip
+        logits = session.run(
+            ["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention.numpy()}
+        )[0]
         outputs.append(torch.from_numpy(np.asarray(logits))[attention.bool()])
     result: dict[str, Any] = {
         "path": ONNX_FILE,
@@ -77,8 +84,13 @@ def export_onnx(
         **compare(reference, torch.cat(outputs).float()),
     }
     if result["max_abs"] > atol:
-        raise ExportError(f"onnxruntime logits differ from PyTorch by {result['max_abs']:.3g} "
-                          f"(> {atol:g}); export without --onnx")  # fmt: skip
-    logger.info("export: onnx %.2f MiB, onnxruntime vs torch max |d logits| %.3g",
-                result["bytes"] / 2**20, result["max_abs"])  # fmt: skip
+        raise ExportError(
+            f"onnxruntime logits differ from PyTorch by {result['max_abs']:.3g} "
+            f"(> {atol:g}); export without --onnx"
+        )
+    logger.info(
+        "export: onnx %.2f MiB, onnxruntime vs torch max |d logits| %.3g",
+        result["bytes"] / 2**20,
+        result["max_abs"],
+    )
     return result
