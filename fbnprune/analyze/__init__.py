@@ -13,7 +13,8 @@ paper's analyses (Liu et al., ICML 2025) with fbnprune's collection, group ICA a
 - ``figures``, ``report``: PNG figures and ``report.md``; ``analysis.json`` holds every number.
 
 Modules: ``overlap`` (IoU), ``samples`` (documents, short-sample units), ``networks`` (ICA
-fits), ``plans`` (plans over neuron sets), ``run`` (the orchestration).
+fits), ``plans`` (plans over neuron sets), ``measure`` (a measured task's lesions and
+preservation curve at one site), ``run`` (the orchestration).
 """
 
 from fbnprune.analyze.metric import ChoiceMetric, PerplexityMetric, build_metric

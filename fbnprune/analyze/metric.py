@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fbnprune.collect import iter_batches, pad_batch
 from fbnprune.data.tasks import Document
-from fbnprune.evaluate.suite import BBC_TOPICS, bbc_record, word_problem_record
+from fbnprune.evaluate.records import BBC_TOPICS, bbc_record, word_problem_record
 from fbnprune.models.adapters import get_adapter
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from fbnprune.analyze.lesions import run_lesions
+from fbnprune.analyze.measure import measure_networks
 from fbnprune.analyze.metric import Metric, build_metric
 from fbnprune.analyze.networks import (
     IndividualNetworks,
@@ -31,7 +31,6 @@ from fbnprune.analyze.networks import (
     fit_individual,
 )
 from fbnprune.analyze.plans import score_under
-from fbnprune.analyze.preservation import run_preservation, sweep_networks
 from fbnprune.analyze.recurrence import cross_task, recurrence
 from fbnprune.analyze.samples import (
     AnalyzeError,
@@ -44,7 +43,6 @@ from fbnprune.collect import Activations, collect_activations
 from fbnprune.io import atomic_directory, atomic_write_json
 from fbnprune.recipe import AnalyzeConfig, Recipe
 from fbnprune.rundir.runner import versions
-from fbnprune.select import column_means, rms_scores
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -343,7 +341,8 @@ class _Runner:
     def templates(
         self, task: str, site: str, site_data: dict[str, Any]
     ) -> tuple[NetworkSet, list[int]]:
-        """The task's templates; for a measured task also its lesions and curve."""
+        """The task's templates; for a measured task also its lesions and preservation curve
+        (``analyze.measure``)."""
         k = self.config.n_templates
         acts = self.collect(task, site, "template")
         if acts.n_tokens <= k:
@@ -355,72 +354,19 @@ class _Runner:
             templates = fit_group(acts.matrix, k, self.recipe.discover, self.recipe.seed)
         logger.info("%s/%s: %d templates, sizes %s", task, site, k, templates.sizes)
         if task in self.measured:
-            lesions, curve = self.measure(task, site, acts, templates)
+            lesions, curve = measure_networks(
+                self.model,
+                self.metrics[task],
+                acts,
+                templates,
+                tag=f"{task}/{site}",
+                site=site,
+                recipe=self.recipe,
+                config=self.config,
+                original=self.original[task],
+                template_ids=self.samples[task].ids()["template"],
+                clock=self.clock,
+                progress=self.progress,
+            )
             site_data["lesions"][task], site_data["preservation"][task] = lesions, curve
         return templates, acts.layer_widths
-
-    def measure(
-        self, task: str, site: str, acts: Activations, templates: NetworkSet
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Lesions and the preservation curve of one measured task at one site."""
-        recipe, config, metric, tag = self.recipe, self.config, self.metrics[task], f"{task}/{site}"
-        with self.clock("component sweep"):
-            networks, skipped = sweep_networks(
-                acts.matrix,
-                config.preserve_components,
-                templates,
-                discover=recipe.discover,
-                seed=recipe.seed,
-                progress=self.progress,
-            )
-        means = column_means(acts.matrix)
-        rms = rms_scores(acts.matrix).astype(np.float64)
-        spread = np.sqrt(np.maximum(rms**2 - means.astype(np.float64) ** 2, 0.0))
-        if skipped:
-            logger.warning(
-                "%s: n_components %s left out of the preservation curve: %d "
-                "template tokens x %d neurons",
-                tag,
-                skipped,
-                *acts.matrix.shape,
-            )
-        with self.clock("lesions"):
-            lesions = run_lesions(
-                self.model,
-                metric,
-                templates,
-                acts.layer_widths,
-                site=site,
-                model_name=recipe.model,
-                original=self.original[task],
-                random_fraction=config.random_fraction,
-                seeds=list(config.random_seeds),
-                spread=spread,
-                progress=self.progress,
-                desc=f"lesions {tag}",
-            )
-        with self.clock("preservation"):
-            rows = run_preservation(
-                self.model,
-                metric,
-                networks,
-                means,
-                acts.layer_widths,
-                site=site,
-                model_name=recipe.model,
-                progress=self.progress,
-                desc=f"preservation {tag}",
-            )
-        provenance = {
-            "seeds": {"ica": recipe.seed, "random_controls": list(config.random_seeds)},
-            "samples": {"template": self.samples[task].ids()["template"], "eval": metric.doc_ids},
-            "metric": metric.primary,
-            "original": self.original[task],
-        }
-        curve = {
-            "rows": rows,
-            "skipped_components": skipped,
-            "n_template_tokens": int(acts.n_tokens),
-            **provenance,
-        }
-        return {**lesions, **provenance}, curve

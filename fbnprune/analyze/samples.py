@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from fbnprune.data.tasks import Document, load_documents, load_task
 from fbnprune.errors import FbnpruneError
-from fbnprune.evaluate.suite import draw_documents
+from fbnprune.evaluate.documents import draw_documents
 from fbnprune.recipe import TaskConfig
 from fbnprune.rundir.runner import digest
 

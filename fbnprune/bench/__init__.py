@@ -1,12 +1,13 @@
 """``fbnprune bench``: selectors x budgets x fills (x healing) against the original.
 
-``run_bench`` scores the grid of ``recipe.bench`` in one process (``fbnprune.bench.run``);
-``fbnprune.bench.report`` turns the rows into ``bench/results.json``, ``bench/results.md``
-and one PNG per task.
+``fbnprune.bench.grid`` lists the variants of ``recipe.bench`` and builds their plans;
+``run_bench`` scores them in one process (``fbnprune.bench.run``); ``fbnprune.bench.report``
+turns the rows into ``bench/results.json``, ``bench/results.md`` and one PNG per task.
 """
 
+from fbnprune.bench.grid import Variant, grid
 from fbnprune.bench.report import write_report
-from fbnprune.bench.run import Variant, grid, run_bench
+from fbnprune.bench.run import run_bench
 from fbnprune.rundir.layout import BENCH_DIR
 
 __all__ = ["BENCH_DIR", "Variant", "grid", "run_bench", "write_report"]

@@ -1,13 +1,12 @@
 """Score the benchmark grid of one recipe in one process.
 
-Every variant is a ``PrunePlan`` built as the select stage builds the recipe's
-(``stages.select.build_plan``) from the run's calibration activations: hidden-site variants
-are sliced (``BenchConfig.layout``; the check stage proves slicing equals masking, and
-sliced models run faster), output-site variants are masked (no architecture can drop an
-output channel). Every variant is scored by the same ``Harness`` (lm-eval, offline suite of
-documents outside the run's documents) as the original. Finished rows are appended to
-``bench/rows.jsonl``; an interrupted benchmark run again with the same settings resumes
-where it stopped.
+Every variant of the grid (``bench.grid``) is a ``PrunePlan`` built from the run's
+calibration activations: hidden-site variants are sliced (``BenchConfig.layout``; the check
+stage proves slicing equals masking, and sliced models run faster), output-site variants are
+masked (no architecture can drop an output channel). Every variant is scored by the same
+``Harness`` (lm-eval, offline suite of documents outside the run's documents) as the
+original. Finished rows are appended to ``bench/rows.jsonl``; an interrupted benchmark run
+again with the same settings resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -18,19 +17,20 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from fbnprune.bench.grid import Variant, grid, variant_plan
 from fbnprune.distill import prepare_targets
+from fbnprune.evaluate.documents import calibration_documents
 from fbnprune.evaluate.harness import Harness
-from fbnprune.evaluate.suite import build_suite, calibration_documents, catalog, recipe_tasks
+from fbnprune.evaluate.suite import build_suite, catalog, recipe_tasks
 from fbnprune.heal import HealLog, heal_model
 from fbnprune.io import atomic_write_text
 from fbnprune.mask import masked
-from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe
 from fbnprune.rundir import RunDir
 from fbnprune.rundir.context import RunContext
@@ -41,85 +41,11 @@ from fbnprune.slicing import slice_model
 from fbnprune.stages.calibration import RunCalibration
 from fbnprune.stages.collect import collect
 from fbnprune.stages.discover import discover
-from fbnprune.stages.select import build_plan
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One pruned model of the grid."""
-
-    site: str  # hidden (sliced) | output (masked)
-    selector: str
-    seed: int
-    budget: float
-    fill: str  # zero | mean | reconstruct
-    healed: bool = False
-    allocation: str | None = None  # None: the recipe's
-
-    @property
-    def key(self) -> str:
-        tail = "/healed" if self.healed else ""
-        alloc = f"/{self.allocation}" if self.allocation else ""
-        return (
-            f"{self.site}/{self.selector}/seed{self.seed}/{self.budget:.4f}/{self.fill}"
-            f"{alloc}{tail}"
-        )
-
-    @property
-    def label(self) -> str:
-        """The selector as tables and plots name it (with a non-default allocation)."""
-        return f"{self.selector} ({self.allocation})" if self.allocation else self.selector
-
-    @property
-    def condition(self) -> str:
-        """The panel a variant is drawn in: zeroed, mean, reconstruct, healed, or output."""
-        if self.site == "output":
-            return "output"
-        if self.healed:
-            return "healed"
-        return {"mean": "mean", "reconstruct": "reconstruct"}.get(self.fill, "zeroed")
-
-
-def grid(recipe: Recipe) -> list[Variant]:
-    """The benchmark's variants, cheapest first (slices, then output masks, then healing).
-
-    The random selector runs with every seed of ``random_seeds`` where it is cheap (sliced,
-    zeroed or mean) and with the first one where it is not (output site, healed)."""
-    cfg = recipe.bench
-
-    def seeds(selector: str) -> list[int]:
-        return cfg.random_seeds if selector == "random" else [recipe.seed]
-
-    allocations = [
-        a if a != recipe.select.allocation else None
-        for a in (cfg.allocations or [recipe.select.allocation])
-    ]
-    hidden = [
-        Variant("hidden", sel, seed, budget, fill, allocation=alloc)
-        for budget in cfg.budgets
-        for sel in cfg.selectors
-        for seed in seeds(sel)
-        for fill in cfg.fills
-        for alloc in allocations
-    ]
-    output = [
-        Variant("output", sel, seed, budget, "zero")
-        for budget in cfg.budgets
-        for sel in cfg.output_selectors
-        for seed in seeds(sel)[:1]
-    ]
-    healed = [
-        Variant("hidden", sel, seed, budget, recipe.prune.fill, healed=True)
-        for budget in cfg.heal_budgets
-        for sel in cfg.selectors
-        for seed in seeds(sel)[: cfg.heal_seeds]
-    ]
-    return hidden + output + healed
 
 
 def bench_fingerprint(recipe: Recipe) -> str:
@@ -141,12 +67,6 @@ def bench_fingerprint(recipe: Recipe) -> str:
     data["prune"] = recipe.prune.model_dump()
     data["bench"] = recipe.bench.model_dump(include={"tasks", "limit", "layout", "heal_steps"})
     return digest(json.dumps(data, sort_keys=True).encode())
-
-
-def layer_floor(recipe: Recipe, budget: float) -> float:
-    """The recipe's per-layer floor, capped at half the budget so small budgets stay
-    feasible (a 5% floor cannot hold under a 5% budget)."""
-    return min(recipe.select.min_per_layer, budget / 2)
 
 
 class _Rows:
@@ -193,19 +113,6 @@ def _calibration(ctx: RunContext, selectors: Sequence[str]) -> RunCalibration:
     acts = {task: collect(ctx, task) for task in ctx.tasks}
     networks = {task: discover(ctx, task, acts[task]) for task in ctx.tasks if "ica" in selectors}
     return RunCalibration(ctx, acts, networks)
-
-
-def variant_plan(cals: dict[str, RunCalibration], variant: Variant, recipe: Recipe) -> PrunePlan:
-    """The plan of one variant, built from the calibration data of its neuron site."""
-    select = recipe.select.model_copy(
-        update={
-            "selector": variant.selector,
-            "budget": variant.budget,
-            "allocation": variant.allocation or recipe.select.allocation,
-            "min_per_layer": layer_floor(recipe, variant.budget),
-        }
-    )
-    return build_plan(cals[variant.site], select, variant.fill, seed=variant.seed)
 
 
 def bench_tasks(recipe: Recipe) -> list[str]:

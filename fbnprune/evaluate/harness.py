@@ -38,7 +38,8 @@ from typing import Any
 
 from torch import nn
 
-from fbnprune.evaluate.suite import SUITE, EvalError
+from fbnprune.evaluate.errors import EvalError
+from fbnprune.evaluate.suite import SUITE
 
 logger = logging.getLogger(__name__)
 

@@ -24,15 +24,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from fbnprune.evaluate.documents import calibration_documents
+from fbnprune.evaluate.errors import EvalError
 from fbnprune.evaluate.harness import Harness, ModelAndTokenizer, ModelSpec
 from fbnprune.evaluate.results import build_results, write_results
-from fbnprune.evaluate.suite import (
-    EvalError,
-    build_suite,
-    calibration_documents,
-    catalog,
-    default_tasks,
-)
+from fbnprune.evaluate.suite import build_suite, catalog, default_tasks
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe, load_recipe

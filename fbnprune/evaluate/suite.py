@@ -18,11 +18,9 @@ Tasks (names chosen not to clash with lm-eval's built-in tasks; lm-eval has its 
   Wikipedia chunks and standard-library code, cut to their first ``perplexity_max_words``
   words; metrics word_perplexity, byte_perplexity, bits_per_byte.
 
-Evaluation documents never overlap calibration documents: every document whose id, or whose
-whitespace-normalised text, belongs to the run's calibration set is excluded (the BBC corpus
-holds 100 exact duplicate articles under different ids, so ids alone would leak). The rest
-are ranked by a hash of ``seed`` and the document id, so the draw is deterministic and a
-different calibration set changes only the documents it removes.
+Evaluation documents never overlap the run's documents (``evaluate.documents`` draws them);
+each task's records are shaped by ``evaluate.records``; this module holds the catalog of tasks
+and writes their YAML, JSONL and ``manifest.json``.
 
 Why ``acc`` and not ``acc_norm`` for the choice tasks: lm-eval's ``acc_norm`` picks
 ``argmax(loglik_i / len(choice_i))``, dividing by the choice's length in characters. That
@@ -39,10 +37,8 @@ log-likelihood) is the primary metric; ``acc_norm`` is still recorded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,28 +47,47 @@ from typing import Any
 
 import yaml
 
-from fbnprune.data.tasks import Document, load_documents, load_task, normalise, render, task_choices
-from fbnprune.errors import FbnpruneError
+from fbnprune.data.tasks import Document, load_documents, task_choices
+from fbnprune.evaluate.documents import calibration_documents, draw_documents
+from fbnprune.evaluate.errors import EvalError
+from fbnprune.evaluate.records import (
+    BBC_TOPICS,
+    bbc_record,
+    choice_record,
+    text_record,
+    word_problem_record,
+)
 from fbnprune.io import atomic_write_json, atomic_write_text
 from fbnprune.recipe import EVAL_SUITE_TASKS, EvaluateConfig, Recipe, TaskConfig, Wording
-from fbnprune.rundir.layout import RunLayout
+
+# also the names that lived here before evaluate.documents, .records and .errors split off
+__all__ = [
+    "BBC_TOPICS",
+    "PERPLEXITY_TASKS",
+    "SUITE",
+    "EvalError",
+    "Suite",
+    "SuiteTask",
+    "bbc_record",
+    "build_suite",
+    "calibration_documents",
+    "catalog",
+    "default_tasks",
+    "draw_documents",
+    "eval_name",
+    "recipe_tasks",
+    "word_problem_record",
+]
 
 logger = logging.getLogger(__name__)
 
 SUITE_TAG = "fbnprune_suite"
 SUITE_VERSION = 1
-BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
-BBC_PROMPT_WORDS = 120
-DISTRACTOR_OFFSETS = (-10, -2, -1, 1, 2, 10)
 PERPLEXITY_METRICS = {  # metric -> lm-eval aggregation; lower is better for all three
     "word_perplexity": "weighted_perplexity",
     "byte_perplexity": "weighted_perplexity",
     "bits_per_byte": "bits_per_byte",
 }
-
-
-class EvalError(FbnpruneError, ValueError):
-    """An evaluation that cannot be set up: unknown task, too few documents, bad run."""
 
 
 @dataclass(frozen=True)
@@ -181,137 +196,6 @@ class Suite:
     directory: Path
     tasks: tuple[str, ...]
     doc_ids: dict[str, list[str]] = field(repr=False)
-
-
-# --- which documents ------------------------------------------------------------------------
-
-
-def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[Document]:
-    """Every document the run uses, of every split (calibration, held-out, healing; same
-    splits as the pipeline's): none of them is evaluated on.
-
-    With ``run_dir``, ids recorded by the run (``collect/*/meta.json``, ``documents.json``)
-    are added too, as id-only documents, so a run made from data that has since changed is
-    still excluded by id.
-    """
-    docs = []
-    for task in recipe.tasks:
-        data = load_task(task, seed=recipe.seed)
-        docs += data.calibration + data.heldout + data.heal
-    if run_dir is not None:
-        known = {d.id for d in docs}
-        ids: list[str] = []
-        run = RunLayout(Path(run_dir))
-        for meta in run.read_all_collect_meta():
-            ids += meta.get("sample_ids", [])
-        if run.documents_file.is_file():
-            for splits in run.read_documents()["tasks"].values():
-                ids += [i for split in splits.values() for i in split]
-        docs.extend(Document(id=i, text="") for i in dict.fromkeys(ids) if i not in known)
-    return docs
-
-
-def _rank(doc: Document, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{doc.id}".encode()).hexdigest()
-
-
-def draw_documents(
-    docs: Iterable[Document],
-    n: int,
-    *,
-    exclude: Iterable[Document],
-    seed: int,
-    balance_labels: bool = False,
-) -> list[Document]:
-    """Up to ``n`` documents of ``docs`` that share neither id nor text with ``exclude``.
-
-    Candidates are ranked by ``sha256(seed:id)``; duplicates (same normalised text) count
-    once. With ``balance_labels`` the labels take turns (sorted label order), so every
-    label gets ``n / n_labels`` documents while it has them.
-    """
-    exclude = list(exclude)
-    bad_ids = {d.id for d in exclude}
-    bad_texts = {normalise(d.text) for d in exclude if d.text.strip()}
-    seen: set[str] = set()
-    pool = []
-    for doc in sorted(docs, key=lambda d: _rank(d, seed)):
-        key = normalise(doc.text)
-        if doc.id in bad_ids or key in bad_texts or key in seen or not key:
-            continue
-        seen.add(key)
-        pool.append(doc)
-    if not balance_labels:
-        return pool[:n]
-    by_label: dict[str, list[Document]] = {}
-    for doc in pool:
-        by_label.setdefault(str(doc.label), []).append(doc)
-    queues = [by_label[k] for k in sorted(by_label)]
-    picked: list[Document] = []
-    for i in range(max((len(q) for q in queues), default=0)):
-        picked.extend(q[i] for q in queues if i < len(q))
-    return picked[:n]
-
-
-# --- records --------------------------------------------------------------------------------
-
-
-def first_words(text: str, n: int, *, keep_layout: bool = True) -> str:
-    """The first ``n`` whitespace-separated words of ``text``; with ``keep_layout`` the
-    original spacing and line breaks are kept, else words are joined by single spaces."""
-    if not keep_layout:
-        return " ".join(text.split()[:n])
-    ends = [m.end() for m in re.finditer(r"\S+", text)]
-    return text if len(ends) <= n else text[: ends[n - 1]]
-
-
-def bbc_record(doc: Document) -> dict[str, Any]:
-    if doc.label not in BBC_TOPICS:
-        raise EvalError(f"{doc.id}: label {doc.label!r} is not one of {BBC_TOPICS}")
-    prompt = f"Article: {first_words(doc.text, BBC_PROMPT_WORDS, keep_layout=False)}\nTopic:"
-    return {
-        "id": doc.id,
-        "prompt": prompt,
-        "choices": list(BBC_TOPICS),
-        "gold": BBC_TOPICS.index(doc.label),
-    }
-
-
-def choice_record(doc: Document, task: TaskConfig, wording: Wording | None) -> dict[str, Any]:
-    """A recipe task's question and answers, as its template and choices define them."""
-    template = task.template if wording is None else wording.template
-    own = task_choices(task)
-    answers = own if wording is None else wording.choices
-    assert own is not None and answers is not None
-    labels = list(own)
-    if doc.label not in labels:
-        raise EvalError(f"{doc.id}: label {doc.label!r} is not one of {labels}")
-    return {
-        "id": doc.id,
-        "prompt": render(template, doc.text, task.max_words),
-        "choices": [answers[label] for label in labels],
-        "gold": labels.index(doc.label),
-    }
-
-
-def word_problem_record(doc: Document, seed: int) -> dict[str, Any]:
-    """The problem and four numbers: the answer and three near misses, in numeric order."""
-    if doc.label is None or not doc.label.lstrip("-").isdigit():
-        raise EvalError(f"{doc.id}: label {doc.label!r} is not an integer answer")
-    answer = int(doc.label)
-    offsets = list(DISTRACTOR_OFFSETS)
-    random.Random(f"{seed}:{doc.id}").shuffle(offsets)
-    wrong = [answer + o for o in offsets if answer + o >= 0][:3]
-    choices = sorted([answer, *wrong])
-    return {
-        "id": doc.id,
-        "prompt": doc.text,
-        "choices": [str(c) for c in choices],
-        "gold": choices.index(answer),
-    }
-
-
-def text_record(doc: Document, max_words: int) -> dict[str, Any]:
-    return {"id": doc.id, "text": first_words(doc.text, max_words)}
 
 
 # --- YAML -----------------------------------------------------------------------------------
