@@ -57,6 +57,9 @@ def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_llama_dir, tmp_p
     for name in ("run.json", "recipe.yaml", "plan.json", "prune.json", "parity.json"):
         assert (run / name).is_file(), name
     assert not (run / ".staging").exists()
+    ledger = json.loads((run / "run.json").read_text())["stages"]
+    # results follow the BLAS summation order: every stage records its thread counts
+    assert all(rec["threads"]["torch"] == torch.get_num_threads() for rec in ledger.values())
 
     plan = summary.plan
     assert plan.n_kept == round(0.25 * plan.n_units)

@@ -164,6 +164,7 @@ class StageRecord:
     peak_rss_mib: float
     finished: str
     details: dict[str, Any] = field(default_factory=dict)
+    threads: dict[str, int] = field(default_factory=dict)  # see ``thread_counts``
 
 
 class RunDir:
@@ -294,7 +295,8 @@ class RunDir:
             # or interrupted stage (a full disk, Ctrl-C) leaves none of its tens of MB behind
             shutil.rmtree(RunLayout(self.path).staging_root, ignore_errors=True)
             raise
-        rec = StageRecord(key, round(m["seconds"], 2), round(m["peak_rss_mib"], 1), now(), details)
+        seconds, peak = round(m["seconds"], 2), round(m["peak_rss_mib"], 1)
+        rec = StageRecord(key, seconds, peak, now(), details, thread_counts())
         self.mark_done(name, rec)
         self.executed.append(name)
         logger.info("%s: done in %.1f s (peak RSS %.0f MiB)", name, rec.seconds, rec.peak_rss_mib)
@@ -345,6 +347,20 @@ def versions() -> dict[str, str]:
         "scikit-learn": sklearn.__version__,
         "numpy": np.__version__,
     }
+
+
+def thread_counts() -> dict[str, int]:
+    """torch's and each BLAS library's thread count. FastICA and the least-squares refit
+    follow the BLAS summation order, so their last digits (and ICA's iteration path) move
+    with it: a run reproduces bit for bit at the thread counts its stages recorded."""
+    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl reports)
+    import torch
+    from threadpoolctl import threadpool_info
+
+    counts = {"torch": torch.get_num_threads()}
+    for pool in threadpool_info():
+        counts[f"{pool['internal_api']}:{Path(pool['filepath']).name}"] = pool["num_threads"]
+    return counts
 
 
 def now() -> str:
