@@ -165,7 +165,7 @@ def _fill_shift(adapter: MLPAdapter, down: Projection, plan: PrunePlan, index: i
         return plan.refit.biases[index].double().to(weight.device)
     fill = plan.fill_tensor(index).double()
     fill[plan.keep_mask(index)] = 0.0
-    return weight @ fill  # (d_model,)
+    return weight @ fill.to(weight.device)  # (d_model,)
 
 
 def _new_linear_like(

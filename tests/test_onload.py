@@ -8,11 +8,14 @@ family, both sites, one file and sharded checkpoints, float32 and bfloat16.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from test_scale import tiny_recipe
+from test_stream_save import config, tensors
 from transformers import AutoModelForCausalLM
 
 from fbnprune.collect import collect_activations
@@ -150,6 +153,48 @@ def test_pipeline_collects_layer_by_layer_with_the_same_plan(tiny_llama_dir, tmp
     assert ref.plan is not None and run.plan is not None
     assert run.plan.kept == ref.plan.kept
     assert run.plan.fill_values == ref.plan.fill_values
+
+
+def test_pipeline_prunes_checks_and_saves_layer_by_layer(tiny_llama_dir, tmp_path, monkeypatch):
+    """``save.onload: sequential``: no stage loads the whole model, yet prune.json's sizes,
+    every checkpoint tensor (bit for bit) and config equal the in-memory run's; parity.json
+    holds the block-by-block float64 check and the saved-tensor check."""
+    layouts = {"layouts": ["padded", "compact"]}
+    base = parse_recipe(tiny_recipe(tiny_llama_dir, save=layouts))
+    seq = parse_recipe(
+        tiny_recipe(
+            tiny_llama_dir,
+            collect={"onload": "sequential"},
+            save={**layouts, "onload": "sequential"},
+        )
+    )
+    assert fingerprint(base.save.model_dump()) == fingerprint(
+        parse_recipe(
+            tiny_recipe(tiny_llama_dir, save={**layouts, "onload": "full"})
+        ).save.model_dump()
+    )  # the default leaves the stage keys of existing recipes as they were
+    run_pipeline(base, tmp_path / "full", until="save", progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr("fbnprune.models.loading.load_model", _no_whole_model)
+        summary = run_pipeline(seq, tmp_path / "seq", until="save", progress=False)
+    exact, saved = summary.parity.reports
+    assert summary.parity.passed and exact.dtype == "float64" and exact.n_tokens > 0
+    assert [c.name for c in exact.comparisons] == ["sliced-padded", "sliced-compact"]
+    assert all(c.max_abs < 1e-9 for c in exact.comparisons)
+    assert [c.name for c in saved.comparisons] == ["saved-padded", "saved-compact"]
+    assert all(c.max_abs == 0.0 for c in saved.comparisons)
+    report = json.loads((tmp_path / "seq" / "prune.json").read_text())
+    assert report["sizes"] == json.loads((tmp_path / "full" / "prune.json").read_text())["sizes"]
+    for layout in layouts["layouts"]:
+        full, streamed = (
+            tmp_path / "full" / f"checkpoint-{layout}",
+            tmp_path / "seq" / f"checkpoint-{layout}",
+        )
+        want, got = tensors(full), tensors(streamed)
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[key], value) for key, value in want.items()), layout
+        assert config(streamed) == config(full)
+        AutoModelForCausalLM.from_pretrained(streamed, trust_remote_code=layout == "compact")
 
 
 def _no_whole_model(*args: object, **kwargs: object) -> None:

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 from conftest import random_batch, tiny_model
-from transformers import AutoModelForCausalLM
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from fbnprune.mask import masked
 from fbnprune.models.adapters import UnsupportedArchitectureError, get_adapter
@@ -91,6 +92,28 @@ def test_mask_equals_slice_equals_reloaded(model_type, layout, fill, tmp_path):
         assert type(reloaded).__module__.startswith("transformers.")
         assert getattr(reloaded.config, COMPACT_KEY, None) is None
     torch.testing.assert_close(logits(reloaded, batch), reference, atol=ATOL, rtol=0)
+
+
+def test_compact_families_keep_their_own_key_renamings(tmp_path):
+    """Every compact class is named FbnpruneCompactForCausalLM, and transformers keys its
+    checkpoint renamings by class name: gpt_neox's (embed_out <-> lm_head) must not leak
+    into a llama compact built after it, nor llama's absence of one into gpt_neox. A
+    compact model built from its config saves the key names of its checkpoint."""
+    for model_type in ("gpt_neox", "llama"):
+        model = tiny_model(model_type)
+        sliced = slice_model(model, make_plan(model, "hidden", "mean"), layout="compact")
+        save_checkpoint(sliced, None, tmp_path / model_type)
+        AutoModelForCausalLM.from_pretrained(tmp_path / model_type, trust_remote_code=True)
+    for model_type in ("llama", "gpt_neox", "llama"):
+        config = AutoConfig.from_pretrained(tmp_path / model_type, trust_remote_code=True)
+        built = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        built.save_pretrained(tmp_path / "again")
+        assert keys(tmp_path / "again") == keys(tmp_path / model_type), model_type
+
+
+def keys(directory) -> set[str]:
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return set(f.keys())
 
 
 @pytest.mark.parametrize("fill", ["zero", "mean"])

@@ -344,7 +344,7 @@ def tiny_recipe(model_dir: str, **sections) -> dict:
         "heal": {"enabled": False},
     }
     for key, value in sections.items():
-        recipe[key] = {**recipe[key], **value}
+        recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
 
 

@@ -64,6 +64,15 @@ class Checkpoint:
         with safe_open(self.files[key], framework="pt", device="cpu") as f:
             return f.get_tensor(key)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor ``key``, from the file's header (nothing loaded)."""
+        from safetensors import safe_open
+
+        if key not in self.files:
+            raise ModelLoadError(f"{self.directory}: the checkpoint has no tensor {key!r}")
+        with safe_open(self.files[key], framework="pt", device="cpu") as f:
+            return tuple(f.get_slice(key).get_shape())
+
     def load(
         self, module: nn.Module, prefix: str, device: torch.device, *, skip: tuple[str, ...] = ()
     ) -> None:
@@ -138,14 +147,7 @@ class LayerwiseModel:
         """The model of the checkpoint in ``directory`` (``config.json`` and safetensors),
         everything but its decoder blocks (and LM head) loaded on ``device``
         (``trust_remote_code``: a compact checkpoint's own modeling file)."""
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        remote = {"trust_remote_code": True} if trust_remote_code else {}
-        config = AutoConfig.from_pretrained(directory, **remote)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **remote)
-        model.eval()
+        model = empty_model(directory, dtype=dtype, trust_remote_code=trust_remote_code)
         checkpoint, device = Checkpoint(directory), torch.device(device)
         adapter = get_adapter(model)
         prefix = adapter.backbone + "."
@@ -170,6 +172,24 @@ class LayerwiseModel:
             yield block
         finally:
             release(block)
+
+
+def empty_model(
+    directory: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The model of ``directory``'s config on the meta device (accelerate's
+    ``init_empty_weights``): every shape and dtype, no memory, no weights read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    config = AutoConfig.from_pretrained(directory, **remote)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **remote)
+    return model.eval()
 
 
 def checkpoint_dir(name: str | os.PathLike[str]) -> Path:

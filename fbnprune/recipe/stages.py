@@ -144,8 +144,18 @@ class CheckConfig(_Strict):
     )
 
 
-class SaveConfig(_Strict):
+class SaveConfig(_Additions):
+    added = ("onload",)
+
     layouts: list[Layout] = Field(default_factory=lambda: list(_PADDED), min_length=1)
+    onload: Literal["full", "sequential"] = Field(
+        default="full",
+        description="full: prune, check and save hold the model and its slices in memory; "
+        "sequential: one decoder layer at a time from the model's safetensors files "
+        "(fbnprune.scale): sizes from the empty (meta) model, each block sliced and written "
+        "to its own shard, then checked block by block (float64 against the masked block; "
+        "the saved tensors against the slice, bit for bit), so memory holds one block",
+    )
 
 
 class HealConfig(_Strict):

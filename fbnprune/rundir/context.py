@@ -74,6 +74,15 @@ class RunContext:
 
         return LayerwiseModel.from_checkpoint(checkpoint_dir(self.recipe.model), dtype=self.dtype)
 
+    def empty_model(self) -> PreTrainedModel:
+        """The recipe's model on the meta device, tied as loaded: its shapes without its
+        weights (``save.onload: sequential`` measures the slices' sizes on it)."""
+        from fbnprune.models.onload import checkpoint_dir, empty_model
+
+        model = empty_model(checkpoint_dir(self.recipe.model), dtype=self.dtype)
+        model.tie_weights()
+        return model
+
     @property
     def dtype(self) -> torch.dtype:
         import torch

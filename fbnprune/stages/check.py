@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 from fbnprune.check import ParityResult, check_parity
+from fbnprune.integrity import file_digests
 from fbnprune.mask import masked
+from fbnprune.models.onload import checkpoint_dir
 from fbnprune.plan import PrunePlan
 from fbnprune.rundir.context import RunContext
+from fbnprune.scale.layer_check import saved_tensors_parity, slicing_parity
+from fbnprune.scale.stream_save import save_sliced_layerwise
 from fbnprune.slicing import slice_model
 from fbnprune.stages.keys import check_key
 from fbnprune.stages.prune import Slices
@@ -22,9 +28,11 @@ logger = logging.getLogger(__name__)
 def check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> ParityResult:
     """The parity result (``parity.json``): reused when fresh, else measured; the checked
     checkpoints are left in staging for save."""
-    ctx.run.stage(
-        "check", check_key(ctx), [ctx.layout.parity_file], lambda: _check(ctx, plan, slices)
-    )
+    if slices.streamed:
+        body = functools.partial(_check_streamed, ctx, plan, slices.layouts)
+    else:
+        body = functools.partial(_check, ctx, plan, slices)
+    ctx.run.stage("check", check_key(ctx), [ctx.layout.parity_file], body)
     return ctx.layout.read_parity()
 
 
@@ -56,7 +64,33 @@ def _check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
     exact = check_parity(
         ("masked", reference64, lambda: masked(reference64, plan)), sliced64, **inputs
     )
-    result = ParityResult([exact, serialisation, in_dtype], files=files)
+    return _record(ctx, ParityResult([exact, serialisation, in_dtype], files=files))
+
+
+def _check_streamed(ctx: RunContext, plan: PrunePlan, layouts: Sequence[str]) -> dict[str, Any]:
+    """``save.onload: sequential``, one decoder block in memory at a time: every layout
+    sliced and saved from the model's safetensors into staging (``scale.stream_save``);
+    float64: each block sliced in memory against the block masked by the plan, on replayed
+    held-out prompts; the model's dtype: the saved tensors against the slice, bit for bit,
+    and the saved config's shapes against them."""
+    source = checkpoint_dir(ctx.recipe.model)
+    staged = {layout: ctx.layout.staging_dir(layout) for layout in layouts}
+    for layout, staging in staged.items():
+        save_sliced_layerwise(
+            source, plan, staging, layout=layout, dtype=ctx.dtype, tokenizer=ctx.tokenizer
+        )
+    files = {ctx.layout.checkpoint_dir(lay).name: file_digests(d) for lay, d in staged.items()}
+    cfg = ctx.recipe.check
+    prompts = ctx.heldout_prompts(cfg.samples)
+    exact = slicing_parity(
+        source, plan, layouts, ctx.tokenizer, prompts, atol=cfg.atol, max_length=ctx.max_length
+    )
+    saved = saved_tensors_parity(source, staged, plan, dtype=ctx.dtype)
+    return _record(ctx, ParityResult([exact, saved], files=files))
+
+
+def _record(ctx: RunContext, result: ParityResult) -> dict[str, Any]:
+    """Write the parity result; on failure drop the staged checkpoints and raise."""
     logger.info("check:\n%s", result.table())
     ctx.layout.write_parity(result)
     if not result.passed:

@@ -24,14 +24,17 @@ PruneReport = dict[str, Any]  # prune.json: site, widths, kept per layer, sizes 
 
 class Slices:
     """The sliced model of every layout the recipe saves, built on first use (in memory):
-    a run whose prune and check are reused never loads the model."""
+    a run whose prune and check are reused never loads the model. With ``save.onload:
+    sequential`` there are none: the check stage slices one block at a time."""
 
     def __init__(self, ctx: RunContext, plan: PrunePlan) -> None:
         self.ctx, self.plan = ctx, plan
         self.layouts = list(ctx.recipe.save.layouts)
+        self.streamed = ctx.recipe.save.onload == "sequential"
 
     @functools.cached_property
     def models(self) -> dict[str, PreTrainedModel]:
+        assert not self.streamed, "save.onload: sequential holds no sliced model"
         model = self.ctx.model
         return {
             layout: slice_model(copy.deepcopy(model), self.plan, layout=layout).eval()
@@ -48,16 +51,18 @@ def prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> PruneReport:
 
 
 def _prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
-    original = model_size(ctx.model)
+    # streamed: the sizes of the model and its slices on the meta device (shapes only)
+    reference = ctx.empty_model() if slices.streamed else ctx.model
+    original = model_size(reference)
     sizes: dict[str, Any] = {
         "original": {"parameters": original.parameters, "bytes": original.bytes}
     }
     for layout in LAYOUTS:
-        if layout in slices.layouts:
+        if layout in slices.layouts and not slices.streamed:
             model = slices.models[layout]
         else:
             try:
-                model = slice_model(copy.deepcopy(ctx.model), plan, layout=layout)
+                model = slice_model(copy.deepcopy(reference), plan, layout=layout)
             except SliceError as exc:
                 sizes[layout] = {"unavailable": str(exc)}
                 continue

@@ -43,10 +43,15 @@ class FbnpruneCompactForCausalLM(__BASE_CLASS__):
     def __init__(self, config):
         super().__init__(config)
         resize_mlps(self, config.fbnprune_compact)
+        _inherit_weight_renamings()
 
 
 def _inherit_weight_renamings():
-    """Custom classes skip the stock class's checkpoint key renamings; register them."""
+    """Custom classes skip the stock class's checkpoint key renamings; register them.
+
+    transformers keys the registry by class name, which every compact family shares, so
+    each construction registers its own family's renamings (an empty list when it has
+    none): the model being loaded or saved is the one built last."""
     try:
         from transformers.conversion_mapping import (
             get_checkpoint_conversion_mapping,
@@ -57,10 +62,6 @@ def _inherit_weight_renamings():
     stock = get_checkpoint_conversion_mapping(__BASE_CLASS__.__name__)
     if stock is None:
         stock = get_checkpoint_conversion_mapping(__BASE_CLASS__.config_class.model_type)
-    if stock:
-        register_checkpoint_conversion_mapping(
-            FbnpruneCompactForCausalLM.__name__, stock, overwrite=True
-        )
-
-
-_inherit_weight_renamings()
+    register_checkpoint_conversion_mapping(
+        FbnpruneCompactForCausalLM.__name__, stock or [], overwrite=True
+    )
