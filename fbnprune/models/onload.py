@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -57,21 +57,21 @@ class Checkpoint:
         return key in self.files
 
     def tensor(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if key not in self.files:
-            raise ModelLoadError(f"{self.directory}: the checkpoint has no tensor {key!r}")
-        with safe_open(self.files[key], framework="pt", device="cpu") as f:
+        with self._open(key) as f:
             return f.get_tensor(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape of tensor ``key``, from the file's header (nothing loaded)."""
+        with self._open(key) as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def _open(self, key: str) -> Any:
+        """The safetensors file that holds ``key``, opened on the CPU."""
         from safetensors import safe_open
 
         if key not in self.files:
             raise ModelLoadError(f"{self.directory}: the checkpoint has no tensor {key!r}")
-        with safe_open(self.files[key], framework="pt", device="cpu") as f:
-            return tuple(f.get_slice(key).get_shape())
+        return safe_open(self.files[key], framework="pt", device="cpu")
 
     def load(
         self, module: nn.Module, prefix: str, device: torch.device, *, skip: tuple[str, ...] = ()
