@@ -12,6 +12,7 @@ code path for small models.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -160,6 +161,10 @@ class LayerwiseModel:
     def n_layers(self) -> int:
         return len(self.adapter.get_layer_list(self.model))
 
+    def block_prefix(self, index: int) -> str:
+        """The checkpoint's key prefix of block ``index``'s tensors."""
+        return f"{self.key_prefix}{self.adapter.layers}.{index}."
+
     @contextlib.contextmanager
     def onload(self, index: int) -> Iterator[nn.Module]:
         """Block ``index`` with its weights, emptied again on leaving (from a checkpoint)."""
@@ -167,11 +172,27 @@ class LayerwiseModel:
         if self.checkpoint is None:
             yield block
             return
-        self.checkpoint.load(block, f"{self.key_prefix}{self.adapter.layers}.{index}.", self.device)
+        self.checkpoint.load(block, self.block_prefix(index), self.device)
         try:
             yield block
         finally:
             release(block)
+
+    @contextlib.contextmanager
+    def onload_mlp(self, index: int, dtype: torch.dtype) -> Iterator[nn.Module]:
+        """A copy of block ``index``'s MLP in ``dtype``, with its weights; from a checkpoint
+        only the MLP's tensors are read, and freed again on leaving."""
+        mlp = self.adapter.get_mlp(self.adapter.get_layer_list(self.model)[index])
+        if self.checkpoint is None:
+            yield copy.deepcopy(mlp).to(dtype)
+            return
+        copied = copy.deepcopy(mlp).to(dtype)  # empty: the block is on the meta device
+        prefix = f"{self.block_prefix(index)}{self.adapter.mlp}."
+        self.checkpoint.load(copied, prefix, self.device)
+        try:
+            yield copied
+        finally:
+            release(copied)
 
 
 def empty_model(

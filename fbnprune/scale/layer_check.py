@@ -6,9 +6,12 @@ trajectory. A candidate block is run on the same inputs as the original's and th
 are compared on the real tokens, so memory holds one block of each model and a wrong unit
 shows in the layer that holds it.
 
-- ``slicing_parity``: each block sliced in memory (``slicing.slice_layer``, every layout) in
-  float64 against the masked block: the streamed form of the check stage's exactness
-  comparison. Only the MLP is sliced, so the candidates are MLPs swapped into the block.
+- ``slicing_parity``: each block's MLP sliced in memory (``slicing.slice_layer``, every
+  layout) in float64 against the same MLP masked by the plan, on the inputs the masked
+  reference (in the run's dtype) gives it: the streamed form of the check stage's exactness
+  comparison. Only the MLP is sliced, and the block adds its output to the residual, so a
+  wrong unit shows in the MLP's output; memory holds one block in the run's dtype, then its
+  MLP alone in float64 (at 7B widths a float64 block would be 1.6 GiB).
 - ``saved_tensors_parity``: each saved checkpoint's tensors against the original's sliced in
   the run's dtype, bit for bit, block by block; every tensor outside the blocks must be the
   original's, and the model of the saved config must take every tensor as it is shaped. The
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -120,6 +124,7 @@ def _replay(
     return deltas
 
 
+@torch.inference_mode()
 def slicing_parity(
     original: str | os.PathLike[str],
     plan: PrunePlan,
@@ -130,27 +135,73 @@ def slicing_parity(
     atol: float = 1e-4,
     max_length: int = 128,
     batch_size: int = 4,
+    dtype: torch.dtype = torch.float32,
 ) -> ParityReport:
-    """float64, block by block: each block of ``original`` sliced by ``plan`` in every
-    layout against the same block masked by ``plan``, on ``prompts``. Memory holds one
-    float64 block and its sliced MLPs."""
-    reference = LayerwiseModel.from_checkpoint(original, dtype=torch.float64)
+    """float64, MLP by MLP: each block's MLP of ``original`` sliced by ``plan`` in every
+    layout against the same MLP masked by ``plan``, on ``prompts``. The masked reference is
+    replayed block by block in ``dtype``; each MLP's inputs are recorded, upcast and fed to
+    the float64 MLP and its slices. Memory holds one block in ``dtype``, then one float64
+    MLP and its slices."""
+    reference = LayerwiseModel.from_checkpoint(original, dtype=dtype)
     adapter = reference.adapter
     for layout in layouts:
         check_sliceable(adapter, plan, layout)
-
-    @contextlib.contextmanager
-    def sliced(index: int, block: nn.Module) -> Iterator[dict[str, nn.Module]]:
-        mlps = {layout: _sliced_mlp(adapter, block, plan, index, layout) for layout in layouts}
-        yield {f"sliced-{layout}": _WithMLP(adapter, block, mlp) for layout, mlp in mlps.items()}
-
-    deltas = _replay(
-        reference, plan, sliced, tokenizer, prompts, max_length=max_length, batch_size=batch_size
-    )
+    batches = token_batches(tokenizer, prompts, max_length, batch_size)
+    calls = capture_layer_calls(reference.model, batches)
+    hidden = calls.inputs
+    real = [attention.bool() for _, attention in batches]
+    deltas = _Deltas(n_tokens=sum(int(r.sum()) for r in real))
+    for index in range(reference.n_layers):
+        seen: list[tuple[tuple, dict]] = []
+        with reference.onload(index) as block, masked_layer(adapter, block, index, plan):
+            mlp = adapter.get_mlp(block)
+            handle = mlp.register_forward_pre_hook(
+                functools.partial(_record, seen), with_kwargs=True
+            )
+            try:
+                hidden = [calls.replay(block, index, b, x) for b, x in enumerate(hidden)]
+            finally:
+                handle.remove()
+        if len(seen) != len(hidden):
+            raise RuntimeError(
+                f"block {index} called its MLP {len(seen)} times on {len(hidden)} batches"
+            )
+        inputs = [_upcast(call) for call in seen]
+        with reference.onload_mlp(index, torch.float64) as exact:
+            holder = nn.Module()
+            setattr(holder, adapter.mlp, exact)
+            for layout in layouts:
+                sliced = _sliced_mlp(adapter, holder, plan, index, layout)
+                got = [_output(sliced(*args, **kwargs)) for args, kwargs in inputs]
+                del sliced
+                with masked_layer(adapter, holder, index, plan):
+                    for b, (args, kwargs) in enumerate(inputs):
+                        want = _output(exact(*args, **kwargs))
+                        deltas.add(f"sliced-{layout}", index, (got[b] - want)[real[b]].abs())
     comparisons = [deltas.comparison(f"sliced-{layout}", atol) for layout in layouts]
     return ParityReport(
-        "masked (block by block)", atol, deltas.n_tokens, "float64", comparisons=comparisons
+        "masked (MLP by MLP)", atol, deltas.n_tokens, "float64", comparisons=comparisons
     )
+
+
+def _record(sink: list[tuple[tuple, dict]], _: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A forward pre-hook: keep the module's call."""
+    sink.append((args, kwargs))
+
+
+def _upcast(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """An MLP call with its floating-point tensors in float64."""
+
+    def up(x: object) -> object:
+        return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    args, kwargs = call
+    return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
+
+def _output(out: object) -> torch.Tensor:
+    """An MLP's output tensor (some families return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[return-value]
 
 
 def _sliced_mlp(
@@ -168,23 +219,6 @@ def _sliced_mlp(
     setattr(holder, adapter.mlp, mlp)
     slice_layer(adapter, holder, plan, index, layout=layout)
     return adapter.get_mlp(holder)
-
-
-class _WithMLP(nn.Module):
-    """Block ``block`` run with ``mlp`` in place of its own MLP (restored after the call)."""
-
-    def __init__(self, adapter: MLPAdapter, block: nn.Module, mlp: nn.Module) -> None:
-        super().__init__()
-        self._parts = (adapter, block, mlp)  # a tuple: not registered as submodules
-
-    def forward(self, *args: object, **kwargs: object) -> object:
-        adapter, block, mlp = self._parts
-        own = adapter.get_mlp(block)
-        setattr(block, adapter.mlp, mlp)
-        try:
-            return block(*args, **kwargs)
-        finally:
-            setattr(block, adapter.mlp, own)
 
 
 @torch.inference_mode()

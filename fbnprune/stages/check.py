@@ -70,9 +70,9 @@ def _check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
 def _check_streamed(ctx: RunContext, plan: PrunePlan, layouts: Sequence[str]) -> dict[str, Any]:
     """``save.onload: sequential``, one decoder block in memory at a time: every layout
     sliced and saved from the model's safetensors into staging (``scale.stream_save``);
-    float64: each block sliced in memory against the block masked by the plan, on replayed
-    held-out prompts; the model's dtype: the saved tensors against the slice, bit for bit,
-    and the saved config's shapes against them."""
+    float64: each block's MLP sliced in memory against the MLP masked by the plan, on the
+    inputs of replayed held-out prompts; the model's dtype: the saved tensors against the
+    slice, bit for bit, and the saved config's shapes against them."""
     source = checkpoint_dir(ctx.recipe.model)
     staged = {layout: ctx.layout.staging_dir(layout) for layout in layouts}
     for layout, staging in staged.items():
@@ -83,7 +83,14 @@ def _check_streamed(ctx: RunContext, plan: PrunePlan, layouts: Sequence[str]) ->
     cfg = ctx.recipe.check
     prompts = ctx.heldout_prompts(cfg.samples)
     exact = slicing_parity(
-        source, plan, layouts, ctx.tokenizer, prompts, atol=cfg.atol, max_length=ctx.max_length
+        source,
+        plan,
+        layouts,
+        ctx.tokenizer,
+        prompts,
+        atol=cfg.atol,
+        max_length=ctx.max_length,
+        dtype=ctx.dtype,
     )
     saved = saved_tensors_parity(source, staged, plan, dtype=ctx.dtype)
     return _record(ctx, ParityResult([exact, saved], files=files))
