@@ -1,12 +1,12 @@
 """A Llama at real 7B widths (hidden 4,096, MLP 11,008), random weights, sharded safetensors:
 the whole run, ``fbnprune save`` with ``collect.onload`` and ``save.onload`` both ``sequential``
 (collect layer by layer from the shards into a float16 zarr store; discover on dask with a
-256 MiB budget; select; prune sized on the meta model; check and save one decoder block at a
-time: float64 against the masked block, then the saved tensors bit for bit), runs in a child
-whose peak RSS stays below a cap smaller than the model alone. The same recipe with the whole
-model in memory (``collect.onload: full``; it fits on a test machine) makes the same plan,
-exactly, and ``slice_model`` + ``save_checkpoint`` write the same tensors as the streamed
-run's padded checkpoint, bit for bit.
+256 MiB budget; select; prune sized on the meta model; check and save one decoder block at
+a time: each MLP in float64 against the masked MLP, then the saved tensors bit for bit),
+runs in a child whose peak RSS stays below a cap smaller than the model alone. The same
+recipe with the whole model in memory (``collect.onload: full``; it fits on a test machine)
+makes the same plan, exactly, and ``slice_model`` + ``save_checkpoint`` write the same
+tensors as the streamed run's padded checkpoint, bit for bit.
 
 Measured: see the README, "Large models" (the figures this test prints with ``-s``).
 """

@@ -153,8 +153,9 @@ class SaveConfig(_Additions):
         description="full: prune, check and save hold the model and its slices in memory; "
         "sequential: one decoder layer at a time from the model's safetensors files "
         "(fbnprune.scale): sizes from the empty (meta) model, each block sliced and written "
-        "to its own shard, then checked block by block (float64 against the masked block; "
-        "the saved tensors against the slice, bit for bit), so memory holds one block",
+        "to its own shard, then checked block by block (each MLP in float64 against the "
+        "masked MLP; the saved tensors against the slice, bit for bit), so memory holds one "
+        "block, or one float64 MLP",
     )
 
 
