@@ -81,6 +81,27 @@ def test_grid_covers_selectors_seeds_budgets_and_conditions(tiny_llama_dir):
     assert Variant("output", "ica", 0, 0.5, "zero").condition == "output"
 
 
+def test_grid_heals_every_selector_heal_seeds_times(tiny_llama_dir):
+    """heal_seeds: N healed runs per selector (run i: heal.seed + i), the random selector
+    with its i-th selection seed; the first run keeps the key it always had."""
+    recipe = parse_recipe(recipe_dict(tiny_llama_dir, heal_seeds=3, output_selectors=[]))
+    healed = [v for v in grid(recipe) if v.healed]
+    assert [(v.selector, v.seed, v.heal_run) for v in healed] == [
+        ("ica", 0, 0),
+        ("ica", 0, 1),
+        ("ica", 0, 2),
+        ("magnitude", 0, 0),
+        ("magnitude", 0, 1),
+        ("magnitude", 0, 2),
+        ("random", 0, 0),
+        ("random", 1, 1),
+        ("random", 0, 2),  # two random seeds: run 2 wraps to the first
+    ]
+    assert healed[0].key == "hidden/ica/seed0/0.2500/mean/healed"
+    assert healed[1].key == "hidden/ica/seed0/0.2500/mean/healed/run1"
+    assert len({v.key for v in healed}) == len(healed)
+
+
 def test_bench_writes_table_plots_and_resumes(tiny_llama_dir, tmp_path, caplog):
     recipe = parse_recipe(recipe_dict(tiny_llama_dir))
     out = tmp_path / "run"

@@ -27,10 +27,12 @@ class Variant:
     fill: str  # zero | mean | reconstruct
     healed: bool = False
     allocation: str | None = None  # None: the recipe's
+    heal_run: int = 0  # healed: trained with heal.seed + heal_run
 
     @property
     def key(self) -> str:
         tail = "/healed" if self.healed else ""
+        tail += f"/run{self.heal_run}" if self.heal_run else ""
         alloc = f"/{self.allocation}" if self.allocation else ""
         return (
             f"{self.site}/{self.selector}/seed{self.seed}/{self.budget:.4f}/{self.fill}"
@@ -56,7 +58,9 @@ def grid(recipe: Recipe) -> list[Variant]:
     """The benchmark's variants, cheapest first (slices, then output masks, then healing).
 
     The random selector runs with every seed of ``random_seeds`` where it is cheap (sliced,
-    zeroed or mean) and with the first one where it is not (output site, healed)."""
+    zeroed or mean) and with the first one where it is not (output site). Every selector is
+    healed ``heal_seeds`` times, run i with ``heal.seed + i`` (the random selector also
+    with its i-th selection seed), so the spread of healing shows for every selector."""
     cfg = recipe.bench
 
     def seeds(selector: str) -> list[int]:
@@ -81,10 +85,18 @@ def grid(recipe: Recipe) -> list[Variant]:
         for seed in seeds(sel)[:1]
     ]
     healed = [
-        Variant("hidden", sel, seed, budget, recipe.prune.fill, healed=True)
+        Variant(
+            "hidden",
+            sel,
+            seeds(sel)[run % len(seeds(sel))],
+            budget,
+            recipe.prune.fill,
+            healed=True,
+            heal_run=run,
+        )
         for budget in cfg.heal_budgets
         for sel in cfg.selectors
-        for seed in seeds(sel)[: cfg.heal_seeds]
+        for run in range(cfg.heal_seeds)
     ]
     return hidden + output + healed
 

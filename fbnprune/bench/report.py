@@ -91,7 +91,13 @@ def results_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
         f"({settings['layout']} layout), output-site variants masked. Healing: "
         f"{settings['heal']['method']} on "
         f"{settings['heal']['modules']}, {settings['heal']['steps']} steps of KD on the "
-        "task's prompts of the calibration and healing documents. Every model scored by "
+        "task's prompts of the calibration and healing documents"
+        + (
+            f", {settings['heal_seeds']} runs per selector (heal.seed + i; mean ± std)"
+            if settings.get("heal_seeds", 1) > 1
+            else ""
+        )
+        + ". Every model scored by "
         "lm-eval on the same documents (outside every split the run uses): "
         + ", ".join(f"{t} ({i['metric']}, {i['n_docs']} docs)" for t, i in results["tasks"].items())
         + ".",

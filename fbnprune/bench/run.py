@@ -220,8 +220,9 @@ def run_bench(
                         questions=questions,
                         validation_questions=val_questions,
                     )
+                run_cfg = heal_cfg.model_copy(update={"seed": heal_cfg.seed + variant.heal_run})
                 pruned, log = heal_model(
-                    pruned, model, tokenizer, (), heal_cfg, targets=teacher, progress=False
+                    pruned, model, tokenizer, (), run_cfg, targets=teacher, progress=False
                 )
                 row["heal"] = _heal_summary(log)
             result = harness.score(pruned, tokenizer)

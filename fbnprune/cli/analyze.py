@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fbnprune.cli.args import ints, names
+from fbnprune.cli.args import add_set_argument, ints, names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=None, metavar="B")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_set_argument(parser)
     parser.set_defaults(execute=execute)
 
 
@@ -103,7 +104,7 @@ def execute(args: argparse.Namespace) -> int:
     from fbnprune.recipe import load_recipe
     from fbnprune.rundir import RunDir
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     config = resolve_config(
         recipe,
         samples=args.samples,

@@ -46,3 +46,22 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+SET_HELP = (
+    "override a recipe setting, e.g. --set prune.sequential=true or "
+    "--set bench.allocations=[uniform,sensitivity] (dotted key, YAML value; repeatable; "
+    "the run directory's recipe.yaml records the result)"
+)
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE``, repeatable: recipe overrides (``fbnprune.recipe.overrides``)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=SET_HELP,
+    )

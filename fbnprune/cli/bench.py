@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fbnprune.cli.args import fractions, ints, names, optional_names
+from fbnprune.cli.args import add_set_argument, fractions, ints, names, optional_names
 from fbnprune.cli.run import OVERWRITE_HELP, inputs
 from fbnprune.recipe import load_recipe
 from fbnprune.rundir import RunDir, RunLayout, check_run_dir
@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--no-cost", action="store_true", help="skip the size/speed table")
+    add_set_argument(parser)
     for flag, (_, kind, text) in OVERRIDES.items():
         parser.add_argument(flag, type=kind, help=text)
     parser.set_defaults(execute=execute)
@@ -70,7 +71,7 @@ def execute(args: argparse.Namespace) -> int:
     from fbnprune.bench import run_bench
     from fbnprune.recipe import parse_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     overrides = {
         field: getattr(args, flag[2:].replace("-", "_"))
         for flag, (field, _, _) in OVERRIDES.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fbnprune.cli.args import add_set_argument
 from fbnprune.recipe import Recipe, load_recipe
 from fbnprune.rundir import RunDir, check_run_dir
 from fbnprune.rundir.layout import (
@@ -31,6 +32,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_set_argument(parser)
     parser.add_argument(
         "--scheduler",
         metavar="ADDRESS",
@@ -75,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
     with RunDir(args.out).lock(), use_scheduler(args.scheduler):  # one process at a time in --out
         summary = run_pipeline(

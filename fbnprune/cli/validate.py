@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fbnprune.cli.args import add_set_argument
 from fbnprune.recipe import Recipe, RecipeError, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -25,12 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also load every task's documents and check there are enough",
     )
+    add_set_argument(parser)
     parser.set_defaults(execute=execute)
 
 
 def execute(args: argparse.Namespace) -> int:
     for path in args.recipe:
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, args.overrides)
         line = (
             f"{path}: ok ({recipe.name}: {recipe.model}, {len(recipe.tasks)} task(s), "
             f"budget {recipe.select.budget:.0%}, site {recipe.site})"

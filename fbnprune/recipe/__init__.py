@@ -8,6 +8,7 @@ normalised recipe; run directories use per-stage fingerprints to decide what to 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from fbnprune.recipe.base import RECIPE_VERSION, RecipeError, Site, _Strict
 from fbnprune.recipe.commands import EVAL_SUITE_TASKS, AnalyzeConfig, BenchConfig, EvaluateConfig
+from fbnprune.recipe.overrides import apply_overrides
 from fbnprune.recipe.stages import (
     CheckConfig,
     CollectConfig,
@@ -90,11 +92,12 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read and validate a recipe file; raise ``RecipeError`` with every problem listed.
 
     The file must be UTF-8 YAML; a key given twice in one mapping is an error (plain YAML
-    would silently keep the last one)."""
+    would silently keep the last one). ``overrides`` are ``KEY=VALUE`` settings applied
+    before validation (``fbnprune.recipe.overrides``: the command line's ``--set``)."""
     path = Path(path)
     if path.is_dir():
         yamls = sorted(p.name for p in path.glob("*.y*ml"))
@@ -111,7 +114,11 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    return parse_recipe(_paths_beside(raw, path.parent), origin=str(path))
+    raw = apply_overrides(_paths_beside(raw, path.parent), overrides)
+    origin = (
+        f"{path} (with {' '.join('--set ' + o for o in overrides)})" if overrides else str(path)
+    )
+    return parse_recipe(raw, origin=origin)
 
 
 def _paths_beside(raw: dict, folder: Path) -> dict:

@@ -122,7 +122,10 @@ class BenchConfig(_Strict):
     heal_budgets: list[float] = Field(default_factory=lambda: [0.10])
     heal_steps: int | None = Field(default=40, ge=1, description="None: heal.steps")
     heal_seeds: int = Field(
-        default=1, ge=1, description="random seeds healed (the random selector's first N)"
+        default=1,
+        ge=1,
+        description="healed runs per selector and heal budget, run i with heal.seed + i "
+        "(the random selector also with its i-th selection seed)",
     )
     allocations: list[Allocation] | None = Field(
         default=None, description="allocation policies compared (None: the recipe's)"
