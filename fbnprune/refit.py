@@ -33,7 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.errors import FbnpruneError
-from fbnprune.models.adapters import MLPAdapter, get_adapter
+from fbnprune.models.adapters import MLPAdapter
+from fbnprune.models.onload import LayerwiseModel, down_projections
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -96,8 +97,7 @@ def file_digest(file: Path) -> str:
 
 def down_weights(model: PreTrainedModel) -> list[np.ndarray]:
     """Every layer's down projection as a float64 (d_model, units) array."""
-    adapter = get_adapter(model)
-    return [down_weight(adapter, layer) for layer in adapter.get_layers(model)]
+    return [w.double().cpu().numpy() for w in down_projections(model)]
 
 
 def down_weight(adapter: MLPAdapter, layer: nn.Module) -> np.ndarray:
@@ -150,7 +150,7 @@ def solve_layer(
 
 
 def refit_plan(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     matrices: Sequence[np.ndarray],
     layer_widths: list[int],
     kept: list[list[int]],
@@ -159,15 +159,20 @@ def refit_plan(
     progress: bool = False,
 ) -> Refit:
     """Refit every layer of ``model`` on the calibration ``matrices`` (tokens x all units,
-    one per task)."""
-    downs = down_weights(model)
-    if [d.shape[1] for d in downs] != list(layer_widths):
-        raise RefitError("the refit needs the hidden site (the down projection's inputs)")
+    one per task). One layer at a time: its down projection (read alone from the
+    checkpoint of a ``LayerwiseModel``) and its columns of the matrices."""
     bounds = np.cumsum([0, *layer_widths])
     weights, biases = [], []
-    for i, down in enumerate(tqdm(downs, desc="refit", unit="layer", disable=not progress)):
+    downs = down_projections(model)
+    bar = tqdm(downs, desc="refit", unit="layer", total=len(layer_widths), disable=not progress)
+    for i, projection in enumerate(bar):
+        down = projection.double().cpu().numpy()
+        if i >= len(layer_widths) or down.shape[1] != layer_widths[i]:
+            raise RefitError("the refit needs the hidden site (the down projection's inputs)")
         columns = [m[:, bounds[i] : bounds[i + 1]] for m in matrices]
         v, c = solve_layer(columns, down, kept[i], ridge=ridge)
         weights.append(torch.from_numpy(v.astype(np.float32)))
         biases.append(torch.from_numpy(c.astype(np.float32)))
+    if len(weights) != len(layer_widths):
+        raise RefitError(f"the model has {len(weights)} layers, the widths {len(layer_widths)}")
     return Refit(weights, biases, ridge)

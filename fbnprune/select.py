@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fbnprune.errors import FbnpruneError
-from fbnprune.models.adapters import get_adapter
+from fbnprune.models.onload import LayerwiseModel, down_projections
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -60,14 +60,13 @@ def rms_scores(matrix: np.ndarray, chunk: int = 4096) -> np.ndarray:
     return np.sqrt(total / matrix.shape[0]).astype(np.float32)
 
 
-def wanda_scores(model: PreTrainedModel, matrix: np.ndarray) -> np.ndarray:
-    """``||W_down[:, j]||_2 * rms(x_j)`` per hidden unit, layers concatenated."""
-    adapter = get_adapter(model)
-    norms = []
-    for layer in adapter.get_layers(model):
-        weight = adapter.get_down(layer).weight.detach().float()
-        unit_dim = 1 if adapter.conv1d else 0  # dimension holding d_model
-        norms.append(torch.linalg.vector_norm(weight, dim=unit_dim).cpu().numpy())
+def wanda_scores(model: PreTrainedModel | LayerwiseModel, matrix: np.ndarray) -> np.ndarray:
+    """``||W_down[:, j]||_2 * rms(x_j)`` per hidden unit, layers concatenated (the down
+    projections read one layer at a time)."""
+    norms = [
+        torch.linalg.vector_norm(weight.float(), dim=0).cpu().numpy()  # over d_model
+        for weight in down_projections(model)
+    ]
     column_norms = np.concatenate(norms)
     if column_norms.shape[0] != matrix.shape[1]:
         raise SelectError("wanda scores need the hidden site (MLP units)")
@@ -78,18 +77,20 @@ def random_scores(n_neurons: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n_neurons).astype(np.float32)
 
 
+# the model a scorer may ask for: loaded (or onloaded layer by layer) only when asked
+ModelSource = Callable[[], "PreTrainedModel | LayerwiseModel"]
+
 # selectors that score units from activations alone (``ica`` needs the discover stage)
-ACTIVATION_SCORERS: dict[str, Callable[[PreTrainedModel, np.ndarray, int], np.ndarray]] = {
+ACTIVATION_SCORERS: dict[str, Callable[[ModelSource, np.ndarray, int], np.ndarray]] = {
     "magnitude": lambda model, matrix, seed: magnitude_scores(matrix),
-    "wanda": lambda model, matrix, seed: wanda_scores(model, matrix),
+    "wanda": lambda model, matrix, seed: wanda_scores(model(), matrix),
     "random": lambda model, matrix, seed: random_scores(matrix.shape[1], seed),
 }
 
 
-def unit_scores(
-    selector: str, model: PreTrainedModel, matrix: np.ndarray, *, seed: int
-) -> np.ndarray:
-    """One score per unit (higher: keep first) by an activation selector of the registry."""
+def unit_scores(selector: str, model: ModelSource, matrix: np.ndarray, *, seed: int) -> np.ndarray:
+    """One score per unit (higher: keep first) by an activation selector of the registry;
+    ``model`` is called only by the selectors that read weights (wanda)."""
     if selector not in ACTIVATION_SCORERS:
         raise ValueError(f"unknown selector {selector!r}")
     return ACTIVATION_SCORERS[selector](model, matrix, seed)

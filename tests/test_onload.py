@@ -155,6 +155,42 @@ def test_pipeline_collects_layer_by_layer_with_the_same_plan(tiny_llama_dir, tmp
     assert run.plan.fill_values == ref.plan.fill_values
 
 
+@pytest.mark.parametrize("selector", ["wanda", "magnitude"])
+def test_select_reads_down_projections_layer_by_layer(tiny_llama_dir, tmp_path, selector):
+    """``collect.onload: sequential``: the wanda scores and the ``reconstruct`` refit read
+    each layer's down projection alone from the checkpoint, and the whole model is never
+    loaded; the plan and the refit equal the in-memory run's bit for bit (the same float32
+    weights, the same float64 solve)."""
+    sections = {"select": {"selector": selector}, "prune": {"fill": "reconstruct"}}
+    base = parse_recipe(tiny_recipe(tiny_llama_dir, **sections))
+    seq = parse_recipe(tiny_recipe(tiny_llama_dir, collect={"onload": "sequential"}, **sections))
+    ref = run_pipeline(base, tmp_path / "full", until="select", progress=False)
+    run_pipeline(seq, tmp_path / "seq", until="discover", progress=False)  # reads every block
+    read: list[str] = []
+    tensor = Checkpoint.tensor
+
+    def counted(self: Checkpoint, key: str) -> torch.Tensor:
+        read.append(key)
+        return tensor(self, key)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("fbnprune.models.loading.load_model", _no_whole_model)
+        patch.setattr(Checkpoint, "tensor", counted)
+        run = run_pipeline(seq, tmp_path / "seq", until="select", progress=False)
+    assert ref.plan is not None and run.plan is not None
+    assert [s for s in run.executed if not s.startswith("collect")] == ["select"]
+    assert ref.plan.refit is not None and run.plan.refit is not None
+    assert run.plan.kept == ref.plan.kept
+    for got, want in zip(run.plan.refit.weights, ref.plan.refit.weights, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(run.plan.refit.biases, ref.plan.refit.biases, strict=True):
+        assert torch.equal(got, want)
+    downs = [k for k in read if k.endswith("mlp.down_proj.weight")]
+    layers = len(run.plan.layer_widths)
+    assert len(downs) == layers * (2 if selector == "wanda" else 1)  # scores, then the refit
+    assert not [k for k in read if "gate_proj" in k or "up_proj" in k]
+
+
 def test_pipeline_prunes_checks_and_saves_layer_by_layer(tiny_llama_dir, tmp_path, monkeypatch):
     """``save.onload: sequential``: no stage loads the whole model, yet prune.json's sizes,
     every checkpoint tensor (bit for bit) and config equal the in-memory run's; parity.json

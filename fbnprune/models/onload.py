@@ -195,6 +195,25 @@ class LayerwiseModel:
             release(copied)
 
 
+def down_projections(source: PreTrainedModel | LayerwiseModel) -> Iterator[torch.Tensor]:
+    """Every block's down-projection weight as a (d_model, units) tensor in its stored
+    dtype, one block at a time: from a model in memory, or read tensor by tensor from a
+    ``LayerwiseModel``'s checkpoint, so no more than one is held (the refit and the wanda
+    selector need nothing else of the weights)."""
+    if isinstance(source, LayerwiseModel) and source.checkpoint is not None:
+        adapter, checkpoint = source.adapter, source.checkpoint
+        for index in range(source.n_layers):
+            key = f"{source.block_prefix(index)}{adapter.mlp}.{adapter.down}.weight"
+            weight = checkpoint.tensor(key)
+            yield weight.T if adapter.conv1d else weight
+        return
+    model = source.model if isinstance(source, LayerwiseModel) else source
+    adapter = get_adapter(model)
+    for layer in adapter.get_layers(model):
+        weight = adapter.get_down(layer).weight.detach()
+        yield weight.T if adapter.conv1d else weight
+
+
 def empty_model(
     directory: str | os.PathLike[str],
     *,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,11 +18,13 @@ import numpy as np
 from fbnprune.collect import Activations
 from fbnprune.recipe import SelectConfig
 from fbnprune.rundir.context import RunContext
-from fbnprune.select import SelectError, column_means, layer_bounds, unit_scores
+from fbnprune.select import ModelSource, SelectError, column_means, layer_bounds, unit_scores
 from fbnprune.stages.discover import NetworkScores
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from fbnprune.models.onload import LayerwiseModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Calibration:
         activations: dict[str, Activations],
         networks: dict[str, NetworkScores] | None = None,
         *,
-        model: Callable[[], PreTrainedModel],
+        model: ModelSource,
     ) -> None:
         self.activations, self.networks, self.model = activations, networks or {}, model
         self._merged: dict[tuple[str, int], np.ndarray] = {}
@@ -60,7 +61,7 @@ class Calibration:
             if task not in self.networks:
                 raise SelectError(f"no network scores of task {task!r}: run discover first")
             return self.networks[task].scores
-        return unit_scores(selector, self.model(), self.activations[task].matrix, seed=seed)
+        return unit_scores(selector, self.model, self.activations[task].matrix, seed=seed)
 
     def merged_scores(self, selector: str, seed: int) -> np.ndarray:
         """Every unit's score, the tasks' scores merged by max (a union of tasks)."""
@@ -82,7 +83,9 @@ class Calibration:
 
 class RunCalibration(Calibration):
     """A run's calibration data: the run's model, loaded on first use (a plan that needs
-    no weights never loads it), and the layers' sensitivity on the run's prompts."""
+    no weights never loads it; with ``collect.onload: sequential`` its down projections are
+    read one layer at a time from its checkpoint, and the whole model is never loaded), and
+    the layers' sensitivity on the run's prompts."""
 
     def __init__(
         self,
@@ -90,9 +93,15 @@ class RunCalibration(Calibration):
         activations: dict[str, Activations],
         networks: dict[str, NetworkScores] | None = None,
     ) -> None:
-        super().__init__(activations, networks, model=lambda: ctx.model)
+        super().__init__(activations, networks, model=lambda: self._weights)
         self.ctx = ctx
         self._sensitivity: dict[tuple[str, int, float, int], list[float]] = {}
+
+    @functools.cached_property
+    def _weights(self) -> PreTrainedModel | LayerwiseModel:
+        if self.ctx.recipe.collect.onload == "sequential":
+            return self.ctx.layerwise_model()
+        return self.ctx.model
 
     def layer_sensitivity(self, select: SelectConfig, seed: int) -> list[float]:
         """Per layer, the KL from the original when that layer alone is cut to the budget
