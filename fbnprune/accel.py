@@ -67,3 +67,31 @@ def broadcast(accelerator: Accelerator, message: Any = None) -> Any:
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([message], from_process=0)[0]
+
+
+class Launch:
+    """This process's place among those of one launch: its accelerator, and the message the
+    main process sends the others once it reaches the heal stage (None: nothing to train)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.told = False
+
+    @property
+    def processes(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def tell(self, message: dict[str, Any] | None) -> None:
+        """Send ``message`` to the other processes (the main process, once)."""
+        if self.is_main and not self.told:
+            self.told = True
+            broadcast(self.accelerator, message)
+
+    def listen(self) -> dict[str, Any] | None:
+        """The main process's message (the other processes wait for it)."""
+        message: dict[str, Any] | None = broadcast(self.accelerator)
+        return message
