@@ -36,18 +36,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fbnprune.distill import (
-    HealError,
-    Targets,
-    distillation_loss,
-    prepare_targets,
-    validation_loss,
-)
-from fbnprune.io import atomic_file, save_figure
+from fbnprune.accel import any_process, is_fsdp, make_accelerator, mean_over_processes
+from fbnprune.distill import HealError, Targets, TeacherTargets, distillation_loss, prepare_targets
+from fbnprune.heal_state import EarlyStopping, load_state, plot_loss, save_state
 from fbnprune.models.adapters import get_adapter
 from fbnprune.recipe import HealConfig
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from peft import PeftModel
     from transformers import PreTrainedModel
 
@@ -70,6 +66,7 @@ class HealLog:
     train_loss: list[float] = field(default_factory=list)  # one per step
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     resumed_from: int | None = None
+    processes: int = 1  # each step trains on one batch per process
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,7 +143,7 @@ def _lr_at(step: int, cfg: HealConfig) -> float:
 
 def heal_model(
     student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     tokenizer: Any,
     texts: Sequence[str],
     cfg: HealConfig,
@@ -158,13 +155,21 @@ def heal_model(
     state_file: Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    accelerator: Accelerator | None = None,
+    reload: Callable[[], PreTrainedModel] | None = None,
 ) -> tuple[PreTrainedModel, HealLog]:
     """Distil ``teacher`` into ``student`` on ``texts`` (calibration text only).
 
+    Training runs through ``accelerator`` (by default one made for the student's device:
+    one process, where the result is the plain torch loop's, bit for bit). Under
+    ``accelerate launch`` every process calls this with the same targets; each step, the
+    N processes train on N batches (the one at their rank), and the losses logged are
+    their means.
+
     Args:
         student: the pruned model; trained in place (its dtype must be a float).
-        teacher: the original model; only run forward.
-        tokenizer: shared by both.
+        teacher: the original model; only run forward (None when ``targets`` are given).
+        tokenizer: shared by both (None when ``targets`` are given).
         texts: training text (the task's calibration prompts).
         cfg: steps, time budget, learning rate, method, batch shape.
         validation: held-out text whose loss is logged every ``cfg.eval_every`` steps (and
@@ -174,13 +179,19 @@ def heal_model(
         targets: the teacher's (training, validation) targets from ``prepare_targets``,
             to share them between several students of one teacher.
         state_file: where training state is checkpointed every ``cfg.checkpoint_every``
-            steps; an existing state for the same settings is resumed from.
+            steps; an existing state for the same settings is resumed from (not under FSDP).
         on_step: called with (step, loss) after every step.
+        accelerator: the process group's (``fbnprune.accel.make_accelerator``).
+        reload: under FSDP, a fresh copy of the student (from disk) into which the main
+            process gathers the trained weights.
 
     Returns:
-        The healed model (LoRA merged) and its log.
+        The healed model (LoRA merged) and its log. Under FSDP only the main process's
+        model is whole.
     """
     if targets is None:
+        if teacher is None:
+            raise HealError("heal_model needs the teacher or its targets")
         targets = prepare_targets(
             teacher,
             tokenizer,
@@ -192,27 +203,39 @@ def heal_model(
             progress=progress,
         )
     train_targets, val_targets = targets
+    if accelerator is None:
+        accelerator = make_accelerator(cpu=student.device.type == "cpu")
+    world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(cfg.seed)
     model, params = _prepare(student, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log = HealLog(cfg.method, sum(p.numel() for p in params), settings=cfg.model_dump())
-    settings_key = cfg.model_dump_json()
+    n_params = sum(p.numel() for p in params)
+    log = HealLog(cfg.method, n_params, processes=world, settings=cfg.model_dump())
+    settings_key = cfg.model_dump_json() + (f" x{world} processes" if world > 1 else "")
+    if is_fsdp(accelerator):
+        if state_file is not None:
+            logger.warning("heal: no training state is checkpointed under FSDP")
+        state_file = None
     start_step = 0
-    if state_file is not None and state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        if state["settings"] == settings_key and state["n_params"] == log.trainable_parameters:
-            for param, saved in zip(params, state["params"], strict=True):
-                param.data.copy_(saved)
-            optimizer.load_state_dict(state["optimizer"])
-            start_step, log.train_loss = state["step"], state["train_loss"]
-            log.validation, log.resumed_from = state["validation"], state["step"]
-            log.tokens = state.get("tokens", 0)
-            logger.info("heal: resuming from step %d (%s)", start_step, state_file)
+    state = load_state(state_file, params, optimizer, settings_key)
+    if state is not None:
+        start_step, log.train_loss = state["step"], state["train_loss"]
+        log.validation, log.resumed_from = state["validation"], state["step"]
+        log.tokens = state.get("tokens", 0)
+        logger.info("heal: resuming from step %d (%s)", start_step, state_file)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if is_fsdp(accelerator):  # sharded parameters replace the student's
+        params = [p for p in model.parameters() if p.requires_grad]
+    main = accelerator.is_main_process
+
+    def validate() -> float:
+        return _validation_loss(model, val_targets, cfg.temperature, accelerator)
+
     order = torch.Generator().manual_seed(cfg.seed)
     model.train()
     if val_targets and start_step == 0:  # where the unhealed slice starts
-        log.validation.append((0, validation_loss(model, val_targets, cfg.temperature)))
-    best = _EarlyStopping(params, cfg.patience, log.validation if start_step else [])
+        log.validation.append((0, validate()))
+    best = EarlyStopping(params, cfg.patience, log.validation if start_step else [])
     if val_targets and start_step == 0:
         best.update(0, log.validation[0][1])  # the unhealed slice is a candidate too
     started = time.perf_counter()
@@ -221,34 +244,37 @@ def heal_model(
         range(start_step, cfg.steps),
         desc="heal",
         unit="step",
-        disable=not progress,
+        disable=not (progress and main),
         initial=start_step,
         total=cfg.steps,
     )
     epoch: list[int] = []
     for step in bar:
-        if not epoch:
-            epoch = torch.randperm(len(train_targets), generator=order).tolist()
-        target = train_targets[epoch.pop()]
+        batches: list[TeacherTargets] = []
+        for _ in range(world):  # one batch per process; this process trains on its own
+            if not epoch:
+                epoch = torch.randperm(len(train_targets), generator=order).tolist()
+            batches.append(train_targets[epoch.pop()])
+        target = _to(batches[rank], accelerator.device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         logits = model(input_ids=target.input_ids, attention_mask=target.attention_mask).logits
         loss = distillation_loss(logits, target, cfg.temperature)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        value = float(loss.detach())
+        value = mean_over_processes(accelerator, float(loss.detach()), 1)
         if not math.isfinite(value):
             raise HealError(f"healing diverged at step {step} (loss {value}); lower heal.lr")
         log.train_loss.append(value)
-        log.tokens += target.n_tokens
+        log.tokens += sum(b.n_tokens for b in batches)
         bar.set_postfix(loss=f"{value:.4f}")
         if on_step is not None:
             on_step(step, value)
         done = step + 1
         if val_targets and (done % cfg.eval_every == 0 or done == cfg.steps):
-            log.validation.append((done, validation_loss(model, val_targets, cfg.temperature)))
+            log.validation.append((done, validate()))
             logger.info(
                 "heal: step %d/%d, %d tokens, train loss %.4f, validation %.4f (%.0f s)",
                 done,
@@ -261,120 +287,93 @@ def heal_model(
             if best.update(done, log.validation[-1][1]):
                 log.stopped_by = "patience"
                 break
-        if state_file is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            _save_state(state_file, params, optimizer, done, log, settings_key)
+        due = done % cfg.checkpoint_every == 0 and done < cfg.steps
+        if main and state_file is not None and due:
+            save_state(state_file, params, optimizer, done, log, settings_key)
         out_of_tokens = cfg.max_tokens is not None and log.tokens >= cfg.max_tokens
-        out_of_time = (
-            cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
-        )
+        late = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
+        out_of_time = cfg.max_minutes is not None and any_process(accelerator, late)
         if out_of_tokens or out_of_time:
             log.stopped_by = "tokens" if out_of_tokens else "time"
             if val_targets and log.validation[-1][0] != done:
                 # the last weights are a candidate too: without this, a budget that ends
                 # before the first evaluation would put the unhealed weights back
-                log.validation.append((done, validation_loss(model, val_targets, cfg.temperature)))
+                log.validation.append((done, validate()))
                 best.update(done, log.validation[-1][1])
             break
     bar.close()
     log.best_step = best.restore()
     log.steps = len(log.train_loss)
     log.seconds = round(time.perf_counter() - started, 2)
-    if state_file is not None and state_file.exists():
+    if main and state_file is not None and state_file.exists():
         state_file.unlink()
     logger.info(
-        "heal: %d steps in %.0f s (stopped by %s), loss %.4f -> %.4f",
+        "heal: %d steps in %.0f s on %d process(es) (stopped by %s), loss %.4f -> %.4f",
         log.steps,
         log.seconds,
+        world,
         log.stopped_by,
         log.train_loss[0] if log.train_loss else math.nan,
         log.train_loss[-1] if log.train_loss else math.nan,
     )
-    return _finish(model), log
+    return _finish(_unwrap(model, cfg, accelerator, reload)), log
 
 
-class _EarlyStopping:
-    """Keeps a copy of the trained parameters at the best validation loss; says when the
-    loss has not improved for ``patience`` evaluations; puts the best weights back."""
-
-    def __init__(
-        self, params: list[nn.Parameter], patience: int | None, history: list[tuple[int, float]]
-    ) -> None:
-        self.params, self.patience = params, patience
-        self.best_loss = min((v for _, v in history), default=math.inf)
-        self.best_step: int | None = None
-        self.best: list[torch.Tensor] | None = None
-        self.since = 0
-
-    def update(self, step: int, loss: float) -> bool:
-        """Record a validation loss; True when training should stop."""
-        if self.patience is None:
-            return False
-        if loss < self.best_loss:
-            self.best_loss, self.best_step, self.since = loss, step, 0
-            self.best = [p.detach().clone() for p in self.params]
-            return False
-        self.since += 1
-        return self.since >= self.patience
-
-    def restore(self) -> int | None:
-        """Copy the best parameters back (when early stopping is on); their step."""
-        if self.best is None:
-            return None
-        with torch.no_grad():
-            for param, saved in zip(self.params, self.best, strict=True):
-                param.copy_(saved)
-        return self.best_step
+def _to(target: TeacherTargets, device: torch.device) -> TeacherTargets:
+    """``target`` on ``device`` (itself when it is there already)."""
+    if target.input_ids.device == device:
+        return target
+    moved = [None if t is None else t.to(device) for t in _tensors(target)]
+    return TeacherTargets(*moved)  # type: ignore[arg-type]
 
 
-def _save_state(
-    file: Path,
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    log: HealLog,
-    settings: str,
-) -> None:
-    with atomic_file(file) as tmp:
-        torch.save(
-            {
-                "settings": settings,
-                "n_params": log.trainable_parameters,
-                "step": step,
-                "params": [p.detach().clone() for p in params],
-                "optimizer": optimizer.state_dict(),
-                "train_loss": log.train_loss,
-                "tokens": log.tokens,
-                "validation": log.validation,
-            },
-            tmp,
-        )
+def _tensors(target: TeacherTargets) -> list[torch.Tensor | None]:
+    return [
+        target.input_ids,
+        target.attention_mask,
+        target.top_ids,
+        target.top_logprobs,
+        target.weights,
+    ]
 
 
-def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -> Path:
-    """Training loss per step (smoothed) and validation loss of one or more heal runs."""
-    import matplotlib
+@torch.no_grad()
+def _validation_loss(
+    model: nn.Module, targets: list[TeacherTargets], temperature: float, accelerator: Accelerator
+) -> float:
+    """The mean loss over ``targets``; each process takes every N-th batch from its rank
+    (and as many forward passes as the others: FSDP gathers weights in every one)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    passes = -(-len(targets) // world)
+    model.eval()
+    losses = []
+    for i in range(rank, passes * world, world):
+        target = _to(targets[i % len(targets)], accelerator.device)
+        logits = model(input_ids=target.input_ids, attention_mask=target.attention_mask).logits
+        if i < len(targets):  # the extra pass of an uneven split counts nothing
+            losses.append(float(distillation_loss(logits, target, temperature)))
+    model.train()
+    return mean_over_processes(accelerator, sum(losses), len(losses))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, log in logs.items():
-        losses = torch.tensor(log.train_loss)
-        if len(losses) == 0:
-            continue
-        window = max(1, len(losses) // 25)  # never longer than the losses
-        smooth = losses.unfold(0, window, 1).mean(-1)
-        (line,) = ax.plot(
-            range(window, window + len(smooth)), smooth.tolist(), label=f"{name} train"
-        )
-        if log.validation:
-            steps, values = zip(*log.validation, strict=True)
-            ax.plot(steps, values, "o--", color=line.get_color(), label=f"{name} held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL(teacher || student), top-k + rest")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, file)
+def _unwrap(
+    model: nn.Module,
+    cfg: HealConfig,
+    accelerator: Accelerator,
+    reload: Callable[[], PreTrainedModel] | None,
+) -> PreTrainedModel | PeftModel:
+    """The trained model as one plain module: unwrapped, or under FSDP its full state
+    gathered (every process takes part) into ``reload()`` on the main process."""
+    if not is_fsdp(accelerator):
+        unwrapped: PreTrainedModel | PeftModel = accelerator.unwrap_model(model)
+        return unwrapped
+    full = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        sharded: PreTrainedModel | PeftModel = accelerator.unwrap_model(model)
+        return sharded
+    if reload is None:
+        raise HealError("heal_model under FSDP needs reload: the student, fresh from disk")
+    torch.manual_seed(cfg.seed)
+    fresh, _ = _prepare(reload(), cfg)
+    fresh.load_state_dict(full)
+    return fresh

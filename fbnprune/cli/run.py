@@ -77,16 +77,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
+    """Run the stages; under ``accelerate launch`` with several processes, the main one runs
+    them (holding the lock) and the others only join its heal stage."""
+    from fbnprune.accel import Launch, launched_processes, make_accelerator
+    from fbnprune.stages.heal_launch import follow
+
     recipe = load_recipe(args.recipe, args.overrides)
-    check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
-    with RunDir(args.out).lock(), use_scheduler(args.scheduler):  # one process at a time in --out
-        summary = run_pipeline(
-            recipe,
-            args.out,
-            until=args.until,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+    launch = Launch(make_accelerator()) if launched_processes() > 1 else None
+    if launch is not None and not launch.is_main:
+        follow(launch)
+        return 0
+    try:
+        check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
+        with RunDir(args.out).lock(), use_scheduler(args.scheduler):  # one process in --out
+            summary = run_pipeline(
+                recipe,
+                args.out,
+                until=args.until,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                launch=launch,
+            )
+    finally:
+        if launch is not None:
+            launch.tell(None)  # heal did not train (off, fresh, or failed): the others exit
     print(format_summary(summary))
     return 0
 

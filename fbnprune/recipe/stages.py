@@ -159,7 +159,7 @@ class SaveConfig(_Additions):
     )
 
 
-class HealConfig(_Strict):
+class HealConfig(_Additions):
     """The ``heal`` stage: distil the original model into the sliced one (``fbnprune.heal``).
 
     ``enabled: null`` (the default) heals when ``select.budget < below_budget``: no structured
@@ -168,8 +168,17 @@ class HealConfig(_Strict):
     on SmolLM2 (see the benchmark in the README).
     """
 
+    added = ("student",)
+
     enabled: bool | None = None
     below_budget: float = Field(default=0.5, gt=0, le=1)
+    student: Literal["slice", "checkpoint"] = Field(
+        default="slice",
+        description="slice: the student is sliced from the original in memory (teacher and "
+        "student resident together); checkpoint: the teacher's targets are computed first and "
+        "kept on disk, the teacher is freed, and the student is loaded from the checked "
+        "checkpoint-<layout>/ (always so under accelerate launch with several processes)",
+    )
     method: Literal["full", "lora"] = "full"
     modules: Literal["mlp", "all"] = Field(
         default="mlp", description="linear layers trained: the MLPs' or all of the decoder's"

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+    from fbnprune.accel import Launch
     from fbnprune.data.tasks import Split, TaskData
     from fbnprune.models.onload import LayerwiseModel
     from fbnprune.recipe import Recipe
@@ -32,10 +33,13 @@ class RunContext:
         *,
         progress: bool = True,
         model_and_tokenizer: tuple[PreTrainedModel, Any] | None = None,
+        launch: Launch | None = None,
     ) -> None:
         """``model_and_tokenizer``: the recipe's model, already loaded (shared between the
-        contexts of one model, e.g. the benchmark's two neuron sites)."""
+        contexts of one model, e.g. the benchmark's two neuron sites). ``launch``: this
+        process's place among those of an ``accelerate launch`` (the main one's)."""
         self.recipe, self.run, self.progress = recipe, run, progress
+        self.launch = launch
         self.layout = RunLayout(run.path)
         if model_and_tokenizer is not None:
             self.__dict__["model_and_tokenizer"] = model_and_tokenizer
@@ -53,6 +57,18 @@ class RunContext:
     @property
     def model(self) -> PreTrainedModel:
         return self.model_and_tokenizer[0]
+
+    def release_model(self) -> None:
+        """Forget the loaded model (the tokenizer stays): heal frees the teacher before it
+        loads the student."""
+        loaded = self.__dict__.pop("model_and_tokenizer", None)
+        if loaded is not None:
+            self.__dict__["_tokenizer"] = loaded[1]
+
+    @property
+    def processes(self) -> int:
+        """The processes healing trains on (1 outside ``accelerate launch``)."""
+        return 1 if self.launch is None else self.launch.processes
 
     @property
     def tokenizer(self) -> Any:

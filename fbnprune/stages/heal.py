@@ -4,6 +4,8 @@ unhealed checkpoints (stage -> reload -> parity -> publish)."""
 from __future__ import annotations
 
 import copy
+import functools
+import gc
 import json
 import logging
 import shutil
@@ -19,6 +21,7 @@ from fbnprune.recipe import Recipe
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.layout import CHECKPOINT_HEAL
 from fbnprune.slicing import slice_model
+from fbnprune.stages.heal_launch import checked_student, load_student, student_message
 from fbnprune.stages.keys import heal_key, teacher_key
 from fbnprune.stages.save import checkpoint_extras, publish, reload_parity, stage_checkpoint
 
@@ -76,10 +79,10 @@ def _teacher_targets(
     questions: list[bool],
     validation: list[str],
     validation_questions: list[bool],
-) -> Targets:
-    """The teacher's top-k targets, computed once and kept in the run directory (the
-    layout's ``heal_targets_file``): a resumed or re-tuned heal (other lr, steps, ...) skips
-    the teacher's pass."""
+) -> tuple[Targets, str]:
+    """The teacher's top-k targets and their key, computed once and kept in the run
+    directory (the layout's ``heal_targets_file``): a resumed or re-tuned heal (other lr,
+    steps, ...) skips the teacher's pass."""
     from fbnprune.distill import load_targets, prepare_targets, save_targets, targets_key
 
     cfg, file = ctx.recipe.heal, ctx.layout.heal_targets_file
@@ -87,7 +90,7 @@ def _teacher_targets(
     targets = load_targets(file, key)
     if targets is not None:
         logger.info("heal: the teacher's targets reused from %s", ctx.layout.relative(file))
-        return targets
+        return targets, key
     targets = prepare_targets(
         ctx.model,
         ctx.tokenizer,
@@ -99,7 +102,7 @@ def _teacher_targets(
         progress=ctx.progress,
     )
     save_targets(file, key, targets)
-    return targets
+    return targets, key
 
 
 def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
@@ -108,21 +111,34 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     from fbnprune.heal import heal_model, plot_loss
 
     cfg, layout = ctx.recipe.heal, heal_layout(ctx.recipe)
-    # one fresh slice of the layout healed (not every layout the recipe saves)
-    student = slice_model(copy.deepcopy(ctx.model), plan, layout=layout).eval()
     texts, questions = ctx.prompts_of(("calibration", "heal"))
     validation, validation_questions = ctx.prompts_of(("heldout",))
-    targets = _teacher_targets(ctx, texts, questions, validation, validation_questions)
+    targets, key = _teacher_targets(ctx, texts, questions, validation, validation_questions)
+    reload = None
+    if cfg.student == "checkpoint" or ctx.processes > 1:
+        # the teacher's part is on disk: free it, then load the student, never both
+        folder = checked_student(ctx, layout)
+        ctx.release_model()
+        gc.collect()
+        reload = functools.partial(load_student, folder, layout, ctx.dtype)
+        student = reload()
+        if ctx.launch is not None:
+            ctx.launch.tell(student_message(ctx, cfg, folder, layout, key))
+    else:  # one fresh slice of the layout healed (not every layout the recipe saves)
+        student = slice_model(copy.deepcopy(ctx.model), plan, layout=layout).eval()
     healed, log = heal_model(
         student,
-        ctx.model,
-        ctx.tokenizer,
+        None,
+        None,
         texts,
         cfg,
         targets=targets,
         state_file=ctx.layout.heal_state_file,
         progress=ctx.progress,
+        accelerator=None if ctx.launch is None else ctx.launch.accelerator,
+        reload=reload,
     )
+    healed = healed.cpu()  # trained on the launch's device; checked and saved from memory
     staged = stage_checkpoint(ctx, healed, layout, healed=True)
     report = reload_parity(ctx, staged, healed)
     result = ParityResult([report], files={staged.final.name: staged.files})
@@ -147,4 +163,5 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
         "loss_first": log.train_loss[0],
         "loss_last": log.train_loss[-1],
         "reload_max_abs": result.worst(),
+        "processes": log.processes,
     }

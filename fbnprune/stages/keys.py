@@ -60,5 +60,10 @@ def check_key(ctx: RunContext) -> str:
 
 
 def heal_key(ctx: RunContext) -> str:
+    """Also keyed on the processes (several train on several batches a step); one process
+    keeps the key it had before ``accelerate launch`` was supported."""
     heal_data = [data.fingerprint() for data in ctx.tasks.values()]
-    return fingerprint(check_key(ctx), ctx.recipe.heal.model_dump(), heal_data)
+    parts = [check_key(ctx), ctx.recipe.heal.model_dump(), heal_data]
+    if ctx.processes > 1:
+        parts.append({"processes": ctx.processes})
+    return fingerprint(*parts)

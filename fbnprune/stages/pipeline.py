@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fbnprune.accel import Launch
 from fbnprune.check import ParityResult
 from fbnprune.collect import Activations
 from fbnprune.io import atomic_write_text
@@ -83,6 +84,8 @@ def _save(ctx: RunContext, art: Artifacts) -> None:
 def _heal(ctx: RunContext, art: Artifacts) -> None:
     assert art.plan is not None
     recipe = ctx.recipe
+    if art.slices is not None:
+        art.slices.release()  # saved: heal slices or loads its own student
     if recipe.heal.active(recipe.select.budget):
         layout = heal.heal_layout(recipe)
         art.checkpoints[f"{layout}-healed"] = heal.heal(ctx, art.plan)
@@ -109,13 +112,15 @@ def run_pipeline(
     until: str = "heal",
     overwrite: bool = False,
     progress: bool = True,
+    launch: Launch | None = None,
 ) -> RunSummary:
-    """Run the recipe's stages up to ``until`` into ``out``; reuse stages that are fresh."""
+    """Run the recipe's stages up to ``until`` into ``out``; reuse stages that are fresh.
+    ``launch``: the main process of an ``accelerate launch``, whose others join its heal."""
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     run = RunDir.open(out, overwrite=overwrite, protected=(recipe.model,))
     run.write_meta(recipe=recipe.name, recipe_fingerprint=recipe.fingerprint(), versions=versions())
-    ctx = RunContext(recipe, run, progress=progress)
+    ctx = RunContext(recipe, run, progress=progress, launch=launch)
     atomic_write_text(ctx.layout.recipe_file, recipe.to_yaml())
     ctx.layout.write_documents(ctx.document_ids())
     art = Artifacts()

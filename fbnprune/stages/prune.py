@@ -41,6 +41,10 @@ class Slices:
             for layout in self.layouts
         }
 
+    def release(self) -> None:
+        """Drop the sliced models (after save; heal slices or loads its own)."""
+        self.__dict__.pop("models", None)
+
 
 def prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> PruneReport:
     """The prune report (``prune.json``): reused when fresh, else measured on ``slices``."""
