@@ -241,3 +241,14 @@ def test_pipeline_runs_end_to_end_with_scope_layer(tiny_llama_dir, tmp_path):
     with np.load(tmp_path / "dask/discover/news.npz") as data:
         assert str(data["scope"]) == "layer" and data["explained_variance_ratio"].shape == (3, 8)
     assert sum(dask_run.plan.kept_per_layer()) == sum(summary.plan.kept_per_layer())
+
+
+def test_validate_lets_per_layer_fits_lower_their_components(tiny_llama_dir):
+    from fbnprune.cli.validate import check_data
+
+    many = tiny_recipe(tiny_llama_dir)
+    many["discover"]["n_components"] = 5000  # more than the calibration tokens
+    with pytest.raises(RecipeError, match="n_components=5000 needs more than"):
+        check_data(parse_recipe(many))
+    many["discover"]["scope"] = "layer"
+    assert "calibration tokens" in check_data(parse_recipe(many))[0]
