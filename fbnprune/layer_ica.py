@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import mmap
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,7 +109,11 @@ class LayerICA:
         iters, converged = [], []
         bounds = np.cumsum([0, *widths])
         for layer, (k, start, stop) in enumerate(zip(ks, bounds[:-1], bounds[1:], strict=True)):
-            fit = self._layer_estimator(k).fit(self._block(X, layer, int(start), int(stop)))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fit = self._layer_estimator(k).fit(self._block(X, layer, int(start), int(stop)))
+            for w in caught:  # the layer's warnings (convergence, few tokens), named
+                warnings.warn(f"layer {layer}: {w.message}", w.category, stacklevel=2)
             self.maps_[:k, start:stop] = fit.maps_
             self.z_maps_[:k, start:stop] = fit.z_maps_
             self.explained_variance_ratio_[layer, :k] = fit.explained_variance_ratio_

@@ -110,6 +110,8 @@ def test_components_shrink_to_what_a_layer_allows():
     assert list(ica.n_components_) == [3, 6] and ica.z_maps_.shape == (6, 104)
     assert not ica.z_maps_[3:, :4].any() and not ica.networks_[3:, :4].any()
     assert len(ica.network_sizes()) == 9
+    with pytest.warns(RuntimeWarning, match="layer 1: only 100 tokens for 30 ICA components"):
+        LayerICA(estimator=GroupICA(n_components=30), layer_widths=[4, 100]).fit(X[:100])
     with pytest.raises(DiscoverError, match="sum to 100"):
         LayerICA(estimator=GroupICA(), layer_widths=[50, 50]).fit(X)
 
