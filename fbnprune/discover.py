@@ -129,6 +129,10 @@ class GroupICA:
         """Neurons in at least one network (the paper's "preserve all networks")."""
         return np.asarray(self.networks_.any(axis=0))
 
+    def network_sizes(self) -> np.ndarray:
+        """Units in each network, shape (n_components,)."""
+        return np.asarray(self.networks_.sum(axis=1))
+
 
 # fewer calibration tokens than this per ICA component gives noisy networks
 MIN_TOKENS_PER_COMPONENT = 4

@@ -67,6 +67,8 @@ def check_data(recipe: Recipe) -> list[str]:
         )
         where = f"task {task.name!r}"
         uses_ica = recipe.select.selector == "ica"
+        if recipe.discover.scope == "layer":  # each layer's fit lowers its own components
+            k = max(1, min(recipe.discover.n_components, tokens - 1, (units or tokens) - 1))
         if uses_ica and not ica_feasible(k, tokens, units or k + 1):
             raise RecipeError(
                 f"{where}: discover.n_components={k} needs more than {k} calibration tokens "

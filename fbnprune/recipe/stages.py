@@ -40,7 +40,7 @@ class CollectConfig(_Additions):
 
 
 class DiscoverConfig(_Additions):
-    added = ("engine", "memory")
+    added = ("engine", "memory", "scope")
 
     n_components: int = Field(default=128, ge=2)
     threshold: float = Field(default=3.6, gt=0)
@@ -57,6 +57,12 @@ class DiscoverConfig(_Additions):
         "(fbnprune.scale.discover), on a cluster with fbnprune run --scheduler",
     )
     memory: str = Field(default="4GiB", description="the dask engine's memory budget")
+    scope: Literal["group", "layer"] = Field(
+        default="group",
+        description="group: one ICA over all layers' units; layer: one per layer's units "
+        "(fbnprune.layer_ica), each with min(n_components, width - 1, tokens - 1) "
+        "components z-scored within the layer, memory holding one layer's block",
+    )
 
     @field_validator("memory")
     @classmethod

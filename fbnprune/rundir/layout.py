@@ -7,7 +7,7 @@
     documents.json            per task and split, the ids of the documents used
     collect/<task>/           activations.npy, sample_index.npy, meta.json (collect metadata)
                               (activations.zarr/ instead with collect.storage: zarr)
-    discover/<task>.npz       ICA scores, z maps, explained variance
+    discover/<task>.npz       ICA scores, z maps, explained variance, scope
     plan.json                 the PrunePlan (beside it plan.refit.safetensors when refit)
     prune.json                sizes and widths of the sliced layouts
     parity.json               the check stage's ParityResult, with checkpoint digests

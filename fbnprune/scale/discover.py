@@ -36,6 +36,7 @@ from typing import Any, Unpack
 import numpy as np
 
 from fbnprune.discover import DiscoverError, GroupICA, ICAParams, check_size
+from fbnprune.scale.store import ActivationStore
 
 logger = logging.getLogger(__name__)
 
@@ -212,16 +213,28 @@ class DaskGroupICA(GroupICA):
         return self._fit_maps(reduced, components)
 
 
+class StoreLayer:
+    """One layer's chunk column of an ``ActivationStore``, read as ``DaskGroupICA`` reads a
+    store (``discover.scope: layer``, ``fbnprune.layer_ica``)."""
+
+    def __init__(self, store: ActivationStore, layer: int) -> None:
+        self.store, self.layer = store, layer
+        self.layer_widths = [store.layer_widths[layer]]
+        self.chunk_tokens = store.chunk_tokens
+        self.shape = (store.shape[0], self.layer_widths[0])
+
+    def dask(self, chunk_tokens: int | None = None) -> Any:
+        return self.store.layer_dask(self.layer, chunk_tokens)
+
+
 class _Source:
     """The matrix to decompose, read lazily as float32 blocks of rows x (a layer | all)."""
 
     def __init__(self, X: Any) -> None:
         import dask.array as da
 
-        from fbnprune.scale.store import ActivationStore
-
         self.X, self.store_rows = X, None
-        if isinstance(X, ActivationStore):
+        if isinstance(X, ActivationStore | StoreLayer):
             self.widest, self.store_rows = max(X.layer_widths), X.chunk_tokens
         elif isinstance(X, da.Array):
             self.widest = max(X.chunks[1])
@@ -237,9 +250,7 @@ class _Source:
     def dask(self, rows: int) -> Any:
         import dask.array as da
 
-        from fbnprune.scale.store import ActivationStore
-
-        if isinstance(self.X, ActivationStore):
+        if isinstance(self.X, ActivationStore | StoreLayer):
             return self.X.dask(rows)
         if isinstance(self.X, da.Array):
             return self.X.astype(np.float32).rechunk({0: rows})

@@ -366,14 +366,17 @@ class ActivationStore:
         the stored chunk)."""
         import dask.array as da
 
-        rows = chunk_tokens or self.chunk_tokens
-        blocks = []
-        for layer in range(len(self.layer_widths)):
-            stored = da.from_zarr(
-                str(self.path), component=layer_name(layer), chunks=(rows, self.layer_widths[layer])
-            )
-            if self.dtype == "bfloat16":
-                blocks.append(stored.map_blocks(decode, "bfloat16", dtype=np.float32))
-            else:
-                blocks.append(stored.astype(np.float32))
+        blocks = [self.layer_dask(i, chunk_tokens) for i in range(len(self.layer_widths))]
         return da.concatenate(blocks, axis=1)
+
+    def layer_dask(self, layer: int, chunk_tokens: int | None = None):  # -> dask.array.Array
+        """One layer's chunk column as a lazy float32 ``dask.array`` (rows as ``dask``)."""
+        import dask.array as da
+
+        rows = chunk_tokens or self.chunk_tokens
+        stored = da.from_zarr(
+            str(self.path), component=layer_name(layer), chunks=(rows, self.layer_widths[layer])
+        )
+        if self.dtype == "bfloat16":
+            return stored.map_blocks(decode, "bfloat16", dtype=np.float32)
+        return stored.astype(np.float32)

@@ -92,6 +92,7 @@ def build_plan(cal: RunCalibration, select: SelectConfig, fill: str, *, seed: in
         union = cal.merged_scores(select.selector, seed) >= r.discover.threshold
         tail.update(
             n_components=r.discover.n_components,
+            discover_scope=r.discover.scope,
             threshold=r.discover.threshold,
             threshold_union_units=int(union.sum()),
             threshold_union_fraction=float(union.mean()),
