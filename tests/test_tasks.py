@@ -283,9 +283,13 @@ def test_a_budget_that_ends_before_the_first_evaluation_keeps_the_trained_weight
     assert any(not torch.equal(before[n], p) for n, p in healed.named_parameters())
 
 
+@pytest.mark.parametrize("plain_text", [0.0, 0.5])
 def test_healing_trains_on_calibration_and_healing_documents_only(
-    tiny_llama_dir, tmp_path, monkeypatch
+    tiny_llama_dir, tmp_path, monkeypatch, plain_text
 ):
+    """The task's prompts of the calibration and healing documents, and with
+    ``heal.plain_text`` a share of those documents as plain text (no answer position);
+    never a held-out document."""
     import fbnprune.distill
 
     seen: dict = {}
@@ -309,14 +313,19 @@ def test_healing_trains_on_calibration_and_healing_documents_only(
             "max_length": 48,
             "top_k": 8,
             "answer_weight": 5,
+            "plain_text": plain_text,
         },
     )
     run_pipeline(r, tmp_path / "run", progress=False)
     data = load_task(r.tasks[0], seed=r.seed)
-    assert seen["texts"] == data.prompts("calibration") + data.prompts("heal")
+    prompts = data.prompts("calibration") + data.prompts("heal")
+    docs = [d.text for d in data.calibration + data.heal]
+    plain = docs[1::2] if plain_text else []  # every other document: a share of 0.5
+    assert seen["texts"] == prompts + plain
     assert seen["validation"] == data.prompts("heldout")
     assert not set(seen["texts"]) & set(seen["validation"])
-    assert seen["questions"] == [True] * len(seen["texts"])
+    assert not set(seen["texts"]) & {d.text for d in data.heldout}
+    assert seen["questions"] == [True] * len(prompts) + [False] * len(plain)
     assert (tmp_path / "run" / "checkpoint-compact-healed" / "config.json").is_file()
 
 

@@ -209,7 +209,7 @@ def run_bench(
             pruned = slice_model(copy.deepcopy(model), plan, layout=cfg.layout).eval()
             if variant.healed:
                 if teacher is None:
-                    texts, questions = main.prompts_of(("calibration", "heal"))
+                    texts, questions = main.heal_texts()
                     validation, val_questions = main.prompts_of(("heldout",))
                     teacher = prepare_targets(
                         model,

@@ -174,7 +174,7 @@ class HealConfig(_Additions):
     on SmolLM2 (see the benchmark in the README).
     """
 
-    added = ("student",)
+    added = ("student", "plain_text")
 
     enabled: bool | None = None
     below_budget: float = Field(default=0.5, gt=0, le=1)
@@ -198,6 +198,15 @@ class HealConfig(_Additions):
         ge=0,
         description="weight of the answer position (the last token of a "
         "multiple-choice task's prompt) against 1 for every other position",
+    )
+    plain_text: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of a multiple-choice task's calibration and healing documents "
+        "also distilled as plain text (the document alone, up to max_length tokens, no "
+        "answer position): the slice stays a language model of its domain, not only an "
+        "answerer of the task's question",
     )
     patience: int | None = Field(
         default=None,

@@ -142,6 +142,21 @@ class RunContext:
                 questions += [data.choices is not None] * len(batch)
         return prompts, questions
 
+    def heal_texts(self) -> tuple[list[str], list[bool]]:
+        """What healing distils on: every task's prompts of the calibration and healing
+        documents, then, with ``heal.plain_text`` p, a share p of a multiple-choice task's
+        documents (spread evenly over them) as plain text, which is not a question."""
+        prompts, questions = self.prompts_of(("calibration", "heal"))
+        share = self.recipe.heal.plain_text
+        for data in self.tasks.values():
+            if data.choices is None or share == 0:
+                continue  # a plain-text task's prompts are plain text already
+            docs = data.calibration + data.heal
+            plain = [d.text for i, d in enumerate(docs) if int((i + 1) * share) > int(i * share)]
+            prompts += plain
+            questions += [False] * len(plain)
+        return prompts, questions
+
     def heldout_prompts(self, n: int) -> list[str]:
         """Up to ``n`` held-out prompts, taken round-robin across tasks."""
         per_task = [d.prompts("heldout") for d in self.tasks.values()]

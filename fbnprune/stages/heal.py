@@ -111,7 +111,7 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     from fbnprune.heal import heal_model, plot_loss
 
     cfg, layout = ctx.recipe.heal, heal_layout(ctx.recipe)
-    texts, questions = ctx.prompts_of(("calibration", "heal"))
+    texts, questions = ctx.heal_texts()
     validation, validation_questions = ctx.prompts_of(("heldout",))
     targets, key = _teacher_targets(ctx, texts, questions, validation, validation_questions)
     reload = None
