@@ -9,7 +9,9 @@ The rows come from ``sample_rows`` (the whole model in memory, one forward pass 
 hooks on every layer) or, for a ``LayerwiseModel`` (``collect.onload: sequential``), from
 ``layer_rows``: the embeddings once, then one decoder block at a time over every batch,
 holding only that block's weights and the batches' hidden states. Both run the same batches
-through the same operations, so they record the same values, bit for bit.
+through the same operations, so they record the same values, bit for bit. With ``pack_to``
+(``collect.packing``) the batches are packed rows instead of padded ones
+(``fbnprune.packing``): the same rows of the matrix, in the same order.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fbnprune.models.adapters import get_adapter
 from fbnprune.models.hooks import SiteHooks, site_hook, site_widths
 from fbnprune.models.layercalls import capture_layer_calls
 from fbnprune.models.onload import LayerwiseModel
+from fbnprune.packing import Batch, check_packable, length_order, packed_batches
 from fbnprune.rundir.layout import ACTIVATIONS_FILE, SAMPLE_INDEX_FILE
 
 if TYPE_CHECKING:
@@ -100,7 +103,7 @@ def tokenize(
 
 def iter_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Sample indices grouped in batches of similar length (less padding, same result)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = length_order(lengths)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -127,6 +130,29 @@ def token_batches(
     return [pad_batch(ids, b, pad_id) for b in iter_batches([len(s) for s in ids], batch_size)]
 
 
+def model_batches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[list[int]],
+    batch_size: int,
+    pack_to: int | None,
+) -> list[Batch]:
+    """The forward passes of a collection: ``batch_size`` right-padded samples of similar
+    length each, or (``pack_to``) ``batch_size`` packed rows of up to ``pack_to`` tokens
+    (refused, ``PackingError``, for a model packing would not give the same values). Either
+    way the spans list the samples in ``iter_batches``'s order."""
+    if pack_to is not None:
+        check_packable(model)
+        return packed_batches(ids, batch_size, pack_to)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for batch in iter_batches([len(seq) for seq in ids], batch_size):
+        input_ids, attention = pad_batch(ids, batch, pad_id)
+        spans = [(i, row, 0) for row, i in enumerate(batch)]
+        batches.append(Batch({"input_ids": input_ids, "attention_mask": attention}, spans))
+    return batches
+
+
 @torch.inference_mode()
 def sample_rows(
     model: PreTrainedModel,
@@ -135,11 +161,12 @@ def sample_rows(
     *,
     site: str,
     batch_size: int,
+    pack_to: int | None = None,
 ) -> Generator[tuple[int, np.ndarray], None, None]:
-    """Run ``model`` over the tokenized samples ``ids``, similar lengths batched together, and
-    yield each sample's index with its real tokens' neurons at ``site``: a float32 array
-    (n_tokens of the sample, n_neurons), valid until the next item. The hooks are removed when
-    the iteration ends or is abandoned."""
+    """Run ``model`` over the tokenized samples ``ids``, similar lengths batched together (or
+    packed in rows of up to ``pack_to`` tokens), and yield each sample's index with its real
+    tokens' neurons at ``site``: a float32 array (n_tokens of the sample, n_neurons), valid
+    until the next item. The hooks are removed when the iteration ends or is abandoned."""
     adapter = get_adapter(model)
     widths = site_widths(model, adapter, site)
     col = np.concatenate([[0], np.cumsum(widths)])
@@ -153,19 +180,17 @@ def sample_rows(
             values.detach().float().cpu().numpy()
         )
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = model_batches(model, tokenizer, ids, batch_size, pack_to)
     backbone = adapter.get_backbone(model)
     device = next(model.parameters()).device
     with SiteHooks(model, adapter, site, record):
-        for batch in iter_batches(lengths, batch_size):
-            input_ids, attention = pad_batch(ids, batch, pad_id)
-            if buffer.shape[:2] != input_ids.shape:
-                buffer = np.empty((*input_ids.shape, int(col[-1])), dtype=np.float32)
-            backbone(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
-            )
-            for row, i in enumerate(batch):  # whole rows: contiguous writes, real tokens only
-                yield i, buffer[row, : lengths[i]]
+        for batch in batches:
+            shape = batch.inputs["input_ids"].shape
+            if buffer.shape[:2] != shape:
+                buffer = np.empty((*shape, int(col[-1])), dtype=np.float32)
+            backbone(**{k: v.to(device) for k, v in batch.inputs.items()}, use_cache=False)
+            for i, row, start in batch.spans:  # contiguous writes, real tokens only
+                yield i, buffer[row, start : start + lengths[i]]
 
 
 @torch.inference_mode()
@@ -176,6 +201,7 @@ def layer_rows(
     *,
     site: str,
     batch_size: int,
+    pack_to: int | None = None,
 ) -> Generator[tuple[int, int, np.ndarray], None, None]:
     """``sample_rows`` one decoder block at a time: yield ``(layer, sample, values)``, the
     sample's real tokens' neurons of that layer (float32, (n_tokens of the sample, width)),
@@ -183,9 +209,8 @@ def layer_rows(
     one block's weights (``source.onload``) and the hidden states of every batch."""
     model, adapter = source.model, source.adapter
     lengths = [len(seq) for seq in ids]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = iter_batches(lengths, batch_size)
-    calls = capture_layer_calls(model, [pad_batch(ids, b, pad_id) for b in order])
+    batches = model_batches(model, tokenizer, ids, batch_size, pack_to)
+    calls = capture_layer_calls(model, [batch.inputs for batch in batches])
     hidden = calls.inputs
     seen: list[np.ndarray] = []
 
@@ -196,11 +221,11 @@ def layer_rows(
         with source.onload(index) as block:
             handle = site_hook(adapter, block, index, site, record)
             try:
-                for b, batch in enumerate(order):
+                for b, batch in enumerate(batches):
                     hidden[b] = calls.replay(block, index, b, hidden[b])
                     values = seen.pop()
-                    for row, i in enumerate(batch):
-                        yield index, i, values[row, : lengths[i]]
+                    for i, row, start in batch.spans:
+                        yield index, i, values[row, start : start + lengths[i]]
             finally:
                 handle.remove()
 
@@ -212,14 +237,18 @@ def row_blocks(
     *,
     site: str,
     batch_size: int,
+    pack_to: int | None = None,
 ) -> Generator[tuple[int | None, int, np.ndarray], None, None]:
     """``(layer, sample, values)`` blocks of the activation matrix: whole rows (``layer``
     None) from a model in memory (``sample_rows``), one layer's columns at a time from a
-    ``LayerwiseModel`` (``layer_rows``)."""
+    ``LayerwiseModel`` (``layer_rows``); packed in rows of up to ``pack_to`` tokens if given."""
     if isinstance(model, LayerwiseModel):
-        yield from layer_rows(model, tokenizer, ids, site=site, batch_size=batch_size)
+        yield from layer_rows(
+            model, tokenizer, ids, site=site, batch_size=batch_size, pack_to=pack_to
+        )
     else:
-        for i, values in sample_rows(model, tokenizer, ids, site=site, batch_size=batch_size):
+        rows = sample_rows(model, tokenizer, ids, site=site, batch_size=batch_size, pack_to=pack_to)
+        for i, values in rows:
             yield None, i, values
 
 
@@ -238,6 +267,7 @@ def collect_activations(
     max_length: int = 128,
     batch_size: int = 8,
     out_file: Path | None = None,
+    packing: bool = False,
     progress: bool = True,
 ) -> Activations:
     """Run ``model`` over ``prompts`` and record every real token's neurons at ``site``.
@@ -249,9 +279,11 @@ def collect_activations(
         prompts: the texts, one sample each.
         site: ``hidden`` (MLP units) or ``output`` (MLP output channels).
         max_length: tokens kept per sample.
-        batch_size: samples per forward pass.
+        batch_size: samples per forward pass (packed rows with ``packing``).
         out_file: if given, the matrix is a memory-mapped ``.npy`` there (written atomically);
             otherwise it lives in memory.
+        packing: pack short samples into rows of up to ``max_length`` tokens, positions
+            restarting at each sample (``fbnprune.packing``); the same rows, in the same order.
         progress: show a progress bar.
 
     Returns:
@@ -283,7 +315,8 @@ def collect_activations(
 
     bar = collect_bar(model, n_tokens, site, progress)
     start = time.perf_counter()
-    rows = row_blocks(model, tokenizer, ids, site=site, batch_size=batch_size)
+    pack_to = max_length if packing else None
+    rows = row_blocks(model, tokenizer, ids, site=site, batch_size=batch_size, pack_to=pack_to)
     try:
         for layer, i, values in rows:
             if layer is None:

@@ -5,14 +5,15 @@ replaced by a ``_Recorder`` that notes what the block is called with and hands i
 states on unchanged. So the blocks themselves never run (their weights may still be on the
 meta device), and what is recorded per layer is exactly what the model's own forward passes
 it: the attention mask of that layer's type (sliding or full, as Gemma3 and Qwen2 choose per
-layer), the position embeddings, position ids. Replaying block ``i`` on the hidden states
-block ``i - 1`` produced, with these arguments, is the model's forward, one block at a time
-(llm-compressor's sequential pipeline works the same way).
+layer), the position embeddings, position ids (a packed batch's restart at every sample, and
+its masks keep each sample to itself: ``fbnprune.packing``). Replaying block ``i`` on the
+hidden states block ``i - 1`` produced, with these arguments, is the model's forward, one
+block at a time (llm-compressor's sequential pipeline works the same way).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,11 +74,13 @@ class _Recorder(nn.Module):
 
 @torch.inference_mode()
 def capture_layer_calls(
-    model: PreTrainedModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    model: PreTrainedModel,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]],
 ) -> LayerCalls:
     """Run ``model``'s backbone (embeddings and what precedes the blocks; the blocks are
-    stood in for) over ``(input_ids, attention_mask)`` batches, on the device of its first
-    parameter; return the blocks' inputs and calls."""
+    stood in for) over ``(input_ids, attention_mask)`` batches, or the backbone's keyword
+    inputs (e.g. ``input_ids`` and ``position_ids`` of packed rows), on the device of its
+    first parameter; return the blocks' inputs and calls."""
     adapter = get_adapter(model)
     blocks = adapter.get_layer_list(model)
     originals = list(blocks)
@@ -96,12 +99,12 @@ def capture_layer_calls(
         for i, recorder in enumerate(recorders):
             blocks[i] = recorder
         backbone = adapter.get_backbone(model)
-        for input_ids, attention in batches:
+        for batch in batches:
+            if not isinstance(batch, Mapping):
+                batch = {"input_ids": batch[0], "attention_mask": batch[1]}
             current.clear()
             first_inputs.clear()
-            backbone(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
-            )
+            backbone(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
             inputs.append(first_inputs[0].detach())
             calls.append(list(current))
     finally:

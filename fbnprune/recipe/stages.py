@@ -12,15 +12,23 @@ _PADDED: tuple[Layout, ...] = ("padded",)  # typed: a list literal in a lambda i
 
 
 class CollectConfig(_Additions):
-    added = ("precision", "onload")
+    added = ("precision", "onload", "packing")
 
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="samples (packed rows) per forward pass")
     onload: Literal["full", "sequential"] = Field(
         default="full",
         description="full: the whole model in memory, one forward pass per "
         "batch; sequential: the embeddings, then one decoder layer at a time over every batch, "
         "its weights read from the checkpoint's safetensors files (fbnprune.models.onload), so "
         "memory holds one layer and the batches' hidden states. Same activations, bit for bit",
+    )
+    packing: bool = Field(
+        default=False,
+        description="pack short samples into rows of up to the task's max_length tokens, "
+        "position ids restarting at each sample and attention kept within it "
+        "(fbnprune.packing): fewer padded positions, the same rows of the matrix in the same "
+        "order, values equal to float32 rounding; batch_size then counts packed rows. Refused "
+        "for a family or attention implementation not verified to pack exactly",
     )
     storage: Literal["memory", "memmap", "zarr"] = Field(
         default="memmap", description="zarr: a chunked on-disk store (fbnprune.scale.store)"

@@ -70,11 +70,13 @@ def collect_to_store(
     batch_size: int = 8,
     dtype: StoreDtype = "float16",
     chunk_tokens: int | None = None,
+    packing: bool = False,
     progress: bool = True,
 ) -> StoredActivations:
     """Run ``model`` over ``prompts`` and store every real token's neurons at ``site`` in an
     activation store at ``path`` (written atomically). Arguments as ``collect_activations``;
-    ``dtype`` and ``chunk_tokens`` as ``StoreWriter``."""
+    ``dtype`` and ``chunk_tokens`` as ``StoreWriter``. Packed rows give the samples in the
+    padded batches' order, so the store's rows are the same either way."""
     module = model_of(model)
     widths = site_widths(module, get_adapter(module), site)
     ids = tokenize(tokenizer, prompts, max_length)
@@ -99,7 +101,14 @@ def collect_to_store(
         chunk_tokens=chunk_tokens,
     ) as writer:
         start = time.perf_counter()
-        rows = row_blocks(model, tokenizer, ids, site=site, batch_size=batch_size)
+        rows = row_blocks(
+            model,
+            tokenizer,
+            ids,
+            site=site,
+            batch_size=batch_size,
+            pack_to=max_length if packing else None,
+        )
         try:
             for layer, i, values in rows:
                 if layer is None:

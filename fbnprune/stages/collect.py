@@ -54,6 +54,7 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
         max_length=cfg.max_length,
         batch_size=recipe.collect.batch_size,
         out_file=layout.activations_file(task) if memmap else None,
+        packing=recipe.collect.packing,
         progress=ctx.progress,
     )
     if recipe.collect.storage == "memory":
@@ -70,6 +71,7 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
         "n_samples": len(ctx.tasks[task].calibration),
         "layer_widths": acts.layer_widths,
         "tokens_per_second": acts.tokens_per_second,
+        "packing": recipe.collect.packing,
         "sample_ids": [d.id for d in ctx.tasks[task].calibration],
     }
     layout.write_collect_meta(task, meta)
