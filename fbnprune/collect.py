@@ -290,6 +290,8 @@ def collect_activations(
         The filled ``Activations``.
     """
     module = model_of(model)
+    if packing:
+        check_packable(module)  # before the matrix is allocated
     widths = site_widths(module, get_adapter(module), site)
     cols = np.concatenate([[0], np.cumsum(widths)])
     ids = tokenize(tokenizer, prompts, max_length)

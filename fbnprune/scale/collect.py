@@ -24,6 +24,7 @@ from fbnprune.collect import Activations, collect_bar, model_of, row_blocks, tok
 from fbnprune.models.adapters import get_adapter
 from fbnprune.models.hooks import site_widths
 from fbnprune.models.onload import LayerwiseModel
+from fbnprune.packing import check_packable
 from fbnprune.scale.store import ActivationStore, StoreDtype, StoreWriter
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ def collect_to_store(
     ``dtype`` and ``chunk_tokens`` as ``StoreWriter``. Packed rows give the samples in the
     padded batches' order, so the store's rows are the same either way."""
     module = model_of(model)
+    if packing:
+        check_packable(module)  # before the store is created
     widths = site_widths(module, get_adapter(module), site)
     ids = tokenize(tokenizer, prompts, max_length)
     lengths = [len(seq) for seq in ids]
