@@ -4,8 +4,9 @@ sample, and transformers keeps attention within it.
 Tolerance: ``ATOL`` = 1e-6 absolute on float32 activations. Packed and padded rows are not the
 same shapes, so the matrix products sum in other orders; measured max |packed - unpacked| on
 these tiny models (activations up to ~0.4): 1.0e-7 (GPT-NeoX, hidden), 0 to 1e-7 elsewhere
-(with sliding windows of 3: up to 2.6e-8), and about a tenth of all values differ at all. Without the restarting position ids the same rows
-differ by more than 1e-3 (``test_the_comparison_can_fail``).
+(with sliding windows of 3: up to 2.6e-8), and about a tenth of all values differ at all.
+Without the restarting position ids the same rows differ by more than 1e-3
+(``test_the_comparison_can_fail``).
 """
 
 from __future__ import annotations
