@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from scipy.optimize import linear_sum_assignment
+from test_scale import tiny_recipe as scale_recipe
 
 from fbnprune.discover import DiscoverError, GroupICA
 from fbnprune.layer_ica import LayerICA, layer_components, read_columns
@@ -195,25 +196,8 @@ def test_recipe_rejects_an_unknown_scope(tmp_path):
 
 
 def tiny_recipe(model_dir: str, **discover) -> dict:
-    return {
-        "name": "tiny",
-        "model": model_dir,
-        "tasks": [
-            {
-                "name": "news",
-                "source": "builtin:bbc_news",
-                "template": "Article: {text}",
-                "calibration_samples": 12,
-                "heldout_samples": 4,
-                "max_length": 32,
-            }
-        ],
-        "collect": {"batch_size": 4},
-        "discover": {"n_components": 8, **discover},
-        "select": {"budget": 0.25, "min_per_layer": 0.05},
-        "check": {"samples": 4, "atol": 1e-5},
-        "heal": {"enabled": False},
-    }
+    """``test_scale``'s tiny recipe with these discover settings."""
+    return scale_recipe(model_dir, discover=discover, check={"samples": 4, "atol": 1e-5})
 
 
 def test_pipeline_runs_end_to_end_with_scope_layer(tiny_llama_dir, tmp_path):
