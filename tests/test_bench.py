@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from fbnprune.bench import Variant, grid, run_bench
+from fbnprune.bench.report import results_markdown
 from fbnprune.cli import main
 from fbnprune.recipe import RecipeError, parse_recipe
 
@@ -130,6 +131,13 @@ def test_bench_writes_table_plots_and_resumes(tiny_llama_dir, tmp_path, caplog):
         assert f"| {selector} | {condition} |" in table, (selector, condition)
     random_row = next(line for line in table.splitlines() if line.startswith("| random | mean"))
     assert "±" in random_row  # two seeds: mean ± std
+    assert "(random: seeds 0, 1, mean ± std)" in table and "prune.sequential" not in table
+    settings = {**results["settings"], "selectors": ["ica"]}
+    settings["prune"] = {**settings["prune"], "sequential": True}
+    settings["discover"] = {**settings["discover"], "standardize": True}
+    other = results_markdown({**results, "settings": settings}, {})
+    assert "random: seeds" not in other  # no random selector benched
+    assert "(`prune.sequential`)" in other and "(`discover.standardize`)" in other
     assert "## Cost" in table and "| original |" in table
     for name in ("bbc_topics.png", "ppl_news.png", "healing.png"):
         assert Image.open(bench / name).size[0] > 400, name

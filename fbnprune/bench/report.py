@@ -74,6 +74,20 @@ def _selectors(summary: Mapping[tuple, Any]) -> list[str]:
     return [s for s in SELECTOR_ORDER if s in present] + sorted(present - set(SELECTOR_ORDER))
 
 
+def _method(settings: Mapping[str, Any]) -> str:
+    """The discovery and refit settings that change what a variant is, where they are not
+    the defaults (results written before they were recorded have neither)."""
+    discover, prune = settings.get("discover", {}), settings.get("prune", {})
+    notes = []
+    if discover.get("standardize"):
+        notes.append("ICA on standardised activations (`discover.standardize`)")
+    if discover.get("scope", "group") != "group":
+        notes.append(f"one ICA per layer (`discover.scope: {discover['scope']}`)")
+    if prune.get("sequential"):
+        notes.append("refit on the pruned layers' inputs (`prune.sequential`)")
+    return "".join(f" {note};" for note in notes)
+
+
 def results_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
     rows = results["rows"]
     original = next(r for r in rows if r["key"] == "original")
@@ -82,12 +96,17 @@ def results_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> 
     lines = [
         f"# Benchmark: {results['model']} ({results['recipe']})",
         "",
-        f"Selectors {', '.join(settings['selectors'])} (random: seeds "
-        f"{', '.join(map(str, settings['random_seeds']))}, mean ± std) x budgets "
+        f"Selectors {', '.join(settings['selectors'])}"
+        + (
+            f" (random: seeds {', '.join(map(str, settings['random_seeds']))}, mean ± std)"
+            if "random" in settings["selectors"]
+            else ""
+        )
+        + " x budgets "
         f"{', '.join(f'{b:.0%}' for b in settings['budgets'])} of MLP units x "
         f"conditions {', '.join(present)}."
         f" Allocation `{settings['allocation']}` (floor {settings['min_per_layer']:.0%} per "
-        f"layer, at most half the budget); hidden-site variants sliced "
+        f"layer, at most half the budget);{_method(settings)} hidden-site variants sliced "
         f"({settings['layout']} layout), output-site variants masked. Healing: "
         f"{settings['heal']['method']} on "
         f"{settings['heal']['modules']}, {settings['heal']['steps']} steps of KD on the "

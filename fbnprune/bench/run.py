@@ -250,6 +250,8 @@ def run_bench(
             **recipe.bench.model_dump(mode="json"),
             "allocation": recipe.select.allocation,
             "min_per_layer": recipe.select.min_per_layer,
+            "discover": recipe.discover.model_dump(mode="json"),
+            "prune": recipe.prune.model_dump(mode="json"),
             "heal": heal_cfg.model_dump(mode="json"),
             "harness": harness.settings(),
             "calibration_tokens": {t: a.n_tokens for t, a in cals[recipe.site].activations.items()},
