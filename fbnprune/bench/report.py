@@ -207,9 +207,13 @@ def plot_task(results: Mapping[str, Any], task: str, file: Path) -> Path:
                 continue
             x, y, err = (list(v) for v in zip(*points, strict=True))
             x = [100 * v for v in x]
-            color = colors.get(selector)
-            ax.plot(x, y, "o-", label=selector, color=color)
-            if any(err):
+            # one colour per selector; another allocation than the recipe's ("ica
+            # (sensitivity)") is the same colour, dashed
+            base, _, other = selector.partition(" (")
+            color = colors.get(base)
+            ax.plot(x, y, "o--" if other else "o-", label=selector, color=color)
+            if any(err):  # the spread over seeds: a bar at each point, a band between them
+                ax.errorbar(x, y, yerr=err, fmt="none", color=color, capsize=3)
                 ax.fill_between(
                     x,
                     [a - b for a, b in zip(y, err, strict=True)],
@@ -230,9 +234,18 @@ def plot_task(results: Mapping[str, Any], task: str, file: Path) -> Path:
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=8, ncol=len(handles))
+    columns = min(len(handles), 2 * len(conditions))  # as many as the width holds
+    rows = math.ceil(len(handles) / columns)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="lower center",
+        fontsize=8,
+        ncol=columns,
+        frameon=False,
+    )
     fig.suptitle(f"{results['model']}: {task}", fontsize=10, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 0.93))
     return save_figure(fig, file)
 
 
