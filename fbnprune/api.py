@@ -21,7 +21,7 @@ def run(
     recipe: Recipe | str | Path,
     out: str | Path,
     *,
-    until: str = "heal",
+    until: str = "verdict",
     overwrite: bool = False,
     progress: bool = True,
 ) -> RunSummary:
@@ -30,7 +30,7 @@ def run(
     Args:
         recipe: a validated ``Recipe`` or the path of its YAML file.
         out: the run directory; finished stages found there are reused.
-        until: the last stage to run (``collect`` ... ``heal``).
+        until: the last stage to run (``collect`` ... ``verdict``).
         overwrite: replace an earlier run directory instead of resuming it.
         progress: show progress bars.
 

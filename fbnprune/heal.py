@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fbnprune.accel import any_process, is_fsdp, make_accelerator, mean_over_processes
-from fbnprune.distill import HealError, Targets, TeacherTargets, distillation_loss, prepare_targets
+from fbnprune.distill import HealError, Targets, TeacherTargets, heal_loss, prepare_targets
 from fbnprune.heal_state import EarlyStopping, load_state, plot_loss, save_state
 from fbnprune.models.adapters import get_adapter
 from fbnprune.recipe import HealConfig
@@ -151,6 +151,8 @@ def heal_model(
     validation: Sequence[str] = (),
     questions: Sequence[bool] | None = None,
     validation_questions: Sequence[bool] | None = None,
+    answers: Sequence[str | None] | None = None,
+    validation_answers: Sequence[str | None] | None = None,
     targets: Targets | None = None,
     state_file: Path | None = None,
     progress: bool = True,
@@ -176,6 +178,9 @@ def heal_model(
             drives early stopping with ``cfg.patience``).
         questions, validation_questions: per text, whether it is a multiple-choice prompt
             whose last position (the answer's) weighs ``cfg.answer_weight``.
+        answers, validation_answers: per text, its gold answer text or None; with
+            ``cfg.label_weight`` the answer is appended and its cross-entropy added to the
+            loss (training and validation alike, so early stopping follows the task).
         targets: the teacher's (training, validation) targets from ``prepare_targets``,
             to share them between several students of one teacher.
         state_file: where training state is checkpointed every ``cfg.checkpoint_every``
@@ -200,6 +205,8 @@ def heal_model(
             validation=validation,
             questions=questions,
             validation_questions=validation_questions,
+            answers=answers,
+            validation_answers=validation_answers,
             progress=progress,
         )
     train_targets, val_targets = targets
@@ -229,7 +236,7 @@ def heal_model(
     main = accelerator.is_main_process
 
     def validate() -> float:
-        return _validation_loss(model, val_targets, cfg.temperature, accelerator)
+        return _validation_loss(model, val_targets, cfg, accelerator)
 
     order = torch.Generator().manual_seed(cfg.seed)
     model.train()
@@ -259,7 +266,7 @@ def heal_model(
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         logits = model(input_ids=target.input_ids, attention_mask=target.attention_mask).logits
-        loss = distillation_loss(logits, target, cfg.temperature)
+        loss = heal_loss(logits, target, cfg.temperature, cfg.label_weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -334,12 +341,13 @@ def _tensors(target: TeacherTargets) -> list[torch.Tensor | None]:
         target.top_ids,
         target.top_logprobs,
         target.weights,
+        target.labels,
     ]
 
 
 @torch.no_grad()
 def _validation_loss(
-    model: nn.Module, targets: list[TeacherTargets], temperature: float, accelerator: Accelerator
+    model: nn.Module, targets: list[TeacherTargets], cfg: HealConfig, accelerator: Accelerator
 ) -> float:
     """The mean loss over ``targets``; each process takes every N-th batch from its rank
     (and as many forward passes as the others: FSDP gathers weights in every one)."""
@@ -351,7 +359,7 @@ def _validation_loss(
         target = _to(targets[i % len(targets)], accelerator.device)
         logits = model(input_ids=target.input_ids, attention_mask=target.attention_mask).logits
         if i < len(targets):  # the extra pass of an uneven split counts nothing
-            losses.append(float(distillation_loss(logits, target, temperature)))
+            losses.append(float(heal_loss(logits, target, cfg.temperature, cfg.label_weight)))
     model.train()
     return mean_over_processes(accelerator, sum(losses), len(losses))
 

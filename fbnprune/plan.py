@@ -76,6 +76,13 @@ class PrunePlan:
     def kept_fraction(self) -> float:
         return self.n_kept / self.n_units
 
+    @property
+    def budget(self) -> float:
+        """The budget the plan was selected for (``select.budget``, or the one chosen by
+        ``budget: auto``); the kept fraction when its provenance does not say."""
+        value = self.provenance.get("budget")
+        return float(value) if isinstance(value, int | float) else self.kept_fraction
+
     def kept_per_layer(self) -> list[int]:
         return [len(k) for k in self.kept]
 

@@ -36,7 +36,15 @@ def _write_txt(path: Path, texts: list[str]) -> Path:
 
 
 def test_builtin_names() -> None:
-    assert set(BUILTIN_SOURCES) == {"bbc_news", "wikipedia", "python_code", "arithmetic"}
+    assert set(BUILTIN_SOURCES) == {
+        "bbc_news",
+        "wikipedia",
+        "python_code",
+        "arithmetic",
+        "wiki_articles",
+        "code_modules",
+        "arithmetic_ops",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_SOURCES))

@@ -27,7 +27,7 @@ from fbnprune.bench.grid import Variant, grid, variant_plan
 from fbnprune.distill import prepare_targets
 from fbnprune.evaluate.documents import calibration_documents
 from fbnprune.evaluate.harness import Harness
-from fbnprune.evaluate.suite import build_suite, catalog, recipe_tasks
+from fbnprune.evaluate.suite import answer_tasks, build_suite, catalog, recipe_tasks
 from fbnprune.heal import HealLog, heal_model
 from fbnprune.io import atomic_write_text
 from fbnprune.mask import masked
@@ -159,6 +159,7 @@ def run_bench(
         limit=cfg.limit,
         batch_size=recipe.evaluate.batch_size,
         max_length=recipe.evaluate.max_length,
+        answer_tasks=answer_tasks(recipe, suite_dir, suite_tasks),
     )
     selectors = {"hidden": cfg.selectors, "output": cfg.output_selectors}
     # collect (and discover) before the grid's clock starts
@@ -219,6 +220,8 @@ def run_bench(
                         validation=validation,
                         questions=questions,
                         validation_questions=val_questions,
+                        answers=main.heal_answers(),
+                        validation_answers=main.answers_of(("heldout",)),
                     )
                 run_cfg = heal_cfg.model_copy(update={"seed": heal_cfg.seed + variant.heal_run})
                 pruned, log = heal_model(
@@ -302,7 +305,9 @@ def _costs(
     for budget in cfg.budgets:
         add(f"{cfg.layout} {budget:.0%}", budget, cfg.layout)
     other = "padded" if cfg.layout == "compact" else "compact"
-    add(f"{other} {recipe.select.budget:.0%}", recipe.select.budget, other)
+    if not recipe.select.auto:
+        budget = float(recipe.select.budget)
+        add(f"{other} {budget:.0%}", budget, other)
     logger.info("cost: measuring %s", ", ".join(models))
     costs = measure_costs(models, repeats=cfg.cost_repeats)
     return {

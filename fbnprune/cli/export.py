@@ -80,6 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="rebuild even if --out is up to date (an existing --out is only "
         "ever replaced when it is an fbnprune export or empty)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="export even a model the run's verdict flagged (one answer for more than 90%% "
+        "of the documents, or below the majority label's rate; see RUN_DIR/verdict/)",
+    )
     hub = parser.add_argument_group("Hugging Face Hub")
     hub.add_argument(
         "--push-to-hub",
@@ -141,6 +147,7 @@ def execute(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
         repo_id=args.push_to_hub,
+        force=args.force,
     )
     print(result.summary())
     if args.push_to_hub:

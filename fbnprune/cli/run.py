@@ -15,6 +15,9 @@ from fbnprune.rundir.layout import (
     LAYOUTS,
     PARITY_FILE,
     PLAN_FILE,
+    VERDICT_DIR,
+    VERDICT_FILE,
+    VERDICT_TABLE,
     checkpoint_name,
 )
 from fbnprune.scale.discover import use_scheduler
@@ -58,20 +61,23 @@ def inputs(args: argparse.Namespace, recipe: Recipe) -> tuple[Path, str]:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "run",
-        help="run every stage: collect, discover, select, prune, check, save, heal",
+        help="run every stage: collect, discover, select, prune, check, save, heal, verdict",
         description=f"Run a recipe end to end into one run directory: the plan ({PLAN_FILE}), "
         f"the parity report ({PARITY_FILE}), one checkpoint per layout "
         f"({', '.join(f'{checkpoint_name(layout)}/' for layout in LAYOUTS)}) and, when the "
         "recipe's heal section is active (by default below 50% kept), a distilled "
         f"{checkpoint_name('<layout>', healed=True)}/ with {HEAL_DIR}/{HEAL_LOG} and "
-        f"{HEAL_DIR}/{HEAL_PLOT}.",
+        f"{HEAL_DIR}/{HEAL_PLOT}; then the verdict: every multiple-choice task scored on "
+        "documents outside every split, for the original, unhealed and healed models "
+        f"({VERDICT_DIR}/{VERDICT_FILE}, {VERDICT_DIR}/{VERDICT_TABLE}), with flags for a "
+        "constant or below-majority model.",
     )
     add_run_arguments(parser)
     parser.add_argument(
         "--until",
         choices=STAGES,
-        default="heal",
-        help="stop after this stage (default: heal, the last)",
+        default="verdict",
+        help="stop after this stage (default: verdict, the last)",
     )
     parser.set_defaults(execute=execute)
 
@@ -115,4 +121,8 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(summary.parity.table())
     for layout, path in summary.checkpoints.items():
         lines.append(f"checkpoint ({layout}): {path}")
+    if summary.verdict is not None:
+        from fbnprune.stages.verdict import verdict_table
+
+        lines += ["", verdict_table(summary.verdict).rstrip()]
     return "\n".join(lines)

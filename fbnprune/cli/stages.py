@@ -1,4 +1,4 @@
-"""``fbnprune collect|discover|select|prune|check|save|heal RECIPE --out DIR``: run up to a stage.
+"""``fbnprune collect|discover|...|heal|verdict RECIPE --out DIR``: run up to a stage.
 
 Each stage subcommand runs the pipeline up to and including that stage, reusing finished
 earlier stages in the run directory.
@@ -19,6 +19,8 @@ from fbnprune.rundir.layout import (
     PARITY_FILE,
     PLAN_FILE,
     PRUNE_FILE,
+    VERDICT_DIR,
+    VERDICT_FILE,
     checkpoint_name,
 )
 
@@ -38,6 +40,9 @@ DESCRIPTIONS = {
     "calibration and healing documents "
     f"({_HEALED}/, {HEAL_DIR}/{HEAL_LOG}, {HEAL_DIR}/{HEAL_PLOT}); skipped unless the "
     "recipe's heal section is active (heal.enabled, or a budget below heal.below_budget)",
+    "verdict": "score every multiple-choice task on documents outside every split: the "
+    "original, unhealed and healed models, the majority rate and the spread of the answers; "
+    f"flag a constant or below-majority model ({VERDICT_DIR}/{VERDICT_FILE})",
 }
 
 

@@ -35,7 +35,7 @@ def execute(args: argparse.Namespace) -> int:
         recipe = load_recipe(path, args.overrides)
         line = (
             f"{path}: ok ({recipe.name}: {recipe.model}, {len(recipe.tasks)} task(s), "
-            f"budget {recipe.select.budget:.0%}, site {recipe.site})"
+            f"budget {_budget(recipe.select.budget)}, site {recipe.site})"
         )
         if args.data:
             line += "; " + ", ".join(check_data(recipe))
@@ -105,3 +105,7 @@ def _units(config: Any, site: str) -> int | None:
     if site == "hidden" and width is None and getattr(config, "n_embd", None):
         width = 4 * config.n_embd  # gpt2's default inner width
     return layers * width if layers and width else None
+
+
+def _budget(budget: float | str) -> str:
+    return budget if isinstance(budget, str) else f"{budget:.0%}"

@@ -10,6 +10,15 @@ records into ``Document`` objects; this module depends on nothing else in the pa
 - ``python_code``: the standard library's own source, split into chunks of whole top-level
   blocks of up to ~60 lines.
 - ``arithmetic``: 2,000 generated word problems with exact answers (label = the answer).
+
+Three small labelled tasks (<= 250 documents each) are cut from these:
+
+- ``wiki_articles``: ~100-word passages of 4 Wikipedia articles, 60 each (label = the
+  article), whose titles are answer words of 1 to 4 SmolLM2 tokens.
+- ``code_modules``: 60 standard-library chunks from each of 4 top-level packages
+  (label = the package).
+- ``arithmetic_ops``: 200 one-step word problems without ``Answer:`` (label = the operation:
+  addition, subtraction or multiplication).
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ import re
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
 
 Record = tuple[str, str, str | None]
+_T = TypeVar("_T")
 
 BBC_TOPICS = {
     "business": "business",
@@ -51,6 +62,17 @@ WIKI_END_SECTIONS = (
     "footnotes",
     "citations",
 )
+# wiki_articles: label -> article title. The titles written with a leading space are 1, 2, 3
+# and 4 SmolLM2 tokens (" Alabama", " Albert Einstein", " An|arch|ism", " Al|k|ali metal").
+WIKI_ARTICLES = {
+    "alabama": "Alabama",
+    "einstein": "Albert Einstein",
+    "anarchism": "Anarchism",
+    "alkali_metal": "Alkali metal",
+}
+WIKI_ARTICLE_CHUNK_WORDS = 100
+WIKI_ARTICLE_MIN_WORDS = 40
+WIKI_ARTICLE_CAP = 60
 CODE_SKIP_DIRS = frozenset(
     {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
 )
@@ -58,6 +80,10 @@ CODE_CHUNK_LINES = 60
 CODE_MIN_LINES = 5
 ARITHMETIC_SEED = 1234
 ARITHMETIC_COUNT = 2000
+# code_modules: top-level standard-library packages that every current CPython ships.
+CODE_MODULES = ("asyncio", "email", "logging", "xml")
+CODE_MODULE_CAP = 60
+ARITHMETIC_OPS_COUNT = 200
 
 
 def _normalise(text: str) -> str:
@@ -137,26 +163,87 @@ def _chunk_paragraphs(paragraphs: list[str], size: int) -> Iterator[str]:
 
 
 @functools.lru_cache(maxsize=1)
+def _wiki_pages() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``(title, paragraphs)`` of every article in dump order; redirects and pages under 50
+    words are skipped."""
+    from gensim.corpora.wikicorpus import extract_pages
+
+    path = importlib.resources.files("gensim") / WIKI_FILE
+    pages = []
+    with path.open("rb") as raw, bz2.open(raw) as stream:
+        for title, markup, _ in extract_pages(stream, filter_namespaces=("0",)):
+            if markup.lstrip()[:9].lower() == "#redirect":
+                continue
+            paragraphs = _wiki_paragraphs(markup)
+            if sum(len(p.split()) for p in paragraphs) >= WIKI_MIN_WORDS:
+                pages.append((title, tuple(paragraphs)))
+    return tuple(pages)
+
+
+@functools.lru_cache(maxsize=1)
 def wikipedia() -> tuple[Record, ...]:
     """Wikipedia chunks of ~300 words of whole paragraphs, id ``wikipedia/TITLE/NNN``.
 
     Redirects and pages under 50 words are skipped, as are chunks under 50 words (an article's
     short tail). Chunking turns 105 articles into about 1,500 documents.
     """
-    from gensim.corpora.wikicorpus import extract_pages
-
-    path = importlib.resources.files("gensim") / WIKI_FILE
     records = []
-    with path.open("rb") as raw, bz2.open(raw) as stream:
-        for title, markup, _ in extract_pages(stream, filter_namespaces=("0",)):
-            if markup.lstrip()[:9].lower() == "#redirect":
-                continue
-            paragraphs = _wiki_paragraphs(markup)
-            if sum(len(p.split()) for p in paragraphs) < WIKI_MIN_WORDS:
-                continue
-            for i, chunk in enumerate(_chunk_paragraphs(paragraphs, WIKI_CHUNK_WORDS)):
-                if len(chunk.split()) >= WIKI_MIN_WORDS:
-                    records.append((f"wikipedia/{title}/{i:03d}", chunk, None))
+    for title, paragraphs in _wiki_pages():
+        for i, chunk in enumerate(_chunk_paragraphs(list(paragraphs), WIKI_CHUNK_WORDS)):
+            if len(chunk.split()) >= WIKI_MIN_WORDS:
+                records.append((f"wikipedia/{title}/{i:03d}", chunk, None))
+    return tuple(records)
+
+
+def _spread(items: list[_T], cap: int) -> list[_T]:
+    """At most ``cap`` of ``items``, evenly spread over them, in their order."""
+    if len(items) <= cap:
+        return list(items)
+    return [items[i * len(items) // cap] for i in range(cap)]
+
+
+def _passages(paragraphs: tuple[str, ...], size: int) -> Iterator[str]:
+    """Passages of whole sentences of up to ``size`` words (a longer sentence stands alone);
+    sentences of one paragraph are joined by a space, paragraphs by a blank line."""
+    chunk: list[tuple[int, str]] = []
+    words = 0
+    for p, paragraph in enumerate(paragraphs):
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", paragraph):
+            n = len(sentence.split())
+            if chunk and words + n > size:
+                yield _join_sentences(chunk)
+                chunk, words = [], 0
+            chunk.append((p, sentence))
+            words += n
+    if chunk:
+        yield _join_sentences(chunk)
+
+
+def _join_sentences(sentences: list[tuple[int, str]]) -> str:
+    text = sentences[0][1]
+    for (before, _), (p, sentence) in zip(sentences, sentences[1:], strict=False):
+        text += (" " if p == before else "\n\n") + sentence
+    return text
+
+
+@functools.lru_cache(maxsize=1)
+def wiki_articles() -> tuple[Record, ...]:
+    """Passages of the 4 articles of ``WIKI_ARTICLES``, 60 each (240 in all), label = the
+    article's label (e.g. ``alabama``), id ``wiki_articles/TITLE/NNN``.
+
+    Each article is cut into passages of whole sentences of up to 100 words; passages under
+    40 words are dropped, then 60 passages evenly spread over the article are kept (NNN numbers
+    the passages before that choice).
+    """
+    pages = dict(_wiki_pages())
+    records = []
+    for label, title in WIKI_ARTICLES.items():
+        passages = [
+            (f"wiki_articles/{title}/{i:03d}", text, label)
+            for i, text in enumerate(_passages(pages[title], WIKI_ARTICLE_CHUNK_WORDS))
+            if len(text.split()) >= WIKI_ARTICLE_MIN_WORDS
+        ]
+        records.extend(_spread(passages, WIKI_ARTICLE_CAP))
     return tuple(records)
 
 
@@ -225,6 +312,26 @@ def python_code() -> tuple[Record, ...]:
                 text = "\n".join(chunk).strip("\n")
                 records.append((f"python_code/{rel}:{i:03d}", text, None))
     return tuple(records)
+
+
+@functools.lru_cache(maxsize=1)
+def code_modules() -> tuple[Record, ...]:
+    """``python_code`` chunks of the 4 packages of ``CODE_MODULES``, 60 each (240 in all),
+    label = the package, id ``code_modules/REL/PATH.py:NNN`` (the ``python_code`` chunk).
+
+    Each package's chunks are taken evenly spread over its files in path order, after dropping
+    chunks whose whitespace-collapsed text repeats an earlier one.
+    """
+    by_package: dict[str, list[Record]] = {name: [] for name in CODE_MODULES}
+    seen: set[str] = set()
+    for doc_id, text, _ in python_code():
+        package = doc_id.removeprefix("python_code/").split("/", 1)[0]
+        key = " ".join(text.split())
+        if package in by_package and key not in seen:
+            seen.add(key)
+            rest = doc_id.removeprefix("python_code/")
+            by_package[package].append((f"code_modules/{rest}", text, package))
+    return tuple(r for name in CODE_MODULES for r in _spread(by_package[name], CODE_MODULE_CAP))
 
 
 # --- arithmetic -----------------------------------------------------------------------------
@@ -327,18 +434,17 @@ _PROBLEMS: list[Callable[[random.Random, str, str, str], tuple[str, int]]] = [
     _mul,
     _two_step,
 ]
+# the operation of each one-step kind of _PROBLEMS (arithmetic_ops' labels)
+_OPERATIONS = {_add: "addition", _sub: "subtraction", _mul: "multiplication"}
 
 
 @functools.lru_cache(maxsize=1)
-def arithmetic() -> tuple[Record, ...]:
-    """2,000 distinct word problems (500 per kind: +, -, x, two-step), id ``arithmetic/NNNN``.
-
-    The text ends with ``Answer:`` and excludes the answer; the label is the exact answer as a
-    string. A fixed internal seed makes the corpus identical everywhere.
-    """
+def _arithmetic_problems() -> tuple[tuple[str, int, Callable[..., tuple[str, int]]], ...]:
+    """``(text, answer, kind)`` of the 2,000 problems in ``arithmetic``'s order: 500 of each
+    kind of ``_PROBLEMS`` in turn."""
     rng = random.Random(ARITHMETIC_SEED)
     seen: set[str] = set()
-    records: list[Record] = []
+    problems: list[tuple[str, int, Callable[..., tuple[str, int]]]] = []
     per_kind = ARITHMETIC_COUNT // len(_PROBLEMS)
     for make in _PROBLEMS:
         made = 0
@@ -349,8 +455,45 @@ def arithmetic() -> tuple[Record, ...]:
             if text in seen:
                 continue
             seen.add(text)
-            records.append((f"arithmetic/{len(records):04d}", text, str(answer)))
+            problems.append((text, answer, make))
             made += 1
+    return tuple(problems)
+
+
+@functools.lru_cache(maxsize=1)
+def arithmetic() -> tuple[Record, ...]:
+    """2,000 distinct word problems (500 per kind: +, -, x, two-step), id ``arithmetic/NNNN``.
+
+    The text ends with ``Answer:`` and excludes the answer; the label is the exact answer as a
+    string. A fixed internal seed makes the corpus identical everywhere.
+    """
+    return tuple(
+        (f"arithmetic/{i:04d}", text, str(answer))
+        for i, (text, answer, _) in enumerate(_arithmetic_problems())
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def arithmetic_ops() -> tuple[Record, ...]:
+    """200 one-step problems of ``arithmetic`` (67 addition, 67 subtraction, 66
+    multiplication), label = the operation, id ``arithmetic_ops/NNNN`` (NNNN = the
+    ``arithmetic`` id's number).
+
+    The text is the problem without its trailing ``Answer:``. Problems whose text holds the
+    answer as a number (a subtraction like 10 - 5) are skipped; the rest of each kind are taken
+    evenly spread.
+    """
+    by_kind: dict[str, list[Record]] = {op: [] for op in _OPERATIONS.values()}
+    for i, (text, answer, make) in enumerate(_arithmetic_problems()):
+        op = _OPERATIONS.get(make)
+        if op is None or str(answer) in re.findall(r"\d+", text):
+            continue
+        question = text.removesuffix("Answer:").rstrip()
+        by_kind[op].append((f"arithmetic_ops/{i:04d}", question, op))
+    records: list[Record] = []
+    for k, problems in enumerate(by_kind.values()):
+        count = ARITHMETIC_OPS_COUNT // len(by_kind) + (k < ARITHMETIC_OPS_COUNT % len(by_kind))
+        records.extend(_spread(problems, count))
     return tuple(records)
 
 
@@ -359,4 +502,7 @@ READERS: dict[str, Callable[[], tuple[Record, ...]]] = {
     "wikipedia": wikipedia,
     "python_code": python_code,
     "arithmetic": arithmetic,
+    "wiki_articles": wiki_articles,
+    "code_modules": code_modules,
+    "arithmetic_ops": arithmetic_ops,
 }

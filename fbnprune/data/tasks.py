@@ -80,6 +80,12 @@ class TaskData:
     def prompt(self, doc: Document) -> str:
         return render(self.template, doc.text, self.max_words)
 
+    def gold_answer(self, doc: Document) -> str | None:
+        """The answer text of ``doc``'s label (None without choices or a label)."""
+        if self.choices is None or doc.label is None:
+            return None
+        return self.choices.get(doc.label)
+
     def prompts(self, split: Split) -> list[str]:
         """The template applied to every document of ``split``."""
         return [self.prompt(doc) for doc in self.split(split)]

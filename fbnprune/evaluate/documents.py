@@ -20,7 +20,7 @@ from fbnprune.rundir.layout import RunLayout
 
 def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[Document]:
     """Every document the run uses, of every split (calibration, held-out, healing; same
-    splits as the pipeline's): none of them is evaluated on.
+    splits as the pipeline's) and of ``heal.corpus``: none of them is evaluated on.
 
     With ``run_dir``, ids recorded by the run (``collect/*/meta.json``, ``documents.json``)
     are added too, as id-only documents, so a run made from data that has since changed is
@@ -30,6 +30,10 @@ def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[D
     for task in recipe.tasks:
         data = load_task(task, seed=recipe.seed)
         docs += data.calibration + data.heldout + data.heal
+    if recipe.heal.corpus is not None:  # healing may have distilled any of it
+        from fbnprune.data.tasks import load_documents
+
+        docs += load_documents(recipe.heal.corpus)
     if run_dir is not None:
         known = {d.id for d in docs}
         ids: list[str] = []

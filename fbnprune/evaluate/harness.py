@@ -38,6 +38,7 @@ from typing import Any
 
 from torch import nn
 
+from fbnprune.evaluate.answers import AnswerTask
 from fbnprune.evaluate.errors import EvalError
 from fbnprune.evaluate.suite import SUITE
 
@@ -132,6 +133,8 @@ class Harness:
         device: move each model there before scoring (None: leave it where it is).
         max_length: HFLM context window; the model's own if None.
         bootstrap_iters: for metrics whose standard error needs a bootstrap.
+        answer_tasks: tasks also scored by fbnprune's answer rules (``AnswerTask``); the
+            spread of each model's answers is kept in ``spreads`` per ``score`` call.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class Harness:
         device: str | None = None,
         max_length: int | None = None,
         bootstrap_iters: int = 1000,
+        answer_tasks: Mapping[str, AnswerTask] | None = None,
     ) -> None:
         from lm_eval.tasks import TaskManager
 
@@ -176,6 +180,14 @@ class Harness:
         self.tasks = {
             name: _task_info(name, task, limit) for name, task in self.loaded["tasks"].items()
         }
+        self.answer_tasks = {k: v for k, v in (answer_tasks or {}).items() if k in self.tasks}
+        for name, answer_task in self.answer_tasks.items():
+            info, added = self.tasks[name], answer_task.metrics()
+            metrics = {**info.metrics, **added}
+            self.tasks[name] = TaskInfo(
+                name, f"acc_{answer_task.scoring}", True, metrics, info.n_docs
+            )
+        self.spreads: list[dict[str, dict[str, Any]]] = []  # per score(): task -> answers
         logger.info("evaluation tasks: %s", ", ".join(self.tasks))
 
     def score(self, model: nn.Module, tokenizer: Any) -> Scores:
@@ -201,18 +213,31 @@ class Harness:
             )
         if out is None:
             raise EvalError("lm-eval returned no results (not rank 0?)")
-        return {name: _metrics(out["results"][name]) for name in self.tasks}
+        scores = {name: _metrics(out["results"][name]) for name in self.tasks}
+        spread: dict[str, dict[str, Any]] = {}
+        for name, answer_task in self.answer_tasks.items():
+            metrics, spread[name] = _answer_scores(model, tokenizer, answer_task, self)
+            scores[name].update(metrics)
+        self.spreads.append(spread)
+        return scores
 
     def score_all(
-        self, models: Mapping[str, ModelSpec], *, timings: dict[str, float] | None = None
+        self,
+        models: Mapping[str, ModelSpec],
+        *,
+        timings: dict[str, float] | None = None,
+        spreads: dict[str, dict[str, dict[str, Any]]] | None = None,
     ) -> dict[str, Scores]:
-        """``score`` for each named model in turn; ``timings`` receives seconds per model."""
+        """``score`` for each named model in turn; ``timings`` receives seconds per model,
+        ``spreads`` each model's answer spread on the answer tasks."""
         scores: dict[str, Scores] = {}
         for name, spec in models.items():
             start = time.perf_counter()
             logger.info("evaluating %s", name)
             with _enter(spec) as (model, tokenizer):
                 scores[name] = self.score(model, tokenizer)
+            if spreads is not None:
+                spreads[name] = self.spreads[-1]
             seconds = time.perf_counter() - start
             if timings is not None:
                 timings[name] = round(seconds, 2)
@@ -262,6 +287,47 @@ def evaluate_models(
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _answer_scores(
+    model: nn.Module, tokenizer: Any, task: AnswerTask, harness: Harness
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """fbnprune's answer rules on the task's records (the first ``limit``): the metrics of
+    ``answer_metrics`` with binomial standard errors, and the spread of the answers."""
+    import json
+    import math
+
+    from fbnprune.evaluate.answers import SCORING_RULES, answer_logliks, answer_stats
+
+    lines = task.data_file.read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()][: harness.limit]
+    if not records:
+        raise EvalError(f"{task.data_file}: no records")
+    answers = records[0]["choices"]
+    labels = task.labels or tuple(answers)
+    ll = answer_logliks(
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        dict(zip(labels, answers, strict=True)),
+        content_free_prompt=task.content_free_prompt,
+        batch_size=harness.batch_size,
+    )
+    gold = [int(r["gold"]) for r in records]
+    metrics: dict[str, float | None] = {}
+    spread: dict[str, Any] = {"n": len(records), "predicted": {}}
+    for rule in SCORING_RULES:
+        stats = answer_stats(ll, gold, rule)
+        metrics[f"acc_{rule}"] = stats.accuracy
+        metrics[f"acc_{rule}_stderr"] = math.sqrt(stats.accuracy * (1 - stats.accuracy) / stats.n)
+        metrics[f"top_share_{rule}"] = stats.top_share
+        metrics["majority_rate"] = stats.majority_rate
+        spread["majority_label"], spread["majority_rate"] = (
+            stats.majority_label,
+            stats.majority_rate,
+        )
+        spread["predicted"][rule] = stats.predicted
+    return metrics, spread
 
 
 @contextlib.contextmanager

@@ -60,8 +60,11 @@ def build_results(
     models: Mapping[str, dict[str, Any]] | None = None,
     settings: Mapping[str, Any] | None = None,
     versions: Mapping[str, str] | None = None,
+    spreads: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Arrange ``{model: {task: {metric: value}}}`` by task, primary metric first."""
+    """Arrange ``{model: {task: {metric: value}}}`` by task, primary metric first;
+    ``spreads`` (model -> task -> majority rate and predicted answers per rule) go under
+    ``answers`` by task."""
     names = list(scores)
     pruned = preferred_pruned(names)
     out_tasks: dict[str, Any] = {}
@@ -83,9 +86,14 @@ def build_results(
             "stderr": stderr,
             "other_metrics": others,
         }
+    answers: dict[str, dict[str, Any]] = {}
+    for model, per_task in (spreads or {}).items():
+        for task, spread in per_task.items():
+            answers.setdefault(task, {})[model] = spread
     return {
         "format_version": RESULTS_VERSION,
         "tasks": out_tasks,
+        "answers": answers,
         "pruned": pruned,
         "models": dict(models or {}),
         "settings": dict(settings or {}),
@@ -121,11 +129,35 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             + (f" (`{healed[0]}` in the card of an `export --healed`)." if healed else ".")
         )
     notes.append(
-        "Multiple choice reports `acc` (argmax of the summed log-likelihood); `acc_norm` "
-        "divides by the label's length in characters, which favours the longest label for "
-        f"one-word labels and is kept in {RESULTS_FILE} only."
+        "The suite's own multiple-choice tasks report lm-eval's `acc` (argmax of the summed "
+        "log-likelihood); `acc_norm` divides by the label's length in characters, which "
+        f"favours the longest label for one-word labels and is kept in {RESULTS_FILE} only."
     )
+    scoring = results.get("settings", {}).get("scoring")
+    answers = results.get("answers") or {}
+    if answers:
+        notes.append(
+            f"The recipe's own tasks report `acc_{scoring}`: fbnprune's `{scoring}` answer "
+            "scoring, the same for every model (`fbnprune.evaluate.answers`); lm-eval's `acc` "
+            f"and the other rules are in {RESULTS_FILE}. Their answers:"
+        )
+        notes += ["", _answers_markdown(answers, scoring)]
     return "\n".join(lines + notes) + "\n"
+
+
+def _answers_markdown(answers: Mapping[str, Any], scoring: str | None) -> str:
+    """Per task and model: the majority rate and the spread of the answers, under the
+    recipe's scoring and as shipped (``sum``)."""
+    rules = list(dict.fromkeys([r for r in (scoring, "sum") if r]))
+    lines = ["| task | model | majority | " + " | ".join(f"answers ({r})" for r in rules) + " |"]
+    lines.append("|" + "---|" * (3 + len(rules)))
+    for task, per_model in answers.items():
+        for model, spread in per_model.items():
+            cells = [" ".join(f"{k}:{v}" for k, v in spread["predicted"][r].items()) for r in rules]
+            lines.append(
+                f"| {task} | {model} | {spread['majority_rate']:.3f} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
 
 
 def write_results(results: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:

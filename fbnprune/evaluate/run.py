@@ -28,7 +28,7 @@ from fbnprune.evaluate.documents import calibration_documents
 from fbnprune.evaluate.errors import EvalError
 from fbnprune.evaluate.harness import Harness, ModelAndTokenizer, ModelSpec
 from fbnprune.evaluate.results import build_results, write_results
-from fbnprune.evaluate.suite import build_suite, catalog, default_tasks
+from fbnprune.evaluate.suite import answer_tasks, build_suite, catalog, default_tasks
 from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe, load_recipe
@@ -102,11 +102,13 @@ def evaluate_run(
         batch_size=batch_size or cfg.batch_size,
         device=device,
         max_length=max_length or cfg.max_length,
+        answer_tasks=answer_tasks(recipe, suite_dir, suite_tasks),
     )
 
     variants, described = model_variants(context, plan, kinds, run_dir)
     timings: dict[str, float] = {}
-    scores = harness.score_all(variants, timings=timings)
+    spreads: dict[str, dict[str, Any]] = {}
+    scores = harness.score_all(variants, timings=timings, spreads=spreads)
     settings = {
         **harness.settings(),
         "tasks": list(harness.tasks),
@@ -117,9 +119,15 @@ def evaluate_run(
         "plan": _plan_summary(plan),
         "recipe": recipe.name,
         "model": recipe.model,
+        "scoring": recipe.verdict.scoring,
     }
     results = build_results(
-        scores, harness.tasks, models=described, settings=settings, versions=eval_versions()
+        scores,
+        harness.tasks,
+        models=described,
+        settings=settings,
+        versions=eval_versions(),
+        spreads=spreads,
     )
     if write:
         json_file, md_file = write_results(results, layout.eval_dir)
@@ -174,7 +182,7 @@ def model_variants(
             )
         for directory in dirs:
             info = {"source": str(directory.resolve())}
-            variants[directory.name] = _checkpoint(context, directory, info)
+            variants[directory.name] = checkpoint_model(context, directory, info)
             described[directory.name] = info
     if not variants:
         raise EvalError(f"nothing to evaluate for --models {','.join(kinds)} in {run_dir}")
@@ -222,9 +230,12 @@ def _sliced(
     return enter
 
 
-def _checkpoint(
+def checkpoint_model(
     context: RunContext, directory: Path, info: dict[str, Any]
 ) -> Callable[[], contextlib.AbstractContextManager]:
+    """A saved checkpoint, loaded from disk when entered with its own tokenizer (the
+    original's if it has none); ``info`` receives its parameters."""
+
     @contextlib.contextmanager
     def enter() -> Iterator[ModelAndTokenizer]:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -48,6 +48,7 @@ from typing import Any
 import yaml
 
 from fbnprune.data.tasks import Document, load_documents, task_choices
+from fbnprune.evaluate.answers import AnswerTask
 from fbnprune.evaluate.documents import calibration_documents, draw_documents
 from fbnprune.evaluate.errors import EvalError
 from fbnprune.evaluate.records import (
@@ -174,6 +175,28 @@ def recipe_tasks(recipe: Recipe) -> dict[str, SuiteTask]:
             if wording is not None:
                 what += f", wording {wording.name!r}"
             out[name] = SuiteTask(name, task.source, "choice", "acc", True, what, task, wording)
+    return out
+
+
+def answer_tasks(recipe: Recipe, directory: Path, names: Iterable[str]) -> dict[str, AnswerTask]:
+    """The recipe's own multiple-choice tasks among ``names``, to be scored by fbnprune's
+    answer rules too (``recipe.verdict.scoring`` their primary metric; ``Harness``)."""
+    from fbnprune.data.tasks import render
+    from fbnprune.evaluate.answers import CONTENT_FREE_TEXT
+
+    own = recipe_tasks(recipe)
+    out = {}
+    for name in names:
+        task = own.get(name)
+        if task is None or task.task is None:
+            continue
+        template = task.task.template if task.wording is None else task.wording.template
+        out[name] = AnswerTask(
+            data_file=Path(directory) / f"{name}.jsonl",
+            content_free_prompt=render(template, CONTENT_FREE_TEXT),
+            scoring=recipe.verdict.scoring,
+            labels=tuple(task_choices(task.task) or ()),
+        )
     return out
 
 

@@ -67,6 +67,8 @@ class CardFacts:
     formats: dict[str, dict[str, Any]] = field(default_factory=dict)
     repo_id: str | None = None
     heal: dict[str, Any] | None = None  # the heal log when the export is a healed checkpoint
+    verdict: dict[str, Any] | None = None  # the run's verdict/verdict.json
+    verdict_model: str = "unhealed"  # which of the verdict's models this export is
 
 
 # -- inputs -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ def sections(facts: CardFacts, base: BaseModel) -> list[str]:
         _how_to_load(facts),
         _what_was_kept(facts),
         _healing(facts),
+        _task(facts),
         _evaluation(facts, base),
         _parity(facts),
         _sizes(facts),
@@ -195,6 +196,71 @@ def _fmt(value: float | None) -> str:
 
 def _score(value: float | None, stderr: float | None) -> str:
     return _fmt(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
+
+
+def _task(facts: CardFacts) -> str:
+    """The task in plain words (labels and answer words, prompt, data, splits, scoring) and
+    the verdict: this model against the original on documents outside every split."""
+    verdict = facts.verdict
+    if not verdict:
+        return ""
+    rule, plain, model = verdict["scoring"], verdict["as_shipped"], facts.verdict_model
+    parts = ["## Task and verdict"]
+    for name, info in verdict.get("task_info", {}).items():
+        source = f"`{info['source']}`"
+        if info.get("sha256"):
+            source += f" (sha256 `{info['sha256'][:16]}…`)"
+        docs = info["documents"]
+        answers = info.get("answers") or {}
+        parts.append(
+            f"**{name}**: data {source}; documents used: {docs['calibration']} calibration, "
+            f"{docs['heldout']} held-out, {docs['heal']} healing, and {docs['verdict']} others "
+            "for the verdict below (never seen by pruning or healing). Prompt template: "
+            f"`{info['template']!r}`"
+            + (f" (the text cut to {info['max_words']} words)" if info.get("max_words") else "")
+            + ". "
+            + (
+                "Labels and their answer words: "
+                + ", ".join(f"{k} → `{v!r}`" for k, v in answers.items())
+                + "."
+                if answers
+                else "No answer words (plain text)."
+            )
+        )
+    parts.append(
+        f"Scoring: `{rule}` (each answer's log-likelihood after the prompt"
+        + (
+            ", minus its log-likelihood after the template with 'N/A' as the text"
+            if rule == "calibrated"
+            else ""
+        )
+        + f"; the same rule for every model). As shipped (`{plain}`) is what a user gets who "
+        "takes the likeliest answer word. Kept = this model's accuracy over the original's."
+    )
+    table = [
+        f"| task | docs | majority | original ({rule}) | this model ({rule}) | kept | "
+        f"this model as shipped | its most frequent answer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, task in verdict["tasks"].items():
+        ours = task["models"].get(model)
+        if ours is None:
+            continue
+        original = task["models"]["original"][rule]["accuracy"]
+        kept = task["kept"].get(model)
+        table.append(
+            f"| {name} | {task['n']} | {task['majority_rate']:.3f} | {original:.3f} | "
+            f"{ours[rule]['accuracy']:.3f} | {'n/a' if kept is None else f'{kept:.0%}'} | "
+            f"{ours[plain]['accuracy']:.3f} | {ours[plain]['top_share']:.0%} |"
+        )
+    parts.append("\n".join(table))
+    flags = verdict.get("flags_by_model", {}).get(model, [])
+    if flags:
+        parts.append(
+            "**Warning: this model was flagged and exported with `--force`.**\n\n"
+            + "\n".join(f"- {f}" for f in flags)
+        )
+    return "\n\n".join(parts)
 
 
 def _evaluation(facts: CardFacts, base: BaseModel) -> str:

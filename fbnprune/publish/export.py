@@ -28,6 +28,7 @@ from fbnprune.io import atomic_directory, atomic_write_json
 from fbnprune.publish.errors import ExportError
 from fbnprune.publish.inputs import (
     check_out_dir,
+    checked_verdict,
     export_fingerprint,
     read_json,
     read_yaml,
@@ -52,6 +53,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 EXPORT_REPORT = "fbnprune_export.json"
 EVAL_FILE = "fbnprune_eval.json"
 EVAL_TABLE = "fbnprune_eval.md"
+VERDICT_FILE, VERDICT_TABLE = "fbnprune_verdict.json", "fbnprune_verdict.md"
 
 
 @dataclass
@@ -101,6 +103,7 @@ def export_run(
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     repo_id: str | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Write a publishable folder from a run directory's checkpoint.
 
@@ -118,6 +121,8 @@ def export_run(
             replaced, never the working or home directory (``check_replaceable``).
         max_shard_size: largest safetensors file (``"5GB"``, ``"500MB"`` or bytes).
         repo_id: the Hub repository it is meant for (used in the card's loading code).
+        force: export a model the run's verdict flagged (a constant answerer, or below the
+            majority label's rate), which is refused otherwise.
     """
     run_dir = Path(run_dir)
     run = RunLayout(run_dir)
@@ -155,6 +160,7 @@ def export_run(
         except RunDirError as exc:
             raise ExportError(str(exc)) from None
     parity = verified_parity(run_dir, source, healed=healed)
+    verdict = checked_verdict(run_dir, healed=healed, force=force)
     fingerprint = export_fingerprint(run_dir, source, options)
     if previous is not None and not overwrite:
         if previous.get("fingerprint") == fingerprint:
@@ -173,6 +179,9 @@ def export_run(
         weights = write_weights(source, tmp, limit)
         results = run.eval_results_file
         for file, target in ((results, EVAL_FILE), (results.with_name(RESULTS_TABLE), EVAL_TABLE)):
+            if file.is_file():
+                shutil.copy2(file, tmp / target)
+        for file, target in ((run.verdict_file, VERDICT_FILE), (run.verdict_table, VERDICT_TABLE)):
             if file.is_file():
                 shutil.copy2(file, tmp / target)
         if recipe_text and not (tmp / CHECKPOINT_RECIPE).exists():
@@ -214,6 +223,8 @@ def export_run(
             formats=formats,
             repo_id=repo_id,
             heal=read_json(source / CHECKPOINT_HEAL) if healed else None,
+            verdict=verdict,
+            verdict_model="healed" if healed else "unhealed",
         )
         build_card(facts).save(tmp / "README.md")
     logger.info("export: wrote %s (%s layout)", out, layout)

@@ -161,7 +161,25 @@ def export_fingerprint(run_dir: Path, source: Path, options: dict[str, Any]) -> 
         run.prune_file,
         run.recipe_file,
         run.eval_results_file,
+        run.verdict_file,
     ):
         name = run.relative(path)
         digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"<absent>"))
     return digest.hexdigest()[:16]
+
+
+def checked_verdict(run_dir: Path, *, healed: bool, force: bool) -> dict[str, Any] | None:
+    """The run's verdict (None when it has none); a model the verdict flagged (a constant
+    answerer, or below the majority label's rate) is refused unless ``force``."""
+    verdict = RunLayout(run_dir).read_verdict()
+    if verdict is None:
+        return None
+    model = "healed" if healed else "unhealed"
+    flags = verdict.get("flags_by_model", {}).get(model, [])
+    if flags and not force:
+        listed = "\n  ".join(flags)
+        raise ExportError(
+            f"the verdict flagged the {model} model of {run_dir}:\n  {listed}\nIts answers "
+            "are not the task's; see verdict/verdict.md. Pass --force to export it anyway."
+        )
+    return verdict

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fbnprune.recipe.base import RECIPE_VERSION, RecipeError, Site, _Strict
+from fbnprune.recipe.base import RECIPE_VERSION, RecipeError, Site, _Additions
 from fbnprune.recipe.commands import EVAL_SUITE_TASKS, AnalyzeConfig, BenchConfig, EvaluateConfig
 from fbnprune.recipe.overrides import apply_overrides
 from fbnprune.recipe.stages import (
@@ -26,6 +26,7 @@ from fbnprune.recipe.stages import (
     PruneConfig,
     SaveConfig,
     SelectConfig,
+    VerdictConfig,
 )
 from fbnprune.recipe.tasks import TaskConfig, Wording
 from fbnprune.rundir.runner import digest
@@ -46,14 +47,17 @@ __all__ = [
     "SaveConfig",
     "SelectConfig",
     "TaskConfig",
+    "VerdictConfig",
     "Wording",
     "load_recipe",
     "parse_recipe",
 ]
 
 
-class Recipe(_Strict):
+class Recipe(_Additions):
     """A whole run: model, tasks and stage settings."""
+
+    added = ("verdict",)  # left out of fingerprints while at its defaults
 
     version: Literal[1] = RECIPE_VERSION
     name: str = "fbnprune-run"
@@ -69,6 +73,7 @@ class Recipe(_Strict):
     check: CheckConfig = CheckConfig()
     save: SaveConfig = SaveConfig()
     heal: HealConfig = HealConfig()
+    verdict: VerdictConfig = VerdictConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     bench: BenchConfig = BenchConfig()
     analyze: AnalyzeConfig = AnalyzeConfig()
@@ -80,6 +85,16 @@ class Recipe(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         return tasks
+
+    @model_validator(mode="after")
+    def _auto_budget_needs_answers(self) -> Recipe:
+        asks = any(t.choices is not None or t.source.startswith("lmeval:") for t in self.tasks)
+        if self.select.auto and not asks:
+            raise ValueError(
+                "select.budget: auto keeps the smallest budget that keeps the task's accuracy: "
+                "it needs a multiple-choice task (choices, and labelled documents)"
+            )
+        return self
 
     def fingerprint(self, *parts: str) -> str:
         """Hash of the given top-level sections (all of them when none are named)."""
@@ -122,26 +137,30 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 
 
 def _paths_beside(raw: dict, folder: Path) -> dict:
-    """Relative ``file:``/``lmeval:`` task sources, resolved against the recipe's folder (not
-    the working directory), so a recipe runs the same from anywhere."""
+    """Relative ``file:``/``lmeval:`` task sources (and ``heal.corpus``), resolved against
+    the recipe's folder (not the working directory), so a recipe runs the same from
+    anywhere."""
     tasks = raw.get("tasks")
-    if not isinstance(tasks, list):
-        return raw
-    resolved = []
-    for task in tasks:
-        source = task.get("source") if isinstance(task, dict) else None
-        scheme, sep, rest = source.partition(":") if isinstance(source, str) else ("", "", "")
-        is_path = scheme == "file" or Path(rest).suffix.lower() in (".yaml", ".yml")
-        if (
-            sep
-            and scheme in ("file", "lmeval")
-            and is_path
-            and rest
-            and not Path(rest).expanduser().is_absolute()
-        ):
-            task = {**task, "source": f"{scheme}:{(folder / rest).resolve()}"}
-        resolved.append(task)
-    return {**raw, "tasks": resolved}
+    if isinstance(tasks, list):
+        resolved = []
+        for task in tasks:
+            if isinstance(task, dict) and isinstance(task.get("source"), str):
+                task = {**task, "source": _source_beside(task["source"], folder)}
+            resolved.append(task)
+        raw = {**raw, "tasks": resolved}
+    heal = raw.get("heal")
+    if isinstance(heal, dict) and isinstance(heal.get("corpus"), str):
+        raw = {**raw, "heal": {**heal, "corpus": _source_beside(heal["corpus"], folder)}}
+    return raw
+
+
+def _source_beside(source: str, folder: Path) -> str:
+    scheme, sep, rest = source.partition(":")
+    is_path = scheme == "file" or Path(rest).suffix.lower() in (".yaml", ".yml")
+    relative = bool(rest) and not Path(rest).expanduser().is_absolute()
+    if sep and scheme in ("file", "lmeval") and is_path and relative:
+        return f"{scheme}:{(folder / rest).resolve()}"
+    return source
 
 
 def _read_recipe_text(path: Path) -> str:

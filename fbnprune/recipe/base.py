@@ -15,6 +15,7 @@ Fill = Literal["zero", "mean", "reconstruct"]
 Layout = Literal["padded", "compact"]
 Allocation = Literal["global", "uniform", "sensitivity"]
 Selector = Literal["ica", "magnitude", "random", "wanda"]
+Scoring = Literal["sum", "mean", "byte", "calibrated", "first_token"]  # evaluate.answers
 
 
 class RecipeError(FbnpruneError, ValueError):

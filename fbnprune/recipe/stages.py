@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, _Additions, _Strict
+from fbnprune.recipe.base import Allocation, Fill, Layout, Scoring, Selector, _Additions, _Strict
 
 _PADDED: tuple[Layout, ...] = ("padded",)  # typed: a list literal in a lambda is a list[str]
 
@@ -85,9 +85,34 @@ class DiscoverConfig(_Additions):
         raise ValueError(f"memory must be a size such as '4GiB', got {value!r}")
 
 
-class SelectConfig(_Strict):
+class SelectConfig(_Additions):
+    added = ("keep_accuracy", "budgets", "search_steps")
+
     selector: Selector = "ica"
-    budget: float = Field(default=0.10, description="fraction of MLP units kept, in (0, 1]")
+    budget: float | Literal["auto"] = Field(
+        default=0.10,
+        description="fraction of MLP units kept, in (0, 1]; or auto: the smallest of "
+        "`budgets` that keeps `keep_accuracy` of the original's held-out accuracy",
+    )
+    keep_accuracy: float = Field(
+        default=0.90,
+        gt=0,
+        le=1.5,
+        description="budget: auto: the share of the original's accuracy on the held-out "
+        "documents (under verdict.scoring, the smallest over tasks) a budget must keep",
+    )
+    budgets: tuple[float, ...] = Field(
+        default=(0.05, 0.10, 0.15, 0.20, 0.30, 0.50),
+        min_length=1,
+        description="budget: auto: the candidates, tried by bisection (kept share assumed "
+        "to grow with the budget)",
+    )
+    search_steps: int = Field(
+        default=30,
+        ge=0,
+        description="budget: auto: healing steps given each candidate before it is scored "
+        "(the recipe's heal settings; 0 scores the unhealed slice)",
+    )
     allocation: Allocation = "global"
     min_per_layer: float = Field(
         default=0.02, ge=0, lt=1, description="floor on the fraction kept in every layer"
@@ -107,23 +132,48 @@ class SelectConfig(_Strict):
 
     @field_validator("budget")
     @classmethod
-    def _budget_range(cls, value: float) -> float:
-        if not 0 < value <= 1:
-            raise ValueError(f"budget must be in (0, 1], got {value}")
+    def _budget_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 < float(value) <= 1:
+            raise ValueError(f"budget must be in (0, 1] or auto, got {value}")
         return value
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [b for b in value if not 0 < b <= 1]
+        if bad:
+            raise ValueError(f"budgets must lie in (0, 1], got {bad}")
+        return value
+
+    @property
+    def auto(self) -> bool:
+        return self.budget == "auto"
+
+    @property
+    def fraction(self) -> float:
+        """The fixed budget (a ``budget: auto`` selection has none until it is searched)."""
+        if isinstance(self.budget, str):
+            raise ValueError("budget: auto has no fixed fraction; search it first (at())")
+        return float(self.budget)
+
+    def at(self, budget: float) -> SelectConfig:
+        """This selection at a fixed ``budget`` (a candidate of ``budget: auto``)."""
+        return self.model_copy(update={"budget": budget})
 
     @model_validator(mode="after")
     def _floor_and_cap_fit_the_budget(self) -> SelectConfig:
-        if self.min_per_layer > self.budget:
+        low = min(self.budgets) if self.auto else float(self.budget)
+        high = max(self.budgets) if self.auto else float(self.budget)
+        if self.min_per_layer > low:
             raise ValueError(
                 f"min_per_layer ({self.min_per_layer:g}) is above the budget "
-                f"({self.budget:g}): every layer would keep more than the whole "
+                f"({low:g}): every layer would keep more than the whole "
                 "model may; lower min_per_layer or raise the budget"
             )
-        if self.max_per_layer < self.budget:
+        if self.max_per_layer < high:
             raise ValueError(
                 f"max_per_layer ({self.max_per_layer:g}) is below the budget "
-                f"({self.budget:g}): no layer may keep enough to reach it"
+                f"({high:g}): no layer may keep enough to reach it"
             )
         return self
 
@@ -182,7 +232,9 @@ class HealConfig(_Additions):
     on SmolLM2 (see the benchmark in the README).
     """
 
-    added = ("student", "plain_text")
+    # label_weight is keyed by the heal stage itself (stages.keys.heal_key): healing without
+    # it (0) is what ran before it existed
+    added = ("student", "plain_text", "corpus", "corpus_samples", "general_text", "label_weight")
 
     enabled: bool | None = None
     below_budget: float = Field(default=0.5, gt=0, le=1)
@@ -207,6 +259,13 @@ class HealConfig(_Additions):
         description="weight of the answer position (the last token of a "
         "multiple-choice task's prompt) against 1 for every other position",
     )
+    label_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="weight of the gold answer's cross-entropy (a labelled multiple-choice "
+        "document's answer appended to its prompt) beside the distillation loss: the student "
+        "learns the task where the teacher is wrong or leans to one answer; 0 distils only",
+    )
     plain_text: float = Field(
         default=0.0,
         ge=0,
@@ -215,6 +274,22 @@ class HealConfig(_Additions):
         "also distilled as plain text (the document alone, up to max_length tokens, no "
         "answer position): the slice stays a language model of its domain, not only an "
         "answerer of the task's question",
+    )
+    corpus: str | None = Field(
+        default=None,
+        description="unlabelled in-domain text also distilled as plain text (a source like a "
+        "task's: file:PATH, builtin:NAME): more text than a small task's documents, so "
+        "healing does not over-fit them; a corpus text equal to a held-out document is dropped",
+    )
+    corpus_samples: int = Field(
+        default=200, ge=1, description="documents of heal.corpus used (at most)"
+    )
+    general_text: float = Field(
+        default=0.0,
+        ge=0,
+        le=4,
+        description="general text (packaged Wikipedia passages) also distilled as plain text, "
+        "as a share of the tasks' healing texts: the slice stays a language model",
     )
     patience: int | None = Field(
         default=None,
@@ -239,3 +314,23 @@ class HealConfig(_Additions):
 
     def active(self, budget: float) -> bool:
         return self.enabled if self.enabled is not None else budget < self.below_budget
+
+
+class VerdictConfig(_Strict):
+    """The ``verdict`` stage: every multiple-choice task scored on documents outside every
+    split (the original, the unhealed and the healed model), with the majority label's rate
+    and the spread of the answers; a constant or below-majority model is flagged, and
+    ``export`` refuses it without ``--force`` (``fbnprune.stages.verdict``)."""
+
+    enabled: bool = True
+    limit: int = Field(
+        default=100, ge=1, description="documents per task outside every split (at most)"
+    )
+    scoring: Scoring = Field(
+        default="calibrated",
+        description="how an answer is read off the answers' log-likelihoods, for every model "
+        "alike: sum (as shipped: the likeliest answer), mean (per token), byte (per byte), "
+        "calibrated (minus a content-free prompt's, 'N/A' as the text), first_token (the "
+        "first token that tells the answers apart); the plain sum is reported beside it",
+    )
+    batch_size: int = Field(default=8, ge=1)

@@ -29,7 +29,8 @@ class Wording(_Strict):
 class TaskConfig(_Strict):
     """One task: where its text comes from and how much of it is used.
 
-    ``source`` is ``builtin:NAME`` (bbc_news, wikipedia, python_code, arithmetic),
+    ``source`` is ``builtin:NAME`` (bbc_news, wikipedia, python_code, arithmetic, and the
+    labelled small tasks wiki_articles, code_modules, arithmetic_ops),
     ``file:PATH`` (.txt: one document per blank-line-separated block; .jsonl: one object
     per line), ``hf:DATASET`` (Hugging Face ``datasets``; needs the network) or
     ``lmeval:TASK.yaml`` (a multiple-choice lm-eval task: its ``doc_to_text`` is the prompt,

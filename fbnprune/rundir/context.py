@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from fbnprune.accel import Launch
-    from fbnprune.data.tasks import Split, TaskData
+    from fbnprune.data.tasks import Document, Split, TaskData
     from fbnprune.models.onload import LayerwiseModel
     from fbnprune.recipe import Recipe
 
@@ -142,10 +142,26 @@ class RunContext:
                 questions += [data.choices is not None] * len(batch)
         return prompts, questions
 
+    def answers_of(self, splits: tuple[Split, ...]) -> list[str | None]:
+        """The gold answer text of every prompt of ``prompts_of(splits)`` (its label's
+        answer), None where a task has no choices or a document no label."""
+        out: list[str | None] = []
+        for data in self.tasks.values():
+            for split in splits:
+                out += [data.gold_answer(doc) for doc in data.split(split)]
+        return out
+
+    def heal_answers(self) -> list[str | None]:
+        """The gold answer of every text of ``heal_texts`` (None for plain text)."""
+        answers = self.answers_of(("calibration", "heal"))
+        return answers + [None] * (len(self.heal_texts()[0]) - len(answers))
+
     def heal_texts(self) -> tuple[list[str], list[bool]]:
         """What healing distils on: every task's prompts of the calibration and healing
         documents, then, with ``heal.plain_text`` p, a share p of a multiple-choice task's
-        documents (spread evenly over them) as plain text, which is not a question."""
+        documents (spread evenly over them) as plain text, which is not a question; then
+        the documents of ``heal.corpus`` and the ``heal.general_text`` share of general
+        text (``extra_heal_documents``), plain text too."""
         prompts, questions = self.prompts_of(("calibration", "heal"))
         share = self.recipe.heal.plain_text
         for data in self.tasks.values():
@@ -155,7 +171,32 @@ class RunContext:
             plain = [d.text for i, d in enumerate(docs) if int((i + 1) * share) > int(i * share)]
             prompts += plain
             questions += [False] * len(plain)
-        return prompts, questions
+        extra = [d.text for d in self.extra_heal_documents]
+        return prompts + extra, questions + [False] * len(extra)
+
+    @functools.cached_property
+    def extra_heal_documents(self) -> list[Document]:
+        """Plain-text documents healing distils beside the tasks': up to
+        ``heal.corpus_samples`` of ``heal.corpus`` (none whose text is a held-out
+        document's), and packaged Wikipedia passages, ``heal.general_text`` times the
+        number of the tasks' healing texts. Drawn by the recipe's seed."""
+        from fbnprune.data.tasks import load_documents, normalise
+        from fbnprune.evaluate.documents import draw_documents
+
+        cfg, seed = self.recipe.heal, self.recipe.seed
+        heldout = [d for data in self.tasks.values() for d in data.heldout]
+        out: list[Document] = []
+        if cfg.corpus is not None:
+            corpus = load_documents(cfg.corpus)
+            out += draw_documents(corpus, cfg.corpus_samples, exclude=heldout, seed=seed)
+        if cfg.general_text:
+            n_task = len(self.prompts_of(("calibration", "heal"))[0])
+            general = load_documents("builtin:wikipedia")
+            out += draw_documents(
+                general, round(cfg.general_text * n_task), exclude=heldout, seed=seed
+            )
+        used = {normalise(d.text) for d in heldout}
+        return [d for d in out if normalise(d.text) not in used]
 
     def heldout_prompts(self, n: int) -> list[str]:
         """Up to ``n`` held-out prompts, taken round-robin across tasks."""

@@ -50,6 +50,8 @@ ACTIVATIONS_STORE = "activations.zarr"  # collect.storage: zarr (fbnprune.scale.
 HEAL_DIR = "heal"
 HEAL_LOG, HEAL_PLOT, HEAL_STATE = "log.json", "loss.png", "state.pt"
 HEAL_TARGETS = "teacher.safetensors"
+VERDICT_DIR = "verdict"
+VERDICT_FILE, VERDICT_TABLE = "verdict.json", "verdict.md"
 EVAL_DIR, SUITE_DIR = "eval", "suite"
 RESULTS_FILE, RESULTS_TABLE = "results.json", "results.md"
 BENCH_DIR, BENCH_ROWS = "bench", "rows.jsonl"
@@ -152,6 +154,24 @@ class RunLayout:
     def heal_targets_file(self) -> Path:
         """The teacher's top-k targets (``fbnprune.distill.save_targets``)."""
         return self.heal_dir / HEAL_TARGETS
+
+    @property
+    def verdict_dir(self) -> Path:
+        return self.root / VERDICT_DIR
+
+    @property
+    def verdict_file(self) -> Path:
+        """The verdict stage's scores and flags (``fbnprune.stages.verdict``)."""
+        return self.verdict_dir / VERDICT_FILE
+
+    @property
+    def verdict_table(self) -> Path:
+        return self.verdict_dir / VERDICT_TABLE
+
+    def read_verdict(self) -> dict[str, Any] | None:
+        """The recorded verdict, None when the run has none."""
+        file = self.verdict_file
+        return json.loads(file.read_text()) if file.is_file() else None
 
     @property
     def heal_parity_file(self) -> Path:

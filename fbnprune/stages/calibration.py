@@ -108,7 +108,7 @@ class RunCalibration(Calibration):
         (``fbnprune.sensitivity``)."""
         from fbnprune.sensitivity import layer_sensitivity
 
-        key = (select.selector, seed, select.budget, select.sensitivity_samples)
+        key = (select.selector, seed, select.fraction, select.sensitivity_samples)
         if key not in self._sensitivity:
             ctx, layers = self.ctx, self.layers
             scores = self.merged_scores(select.selector, seed)
@@ -118,7 +118,7 @@ class RunCalibration(Calibration):
                 ctx.tokenizer,
                 prompts,
                 [scores[a:b] for a, b in layers],
-                select.budget,
+                select.fraction,
                 unit_means=[self.unit_means[a:b] for a, b in layers],
                 model_name=ctx.recipe.model,
                 max_length=ctx.max_length,

@@ -56,7 +56,7 @@ def heal(ctx: RunContext, plan: PrunePlan) -> Path:
     return healed_dir
 
 
-def discard_healed(ctx: RunContext) -> None:
+def discard_healed(ctx: RunContext, budget: float) -> None:
     """Healing is off for this recipe: remove a healed checkpoint of an earlier plan."""
     recipe = ctx.recipe
     healed_dir = ctx.layout.checkpoint_dir(heal_layout(recipe), healed=True)
@@ -68,25 +68,33 @@ def discard_healed(ctx: RunContext) -> None:
     logger.info(
         "heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "
         "set heal.enabled: true to heal anyway)",
-        100 * recipe.select.budget,
+        100 * budget,
         100 * recipe.heal.below_budget,
     )
 
 
-def _teacher_targets(
-    ctx: RunContext,
-    texts: list[str],
-    questions: list[bool],
-    validation: list[str],
-    validation_questions: list[bool],
-) -> tuple[Targets, str]:
-    """The teacher's top-k targets and their key, computed once and kept in the run
-    directory (the layout's ``heal_targets_file``): a resumed or re-tuned heal (other lr,
-    steps, ...) skips the teacher's pass."""
+def teacher_targets_of(ctx: RunContext) -> tuple[Targets, str]:
+    """The teacher's top-k targets on what healing distils (``ctx.heal_texts``; held-out
+    prompts for validation, with the gold answers of labelled documents for the label loss)
+    and their key, computed once and kept in the run directory (the layout's
+    ``heal_targets_file``): a resumed or re-tuned heal (other lr, steps, ...) and the budget
+    search of ``select.budget: auto`` skip the teacher's pass."""
+    texts, questions = ctx.heal_texts()
+    validation, validation_questions = ctx.prompts_of(("heldout",))
+    answers, validation_answers = ctx.heal_answers(), ctx.answers_of(("heldout",))
     from fbnprune.distill import load_targets, prepare_targets, save_targets, targets_key
 
     cfg, file = ctx.recipe.heal, ctx.layout.heal_targets_file
-    key = targets_key(teacher_key(ctx), cfg, texts, questions, validation, validation_questions)
+    key = targets_key(
+        teacher_key(ctx),
+        cfg,
+        texts,
+        questions,
+        validation,
+        validation_questions,
+        answers,
+        validation_answers,
+    )
     targets = load_targets(file, key)
     if targets is not None:
         logger.info("heal: the teacher's targets reused from %s", ctx.layout.relative(file))
@@ -99,6 +107,8 @@ def _teacher_targets(
         validation=validation,
         questions=questions,
         validation_questions=validation_questions,
+        answers=answers,
+        validation_answers=validation_answers,
         progress=ctx.progress,
     )
     save_targets(file, key, targets)
@@ -111,9 +121,8 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     from fbnprune.heal import heal_model, plot_loss
 
     cfg, layout = ctx.recipe.heal, heal_layout(ctx.recipe)
-    texts, questions = ctx.heal_texts()
-    validation, validation_questions = ctx.prompts_of(("heldout",))
-    targets, key = _teacher_targets(ctx, texts, questions, validation, validation_questions)
+    texts, _ = ctx.heal_texts()
+    targets, key = teacher_targets_of(ctx)
     reload = None
     if cfg.student == "checkpoint" or ctx.processes > 1:
         # the teacher's part is on disk: free it, then load the student, never both

@@ -43,7 +43,14 @@ def select_key(ctx: RunContext) -> str:
         discover_key(ctx, t) if r.select.selector == "ica" else collect_key(ctx, t)
         for t in ctx.tasks
     ]
-    return fingerprint(upstream, r.select.model_dump(), r.prune.model_dump(), r.seed)
+    parts = [upstream, r.select.model_dump(), r.prune.model_dump(), r.seed]
+    if r.select.auto:  # the search heals and scores held-out documents
+        parts += [
+            r.heal.model_dump(),
+            r.verdict.scoring,
+            [d.fingerprint() for d in ctx.tasks.values()],
+        ]
+    return fingerprint(*parts)
 
 
 def prune_key(ctx: RunContext) -> str:
@@ -63,7 +70,13 @@ def heal_key(ctx: RunContext) -> str:
     """Also keyed on the processes (several train on several batches a step); one process
     keeps the key it had before ``accelerate launch`` was supported."""
     heal_data = [data.fingerprint() for data in ctx.tasks.values()]
-    parts = [check_key(ctx), ctx.recipe.heal.model_dump(), heal_data]
+    extra = ctx.extra_heal_documents
+    if extra:  # heal.corpus and heal.general_text: their texts
+        heal_data.append(fingerprint([[d.id, d.text] for d in extra]))
+    cfg = ctx.recipe.heal
+    parts = [check_key(ctx), cfg.model_dump(), heal_data]
+    if cfg.label_weight:  # its default is 1, and a dump leaves defaults of additions out
+        parts.append({"label_weight": cfg.label_weight})
     if ctx.processes > 1:
         parts.append({"processes": ctx.processes})
     return fingerprint(*parts)

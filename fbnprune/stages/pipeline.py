@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fbnprune.accel import Launch
 from fbnprune.check import ParityResult
@@ -19,9 +20,10 @@ from fbnprune.recipe import Recipe
 from fbnprune.rundir import RunDir, StageRecord
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.runner import versions
-from fbnprune.stages import check, collect, discover, heal, prune, save, select
+from fbnprune.stages import check, collect, discover, heal, prune, save, select, verdict
 from fbnprune.stages.calibration import RunCalibration
 from fbnprune.stages.discover import NetworkScores
+from fbnprune.stages.keys import check_key, heal_key
 from fbnprune.stages.prune import PruneReport, Slices
 
 
@@ -36,6 +38,7 @@ class Artifacts:
     prune_report: PruneReport | None = None
     parity: ParityResult | None = None
     checkpoints: dict[str, Path] = field(default_factory=dict)
+    verdict: dict[str, Any] | None = None
 
 
 @dataclass
@@ -46,6 +49,7 @@ class RunSummary:
     parity: ParityResult | None
     checkpoints: dict[str, Path]
     executed: list[str] = field(default_factory=list)  # the stages computed, not reused
+    verdict: dict[str, Any] | None = None  # verdict/verdict.json, when the stage ran
 
 
 def _collect(ctx: RunContext, art: Artifacts) -> None:
@@ -86,11 +90,18 @@ def _heal(ctx: RunContext, art: Artifacts) -> None:
     recipe = ctx.recipe
     if art.slices is not None:
         art.slices.release()  # saved: heal slices or loads its own student
-    if recipe.heal.active(recipe.select.budget):
+    if recipe.heal.active(art.plan.budget):
         layout = heal.heal_layout(recipe)
         art.checkpoints[f"{layout}-healed"] = heal.heal(ctx, art.plan)
     else:
-        heal.discard_healed(ctx)
+        heal.discard_healed(ctx, art.plan.budget)
+
+
+def _verdict(ctx: RunContext, art: Artifacts) -> None:
+    assert art.plan is not None
+    healed = ctx.recipe.heal.active(art.plan.budget)
+    upstream = heal_key(ctx) if healed else check_key(ctx)
+    art.verdict = verdict.verdict(ctx, art.checkpoints, upstream)
 
 
 STEPS: list[tuple[str, Callable[[RunContext, Artifacts], None]]] = [
@@ -101,6 +112,7 @@ STEPS: list[tuple[str, Callable[[RunContext, Artifacts], None]]] = [
     ("check", _check),
     ("save", _save),
     ("heal", _heal),
+    ("verdict", _verdict),
 ]
 STAGES = tuple(name for name, _ in STEPS)
 
@@ -109,7 +121,7 @@ def run_pipeline(
     recipe: Recipe,
     out: Path,
     *,
-    until: str = "heal",
+    until: str = "verdict",
     overwrite: bool = False,
     progress: bool = True,
     launch: Launch | None = None,
@@ -127,4 +139,6 @@ def run_pipeline(
     for _, step in STEPS[: STAGES.index(until) + 1]:
         step(ctx, art)
     stages = {name: StageRecord(**rec) for name, rec in run.ledger()["stages"].items()}
-    return RunSummary(run.path, stages, art.plan, art.parity, art.checkpoints, run.executed)
+    return RunSummary(
+        run.path, stages, art.plan, art.parity, art.checkpoints, run.executed, art.verdict
+    )

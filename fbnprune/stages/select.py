@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from fbnprune.plan import PrunePlan
-from fbnprune.recipe import SelectConfig
+from fbnprune.recipe import Recipe, RecipeError, SelectConfig
 from fbnprune.refit import Refit, refit_plan
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.runner import now, versions
@@ -37,7 +37,10 @@ def select(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
 
 def _select(ctx: RunContext, calibration: RunCalibration) -> dict[str, Any]:
     r = ctx.recipe
-    plan = build_plan(calibration, r.select, r.prune.fill, seed=r.seed)
+    if r.select.auto:
+        plan = auto_budget_plan(ctx, calibration)
+    else:
+        plan = build_plan(calibration, r.select, r.prune.fill, seed=r.seed)
     provenance = plan.provenance
     plan.save(ctx.layout.plan_file)
     logger.info("select: %s", plan.summary())
@@ -48,7 +51,94 @@ def _select(ctx: RunContext, calibration: RunCalibration) -> dict[str, Any]:
             provenance["threshold_union_units"],
             100 * provenance["threshold_union_fraction"],
         )
-    return {"kept": plan.n_kept, "kept_fraction": plan.kept_fraction}
+    details: dict[str, Any] = {"kept": plan.n_kept, "kept_fraction": plan.kept_fraction}
+    if "budget_search" in provenance:
+        details["budget_search"] = provenance["budget_search"]
+    return details
+
+
+def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
+    """``select.budget: auto``: the plan at the smallest of ``select.budgets`` whose slice,
+    healed for ``select.search_steps`` steps (the recipe's heal settings, the teacher's
+    targets shared with the heal stage), keeps ``select.keep_accuracy`` of the original's
+    accuracy on every task's held-out documents; the search is in the plan's provenance."""
+    import copy
+
+    from fbnprune.budget import BudgetTrial, search_budget
+    from fbnprune.heal import heal_model
+    from fbnprune.slicing import slice_model
+    from fbnprune.stages.heal import heal_layout, teacher_targets_of
+
+    r = ctx.recipe
+    tasks = _heldout_questions(ctx)
+    if not tasks:
+        raise RecipeError("select.budget: auto needs a multiple-choice task with labels")
+    original = {name: _accuracy(ctx.model, ctx.tokenizer, task, r) for name, task in tasks.items()}
+    targets = teacher_targets_of(ctx)[0] if r.select.search_steps else None
+    heal_cfg = r.heal.model_copy(
+        update={"steps": r.select.search_steps, "max_minutes": None, "patience": None}
+    )
+    plans: dict[float, PrunePlan] = {}
+
+    def trial(budget: float) -> BudgetTrial:
+        plan = plans[budget] = build_plan(
+            calibration, r.select.at(budget), r.prune.fill, seed=r.seed
+        )
+        student = slice_model(copy.deepcopy(ctx.model), plan, layout=heal_layout(r)).eval()
+        if targets is not None:
+            student, _ = heal_model(
+                student, None, None, (), heal_cfg, targets=targets, progress=False
+            )
+        scores = {name: _accuracy(student, ctx.tokenizer, t, r) for name, t in tasks.items()}
+        kept = {n: scores[n] / original[n] if original[n] else 1.0 for n in tasks}
+        return BudgetTrial(
+            budget, min(kept.values()), {"accuracy": scores, "original": original, "kept": kept}
+        )
+
+    search = search_budget(r.select.budgets, trial, r.select.keep_accuracy)
+    plan = plans[search.chosen]
+    plan.provenance["budget_search"] = {
+        **search.to_dict(),
+        "scoring": r.verdict.scoring,
+        "documents": {name: len(t[1]) for name, t in tasks.items()},
+        "heal_steps": r.select.search_steps,
+        "how": "each candidate sliced from the original, healed for search_steps steps with "
+        "the recipe's heal settings on the heal stage's teacher targets, and scored on the "
+        "held-out split; the kept share is the smallest over tasks",
+    }
+    return plan
+
+
+HeldoutQuestion = tuple[list[str], list[int], dict[str, str], str]
+
+
+def _heldout_questions(ctx: RunContext) -> dict[str, HeldoutQuestion]:
+    """Per multiple-choice task: held-out prompts, gold answer indices, answers, and the
+    content-free prompt."""
+    from fbnprune.data.tasks import render
+    from fbnprune.evaluate.answers import CONTENT_FREE_TEXT
+
+    out: dict[str, HeldoutQuestion] = {}
+    for name, data in ctx.tasks.items():
+        if data.choices is None:
+            continue
+        docs = [d for d in data.heldout if d.label in data.choices]
+        labels = list(data.choices)
+        content_free = render(data.template, CONTENT_FREE_TEXT)
+        gold = [labels.index(str(d.label)) for d in docs]
+        out[name] = ([data.prompt(d) for d in docs], gold, data.choices, content_free)
+    return out
+
+
+def _accuracy(model: Any, tokenizer: Any, task: HeldoutQuestion, recipe: Recipe) -> float:
+    from fbnprune.evaluate.answers import answer_logliks, answer_stats
+
+    prompts, gold, answers, content_free = task
+    logliks = answer_logliks(
+        model, tokenizer, prompts, answers, content_free_prompt=content_free,
+        batch_size=recipe.verdict.batch_size,
+    )  # fmt: skip
+    return answer_stats(logliks, gold, recipe.verdict.scoring).accuracy
 
 
 def build_plan(cal: RunCalibration, select: SelectConfig, fill: str, *, seed: int) -> PrunePlan:
@@ -152,7 +242,7 @@ def plan_of(
     scores = cal.merged_scores(select.selector, seed)
     kept = allocate(
         [scores[a:b] for a, b in layers],
-        select.budget,
+        select.fraction,
         policy=select.allocation,
         min_per_layer=select.min_per_layer,
         max_per_layer=select.max_per_layer,

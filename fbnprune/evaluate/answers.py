@@ -1,0 +1,305 @@
+"""Multiple-choice answers: each answer's log-likelihood after a prompt, and the rules that
+turn those into a model's answer.
+
+``answer_logliks`` runs a model over a task's prompts once per answer (once per prompt when
+every answer is one token) and keeps, per document and answer, the summed log-probability of
+the answer's tokens and of its tokens up to the first one that tells it apart from the other
+answers; and, per answer, the same after a content-free prompt (the task's template with
+``"N/A"`` as the text, Zhao et al. 2021, "Calibrate before use").
+
+``SCORING_RULES`` (``predict``) read an answer off those numbers:
+
+- ``sum``: the largest summed log-likelihood. What a user gets who compares the answer words'
+  probabilities of the shipped model; lm-eval's ``acc``.
+- ``mean``: per token of the answer (favours neither short nor long answers by count).
+- ``byte``: per UTF-8 byte of the answer text (lm-eval's ``acc_norm`` divides by characters).
+- ``calibrated``: the summed log-likelihood minus the content-free prompt's: the model's prior
+  for each answer, which a small model's answers lean on, is divided out.
+- ``first_token``: the log-likelihood up to the answer's first distinguishing token, the
+  next-token reading of a model (the same as ``sum`` when every answer is one token).
+
+``AnswerStats`` is what is reported beside every accuracy: the majority label's rate and the
+spread of the predicted answers, so that a constant answerer shows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import torch
+from torch import nn
+
+from fbnprune.recipe.base import Scoring
+
+__all__ = [
+    "SCORING_RULES",
+    "AnswerLogLiks",
+    "AnswerStats",
+    "AnswerTask",
+    "Scoring",
+    "answer_logliks",
+]
+
+SCORING_RULES: tuple[Scoring, ...] = get_args(Scoring)
+CONTENT_FREE_TEXT = "N/A"
+CONSTANT_SHARE = 0.9  # one answer for more than this share of the documents is flagged
+
+
+@dataclass(frozen=True)
+class AnswerLogLiks:
+    """Log-likelihoods of a task's answers (columns, in ``labels`` order) per document."""
+
+    labels: tuple[str, ...]
+    loglik: np.ndarray  # (documents, answers) summed log-probability of each answer
+    first: np.ndarray  # (documents, answers) up to each answer's first distinguishing token
+    n_tokens: np.ndarray  # (answers,) tokens of each answer
+    n_bytes: np.ndarray  # (answers,) UTF-8 bytes of each answer text
+    content_free: np.ndarray  # (answers,) summed log-probability after the content-free prompt
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if (
+            self.loglik.ndim != 2
+            or self.loglik.shape[1] != n
+            or self.first.shape != self.loglik.shape
+        ):
+            raise ValueError(f"log-likelihoods must be (documents, {n}) arrays")
+        for name in ("n_tokens", "n_bytes", "content_free"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} must hold one value per answer ({n})")
+
+
+def rule_scores(logliks: AnswerLogLiks, rule: Scoring) -> np.ndarray:
+    """(documents, answers): the number ``rule`` maximises."""
+    if rule == "sum":
+        return logliks.loglik
+    if rule == "mean":
+        return logliks.loglik / np.maximum(logliks.n_tokens, 1)
+    if rule == "byte":
+        return logliks.loglik / np.maximum(logliks.n_bytes, 1)
+    if rule == "calibrated":
+        return logliks.loglik - logliks.content_free
+    if rule == "first_token":
+        return logliks.first
+    raise ValueError(f"unknown scoring rule {rule!r}; choose from {', '.join(SCORING_RULES)}")
+
+
+def predict(logliks: AnswerLogLiks, rule: Scoring) -> np.ndarray:
+    """The answer (column index) ``rule`` picks for each document; ties go to the first."""
+    return np.argmax(rule_scores(logliks, rule), axis=1)
+
+
+@dataclass(frozen=True)
+class AnswerStats:
+    """One model's answers to one task under one rule, beside the task's own label counts."""
+
+    rule: str
+    n: int
+    accuracy: float
+    majority_label: str
+    majority_rate: float
+    predicted: dict[str, int]  # label -> how often the model answered it
+    top_share: float  # the most frequent answer's share of the documents
+
+    @property
+    def constant(self) -> bool:
+        """One answer for more than ``CONSTANT_SHARE`` of the documents."""
+        return self.top_share > CONSTANT_SHARE
+
+    @property
+    def below_majority(self) -> bool:
+        """Worse than always answering the most frequent label."""
+        return self.accuracy < self.majority_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "majority_label": self.majority_label,
+            "majority_rate": self.majority_rate,
+            "predicted": self.predicted,
+            "top_share": self.top_share,
+            "constant": self.constant,
+            "below_majority": self.below_majority,
+        }
+
+
+def answer_stats(logliks: AnswerLogLiks, gold: Sequence[int], rule: Scoring) -> AnswerStats:
+    """Accuracy, majority rate and predicted-answer counts of ``rule`` against ``gold``."""
+    gold_arr = np.asarray(gold, dtype=np.int64)
+    if gold_arr.shape != (logliks.loglik.shape[0],) or len(gold_arr) == 0:
+        raise ValueError("gold must hold one answer index per document (and at least one)")
+    picked = predict(logliks, rule)
+    labels = logliks.labels
+    truth = Counter(int(g) for g in gold_arr)
+    majority, majority_n = max(truth.items(), key=lambda kv: (kv[1], -kv[0]))
+    answered = Counter(int(p) for p in picked)
+    n = len(gold_arr)
+    return AnswerStats(
+        rule=rule,
+        n=n,
+        accuracy=float(np.mean(picked == gold_arr)),
+        majority_label=labels[majority],
+        majority_rate=majority_n / n,
+        predicted={label: answered.get(i, 0) for i, label in enumerate(labels)},
+        top_share=max(answered.values()) / n,
+    )
+
+
+@dataclass(frozen=True)
+class AnswerTask:
+    """A multiple-choice task of the suite that is also scored by fbnprune's answer rules
+    of this module on the same records: its primary metric becomes
+    ``acc_<scoring>``; ``acc_<rule>`` for every rule, ``majority_rate`` and
+    ``top_share_<rule>`` (the most frequent answer's share) are added beside lm-eval's."""
+
+    data_file: Path  # the suite's JSONL records (prompt, choices, gold)
+    content_free_prompt: str
+    scoring: str
+    labels: tuple[str, ...] = ()  # names of the choices, in order (the answer texts if empty)
+
+    def metrics(self) -> dict[str, bool]:
+        """The metrics it adds (name -> higher is better), the primary one first."""
+        added = {f"acc_{rule}": True for rule in SCORING_RULES}
+        added.update({f"top_share_{rule}": False for rule in SCORING_RULES})
+        return {f"acc_{self.scoring}": True, **added, "majority_rate": True}
+
+
+# --- the model's side ---------------------------------------------------------------------------
+
+
+def distinguishing_lengths(answers: Sequence[Sequence[int]]) -> list[int]:
+    """Per answer, how many of its tokens it takes to tell it from every other answer: one
+    more than its longest shared prefix with another (capped at its own length)."""
+    out = []
+    for j, own in enumerate(answers):
+        shared = 0
+        for k, other in enumerate(answers):
+            if k == j:
+                continue
+            common = 0
+            for a, b in zip(own, other, strict=False):
+                if a != b:
+                    break
+                common += 1
+            shared = max(shared, common)
+        out.append(min(shared + 1, len(own)))
+    return out
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+Reads = list[tuple[int, list[int]]]  # (position, token ids whose log-probability it gives)
+
+
+def _read_logprobs(
+    model: nn.Module,
+    sequences: list[list[int]],
+    reads: list[Reads],
+    pad_id: int,
+    batch_size: int,
+) -> list[list[np.ndarray]]:
+    """Per sequence and read, the log-probabilities at that position of those next tokens
+    (right-padded batches of similar length; only the positions read go through the LM head
+    where the model takes ``logits_to_keep``)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[list[np.ndarray]] = [[] for _ in sequences]
+    keep = _accepts(model, "logits_to_keep")
+    device = next(model.parameters()).device
+    for b in range(0, len(order), batch_size):
+        rows = order[b : b + batch_size]
+        width = max(len(sequences[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
+            mask[r, : len(sequences[i])] = 1
+        needed = sorted({pos for i in rows for pos, _ in reads[i]})
+        kwargs: dict[str, Any] = {}
+        if keep:
+            kwargs["logits_to_keep"] = torch.tensor(needed, device=device)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+        column = {pos: c for c, pos in enumerate(needed)} if keep else {p: p for p in needed}
+        for r, i in enumerate(rows):
+            for pos, tokens in reads[i]:
+                row = torch.log_softmax(logits[r, column[pos]].float(), dim=-1)
+                out[i].append(row[tokens].double().cpu().numpy())
+    return out
+
+
+@torch.no_grad()
+def answer_logliks(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: dict[str, str],
+    *,
+    content_free_prompt: str,
+    batch_size: int = 8,
+    max_length: int = 2048,
+) -> AnswerLogLiks:
+    """Each answer's log-likelihoods after each prompt (``answers``: label -> answer text,
+    in column order) and after ``content_free_prompt``.
+
+    The prompt is tokenized as the model reads text (special tokens included), each answer on
+    its own (none) and appended, so every answer is scored on the same prompt tokens; a prompt
+    too long for ``max_length`` loses its beginning, never its question. When every answer is
+    one token, one pass per prompt scores them all."""
+    if not prompts:
+        raise ValueError("no prompts to score")
+    labels = tuple(answers)
+    answer_ids = [tokenizer(answers[k], add_special_tokens=False)["input_ids"] for k in labels]
+    empty = [k for k, ids in zip(labels, answer_ids, strict=True) if not ids]
+    if empty:
+        raise ValueError(f"answers of {empty} tokenize to nothing")
+    distinct = distinguishing_lengths(answer_ids)
+    longest = max(len(a) for a in answer_ids)
+    texts = [*prompts, content_free_prompt]
+    prompt_ids = [tokenizer(t)["input_ids"][-(max_length - longest) :] for t in texts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n, c = len(texts), len(labels)
+    loglik, first = np.empty((n, c)), np.empty((n, c))
+    was_training = model.training
+    model.eval()
+    try:
+        if longest == 1:  # the prompt's last position gives every answer's probability
+            firsts = [a[0] for a in answer_ids]
+            reads = [[(len(p) - 1, firsts)] for p in prompt_ids]
+            scored = _read_logprobs(model, prompt_ids, reads, pad_id, batch_size)
+            loglik = np.stack([s[0] for s in scored])
+            first = loglik.copy()
+        else:  # one sequence per prompt and answer; position p predicts token p + 1
+            sequences: list[list[int]] = []
+            reads = []
+            for p in prompt_ids:
+                for a in answer_ids:
+                    sequences.append(p + a)
+                    reads.append([(len(p) - 1 + t, [tok]) for t, tok in enumerate(a)])
+            scored = _read_logprobs(model, sequences, reads, pad_id, batch_size)
+            for i in range(n):
+                for j in range(c):
+                    per_token = np.concatenate(scored[i * c + j])
+                    loglik[i, j] = per_token.sum()
+                    first[i, j] = per_token[: distinct[j]].sum()
+    finally:
+        model.train(was_training)
+    return AnswerLogLiks(
+        labels=labels,
+        loglik=loglik[:-1],
+        first=first[:-1],
+        n_tokens=np.array([len(a) for a in answer_ids]),
+        n_bytes=np.array([len(answers[k].encode()) for k in labels]),
+        content_free=loglik[-1],
+    )
