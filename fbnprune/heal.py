@@ -65,6 +65,8 @@ class HealLog:
     best_step: int | None = None  # the step whose weights were kept (early stopping)
     train_loss: list[float] = field(default_factory=list)  # one per step
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    # (step, held-out accuracy under verdict.scoring), where the run scores its task
+    validation_accuracy: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
     processes: int = 1  # each step trains on one batch per process
     settings: dict[str, Any] = field(default_factory=dict)
@@ -159,6 +161,7 @@ def heal_model(
     on_step: Callable[[int, float], None] | None = None,
     accelerator: Accelerator | None = None,
     reload: Callable[[], PreTrainedModel] | None = None,
+    task_accuracy: Callable[[nn.Module], float] | None = None,
 ) -> tuple[PreTrainedModel, HealLog]:
     """Distil ``teacher`` into ``student`` on ``texts`` (calibration text only).
 
@@ -189,6 +192,8 @@ def heal_model(
         accelerator: the process group's (``fbnprune.accel.make_accelerator``).
         reload: under FSDP, a fresh copy of the student (from disk) into which the main
             process gathers the trained weights.
+        task_accuracy: the held-out accuracy of a model on the task, logged beside every
+            validation loss (one process only; it does not steer training).
 
     Returns:
         The healed model (LoRA merged) and its log. Under FSDP only the main process's
@@ -227,6 +232,7 @@ def heal_model(
     state = load_state(state_file, params, optimizer, settings_key)
     if state is not None:
         start_step, log.train_loss = state["step"], state["train_loss"]
+        log.validation_accuracy = state.get("validation_accuracy", [])
         log.validation, log.resumed_from = state["validation"], state["step"]
         log.tokens = state.get("tokens", 0)
         logger.info("heal: resuming from step %d (%s)", start_step, state_file)
@@ -236,7 +242,12 @@ def heal_model(
     main = accelerator.is_main_process
 
     def validate() -> float:
-        return _validation_loss(model, val_targets, cfg, accelerator)
+        loss = _validation_loss(model, val_targets, cfg, accelerator)
+        if task_accuracy is not None and world == 1:
+            step = len(log.train_loss)
+            log.validation_accuracy.append((step, task_accuracy(accelerator.unwrap_model(model))))
+            model.train()
+        return loss
 
     order = torch.Generator().manual_seed(cfg.seed)
     model.train()

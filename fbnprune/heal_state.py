@@ -69,6 +69,7 @@ def save_state(
                 "train_loss": log.train_loss,
                 "tokens": log.tokens,
                 "validation": log.validation,
+                "validation_accuracy": log.validation_accuracy,
             },
             tmp,
         )
@@ -92,13 +93,15 @@ def load_state(
 
 
 def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -> Path:
-    """Training loss per step (smoothed) and validation loss of one or more heal runs."""
+    """Training loss per step (smoothed), validation loss and (right axis) held-out task
+    accuracy of one or more heal runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    accuracy_ax = None
     for name, log in logs.items():
         losses = torch.tensor(log.train_loss)
         if len(losses) == 0:
@@ -111,8 +114,15 @@ def plot_loss(logs: dict[str, HealLog], file: Path, *, title: str = "healing") -
         if log.validation:
             steps, values = zip(*log.validation, strict=True)
             ax.plot(steps, values, "o--", color=line.get_color(), label=f"{name} held-out")
+        if log.validation_accuracy:
+            if accuracy_ax is None:
+                accuracy_ax = ax.twinx()
+                accuracy_ax.set_ylabel("held-out accuracy (dotted)")
+                accuracy_ax.set_ylim(0, 1)
+            steps, values = zip(*log.validation_accuracy, strict=True)
+            accuracy_ax.plot(steps, values, "s:", color=line.get_color(), label=f"{name} accuracy")
     ax.set_xlabel("step")
-    ax.set_ylabel("KL(teacher || student), top-k + rest")
+    ax.set_ylabel("loss: KL(teacher || student), top-k + rest (+ label loss)")
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)

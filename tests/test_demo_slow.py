@@ -69,6 +69,7 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
         "check",
         "save",
         "heal",
+        "verdict",
     }
 
     # the demo heals (10% < heal.below_budget): distillation lowers the KD loss on held-out text
@@ -79,6 +80,16 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
     assert (run / "checkpoint-compact-healed" / "model.safetensors").is_file()
     documents = json.loads((run / "documents.json").read_text())["tasks"]["bbc-news"]
     assert [len(documents[s]) for s in ("calibration", "heldout", "heal")] == [64, 16, 448]
+
+    # the verdict: 100 articles outside every split per wording, the healed model neither a
+    # constant answerer nor below the majority rate, on both wordings
+    verdict = json.loads((run / "verdict" / "verdict.json").read_text())
+    assert verdict["shipped"] == "healed" and verdict["flags"] == [], verdict["flags"]
+    for task in verdict["tasks"].values():
+        assert task["n"] == 100
+        healed = task["models"]["healed"]
+        assert healed["sum"]["top_share"] <= 0.9
+        assert healed[verdict["scoring"]]["accuracy"] > task["majority_rate"] + 0.1
 
     # and the healed 10% model does its task: BBC topics well above chance (0.20) on articles
     # the run never used (the README's measured figures come from `fbnprune evaluate`)

@@ -142,3 +142,11 @@ def test_evaluate_scores_the_recipes_tasks_with_the_verdicts_rule(verdict_run) -
         "checkpoint-compact",
         "checkpoint-compact-healed",
     }
+
+
+def test_healing_logs_the_held_out_accuracy(verdict_run) -> None:
+    run_dir, _ = verdict_run
+    log = json.loads((run_dir / "heal" / "log.json").read_text())
+    assert [step for step, _ in log["validation_accuracy"]] == [0, 3]
+    assert all(0 <= acc <= 1 for _, acc in log["validation_accuracy"])
+    assert [step for step, _ in log["validation"]] == [0, 3]

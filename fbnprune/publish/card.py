@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from fbnprune.evaluate.answers import SCORING_RULES
 from fbnprune.publish.card_facts import (
     UNKNOWN_LICENSE,
     BaseModel,
@@ -28,6 +29,7 @@ __all__ = ["CardFacts", "TaskScore", "build_card", "human_bytes", "read_eval_res
 
 TAGS = ["pruned", "fbnprune", "functional-networks"]
 METRIC_IDS = {"acc": "accuracy", "acc_norm": "accuracy", "exact_match": "exact_match"}
+METRIC_IDS.update({f"acc_{rule}": "accuracy" for rule in SCORING_RULES})  # answers' rules
 
 
 def build_card(facts: CardFacts) -> ModelCard:

@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,22 @@ def teacher_targets_of(ctx: RunContext) -> tuple[Targets, str]:
     return targets, key
 
 
+def _task_accuracy(ctx: RunContext) -> Callable[[Any], float] | None:
+    """The smallest held-out accuracy over the multiple-choice tasks under
+    ``verdict.scoring`` (None without such a task): logged as healing validates."""
+    from fbnprune.stages.questions import heldout_accuracy, heldout_questions
+
+    tasks = heldout_questions(ctx)
+    if not tasks:
+        return None
+    recipe, tokenizer = ctx.recipe, ctx.tokenizer
+
+    def accuracy(model: Any) -> float:
+        return min(heldout_accuracy(model, tokenizer, t, recipe) for t in tasks.values())
+
+    return accuracy
+
+
 def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
     """Distil on the calibration and healing prompts (held-out prompts only for the logged
     validation loss); the saved checkpoint must reload bit for bit."""
@@ -146,6 +163,7 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
         progress=ctx.progress,
         accelerator=None if ctx.launch is None else ctx.launch.accelerator,
         reload=reload,
+        task_accuracy=_task_accuracy(ctx),
     )
     healed = healed.cpu()  # trained on the launch's device; checked and saved from memory
     staged = stage_checkpoint(ctx, healed, layout, healed=True)
@@ -173,4 +191,5 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
         "loss_last": log.train_loss[-1],
         "reload_max_abs": result.worst(),
         "processes": log.processes,
+        "validation_accuracy": log.validation_accuracy,
     }

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from fbnprune.plan import PrunePlan
-from fbnprune.recipe import Recipe, RecipeError, SelectConfig
+from fbnprune.recipe import RecipeError, SelectConfig
 from fbnprune.refit import Refit, refit_plan
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.runner import now, versions
@@ -68,12 +68,13 @@ def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
     from fbnprune.heal import heal_model
     from fbnprune.slicing import slice_model
     from fbnprune.stages.heal import heal_layout, teacher_targets_of
+    from fbnprune.stages.questions import heldout_accuracy, heldout_questions
 
     r = ctx.recipe
-    tasks = _heldout_questions(ctx)
+    tasks = heldout_questions(ctx)
     if not tasks:
         raise RecipeError("select.budget: auto needs a multiple-choice task with labels")
-    original = {name: _accuracy(ctx.model, ctx.tokenizer, task, r) for name, task in tasks.items()}
+    original = {n: heldout_accuracy(ctx.model, ctx.tokenizer, t, r) for n, t in tasks.items()}
     targets = teacher_targets_of(ctx)[0] if r.select.search_steps else None
     heal_cfg = r.heal.model_copy(
         update={"steps": r.select.search_steps, "max_minutes": None, "patience": None}
@@ -89,7 +90,7 @@ def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
             student, _ = heal_model(
                 student, None, None, (), heal_cfg, targets=targets, progress=False
             )
-        scores = {name: _accuracy(student, ctx.tokenizer, t, r) for name, t in tasks.items()}
+        scores = {n: heldout_accuracy(student, ctx.tokenizer, t, r) for n, t in tasks.items()}
         kept = {n: scores[n] / original[n] if original[n] else 1.0 for n in tasks}
         return BudgetTrial(
             budget, min(kept.values()), {"accuracy": scores, "original": original, "kept": kept}
@@ -107,38 +108,6 @@ def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
         "held-out split; the kept share is the smallest over tasks",
     }
     return plan
-
-
-HeldoutQuestion = tuple[list[str], list[int], dict[str, str], str]
-
-
-def _heldout_questions(ctx: RunContext) -> dict[str, HeldoutQuestion]:
-    """Per multiple-choice task: held-out prompts, gold answer indices, answers, and the
-    content-free prompt."""
-    from fbnprune.data.tasks import render
-    from fbnprune.evaluate.answers import CONTENT_FREE_TEXT
-
-    out: dict[str, HeldoutQuestion] = {}
-    for name, data in ctx.tasks.items():
-        if data.choices is None:
-            continue
-        docs = [d for d in data.heldout if d.label in data.choices]
-        labels = list(data.choices)
-        content_free = render(data.template, CONTENT_FREE_TEXT)
-        gold = [labels.index(str(d.label)) for d in docs]
-        out[name] = ([data.prompt(d) for d in docs], gold, data.choices, content_free)
-    return out
-
-
-def _accuracy(model: Any, tokenizer: Any, task: HeldoutQuestion, recipe: Recipe) -> float:
-    from fbnprune.evaluate.answers import answer_logliks, answer_stats
-
-    prompts, gold, answers, content_free = task
-    logliks = answer_logliks(
-        model, tokenizer, prompts, answers, content_free_prompt=content_free,
-        batch_size=recipe.verdict.batch_size,
-    )  # fmt: skip
-    return answer_stats(logliks, gold, recipe.verdict.scoring).accuracy
 
 
 def build_plan(cal: RunCalibration, select: SelectConfig, fill: str, *, seed: int) -> PrunePlan:

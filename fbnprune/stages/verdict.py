@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fbnprune.data.tasks import Document, load_documents, render, task_choices
+from fbnprune.data.tasks import SPLITS, Document, load_documents, render, task_choices
 from fbnprune.evaluate.answers import (
     CONSTANT_SHARE,
     CONTENT_FREE_TEXT,
@@ -65,8 +65,8 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
     """The recipe's multiple-choice tasks, each wording apart, on up to ``verdict.limit``
     documents that share neither id nor text with any split of the run."""
     recipe = ctx.recipe
-    used = [d for data in ctx.tasks.values() for split in ("calibration", "heldout", "heal")
-            for d in data.split(split)] + ctx.extra_heal_documents  # fmt: skip
+    used = [d for data in ctx.tasks.values() for split in SPLITS for d in data.split(split)]
+    used += ctx.extra_heal_documents
     out: list[VerdictTask] = []
     for task in recipe.tasks:
         choices = task_choices(task)
@@ -88,8 +88,8 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
             logger.info("verdict: %s has %d documents outside every split", task.name, len(docs))
         out.append(
             VerdictTask(
-                eval_name(task), task.name, None, task.template, task.max_words, dict(choices), docs
-            )  # fmt: skip
+                eval_name(task), task.name, None, task.template, task.max_words, choices, docs
+            )
         )
         for wording in task.wordings:
             out.append(
