@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fbnprune.version import __version__
 
 __all__ = ["FbnpruneError", "PrunePlan", "Recipe", "__version__", "load_recipe", "prune", "run"]
 

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from fbnprune.collect import iter_batches, pad_batch, tokenize
 from fbnprune.errors import FbnpruneError
+from fbnprune.hashing import fingerprint
 from fbnprune.io import atomic_file
 from fbnprune.recipe import HealConfig
-from fbnprune.rundir.runner import fingerprint
 
 logger = logging.getLogger(__name__)
 

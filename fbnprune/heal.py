@@ -28,7 +28,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fbnprune.accel import any_process, is_fsdp, make_accelerator, mean_over_processes
 from fbnprune.distill import HealError, Targets, TeacherTargets, heal_loss, prepare_targets
-from fbnprune.heal_state import EarlyStopping, load_state, plot_loss, save_state
+from fbnprune.heal_state import EarlyStopping, HealLog, load_state, plot_loss, save_state
 from fbnprune.models.adapters import get_adapter
 from fbnprune.recipe import HealConfig
 
@@ -50,29 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["HealError", "HealLog", "heal_model", "plot_loss", "trainable_linears"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class HealLog:
-    """What happened during healing (``heal/log.json`` in a run directory)."""
-
-    method: str
-    trainable_parameters: int
-    steps: int = 0
-    seconds: float = 0.0
-    stopped_by: str = ""
-    tokens: int = 0  # real tokens trained on
-    best_step: int | None = None  # the step whose weights were kept (early stopping)
-    train_loss: list[float] = field(default_factory=list)  # one per step
-    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
-    # (step, held-out accuracy under verdict.scoring), where the run scores its task
-    validation_accuracy: list[tuple[int, float]] = field(default_factory=list)
-    resumed_from: int | None = None
-    processes: int = 1  # each step trains on one batch per process
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def trainable_linears(model: PreTrainedModel, modules: str) -> dict[str, nn.Module]:

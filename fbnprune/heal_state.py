@@ -1,19 +1,40 @@
-"""Healing's training state: the best weights early stopping keeps, the resume file, the
-loss plot."""
+"""Healing's record and training state: the log (``HealLog``), the best weights early
+stopping keeps, the resume file, the loss plot."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from fbnprune.io import atomic_file, save_figure
 
-if TYPE_CHECKING:
-    from fbnprune.heal import HealLog
+
+@dataclass
+class HealLog:
+    """What happened during healing (``heal/log.json`` in a run directory)."""
+
+    method: str
+    trainable_parameters: int
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_by: str = ""
+    tokens: int = 0  # real tokens trained on
+    best_step: int | None = None  # the step whose weights were kept (early stopping)
+    train_loss: list[float] = field(default_factory=list)  # one per step
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    # (step, held-out accuracy under verdict.scoring), where the run scores its task
+    validation_accuracy: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+    processes: int = 1  # each step trains on one batch per process
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class EarlyStopping:

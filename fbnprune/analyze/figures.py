@@ -25,7 +25,7 @@ from fbnprune.analyze.metric import secondary_key
 from fbnprune.analyze.plans import split_layers
 
 if TYPE_CHECKING:
-    from fbnprune.analyze.run import Analysis
+    from fbnprune.analyze.analysis import Analysis
 
 DPI = 110
 

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from fbnprune.analyze.analysis import Analysis
 from fbnprune.analyze.measure import measure_networks
 from fbnprune.analyze.metric import Metric, build_metric
 from fbnprune.analyze.networks import (
@@ -50,18 +50,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ANALYSIS_VERSION = 1
-
-
-@dataclass
-class Analysis:
-    """What an analysis found: ``data`` is ``analysis.json``; ``templates`` keeps the
-    template networks (site -> task -> networks) and ``layer_widths`` (site -> widths) for
-    the figures."""
-
-    out_dir: Path
-    data: dict[str, Any]
-    templates: dict[str, dict[str, NetworkSet]] = field(default_factory=dict)
-    layer_widths: dict[str, list[int]] = field(default_factory=dict)
 
 
 def resolve_config(recipe: Recipe, **overrides: Any) -> AnalyzeConfig:

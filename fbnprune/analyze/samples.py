@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from fbnprune.data.tasks import Document, load_documents, load_task
 from fbnprune.errors import FbnpruneError
 from fbnprune.evaluate.documents import draw_documents
+from fbnprune.hashing import digest
 from fbnprune.recipe import TaskConfig
-from fbnprune.rundir.runner import digest
 
 
 class AnalyzeError(FbnpruneError, ValueError):

@@ -28,6 +28,7 @@ from fbnprune.distill import prepare_targets
 from fbnprune.evaluate.documents import calibration_documents
 from fbnprune.evaluate.harness import Harness
 from fbnprune.evaluate.suite import answer_tasks, build_suite, catalog, recipe_tasks
+from fbnprune.hashing import digest
 from fbnprune.heal import HealLog, heal_model
 from fbnprune.io import atomic_write_text
 from fbnprune.mask import masked
@@ -35,7 +36,7 @@ from fbnprune.recipe import Recipe
 from fbnprune.rundir import RunDir
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.layout import RunLayout
-from fbnprune.rundir.runner import digest, versions
+from fbnprune.rundir.runner import versions
 from fbnprune.save import count_parameters
 from fbnprune.slicing import slice_model
 from fbnprune.stages.calibration import RunCalibration

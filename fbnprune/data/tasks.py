@@ -18,24 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fbnprune.data import corpora
-from fbnprune.errors import FbnpruneError
+from fbnprune.data.documents import DataError, Document
+from fbnprune.hashing import digest
 from fbnprune.recipe import TaskConfig
-from fbnprune.rundir.runner import digest
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(FbnpruneError, ValueError):
-    """A source that cannot be read, or holds too little usable text."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """One piece of text; ``label`` is the topic (BBC), the answer (arithmetic) or None."""
-
-    id: str
-    text: str
-    label: str | None = None
 
 
 Split = Literal["calibration", "heldout", "heal"]

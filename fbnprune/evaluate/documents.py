@@ -9,13 +9,14 @@ different calibration set changes only the documents it removes.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
 from pathlib import Path
 
-from fbnprune.data.tasks import Document, load_task, normalise
+from fbnprune.data.draw import draw_documents
+from fbnprune.data.tasks import Document, load_task
 from fbnprune.recipe import Recipe
 from fbnprune.rundir.layout import RunLayout
+
+__all__ = ["calibration_documents", "draw_documents"]  # draw_documents: its old home
 
 
 def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[Document]:
@@ -45,44 +46,3 @@ def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[D
                 ids += [i for split in splits.values() for i in split]
         docs.extend(Document(id=i, text="") for i in dict.fromkeys(ids) if i not in known)
     return docs
-
-
-def _rank(doc: Document, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{doc.id}".encode()).hexdigest()
-
-
-def draw_documents(
-    docs: Iterable[Document],
-    n: int,
-    *,
-    exclude: Iterable[Document],
-    seed: int,
-    balance_labels: bool = False,
-) -> list[Document]:
-    """Up to ``n`` documents of ``docs`` that share neither id nor text with ``exclude``.
-
-    Candidates are ranked by ``sha256(seed:id)``; duplicates (same normalised text) count
-    once. With ``balance_labels`` the labels take turns (sorted label order), so every
-    label gets ``n / n_labels`` documents while it has them.
-    """
-    exclude = list(exclude)
-    bad_ids = {d.id for d in exclude}
-    bad_texts = {normalise(d.text) for d in exclude if d.text.strip()}
-    seen: set[str] = set()
-    pool = []
-    for doc in sorted(docs, key=lambda d: _rank(d, seed)):
-        key = normalise(doc.text)
-        if doc.id in bad_ids or key in bad_texts or key in seen or not key:
-            continue
-        seen.add(key)
-        pool.append(doc)
-    if not balance_labels:
-        return pool[:n]
-    by_label: dict[str, list[Document]] = {}
-    for doc in pool:
-        by_label.setdefault(str(doc.label), []).append(doc)
-    queues = [by_label[k] for k in sorted(by_label)]
-    picked: list[Document] = []
-    for i in range(max((len(q) for q in queues), default=0)):
-        picked.extend(q[i] for q in queues if i < len(q))
-    return picked[:n]

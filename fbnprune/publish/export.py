@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fbnprune import __version__
 from fbnprune.check import ParityResult
 from fbnprune.io import atomic_directory, atomic_write_json
 from fbnprune.publish.errors import ExportError
@@ -43,6 +42,7 @@ from fbnprune.rundir.layout import (
     RESULTS_TABLE,
     RunLayout,
 )
+from fbnprune.version import __version__
 
 __all__ = ["ExportError", "ExportResult", "export_run", "list_files", "parse_size"]
 

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fbnprune import __version__
 from fbnprune.check import ParityResult
 from fbnprune.integrity import digest_mismatches
 from fbnprune.publish.errors import ExportError
@@ -22,6 +21,7 @@ from fbnprune.rundir.layout import (
     RunLayout,
     checkpoint_name,
 )
+from fbnprune.version import __version__
 
 RUN_ENTRIES = (COLLECT_DIR, DISCOVER_DIR, EVAL_DIR, STAGING)  # never exported into
 

@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fbnprune.hashing import digest
 from fbnprune.recipe.base import RECIPE_VERSION, RecipeError, Site, _Additions
 from fbnprune.recipe.commands import EVAL_SUITE_TASKS, AnalyzeConfig, BenchConfig, EvaluateConfig
 from fbnprune.recipe.overrides import apply_overrides
@@ -29,7 +30,6 @@ from fbnprune.recipe.stages import (
     VerdictConfig,
 )
 from fbnprune.recipe.tasks import TaskConfig, Wording
-from fbnprune.rundir.runner import digest
 
 __all__ = [
     "EVAL_SUITE_TASKS",

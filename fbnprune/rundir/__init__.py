@@ -1,5 +1,6 @@
 """The run directory: its file layout (``layout``) and its ledger, locks and guards (``runner``)."""
 
+from fbnprune.hashing import digest, fingerprint
 from fbnprune.rundir.layout import RUN_FILE, RunLayout
 from fbnprune.rundir.runner import (
     BOOKKEEPING,
@@ -11,8 +12,6 @@ from fbnprune.rundir.runner import (
     StageRecord,
     check_replaceable,
     check_run_dir,
-    digest,
-    fingerprint,
     is_empty_dir,
     measure,
     now,

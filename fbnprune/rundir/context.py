@@ -180,8 +180,8 @@ class RunContext:
         ``heal.corpus_samples`` of ``heal.corpus`` (none whose text is a held-out
         document's), and packaged Wikipedia passages, ``heal.general_text`` times the
         number of the tasks' healing texts. Drawn by the recipe's seed."""
+        from fbnprune.data.draw import draw_documents
         from fbnprune.data.tasks import load_documents, normalise
-        from fbnprune.evaluate.documents import draw_documents
 
         cfg, seed = self.recipe.heal, self.recipe.seed
         heldout = [d for data in self.tasks.values() for d in data.heldout]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fbnprune.io import atomic_write_json
 
 if TYPE_CHECKING:
-    from fbnprune.check import ParityResult
+    from fbnprune.parity import ParityResult
     from fbnprune.plan import PrunePlan
 
 RUN_FILE = "run.json"
@@ -228,7 +228,7 @@ class RunLayout:
         return PrunePlan.load(self.plan_file)
 
     def read_parity(self, *, healed: bool = False) -> ParityResult:
-        from fbnprune.check import ParityResult
+        from fbnprune.parity import ParityResult
 
         file = self.heal_parity_file if healed else self.parity_file
         return ParityResult.from_dict(read_json(file))

@@ -16,7 +16,6 @@ folder is refused at once, naming the holder (``.lock.json``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,8 @@ from typing import Any
 import psutil
 
 from fbnprune.errors import FbnpruneError
+from fbnprune.hashing import digest as digest  # re-exported: its old home
+from fbnprune.hashing import fingerprint as fingerprint
 from fbnprune.io import atomic_write_json
 from fbnprune.rundir.layout import RUN_FILE, RunLayout
 
@@ -43,16 +44,6 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 LOCK_HOLDER = ".lock.json"
 BOOKKEEPING = (LOCK_FILE, LOCK_HOLDER)  # do not make a folder non-empty
-
-
-def digest(blob: bytes, length: int = 16) -> str:
-    """The first ``length`` hex digits of ``blob``'s sha256: the one short hash of fbnprune."""
-    return hashlib.sha256(blob).hexdigest()[:length]
-
-
-def fingerprint(*parts: Any) -> str:
-    """The short hash of ``parts`` as sorted-key JSON: a stage's key, from its inputs."""
-    return digest(json.dumps(parts, sort_keys=True).encode())
 
 
 class RunDirError(FbnpruneError, ValueError):
@@ -338,7 +329,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from fbnprune import __version__
+    from fbnprune.version import __version__
 
     return {
         "fbnprune": __version__,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fbnprune.data.draw import draw_documents
 from fbnprune.data.tasks import SPLITS, Document, load_documents, render, task_choices
 from fbnprune.evaluate.answers import (
     CONSTANT_SHARE,
@@ -30,7 +31,6 @@ from fbnprune.evaluate.answers import (
     answer_logliks,
     answer_stats,
 )
-from fbnprune.evaluate.documents import draw_documents
 from fbnprune.evaluate.suite import eval_name
 from fbnprune.io import atomic_write_json, atomic_write_text
 from fbnprune.rundir import fingerprint
