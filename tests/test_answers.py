@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokenizer
 
 from fbnprune.evaluate.answers import (
     SCORING_RULES,
@@ -15,7 +16,6 @@ from fbnprune.evaluate.answers import (
     distinguishing_lengths,
     predict,
 )
-from conftest import tiny_model, tiny_tokenizer
 
 
 def hand_built() -> AnswerLogLiks:

@@ -7,12 +7,12 @@ import copy
 
 import numpy as np
 import torch
+from conftest import tiny_model, tiny_tokenizer
 
 from fbnprune.distill import IGNORE, prepare_targets
 from fbnprune.evaluate.answers import answer_logliks
 from fbnprune.heal import heal_model
 from fbnprune.recipe import HealConfig
-from conftest import tiny_model, tiny_tokenizer
 
 PROMPTS = [f"item {w}: the kind is" for w in ("apple", "pear", "plum", "fig", "lime", "kiwi")]
 GOLD = [" x" if i % 2 == 0 else " y" for i in range(len(PROMPTS))]
