@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from fbnprune.accel import Launch
     from fbnprune.plan import PrunePlan
     from fbnprune.recipe import Recipe
     from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, Site
@@ -24,8 +25,12 @@ def run(
     until: str = "verdict",
     overwrite: bool = False,
     progress: bool = True,
+    overrides: Sequence[str] = (),
+    scheduler: str | None = None,
+    launch: Launch | None = None,
 ) -> RunSummary:
-    """Run a recipe into the run directory ``out``, exactly as ``fbnprune run`` does.
+    """Run a recipe into the run directory ``out``, exactly as ``fbnprune run`` does (the CLI
+    calls this).
 
     Args:
         recipe: a validated ``Recipe`` or the path of its YAML file.
@@ -33,21 +38,32 @@ def run(
         until: the last stage to run (``collect`` ... ``verdict``).
         overwrite: replace an earlier run directory instead of resuming it.
         progress: show progress bars.
+        overrides: ``KEY=VALUE`` settings applied to a recipe file (``--set``).
+        scheduler: the address of a ``dask.distributed`` cluster for ``discover.engine:
+            dask`` (None: local threads).
+        launch: the main process of an ``accelerate launch``, whose other processes join
+            its heal stage (``fbnprune.accel.Launch``).
 
     Returns:
-        The summary the CLI prints: stage times, the plan, parity, checkpoints.
+        The summary the CLI prints: stage times, the plan, parity, checkpoints, verdict.
     """
     from fbnprune.recipe import Recipe, load_recipe
     from fbnprune.rundir import RunDir, check_run_dir
+    from fbnprune.scale.discover import use_scheduler
     from fbnprune.stages.pipeline import run_pipeline
 
     recipe_file = None
     if not isinstance(recipe, Recipe):
-        recipe_file, recipe = Path(recipe), load_recipe(recipe)
+        recipe_file, recipe = Path(recipe), load_recipe(recipe, overrides)
+    elif overrides:
+        raise ValueError("overrides apply to a recipe file; change a Recipe with model_copy")
     # what --overwrite must never delete: the recipe file, a local model
     check_run_dir(out, overwrite=overwrite, protected=(recipe_file, recipe.model))
-    with RunDir(Path(out)).lock():  # one process at a time in ``out``
-        return run_pipeline(recipe, Path(out), until=until, overwrite=overwrite, progress=progress)
+    # one process at a time in ``out``
+    with RunDir(Path(out)).lock(), use_scheduler(scheduler):
+        return run_pipeline(
+            recipe, Path(out), until=until, overwrite=overwrite, progress=progress, launch=launch
+        )
 
 
 def prune(

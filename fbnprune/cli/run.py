@@ -7,7 +7,6 @@ from pathlib import Path
 
 from fbnprune.cli.args import add_set_argument
 from fbnprune.recipe import Recipe, load_recipe
-from fbnprune.rundir import RunDir, check_run_dir
 from fbnprune.rundir.layout import (
     HEAL_DIR,
     HEAL_LOG,
@@ -20,8 +19,7 @@ from fbnprune.rundir.layout import (
     VERDICT_TABLE,
     checkpoint_name,
 )
-from fbnprune.scale.discover import use_scheduler
-from fbnprune.stages.pipeline import STAGES, RunSummary, run_pipeline
+from fbnprune.stages.pipeline import STAGES, RunSummary
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,24 +84,25 @@ def execute(args: argparse.Namespace) -> int:
     """Run the stages; under ``accelerate launch`` with several processes, the main one runs
     them (holding the lock) and the others only join its heal stage."""
     from fbnprune.accel import Launch, launched_processes, make_accelerator
+    from fbnprune.api import run
     from fbnprune.stages.heal_launch import follow
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    load_recipe(args.recipe, args.overrides)  # a bad recipe fails at once, in every process
     launch = Launch(make_accelerator()) if launched_processes() > 1 else None
     if launch is not None and not launch.is_main:
         follow(launch)
         return 0
     try:
-        check_run_dir(args.out, overwrite=args.overwrite, protected=inputs(args, recipe))
-        with RunDir(args.out).lock(), use_scheduler(args.scheduler):  # one process in --out
-            summary = run_pipeline(
-                recipe,
-                args.out,
-                until=args.until,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-                launch=launch,
-            )
+        summary = run(
+            args.recipe,
+            args.out,
+            until=args.until,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            overrides=args.overrides,
+            scheduler=args.scheduler,
+            launch=launch,
+        )
     finally:
         if launch is not None:
             launch.tell(None)  # heal did not train (off, fresh, or failed): the others exit
