@@ -97,11 +97,15 @@ def brute_force(model, tokenizer, prompt: str, answer: str) -> float:
     return float(sum(logprobs[len(p) - 1 + t, tok] for t, tok in enumerate(a)))
 
 
-@pytest.mark.parametrize("answers", [{"a": "a", "b": "b", "c": "z"}, {"a": " ab", "b": " b"}])
-def test_logliks_match_a_forward_pass_per_answer(answers: dict[str, str]) -> None:
-    """One pass per prompt (one-token answers) or per prompt and answer, batched with
-    right padding, gives each answer's log-likelihood as its own forward pass does."""
-    model, tok = tiny_model("llama"), tiny_tokenizer()
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize(
+    "answers", [{"a": "a", "b": "b", "c": "z"}, {"a": " ab", "b": " b", "c": " abcd"}]
+)
+def test_logliks_match_a_forward_pass_per_answer(family: str, answers: dict[str, str]) -> None:
+    """One batched pass per prompt (one-token answers), or the prompt once and its answers
+    after its cached keys and values, gives each answer's log-likelihood as its own forward
+    pass does."""
+    model, tok = tiny_model(family), tiny_tokenizer()
     prompts = ["the cat sat", "a much longer prompt: on the mat", "x"]
     ll = answer_logliks(model, tok, prompts, answers, content_free_prompt="n/a", batch_size=2)
     assert ll.labels == tuple(answers)

@@ -239,6 +239,39 @@ def _read_logprobs(
     return out
 
 
+def _continuations(
+    model: nn.Module, prompt: list[int], answers: list[list[int]], pad_id: int
+) -> list[np.ndarray]:
+    """Per answer, the log-probability of each of its tokens after ``prompt``: one pass over
+    the prompt, its cache repeated for the answers, one pass over the right-padded answers."""
+    device = next(model.parameters()).device
+    kwargs: dict[str, Any] = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, **kwargs)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    result = [np.array([float(first[a[0]])]) for a in answers]
+    longest = max(len(a) for a in answers)
+    if longest == 1:
+        return result
+    cache.batch_repeat_interleave(len(answers))
+    ids = torch.full((len(answers), longest - 1), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(answers), len(prompt) + longest - 1), dtype=torch.long)
+    mask[:, : len(prompt)] = 1
+    for j, a in enumerate(answers):  # token t of the answer is read after tokens < t
+        ids[j, : len(a) - 1] = torch.tensor(a[:-1])
+        mask[j, len(prompt) : len(prompt) + len(a) - 1] = 1
+    # transformers 5 names the argument ``cache`` (``past_key_values`` is deprecated)
+    name = "cache" if _accepts(model, "cache") else "past_key_values"
+    logits = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **{name: cache}
+    ).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    for j, a in enumerate(answers):
+        rest = [float(logprobs[j, t - 1, a[t]]) for t in range(1, len(a))]
+        result[j] = np.concatenate([result[j], np.array(rest)])
+    return result
+
+
 @torch.no_grad()
 def answer_logliks(
     model: nn.Module,
@@ -256,7 +289,8 @@ def answer_logliks(
     The prompt is tokenized as the model reads text (special tokens included), each answer on
     its own (none) and appended, so every answer is scored on the same prompt tokens; a prompt
     too long for ``max_length`` loses its beginning, never its question. When every answer is
-    one token, one pass per prompt scores them all."""
+    one token, one pass per prompt (batched) scores them all; otherwise each prompt is read
+    once and its answers continue from its cached keys and values."""
     if not prompts:
         raise ValueError("no prompts to score")
     labels = tuple(answers)
@@ -280,17 +314,10 @@ def answer_logliks(
             scored = _read_logprobs(model, prompt_ids, reads, pad_id, batch_size)
             loglik = np.stack([s[0] for s in scored])
             first = loglik.copy()
-        else:  # one sequence per prompt and answer; position p predicts token p + 1
-            sequences: list[list[int]] = []
-            reads = []
-            for p in prompt_ids:
-                for a in answer_ids:
-                    sequences.append(p + a)
-                    reads.append([(len(p) - 1 + t, [tok]) for t, tok in enumerate(a)])
-            scored = _read_logprobs(model, sequences, reads, pad_id, batch_size)
-            for i in range(n):
-                for j in range(c):
-                    per_token = np.concatenate(scored[i * c + j])
+        else:  # the prompt once, then every answer after its cached keys and values
+            for i, p in enumerate(prompt_ids):
+                per_answer = _continuations(model, p, answer_ids, pad_id)
+                for j, per_token in enumerate(per_answer):
                     loglik[i, j] = per_token.sum()
                     first[i, j] = per_token[: distinct[j]].sum()
     finally:
