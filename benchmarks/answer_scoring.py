@@ -5,6 +5,7 @@ The documents are the runs' own (calibration, held-out and healing splits, cappe
 --docs), never the verdict's, so the rule is not chosen on the documents it is judged on.
 
     OMP_NUM_THREADS=2 python benchmarks/answer_scoring.py recipes/tasks/*.yaml
+    python benchmarks/answer_scoring.py recipes/tasks/*.yaml --set model=gemma3-270m
 """
 
 from __future__ import annotations
@@ -33,11 +34,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipes", nargs="+", type=Path)
     parser.add_argument("--docs", type=int, default=200, help="documents per task (at most)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="recipe override for every recipe, e.g. --set model=gemma3-270m",
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.recipes:
-            recipe = load_recipe(path)
+            recipe = load_recipe(path, args.overrides)
             ctx = RunContext(recipe, RunDir(Path(tmp) / path.stem), progress=False)
             model, tokenizer = ctx.model, ctx.tokenizer
             for cfg in recipe.tasks:
