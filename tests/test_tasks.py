@@ -406,3 +406,29 @@ def test_more_healing_documents_reuse_collection_and_plan(tiny_llama_dir, tmp_pa
         assert again.stages[stage].finished == first.stages[stage].finished  # reused
     recorded = json.loads((tmp_path / "run" / "documents.json").read_text())
     assert len(recorded["tasks"]["bbc-news"]["heal"]) == 12
+
+
+def test_numeric_labels_match_and_boolean_labels_are_refused(tmp_path):
+    """YAML reads ``0:`` as a number and a .jsonl label 0 becomes "0": they match. ``yes:``
+    is a boolean to YAML: refused with the fix."""
+    data = tmp_path / "posts.jsonl"
+    rows = [{"text": f"post number {i} about things", "label": i % 2} for i in range(30)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = TaskConfig.model_validate(
+        {
+            "name": "posts",
+            "source": f"file:{data}",
+            "template": "Post: {text}\nGood:",
+            "choices": {0: " no", 1: " yes"},
+            "calibration_samples": 8,
+            "heldout_samples": 4,
+        }
+    )
+    assert task.choices == {"0": " no", "1": " yes"}
+    loaded = load_task(task, seed=0)
+    assert {d.label for d in loaded.calibration} <= {"0", "1"}
+    assert loaded.gold_answer(loaded.calibration[0]) in (" no", " yes")
+    with pytest.raises(ValueError, match="quote the label"):
+        TaskConfig.model_validate(
+            {"name": "t", "source": "builtin:bbc_news", "choices": {True: " yes", False: " no"}}
+        )

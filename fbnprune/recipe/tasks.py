@@ -7,6 +7,22 @@ from pydantic import Field, field_validator, model_validator
 from fbnprune.recipe.base import _Strict
 
 
+def _label_keys(value: object) -> object:
+    """Answer labels as text: YAML reads ``0:`` as a number (a .jsonl label 0 is read as
+    "0", so it matches), and ``yes:``/``no:`` as booleans, which are refused (quote them)."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, answer in value.items():
+        if isinstance(key, bool):
+            raise ValueError(
+                f"label {key!r}: YAML reads yes/no/true/false/on/off keys as booleans; quote the "
+                "label (e.g. 'yes': ' yes')"
+            )
+        out[str(key) if isinstance(key, int | float) else key] = answer
+    return out
+
+
 def _text_slot(value: str) -> str:
     if "{text}" not in value:
         raise ValueError("template must contain the placeholder '{text}'")
@@ -19,6 +35,11 @@ class Wording(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
     template: str
     choices: dict[str, str] = Field(min_length=2)
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: object) -> object:
+        return _label_keys(value)
 
     @field_validator("template")
     @classmethod
@@ -69,6 +90,11 @@ class TaskConfig(_Strict):
         description="other wordings of the same question (template and answers), scored by "
         "evaluate and bench only, so a model tied to one template shows",
     )
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: object) -> object:
+        return _label_keys(value)
 
     @field_validator("source")
     @classmethod
