@@ -272,6 +272,17 @@ def load_documents(
     return docs
 
 
+def task_documents(task: TaskConfig) -> list[Document]:
+    """All documents of a task's source, read with the task's fields and split."""
+    return load_documents(
+        task.source,
+        text_field=task.text_field,
+        label_field=task.label_field,
+        split=task.split,
+        hf_config=task.hf_config,
+    )
+
+
 def normalise(text: str) -> str:
     """Whitespace-collapsed text, the key under which two documents count as the same."""
     return " ".join(text.split())
@@ -321,16 +332,7 @@ def load_task(task: TaskConfig, *, seed: int) -> TaskData:
     Empty documents and exact duplicate texts are dropped first, so the splits share no id
     and no text. Adding healing documents never changes the other two splits.
     """
-    docs = _usable(
-        load_documents(
-            task.source,
-            text_field=task.text_field,
-            label_field=task.label_field,
-            split=task.split,
-            hf_config=task.hf_config,
-        ),
-        task.name,
-    )
+    docs = _usable(task_documents(task), task.name)
     sizes = (task.calibration_samples, task.heldout_samples, task.heal_samples)
     if len(docs) < sum(sizes):
         raise DataError(

@@ -201,41 +201,29 @@ def _accepts(model: nn.Module, argument: str) -> bool:
         return False
 
 
-Reads = list[tuple[int, list[int]]]  # (position, token ids whose log-probability it gives)
+def _last_logprobs(
+    model: nn.Module, prompts: list[list[int]], tokens: list[int], pad_id: int, batch_size: int
+) -> np.ndarray:
+    """(prompts, tokens): the log-probability of each of ``tokens`` right after each prompt
+    (right-padded batches of similar length; only the prompts' last positions go through the
+    LM head where the model takes ``logits_to_keep``)."""
+    from fbnprune.collect import iter_batches, pad_batch
 
-
-def _read_logprobs(
-    model: nn.Module,
-    sequences: list[list[int]],
-    reads: list[Reads],
-    pad_id: int,
-    batch_size: int,
-) -> list[list[np.ndarray]]:
-    """Per sequence and read, the log-probabilities at that position of those next tokens
-    (right-padded batches of similar length; only the positions read go through the LM head
-    where the model takes ``logits_to_keep``)."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out: list[list[np.ndarray]] = [[] for _ in sequences]
+    out = np.empty((len(prompts), len(tokens)))
     keep = _accepts(model, "logits_to_keep")
     device = next(model.parameters()).device
-    for b in range(0, len(order), batch_size):
-        rows = order[b : b + batch_size]
-        width = max(len(sequences[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
-            mask[r, : len(sequences[i])] = 1
-        needed = sorted({pos for i in rows for pos, _ in reads[i]})
+    for rows in iter_batches([len(p) for p in prompts], batch_size):
+        ids, mask = pad_batch(prompts, rows, pad_id)
+        last = [len(prompts[i]) - 1 for i in rows]
+        needed = sorted(set(last))
         kwargs: dict[str, Any] = {}
         if keep:
             kwargs["logits_to_keep"] = torch.tensor(needed, device=device)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
         column = {pos: c for c, pos in enumerate(needed)} if keep else {p: p for p in needed}
         for r, i in enumerate(rows):
-            for pos, tokens in reads[i]:
-                row = torch.log_softmax(logits[r, column[pos]].float(), dim=-1)
-                out[i].append(row[tokens].double().cpu().numpy())
+            row = torch.log_softmax(logits[r, column[last[r]]].float(), dim=-1)
+            out[i] = row[tokens].double().cpu().numpy()
     return out
 
 
@@ -310,9 +298,7 @@ def answer_logliks(
     try:
         if longest == 1:  # the prompt's last position gives every answer's probability
             firsts = [a[0] for a in answer_ids]
-            reads = [[(len(p) - 1, firsts)] for p in prompt_ids]
-            scored = _read_logprobs(model, prompt_ids, reads, pad_id, batch_size)
-            loglik = np.stack([s[0] for s in scored])
+            loglik = _last_logprobs(model, prompt_ids, firsts, pad_id, batch_size)
             first = loglik.copy()
         else:  # the prompt once, then every answer after its cached keys and values
             for i, p in enumerate(prompt_ids):

@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from fbnprune.data.tasks import Document, load_documents, task_choices
+from fbnprune.data.tasks import Document, load_documents, task_choices, task_documents
 from fbnprune.evaluate.answers import AnswerTask
 from fbnprune.evaluate.documents import calibration_documents, draw_documents
 from fbnprune.evaluate.errors import EvalError
@@ -309,13 +309,7 @@ def build_suite(
             spec = task.task
             source = f"{source}|{spec.text_field}|{spec.label_field}|{spec.split}"
             if source not in cache:
-                cache[source] = load_documents(
-                    spec.source,
-                    text_field=spec.text_field,
-                    label_field=spec.label_field,
-                    split=spec.split,
-                    hf_config=spec.hf_config,
-                )
+                cache[source] = task_documents(spec)
         elif source not in cache:
             cache[source] = loader(source)
         n = config.choice_samples if task.kind == "choice" else config.perplexity_samples

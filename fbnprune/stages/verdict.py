@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fbnprune.data.draw import draw_documents
-from fbnprune.data.tasks import SPLITS, Document, load_documents, render, task_choices
+from fbnprune.data.tasks import SPLITS, Document, render, task_choices, task_documents
 from fbnprune.evaluate.answers import (
     CONSTANT_SHARE,
     CONTENT_FREE_TEXT,
@@ -72,14 +72,7 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
         choices = task_choices(task)
         if choices is None:
             continue
-        pool = load_documents(
-            task.source,
-            text_field=task.text_field,
-            label_field=task.label_field,
-            split=task.split,
-            hf_config=task.hf_config,
-        )
-        pool = [d for d in pool if d.label in choices]
+        pool = [d for d in task_documents(task) if d.label in choices]
         docs = draw_documents(pool, recipe.verdict.limit, exclude=used, seed=recipe.seed)
         if not docs:
             logger.warning("verdict: %s has no document outside the run's splits", task.name)
