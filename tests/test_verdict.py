@@ -150,3 +150,34 @@ def test_healing_logs_the_held_out_accuracy(verdict_run) -> None:
     assert [step for step, _ in log["validation_accuracy"]] == [0, 3]
     assert all(0 <= acc <= 1 for _, acc in log["validation_accuracy"])
     assert [step for step, _ in log["validation"]] == [0, 3]
+
+
+def test_a_fixed_budget_that_misses_the_target_is_told_the_searched_one(tmp_path) -> None:
+    """keep_accuracy 1.5 cannot be met: the verdict says so and runs the budget search,
+    whose every trial it records (none meets it, so the largest candidate is named)."""
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    heal = {"enabled": True, "steps": 2, "batch_size": 4, "max_length": 48}
+    select = {
+        "selector": "magnitude",
+        "budget": 0.25,
+        "keep_accuracy": 1.5,
+        "budgets": [0.25, 0.5],
+        "search_steps": 1,
+        "min_per_layer": 0.05,
+    }
+    r = recipe(str(tmp_path / "model"), heal=heal, select=select, verdict={"limit": 6})
+    run_pipeline(r, tmp_path / "run", progress=False)
+    layout = RunLayout(tmp_path / "run")
+    target = layout.read_verdict()["target"]
+    assert target["met"] is False and target["keep_accuracy"] == 1.5
+    search = target["search"]
+    assert search["chosen"] == 0.5 and search["met"] is False
+    assert {t["budget"] for t in search["trials"]} == {0.25, 0.5}
+    assert "The budget search" in layout.verdict_table.read_text()
+
+
+def test_the_target_is_met_without_a_search(verdict_run) -> None:
+    run_dir, _ = verdict_run
+    target = RunLayout(run_dir).read_verdict()["target"]
+    assert "search" not in target and target["met"] == (target["kept"] >= 0.9)

@@ -334,3 +334,9 @@ class VerdictConfig(_Strict):
         "first token that tells the answers apart); the plain sum is reported beside it",
     )
     batch_size: int = Field(default=8, ge=1)
+    suggest_budget: bool = Field(
+        default=True,
+        description="when a fixed budget's shipped model keeps less than select.keep_accuracy "
+        "of the original's accuracy, run the budget search of select.budget: auto and say "
+        "which budget it would choose (costs a few short heals, only then)",
+    )

@@ -101,7 +101,11 @@ def _verdict(ctx: RunContext, art: Artifacts) -> None:
     assert art.plan is not None
     healed = ctx.recipe.heal.active(art.plan.budget)
     upstream = heal_key(ctx) if healed else check_key(ctx)
-    art.verdict = verdict.verdict(ctx, art.checkpoints, upstream)
+
+    def calibration() -> RunCalibration:
+        return RunCalibration(ctx, art.activations, art.networks)
+
+    art.verdict = verdict.verdict(ctx, art.checkpoints, upstream, calibration)
 
 
 STEPS: list[tuple[str, Callable[[RunContext, Artifacts], None]]] = [

@@ -58,10 +58,21 @@ def _select(ctx: RunContext, calibration: RunCalibration) -> dict[str, Any]:
 
 
 def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
-    """``select.budget: auto``: the plan at the smallest of ``select.budgets`` whose slice,
-    healed for ``select.search_steps`` steps (the recipe's heal settings, the teacher's
-    targets shared with the heal stage), keeps ``select.keep_accuracy`` of the original's
-    accuracy on every task's held-out documents; the search is in the plan's provenance."""
+    """``select.budget: auto``: the plan at the smallest of ``select.budgets`` that keeps
+    ``select.keep_accuracy`` (``budget_search``); the search is in the plan's provenance."""
+    record, plans = budget_search(ctx, calibration)
+    plan = plans[record["chosen"]]
+    plan.provenance["budget_search"] = record
+    return plan
+
+
+def budget_search(
+    ctx: RunContext, calibration: RunCalibration
+) -> tuple[dict[str, Any], dict[float, PrunePlan]]:
+    """The smallest of ``select.budgets`` whose slice, healed for ``select.search_steps``
+    steps (the recipe's heal settings, the teacher's targets shared with the heal stage),
+    keeps ``select.keep_accuracy`` of the original's accuracy on every task's held-out
+    documents: the search's record, and the plan of every budget tried."""
     import copy
 
     from fbnprune.budget import BudgetTrial, search_budget
@@ -73,7 +84,7 @@ def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
     r = ctx.recipe
     tasks = heldout_questions(ctx)
     if not tasks:
-        raise RecipeError("select.budget: auto needs a multiple-choice task with labels")
+        raise RecipeError("a budget search needs a multiple-choice task with labels")
     original = {n: heldout_accuracy(ctx.model, ctx.tokenizer, t, r) for n, t in tasks.items()}
     targets = teacher_targets_of(ctx)[0] if r.select.search_steps else None
     heal_cfg = r.heal.model_copy(
@@ -96,9 +107,15 @@ def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
             budget, min(kept.values()), {"accuracy": scores, "original": original, "kept": kept}
         )
 
-    search = search_budget(r.select.budgets, trial, r.select.keep_accuracy)
-    plan = plans[search.chosen]
-    plan.provenance["budget_search"] = {
+    sel = r.select  # a fixed budget's recipe may floor or cap layers beyond some candidates
+    candidates = [b for b in sel.budgets if sel.min_per_layer <= b <= sel.max_per_layer]
+    if not candidates:
+        raise RecipeError(
+            f"no candidate budget of select.budgets {list(sel.budgets)} lies between "
+            f"min_per_layer {sel.min_per_layer:g} and max_per_layer {sel.max_per_layer:g}"
+        )
+    search = search_budget(candidates, trial, sel.keep_accuracy)
+    record = {
         **search.to_dict(),
         "scoring": r.verdict.scoring,
         "documents": {name: len(t[1]) for name, t in tasks.items()},
@@ -107,7 +124,7 @@ def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
         "the recipe's heal settings on the heal stage's teacher targets, and scored on the "
         "held-out split; the kept share is the smallest over tasks",
     }
-    return plan
+    return record, plans
 
 
 def build_plan(cal: RunCalibration, select: SelectConfig, fill: str, *, seed: int) -> PrunePlan:

@@ -16,7 +16,7 @@ refuses a flagged run without ``--force``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from fbnprune.evaluate.suite import eval_name
 from fbnprune.io import atomic_write_json, atomic_write_text
 from fbnprune.rundir import fingerprint
 from fbnprune.rundir.context import RunContext
+from fbnprune.stages.calibration import RunCalibration
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +103,19 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
 def verdict_key(ctx: RunContext, upstream: str) -> str:
     r = ctx.recipe
     tasks = [t.model_dump() for t in r.tasks]
-    return fingerprint(upstream, r.verdict.model_dump(), tasks, r.seed)
+    return fingerprint(upstream, r.verdict.model_dump(), tasks, r.seed, r.select.model_dump())
 
 
-def verdict(ctx: RunContext, checkpoints: dict[str, Path], upstream: str) -> dict[str, Any] | None:
+def verdict(
+    ctx: RunContext,
+    checkpoints: dict[str, Path],
+    upstream: str,
+    calibration: Callable[[], RunCalibration] | None = None,
+) -> dict[str, Any] | None:
     """Score the models on every task outside the splits (reused when fresh); the recorded
-    verdict, or None when the recipe has no multiple-choice task or turns it off."""
+    verdict, or None when the recipe has no multiple-choice task or turns it off.
+    ``calibration`` (the run's collected evidence) lets a fixed budget that misses
+    ``select.keep_accuracy`` say which budget the search would choose."""
     layout = ctx.layout
     if not ctx.recipe.verdict.enabled:
         return None
@@ -116,7 +124,7 @@ def verdict(ctx: RunContext, checkpoints: dict[str, Path], upstream: str) -> dic
         return None
     key = verdict_key(ctx, upstream)
     outputs = [layout.verdict_file, layout.verdict_table]
-    ctx.run.stage("verdict", key, outputs, lambda: _verdict(ctx, checkpoints))
+    ctx.run.stage("verdict", key, outputs, lambda: _verdict(ctx, checkpoints, calibration))
     return layout.read_verdict()
 
 
@@ -143,7 +151,11 @@ def _models(
     return out
 
 
-def _verdict(ctx: RunContext, checkpoints: dict[str, Path]) -> dict[str, Any]:
+def _verdict(
+    ctx: RunContext,
+    checkpoints: dict[str, Path],
+    calibration: Callable[[], RunCalibration] | None = None,
+) -> dict[str, Any]:
     cfg = ctx.recipe.verdict
     tasks = verdict_tasks(ctx)
     scores: dict[str, dict[str, Any]] = {t.name: {} for t in tasks}
@@ -200,12 +212,36 @@ def _verdict(ctx: RunContext, checkpoints: dict[str, Path]) -> dict[str, Any]:
             flags += task_flags(task.name, name, per_model[name], cfg.scoring)
     if shipped is not None:
         result["flags"] = result["flags_by_model"][shipped]
+        result["target"] = _target(ctx, result, shipped, calibration)
     layout = ctx.layout
     atomic_write_json(layout.verdict_file, result)
     atomic_write_text(layout.verdict_table, verdict_table(result))
     for flag in result["flags"]:
         logger.warning("verdict: %s", flag)
     return {"tasks": len(tasks), "flags": len(result["flags"]), "shipped": shipped}
+
+
+def _target(
+    ctx: RunContext,
+    result: dict[str, Any],
+    shipped: str,
+    calibration: Callable[[], RunCalibration] | None,
+) -> dict[str, Any]:
+    """Whether the shipped model keeps ``select.keep_accuracy`` of the original's accuracy
+    on every task; when a fixed budget misses it, the budget the search would choose."""
+    select = ctx.recipe.select
+    shares = [
+        t["kept"][shipped] for t in result["tasks"].values() if t["kept"][shipped] is not None
+    ]
+    kept = min(shares) if shares else None
+    met = kept is None or kept >= select.keep_accuracy
+    target: dict[str, Any] = {"keep_accuracy": select.keep_accuracy, "kept": kept, "met": met}
+    if not met and not select.auto and ctx.recipe.verdict.suggest_budget and calibration:
+        from fbnprune.stages.select import budget_search
+
+        logger.info("verdict: the budget misses the target; searching the one that meets it")
+        target["search"] = budget_search(ctx, calibration())[0]
+    return target
 
 
 def task_info(ctx: RunContext, tasks: list[VerdictTask]) -> dict[str, dict[str, Any]]:
@@ -288,6 +324,24 @@ def verdict_table(result: dict[str, Any]) -> str:
                 f"{stats[plain]['top_share']:.0%} | {_spread(stats[plain]['predicted'])} |"
             )
         lines.append("")
+    target = result.get("target")
+    if target is not None and target["kept"] is not None:
+        verb = "meets" if target["met"] else "misses"
+        lines += [
+            f"Target: the shipped model keeps {target['kept']:.0%} of the original's accuracy "
+            f"(smallest over tasks), which {verb} select.keep_accuracy "
+            f"{target['keep_accuracy']:.0%}.",
+            "",
+        ]
+        search = target.get("search")
+        if search is not None:
+            tried = ", ".join(f"{t['budget']:.0%} keeps {t['kept']:.0%}" for t in search["trials"])
+            what = "would choose" if search["met"] else "found none; its largest is"
+            lines += [
+                f"The budget search (select.budget: auto, on the held-out split: {tried}) "
+                f"{what} budget {search['chosen']:.0%}.",
+                "",
+            ]
     flags = result["flags"]
     lines += ["## Flags", ""] + ([f"- {f}" for f in flags] if flags else ["none"])
     return "\n".join(lines) + "\n"
