@@ -198,7 +198,12 @@ def heal_model(
     model, params = _prepare(student, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_params = sum(p.numel() for p in params)
-    log = HealLog(cfg.method, n_params, processes=world, settings=cfg.model_dump())
+    log = HealLog(
+        cfg.method,
+        n_params,
+        processes=world,
+        settings={**cfg.model_dump(), "label_weight": cfg.label_weight},
+    )
     settings_key = cfg.model_dump_json() + (f" x{world} processes" if world > 1 else "")
     if is_fsdp(accelerator):
         if state_file is not None:

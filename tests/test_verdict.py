@@ -92,6 +92,7 @@ def test_a_constant_answerer_is_flagged_and_export_refuses_it(verdict_run, tmp_p
     card = (result.out_dir / "README.md").read_text()
     assert "## Task and verdict" in card and "exported with `--force`" in card
     assert "business → `' business'`" in card
+    assert "gold answer was appended" in card and "Held-out accuracy" in card
     copied = json.loads((result.out_dir / "fbnprune_verdict.json").read_text())
     assert copied["flags"] == verdict["flags"]
 

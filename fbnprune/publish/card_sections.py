@@ -94,6 +94,20 @@ def _healing(facts: CardFacts) -> str:
         if heal.get("method") == "full"
         else f"LoRA adapters of rank {cfg.get('lora_rank')}, merged into the weights"
     )
+    label = cfg.get("label_weight", 0)
+    labels = (
+        f" Where documents are labelled, the gold answer was appended to its prompt and its "
+        f"cross-entropy added to the loss (weight {label}), so the model learnt the task's "
+        "labels, not only the original's answers."
+        if label
+        else ""
+    )
+    accuracy = heal.get("validation_accuracy") or []
+    if accuracy:
+        labels += (
+            f" Held-out accuracy: {accuracy[0][1]:.2f} at step {accuracy[0][0]} -> "
+            f"{accuracy[-1][1]:.2f} at step {accuracy[-1][0]}."
+        )
     return (
         "## Healing\n\n"
         f"After slicing, the model was distilled from the original: KL divergence between the "
@@ -103,7 +117,7 @@ def _healing(facts: CardFacts) -> str:
         f"training {what} ({how}; {heal.get('trainable_parameters', 0):,} parameters). "
         f"{heal.get('steps')} steps of {cfg.get('batch_size')} x {cfg.get('max_length')} tokens, "
         f"lr {cfg.get('lr')}, {heal.get('seconds', 0):.0f} s; training KD loss "
-        f"{losses[0]:.3f} -> {losses[-1]:.3f}.{held} The log is `{CHECKPOINT_HEAL}`. The "
+        f"{losses[0]:.3f} -> {losses[-1]:.3f}.{held}{labels} The log is `{CHECKPOINT_HEAL}`. The "
         "parity table below proves the slice before healing; healing changes the weights, so "
         "this model differs from the masked original by design."
     )
