@@ -52,14 +52,21 @@ def test_auto_needs_a_multiple_choice_task() -> None:
         )
 
 
-@pytest.mark.parametrize(("keep", "chosen", "met"), [(0.01, 0.25, True), (1.5, 0.75, False)])
-def test_a_run_searches_and_records_the_budget(tmp_path, keep, chosen, met) -> None:
+@pytest.mark.parametrize(
+    ("keep", "budgets", "chosen", "met"),
+    [
+        (0.01, [0.25, 0.5, 0.75], 0.25, True),
+        (1.5, [0.25, 0.5, 0.75], 0.75, False),
+        (0.01, [0.05, 0.5], 0.5, True),  # 5% is the per-layer floor: never tried
+    ],
+)
+def test_a_run_searches_and_records_the_budget(tmp_path, keep, budgets, chosen, met) -> None:
     tiny_model("llama").save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     select = {
         "selector": "magnitude",
         "budget": "auto",
-        "budgets": [0.25, 0.5, 0.75],
+        "budgets": budgets,
         "keep_accuracy": keep,
         "search_steps": 2,
         "min_per_layer": 0.05,
@@ -75,3 +82,4 @@ def test_a_run_searches_and_records_the_budget(tmp_path, keep, chosen, met) -> N
     assert search["heal_steps"] == 2 and search["documents"] == {"bbc-news": 4}
     for trial in search["trials"]:
         assert set(trial["details"]) == {"accuracy", "original", "kept"}
+        assert trial["budget"] > 0.05

@@ -14,7 +14,7 @@ from fbnprune.recipe import RecipeError, SelectConfig
 from fbnprune.refit import Refit, refit_plan
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.runner import now, versions
-from fbnprune.select import allocate
+from fbnprune.select import SelectError, allocate
 from fbnprune.stages.calibration import Calibration, RunCalibration
 from fbnprune.stages.keys import select_key
 
@@ -61,6 +61,8 @@ def auto_budget_plan(ctx: RunContext, calibration: RunCalibration) -> PrunePlan:
     """``select.budget: auto``: the plan at the smallest of ``select.budgets`` that keeps
     ``select.keep_accuracy`` (``budget_search``); the search is in the plan's provenance."""
     record, plans = budget_search(ctx, calibration)
+    if record["chosen"] not in plans:
+        raise RecipeError(f"no plan could be made at any of select.budgets: {record['trials']}")
     plan = plans[record["chosen"]]
     plan.provenance["budget_search"] = record
     return plan
@@ -93,9 +95,12 @@ def budget_search(
     plans: dict[float, PrunePlan] = {}
 
     def trial(budget: float) -> BudgetTrial:
-        plan = plans[budget] = build_plan(
-            calibration, r.select.at(budget), r.prune.fill, seed=r.seed
-        )
+        try:
+            plan = plans[budget] = build_plan(
+                calibration, r.select.at(budget), r.prune.fill, seed=r.seed
+            )
+        except SelectError as exc:  # e.g. the per-layer floor, rounded up, exceeds it
+            return BudgetTrial(budget, 0.0, {"error": str(exc)})
         student = slice_model(copy.deepcopy(ctx.model), plan, layout=heal_layout(r)).eval()
         if targets is not None:
             student, _ = heal_model(
@@ -108,7 +113,7 @@ def budget_search(
         )
 
     sel = r.select  # a fixed budget's recipe may floor or cap layers beyond some candidates
-    candidates = [b for b in sel.budgets if sel.min_per_layer <= b <= sel.max_per_layer]
+    candidates = [b for b in sel.budgets if sel.min_per_layer < b <= sel.max_per_layer]
     if not candidates:
         raise RecipeError(
             f"no candidate budget of select.budgets {list(sel.budgets)} lies between "
