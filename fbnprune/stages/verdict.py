@@ -156,6 +156,7 @@ def _verdict(
     checkpoints: dict[str, Path],
     calibration: Callable[[], RunCalibration] | None = None,
 ) -> dict[str, Any]:
+    """Score, flag, write ``verdict/verdict.{json,md}``; the ledger's details."""
     cfg = ctx.recipe.verdict
     tasks = verdict_tasks(ctx)
     scores: dict[str, dict[str, Any]] = {t.name: {} for t in tasks}
