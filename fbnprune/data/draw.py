@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from fbnprune.data.documents import Document
+from fbnprune.data.document import Document
 from fbnprune.data.tasks import normalise
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from fbnprune.data.documents import DataError, Document
+from fbnprune.data.document import DataError, Document
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fbnprune.data import corpora
-from fbnprune.data.documents import DataError, Document
+from fbnprune.data.document import DataError, Document
 from fbnprune.hashing import digest
 from fbnprune.recipe import TaskConfig
 
