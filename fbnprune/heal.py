@@ -227,7 +227,6 @@ def heal_model(
         if task_accuracy is not None and world == 1:
             step = len(log.train_loss)
             log.validation_accuracy.append((step, task_accuracy(accelerator.unwrap_model(model))))
-            model.train()
         return loss
 
     order = torch.Generator().manual_seed(cfg.seed)

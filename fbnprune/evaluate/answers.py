@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args
 
@@ -118,17 +118,7 @@ class AnswerStats:
         return self.accuracy < self.majority_rate
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "rule": self.rule,
-            "n": self.n,
-            "accuracy": self.accuracy,
-            "majority_label": self.majority_label,
-            "majority_rate": self.majority_rate,
-            "predicted": self.predicted,
-            "top_share": self.top_share,
-            "constant": self.constant,
-            "below_majority": self.below_majority,
-        }
+        return {**asdict(self), "constant": self.constant, "below_majority": self.below_majority}
 
 
 def answer_stats(logliks: AnswerLogLiks, gold: Sequence[int], rule: Scoring) -> AnswerStats:

@@ -321,12 +321,10 @@ def _answer_scores(
         metrics[f"acc_{rule}"] = stats.accuracy
         metrics[f"acc_{rule}_stderr"] = math.sqrt(stats.accuracy * (1 - stats.accuracy) / stats.n)
         metrics[f"top_share_{rule}"] = stats.top_share
-        metrics["majority_rate"] = stats.majority_rate
-        spread["majority_label"], spread["majority_rate"] = (
-            stats.majority_label,
-            stats.majority_rate,
-        )
         spread["predicted"][rule] = stats.predicted
+    # the gold labels' counts, the same under every rule
+    metrics["majority_rate"] = spread["majority_rate"] = stats.majority_rate
+    spread["majority_label"] = stats.majority_label
     return metrics, spread
 
 

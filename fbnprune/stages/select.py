@@ -123,7 +123,7 @@ def budget_search(
     record = {
         **search.to_dict(),
         "scoring": r.verdict.scoring,
-        "documents": {name: len(t[1]) for name, t in tasks.items()},
+        "documents": {name: len(t.documents) for name, t in tasks.items()},
         "heal_steps": r.select.search_steps,
         "how": "each candidate sliced from the original, healed for search_steps steps with "
         "the recipe's heal settings on the heal stage's teacher targets, and scored on the "

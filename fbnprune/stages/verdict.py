@@ -18,48 +18,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fbnprune.data.draw import draw_documents
-from fbnprune.data.tasks import SPLITS, Document, render, task_choices, task_documents
-from fbnprune.evaluate.answers import (
-    CONSTANT_SHARE,
-    CONTENT_FREE_TEXT,
-    SCORING_RULES,
-    answer_logliks,
-    answer_stats,
-)
+from fbnprune.data.tasks import SPLITS, task_choices, task_documents
+from fbnprune.evaluate.answers import CONSTANT_SHARE, SCORING_RULES, answer_stats
 from fbnprune.evaluate.suite import eval_name
 from fbnprune.io import atomic_write_json, atomic_write_text
 from fbnprune.rundir import fingerprint
 from fbnprune.rundir.context import RunContext
 from fbnprune.stages.calibration import RunCalibration
+from fbnprune.stages.questions import VerdictTask
 
 logger = logging.getLogger(__name__)
 
 AS_SHIPPED = "sum"
-
-
-@dataclass(frozen=True)
-class VerdictTask:
-    """One task in one wording, on its documents outside every split."""
-
-    name: str  # the evaluation's name (``evaluate.suite.eval_name``)
-    task: str
-    wording: str | None
-    template: str
-    max_words: int | None
-    answers: dict[str, str]  # label -> answer text
-    documents: list[Document]
-
-    def prompts(self) -> list[str]:
-        return [render(self.template, d.text, self.max_words) for d in self.documents]
-
-    def gold(self) -> list[int]:
-        labels = list(self.answers)
-        return [labels.index(str(d.label)) for d in self.documents]
 
 
 def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
@@ -165,14 +139,7 @@ def _verdict(
         sources[model_name] = source
         with entered as (model, tokenizer):
             for task in tasks:
-                logliks = answer_logliks(
-                    model,
-                    tokenizer,
-                    task.prompts(),
-                    task.answers,
-                    content_free_prompt=render(task.template, CONTENT_FREE_TEXT),
-                    batch_size=cfg.batch_size,
-                )
+                logliks = task.logliks(model, tokenizer, cfg.batch_size)
                 gold = task.gold()
                 scores[task.name][model_name] = {
                     rule: answer_stats(logliks, gold, rule).to_dict() for rule in SCORING_RULES
