@@ -3,7 +3,8 @@ the whole run, ``fbnprune save`` with ``collect.onload`` and ``save.onload`` bot
 (collect layer by layer from the shards into a float16 zarr store; discover on dask with a
 256 MiB budget; select; prune sized on the meta model; check and save one decoder block at
 a time: each MLP in float64 against the masked MLP, then the saved tensors bit for bit),
-runs in a child whose peak RSS stays below a cap smaller than the model alone. The same
+runs in a child whose peak RSS stays below the model alone, the check adding at most 1.75 GiB
+to what the process holds before it (a floor that differs between machines). The same
 recipe with the whole model in memory (``collect.onload: full``; it fits on a test machine)
 makes the same plan, exactly, and ``slice_model`` + ``save_checkpoint`` write the same
 tensors as the streamed run's padded checkpoint, bit for bit.
@@ -29,7 +30,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fbnprune.rundir.layout import PARITY_FILE, PLAN_FILE, RUN_FILE, checkpoint_name
 
 GiB = 2**30
-CAP = 2.75 * GiB  # the 4-layer model alone is 3.02 GiB (float32); one float64 MLP is 1.0 GiB
+# The run's peak stays below the model alone (3.02 GiB of float32 shards), and the check, the
+# largest stage, adds at most this much to what the process already holds when select runs
+# (imports and libraries: about 1.0 GiB here, 1.2 GiB on CI's machine): one float64 MLP is
+# 1.0 GiB at these widths, plus its slices and the replayed inputs.
+CHECK_ABOVE_FLOOR = 1.75 * GiB
 
 # run a command in a child and print that child's peak RSS (ru_maxrss: KiB on Linux)
 MEASURE = (
@@ -120,6 +125,12 @@ def run_until(tmp: Path, model: Path, onload: str, stage: str) -> tuple[Path, in
     return out, peak, wall
 
 
+def stage_peaks(run: Path) -> dict[str, float]:
+    """Each stage's sampled peak RSS (bytes) from run.json."""
+    stages = json.loads((run / RUN_FILE).read_text())["stages"]
+    return {name: info["peak_rss_mib"] * 2**20 for name, info in stages.items()}
+
+
 def stage_seconds(run: Path) -> str:
     """Each stage's wall time and peak RSS from run.json, e.g. ``collect 20 s 1.2 GiB``."""
     stages = json.loads((run / RUN_FILE).read_text())["stages"]
@@ -170,12 +181,13 @@ def test_real_width_llama_runs_under_a_memory_cap(tmp_path):
     print(
         f"real width: model {model_bytes / GiB:.2f} GiB, matrix {tokens} x "
         f"{sum(plan['layer_widths'])} = {matrix_bytes / GiB:.2f} GiB float32; the whole run "
-        f"layer by layer: peak RSS {peak / GiB:.2f} GiB (cap {CAP / GiB:.2f} GiB), {wall:.0f} s "
+        f"layer by layer: peak RSS {peak / GiB:.2f} GiB, {wall:.0f} s "
         f"({stage_seconds(run)}); check: float64 max |delta| {worst(exact):.2e}, saved "
         f"tensors max |delta| {worst(saved):.1e}"
     )
-    assert model_bytes + matrix_bytes > model_bytes > CAP  # the cap is below the model alone
-    assert peak < CAP
+    peaks = stage_peaks(run)
+    assert peak < model_bytes  # the whole run holds less than the model alone
+    assert peaks["check"] - peaks["select"] < CHECK_ABOVE_FLOOR
     assert parity["passed"] and exact["dtype"] == "float64" and worst(saved) == 0.0
     for layout in ("padded", "compact"):
         assert (run / checkpoint_name(layout) / "config.json").is_file()
