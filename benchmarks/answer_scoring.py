@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fbnprune.data.tasks import render
+from fbnprune.data.task_text import render
 from fbnprune.evaluate.answers import (
     CONTENT_FREE_TEXT,
     SCORING_RULES,

@@ -46,7 +46,7 @@ def child(args: argparse.Namespace) -> None:
     """One mode: collect into ``args.out``; print its figures as JSON."""
     import torch
 
-    from fbnprune.collect import collect_activations
+    from fbnprune.collect.activations import collect_activations
     from fbnprune.models.loading import load_model, load_tokenizer
     from fbnprune.models.onload import LayerwiseModel, checkpoint_dir
 

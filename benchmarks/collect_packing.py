@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from fbnprune.collect import Activations
+    from fbnprune.collect.activations import Activations
 
 
 def prompts(n: int, words: int) -> list[str]:
@@ -39,7 +39,7 @@ def prompts(n: int, words: int) -> list[str]:
 def main() -> None:
     import torch
 
-    from fbnprune.collect import collect_activations, model_batches, model_of, tokenize
+    from fbnprune.collect.activations import collect_activations, model_batches, model_of, tokenize
     from fbnprune.models.loading import load_model, load_tokenizer
     from fbnprune.models.onload import LayerwiseModel, checkpoint_dir
 

@@ -50,7 +50,7 @@ def planted(
 ) -> None:
     """Write the planted-source matrix as ``matrix.npy`` (float32) and ``activations.zarr``
     (float16), and the true networks as ``truth.npy``."""
-    from fbnprune.scale.store import StoreWriter
+    from fbnprune.collect.store import StoreWriter
 
     rng = np.random.default_rng(seed)
     size = max(8, int(0.02 * n_neurons))
@@ -83,9 +83,9 @@ def child(engine: str, data: Path, k: int, memory: str, threads: int) -> None:
     import psutil
     import zarr  # noqa: F401
 
-    from fbnprune.discover import GroupICA, ica_maps  # noqa: F401 (imports before the baseline)
-    from fbnprune.scale.discover import DaskGroupICA
-    from fbnprune.scale.store import ActivationStore
+    from fbnprune.collect.store import ActivationStore
+    from fbnprune.discover.dask_ica import DaskGroupICA
+    from fbnprune.discover.group_ica import GroupICA, ica_maps  # noqa: F401 (imports before the baseline)
 
     if engine == "sklearn":
         from sklearn.decomposition import FastICA

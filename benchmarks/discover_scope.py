@@ -44,10 +44,10 @@ def child(engine: str, data: Path, k: int, memory: str, threads: int) -> None:
     import psutil
     import zarr  # noqa: F401
 
-    from fbnprune.discover import GroupICA
-    from fbnprune.layer_ica import LayerICA
-    from fbnprune.scale.discover import DaskGroupICA
-    from fbnprune.scale.store import ActivationStore
+    from fbnprune.collect.store import ActivationStore
+    from fbnprune.discover.dask_ica import DaskGroupICA
+    from fbnprune.discover.group_ica import GroupICA
+    from fbnprune.discover.layer_ica import LayerICA
 
     store = ActivationStore(data / "activations.zarr")
     baseline = psutil.Process().memory_info().rss

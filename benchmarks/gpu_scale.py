@@ -89,7 +89,7 @@ def sync(device: str) -> None:
 
 @torch.inference_mode()
 def forward_tokens_per_second(model, tokenizer, texts, seq: int, batch: int, device: str):
-    from fbnprune.collect import token_batches
+    from fbnprune.collect.activations import token_batches
 
     batches = token_batches(tokenizer, texts, seq, batch)
     backbone = model.model
@@ -123,14 +123,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the store goes (default: temporary)")
     parser.add_argument("--out", type=Path, default=Path("gpu_scale.json"))
     args = parser.parse_args()
-    from fbnprune.collect import collect_activations
-    from fbnprune.discover import GroupICA
+    from fbnprune.collect.activations import collect_activations
+    from fbnprune.collect.to_store import collect_to_store
+    from fbnprune.discover.dask_ica import DaskGroupICA
+    from fbnprune.discover.group_ica import GroupICA
     from fbnprune.plan import PrunePlan
+    from fbnprune.pruning.slicing import slice_model
     from fbnprune.recipe import HealConfig
-    from fbnprune.scale.collect import collect_to_store
-    from fbnprune.scale.discover import DaskGroupICA
-    from fbnprune.select import allocate, layer_bounds
-    from fbnprune.slicing import slice_model
+    from fbnprune.select.selection import allocate, layer_bounds
 
     on_gpu = args.device.startswith("cuda")
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -235,7 +235,7 @@ def main() -> None:
         checkpoint_every=10**6,
         max_minutes=None,
     )
-    from fbnprune.heal import heal_model
+    from fbnprune.heal.train import heal_model
 
     heal_texts = texts[: args.heal_batch * 4]
     sync(args.device)

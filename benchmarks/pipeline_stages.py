@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from fbnprune.collect import collect_activations, token_batches
+from fbnprune.collect.activations import collect_activations, token_batches
 from fbnprune.models.adapters import get_adapter
+from fbnprune.pipeline import run_pipeline
 from fbnprune.recipe import load_recipe
 from fbnprune.rundir import RunDir
 from fbnprune.rundir.context import RunContext
-from fbnprune.stages.pipeline import run_pipeline
 
 
 @torch.inference_mode()

@@ -24,7 +24,7 @@ import torch
 from fbnprune.cost import costs_markdown, measure_costs
 from fbnprune.models.loading import load_model
 from fbnprune.plan import PrunePlan
-from fbnprune.slicing import SliceError, slice_model
+from fbnprune.pruning.slicing import SliceError, slice_model
 
 
 def main() -> None:

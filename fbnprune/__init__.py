@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fbnprune.moved import install
 from fbnprune.version import __version__
+
+install()  # old module paths (fbnprune.mask, fbnprune.stages.pipeline, ...) keep working
 
 __all__ = ["FbnpruneError", "PrunePlan", "Recipe", "__version__", "load_recipe", "prune", "run"]
 

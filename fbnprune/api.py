@@ -12,10 +12,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from fbnprune.accel import Launch
+    from fbnprune.pipeline import RunSummary
     from fbnprune.plan import PrunePlan
     from fbnprune.recipe import Recipe
     from fbnprune.recipe.base import Allocation, Fill, Layout, Selector, Site
-    from fbnprune.stages.pipeline import RunSummary
 
 
 def run(
@@ -47,10 +47,10 @@ def run(
     Returns:
         The summary the CLI prints: stage times, the plan, parity, checkpoints, verdict.
     """
+    from fbnprune.discover.dask_ica import use_scheduler
+    from fbnprune.pipeline import run_pipeline
     from fbnprune.recipe import Recipe, load_recipe
     from fbnprune.rundir import RunDir, check_run_dir
-    from fbnprune.scale.discover import use_scheduler
-    from fbnprune.stages.pipeline import run_pipeline
 
     recipe_file = None
     if not isinstance(recipe, Recipe):
@@ -106,12 +106,12 @@ def prune(
     Returns:
         The sliced copy of ``model`` (in eval mode) and its ``PrunePlan``.
     """
-    from fbnprune.collect import collect_activations
+    from fbnprune.collect.activations import collect_activations
+    from fbnprune.discover.fitting import NetworkScores, fit_networks
+    from fbnprune.pruning.slicing import slice_model
     from fbnprune.recipe import DiscoverConfig, PruneConfig, SelectConfig
-    from fbnprune.slicing import slice_model
-    from fbnprune.stages.calibration import Calibration
-    from fbnprune.stages.discover import NetworkScores, fit_networks
-    from fbnprune.stages.select import plan_of
+    from fbnprune.select.calibration import Calibration
+    from fbnprune.select.planning import plan_of
 
     if allocation == "sensitivity":
         raise ValueError("allocation='sensitivity' needs a run directory: use fbnprune.run")

@@ -31,8 +31,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from fbnprune.models.size import count_parameters
 from fbnprune.rundir import measure
-from fbnprune.save import checkpoint_bytes, count_parameters, save_checkpoint
+from fbnprune.save.checkpoint import checkpoint_bytes, save_checkpoint
 
 MiB = 2**20
 

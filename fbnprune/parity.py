@@ -1,6 +1,6 @@
 """Parity reports: how far each candidate's logits are from the reference's, and whether
 that proves the slice (``ParityReport``, ``ParityResult``). Plain data, below everything that
-writes or reads ``parity.json``; ``fbnprune.check`` computes them."""
+writes or reads ``parity.json``; ``fbnprune.check.compare`` computes them."""
 
 from __future__ import annotations
 

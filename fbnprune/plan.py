@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from fbnprune.errors import FbnpruneError
+from fbnprune.integrity import sha256_file
 from fbnprune.io import atomic_write_text
-from fbnprune.refit import Refit, RefitError, file_digest
 
 PLAN_FORMAT_VERSION = 1
 FILLS = ("zero", "mean", "reconstruct")
@@ -24,6 +25,51 @@ FILLS = ("zero", "mean", "reconstruct")
 
 class PlanError(FbnpruneError, ValueError):
     """A plan that is inconsistent or does not fit the model it is applied to."""
+
+
+class RefitError(FbnpruneError, ValueError):
+    """A refit that cannot be computed or does not fit its plan."""
+
+
+@dataclass
+class Refit:
+    """New down-projection columns for the kept units, and a bias shift, per layer.
+
+    Attributes:
+        weights: per layer, float32 tensor of shape (d_model, n_kept): the kept columns.
+        biases: per layer, float32 tensor of shape (d_model,): added to the down bias.
+        ridge: the relative ridge term the refit was solved with.
+    """
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    ridge: float
+
+    def save(self, file: Path) -> str:
+        """Write a safetensors file (atomically); return its sha256."""
+        tensors = {}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            tensors[f"layer{i}.weight"] = w.contiguous()
+            tensors[f"layer{i}.bias"] = b.contiguous()
+        tmp = file.with_name(f".{file.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"ridge": repr(self.ridge)})
+        tmp.replace(file)
+        return sha256_file(file)
+
+    @classmethod
+    def load(cls, file: Path, n_layers: int, ridge: float) -> Refit:
+        tensors = load_file(str(file))
+        weights = [tensors[f"layer{i}.weight"] for i in range(n_layers)]
+        biases = [tensors[f"layer{i}.bias"] for i in range(n_layers)]
+        return cls(weights, biases, ridge)
+
+    def check_fits(self, kept_per_layer: list[int], d_model: int | None = None) -> None:
+        shapes = [tuple(w.shape) for w in self.weights]
+        counts = [s[1] for s in shapes]
+        if counts != list(kept_per_layer):
+            raise RefitError(f"refit has {counts} columns per layer, plan keeps {kept_per_layer}")
+        if d_model is not None and any(s[0] != d_model for s in shapes):
+            raise RefitError(f"refit rows {sorted({s[0] for s in shapes})} != d_model {d_model}")
 
 
 @dataclass
@@ -36,7 +82,7 @@ class PrunePlan:
         site: ``hidden`` (MLP intermediate units) or ``output`` (MLP output channels).
         fill: how dropped units are compensated: ``zero``, ``mean`` (calibration mean folded
             into the down bias) or ``reconstruct`` (kept down columns and a bias refit by
-            least squares, ``fbnprune.refit``; the tensors live in ``refit``).
+            least squares, ``fbnprune.select.refit``; the tensors live in ``refit``).
         layer_widths: units per layer before pruning.
         kept: sorted kept indices per layer.
         fill_values: per layer, the value of every unit when ``fill == "mean"`` (else None).
@@ -203,6 +249,6 @@ def _load_refit(path: Path, data: dict[str, Any]) -> Refit:
     file = path.with_name(info["file"])
     if not file.is_file():
         raise PlanError(f"{path}: its refit tensors {file.name} are missing")
-    if file_digest(file) != info["sha256"]:
+    if sha256_file(file) != info["sha256"]:
         raise PlanError(f"{file}: content differs from the digest recorded in {path.name}")
     return Refit.load(file, len(data["layer_widths"]), info["ridge"])

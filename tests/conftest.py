@@ -1,13 +1,27 @@
-"""Shared fixtures: tiny random models of every supported family, built in code."""
+"""Shared fixtures: tiny random models of every supported family, built in code, and the one
+tiny recipe the pipeline tests run."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from fbnprune.models.adapters import get_adapter
+from fbnprune.models.hooks import site_widths
+from fbnprune.plan import PrunePlan, Refit
+from fbnprune.recipe import Recipe, parse_recipe
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: recipes/, fbnprune/, README.md
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -89,3 +103,156 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         padding_side="right",
     )
+
+
+# one BBC task of 12 calibration and 4 held-out articles, 32 tokens each
+NEWS_TASK: dict[str, Any] = {
+    "name": "news",
+    "source": "builtin:bbc_news",
+    "template": "Article: {text}",
+    "calibration_samples": 12,
+    "heldout_samples": 4,
+    "max_length": 32,
+}
+TINY_RECIPE: dict[str, Any] = {
+    "name": "tiny",
+    "tasks": [NEWS_TASK],
+    "collect": {"batch_size": 4},
+    "discover": {"n_components": 8},
+    "select": {"budget": 0.25, "min_per_layer": 0.05},
+    "check": {"samples": 4, "atol": 1e-5},
+    "save": {"layouts": ["padded", "compact"]},
+    "heal": {"enabled": False},
+}
+
+
+def tiny_recipe(model: str | Path = "unused", **sections: Any) -> dict[str, Any]:
+    """The tests' recipe for ``model``: ``TINY_RECIPE`` with ``sections`` on top (a mapping
+    updates the section of that name, anything else replaces it)."""
+    recipe: dict[str, Any] = {**copy.deepcopy(TINY_RECIPE), "model": str(model)}
+    for key, value in sections.items():
+        base = recipe.get(key)
+        recipe[key] = {**base, **value} if isinstance(value, dict) and base else value
+    return recipe
+
+
+def write_recipe(path: Path, data: dict[str, Any]) -> Path:
+    """``data`` as a YAML recipe file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# short texts of many lengths (1 to 41 characters)
+PLAIN_TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine",
+    "pack my box with five dozen liquor jugs",
+    "to be or not to be, that is the question",
+    "hello world",
+    "ab",
+]
+
+
+def saved_model_dir(model: torch.nn.Module, path, shard: str | None = None) -> str:
+    """``model`` saved at ``path`` (in shards of ``shard``), as a path string."""
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return str(path)
+
+
+def checkpoint_tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors files."""
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+def checkpoint_config(directory) -> dict:
+    """A checkpoint's config.json, without the transformers version."""
+    data = json.loads((directory / "config.json").read_text())
+    data.pop("transformers_version", None)
+    return data
+
+
+def random_plan(model, site: str, fill: str, seed: int = 1) -> PrunePlan:
+    """A plan keeping a different, random number of units per layer."""
+    widths = site_widths(model, get_adapter(model), site)
+    gen = torch.Generator().manual_seed(seed)
+    kept = [
+        sorted(torch.randperm(w, generator=gen)[: 4 + 3 * i].tolist()) for i, w in enumerate(widths)
+    ]
+    fill_values = (
+        [torch.randn(w, generator=gen).tolist() for w in widths] if fill == "mean" else None
+    )
+    refit = None
+    if fill == "reconstruct":  # any columns and bias: slicing must carry them exactly
+        adapter = get_adapter(model)
+        d_model = adapter.output_width(adapter.get_layers(model)[0])
+        refit = Refit(
+            [torch.randn(d_model, len(k), generator=gen) for k in kept],
+            [torch.randn(d_model, generator=gen) for _ in kept],
+            ridge=0.0,
+        )
+    return PrunePlan(
+        model="tiny",
+        model_type=model.config.model_type,
+        site=site,
+        fill=fill,
+        layer_widths=widths,
+        kept=kept,
+        fill_values=fill_values,
+        refit=refit,
+    )
+
+
+def real_logits(model, batch) -> torch.Tensor:
+    """The logits at the batch's real (unpadded) positions."""
+    with torch.no_grad():
+        return model(**batch).logits[batch["attention_mask"].bool()]
+
+
+BBC_CHOICES = {t: f" {t}" for t in ("business", "entertainment", "politics", "sport", "tech")}
+
+
+BBC_ALT = {
+    "business": " Business",
+    "entertainment": " Arts",
+    "politics": " Politics",
+    "sport": " Sports",
+    "tech": " Technology",
+}
+
+
+def bbc_task(**overrides) -> dict:
+    """The BBC topics as a labelled task in two wordings, 20 words a prompt."""
+    task = {
+        "name": "bbc-news",
+        "source": "builtin:bbc_news",
+        "template": "Article: {text}\nTopic:",
+        "max_words": 20,
+        "choices": BBC_CHOICES,
+        "wordings": [{"name": "alt", "template": "Story: {text}\nSection:", "choices": BBC_ALT}],
+        "calibration_samples": 8,
+        "heldout_samples": 4,
+        "heal_samples": 6,
+        "max_length": 48,
+    }
+    task.update(overrides)
+    return task
+
+
+def task_recipe(model: str = "unused", **sections: Any) -> Recipe:
+    """The tiny recipe on ``bbc_task``, magnitude-selected, the compact layout; ``sections``
+    replace whole sections."""
+    base = tiny_recipe(
+        model,
+        name="tiny-task",
+        tasks=[bbc_task()],
+        select={"selector": "magnitude"},
+        check={"samples": 2},
+        save={"layouts": ["compact"]},
+        evaluate={"choice_samples": 10, "perplexity_samples": 3},
+    )
+    return parse_recipe({**base, **sections})

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_recipe, tiny_tokenizer
 
 import fbnprune
 from fbnprune import FbnpruneError, PrunePlan, Recipe, prune, run
-from tests.conftest import tiny_model, tiny_tokenizer
-from tests.test_pipeline import recipe_dict
 
 PROMPTS = [f"question {i}: what is {i} plus {i}?" for i in range(12)]
 
@@ -27,7 +26,7 @@ def test_face_names_resolve_and_import_is_cheap() -> None:
 
 
 def test_every_user_error_is_an_fbnprune_error() -> None:
-    from fbnprune.check import ParityError
+    from fbnprune.check.compare import ParityError
     from fbnprune.recipe import RecipeError
     from fbnprune.rundir import RunDirLockedError
 
@@ -73,7 +72,7 @@ def test_prune_in_memory_plans_what_the_run_plans(
     from fbnprune.rundir import RunDir
     from fbnprune.rundir.context import RunContext
 
-    data = recipe_dict(tiny_llama_dir, select={"selector": selector})
+    data = tiny_recipe(tiny_llama_dir, select={"selector": selector})
     recipe = parse_recipe({**data, "prune": {"fill": fill}})
     summary = run(recipe, tmp_path / "run", until="select", progress=False)
     ctx = RunContext(recipe, RunDir.open(tmp_path / "run"), progress=False)

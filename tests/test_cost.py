@@ -23,9 +23,10 @@ from fbnprune.cost import (
 )
 from fbnprune.models.adapters import get_adapter
 from fbnprune.models.hooks import site_widths
+from fbnprune.models.size import count_parameters, model_size
 from fbnprune.plan import PrunePlan
-from fbnprune.save import checkpoint_bytes, count_parameters, model_size, save_checkpoint
-from fbnprune.slicing import slice_model
+from fbnprune.pruning.slicing import slice_model
+from fbnprune.save.checkpoint import checkpoint_bytes, save_checkpoint
 
 
 def sliced(model, layout: str):

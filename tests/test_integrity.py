@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model, tiny_recipe, tiny_tokenizer, write_recipe
 from safetensors.torch import load_file, save_file
-from test_pipeline import recipe_dict, write_recipe
 
 from fbnprune import integrity
 from fbnprune.cli import disk_fault, main
+from fbnprune.pipeline import run_pipeline
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import RecipeError, load_recipe, parse_recipe
-from fbnprune.stages.pipeline import run_pipeline
 
 
 @pytest.fixture()
@@ -34,7 +33,7 @@ def model_dir(tmp_path) -> Path:
 
 @pytest.fixture()
 def finished_run(model_dir, tmp_path):
-    recipe = parse_recipe(recipe_dict(str(model_dir), save={"layouts": ["padded"]}))
+    recipe = parse_recipe(tiny_recipe(str(model_dir), save={"layouts": ["padded"]}))
     run_pipeline(recipe, tmp_path / "run", progress=False)
     return recipe, tmp_path / "run"
 
@@ -116,8 +115,10 @@ def test_a_changed_checkpoint_is_checked_and_saved_again_on_resume(finished_run,
 def test_a_full_disk_or_read_only_folder_is_one_message(
     model_dir, tmp_path, monkeypatch, capsys, code, words
 ):
-    recipe = write_recipe(tmp_path, recipe_dict(str(model_dir), save={"layouts": ["padded"]}))
-    from fbnprune import save
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", tiny_recipe(str(model_dir), save={"layouts": ["padded"]})
+    )
+    from fbnprune.save import checkpoint as save
 
     real = save.save_checkpoint
 
@@ -125,7 +126,7 @@ def test_a_full_disk_or_read_only_folder_is_one_message(
         real(model, tokenizer, directory, **kwargs)
         raise OSError(code, "injected", str(Path(directory) / "model.safetensors"))
 
-    monkeypatch.setattr("fbnprune.stages.save.save_checkpoint", fill_up)
+    monkeypatch.setattr("fbnprune.save.checked.save_checkpoint", fill_up)
     code_out = main(["-q", "run", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
     assert code_out == 2 and "Traceback" not in err
@@ -162,13 +163,13 @@ def test_ctrl_c_during_start_up_imports_exits_130_without_a_traceback(monkeypatc
 
 # --- what validation catches ------------------------------------------------------------------
 def test_validate_data_refuses_more_components_than_tokens(model_dir, tmp_path, capsys, caplog):
-    data = recipe_dict(str(model_dir), discover={"n_components": 400})
+    data = tiny_recipe(str(model_dir), discover={"n_components": 400})
     data["tasks"][0].update(calibration_samples=2, max_length=32)  # <= 64 tokens
-    assert main(["validate", "--data", str(write_recipe(tmp_path, data))]) == 2
+    assert main(["validate", "--data", str(write_recipe(tmp_path / "recipe.yaml", data))]) == 2
     err = capsys.readouterr().err
     assert "discover.n_components=400 needs more than 400 calibration tokens" in err
     data["discover"]["n_components"] = 20  # feasible, but under 4 tokens per component
-    assert main(["validate", "--data", str(write_recipe(tmp_path, data))]) == 0
+    assert main(["validate", "--data", str(write_recipe(tmp_path / "recipe.yaml", data))]) == 0
     assert "calibration tokens for 20 ICA components" in caplog.text
     assert "calibration tokens" in capsys.readouterr().out
 
@@ -182,14 +183,14 @@ def test_validate_data_refuses_more_components_than_tokens(model_dir, tmp_path, 
     ],
 )
 def test_recipes_that_cannot_be_met_are_refused_at_once(tmp_path, select, words):
-    data = recipe_dict("some-model", select=select)
+    data = tiny_recipe("some-model", select=select)
     with pytest.raises(RecipeError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        load_recipe(write_recipe(tmp_path, data))
+        load_recipe(write_recipe(tmp_path / "recipe.yaml", data))
 
 
 def test_booleans_still_work_where_a_boolean_is_meant(tmp_path):
-    data = {**recipe_dict("some-model", heal={"enabled": True}), "prune": {"sequential": True}}
-    recipe = load_recipe(write_recipe(tmp_path, data))
+    data = {**tiny_recipe("some-model", heal={"enabled": True}), "prune": {"sequential": True}}
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", data))
     assert recipe.prune.sequential is True and recipe.heal.enabled is True
 
 
@@ -197,7 +198,7 @@ def test_relative_file_sources_resolve_against_the_recipe_folder(tmp_path, monke
     folder = tmp_path / "project"
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "docs.txt").write_text("\n\n".join(f"document {i} text" for i in range(9)))
-    data = recipe_dict("some-model")
+    data = tiny_recipe("some-model")
     data["tasks"][0].update(source="file:data/docs.txt", calibration_samples=4, heldout_samples=2)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))

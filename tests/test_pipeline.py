@@ -7,51 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import REPO, tiny_recipe, write_recipe
 from transformers import AutoModelForCausalLM
 
 from fbnprune.cli import main
+from fbnprune.collect.stage import collect
+from fbnprune.pipeline import run_pipeline
 from fbnprune.recipe import parse_recipe
 from fbnprune.rundir import RunDir, RunDirError
 from fbnprune.rundir.context import RunContext
-from fbnprune.stages.collect import collect
-from fbnprune.stages.pipeline import run_pipeline
-
-
-def recipe_dict(model_dir: str, **overrides) -> dict:
-    recipe = {
-        "name": "tiny",
-        "model": model_dir,
-        "tasks": [
-            {
-                "name": "news",
-                "source": "builtin:bbc_news",
-                "template": "Article: {text}",
-                "calibration_samples": 12,
-                "heldout_samples": 4,
-                "max_length": 32,
-            }
-        ],
-        "collect": {"batch_size": 4},
-        "discover": {"n_components": 8},
-        "select": {"budget": 0.25, "min_per_layer": 0.05},
-        "check": {"samples": 4, "atol": 1e-5},
-        "save": {"layouts": ["padded", "compact"]},
-        "heal": {"enabled": False},
-    }
-    for key, value in overrides.items():
-        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) else value
-    return recipe
-
-
-def write_recipe(tmp_path, data: dict):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_llama_dir, tmp_path):
-    recipe = parse_recipe(recipe_dict(tiny_llama_dir))
+    recipe = parse_recipe(tiny_recipe(tiny_llama_dir))
     summary = run_pipeline(recipe, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     for name in ("run.json", "recipe.yaml", "plan.json", "prune.json", "parity.json"):
@@ -91,19 +59,19 @@ def test_run_produces_plan_parity_and_loadable_checkpoints(tiny_llama_dir, tmp_p
 
 
 def test_changed_budget_recomputes_only_select_and_later(tiny_llama_dir, tmp_path):
-    run_pipeline(parse_recipe(recipe_dict(tiny_llama_dir)), tmp_path / "run", progress=False)
-    changed = parse_recipe(recipe_dict(tiny_llama_dir, select={"budget": 0.5}))
+    run_pipeline(parse_recipe(tiny_recipe(tiny_llama_dir)), tmp_path / "run", progress=False)
+    changed = parse_recipe(tiny_recipe(tiny_llama_dir, select={"budget": 0.5}))
     summary = run_pipeline(changed, tmp_path / "run", until="save", progress=False)
     assert summary.executed == ["select", "prune", "check", "save"]
 
 
 def test_interrupted_stage_resumes_cleanly(tiny_llama_dir, tmp_path, monkeypatch):
-    recipe = parse_recipe(recipe_dict(tiny_llama_dir))
+    recipe = parse_recipe(tiny_recipe(tiny_llama_dir))
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fbnprune.discover.GroupICA.fit", interrupt)
+    monkeypatch.setattr("fbnprune.discover.group_ica.GroupICA.fit", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(recipe, tmp_path / "run", progress=False)
     assert not list((tmp_path / "run").rglob("*.tmp*"))
@@ -114,7 +82,7 @@ def test_interrupted_stage_resumes_cleanly(tiny_llama_dir, tmp_path, monkeypatch
 
 
 def test_collect_records_only_real_tokens(tiny_llama_dir, tmp_path):
-    recipe = parse_recipe(recipe_dict(tiny_llama_dir))
+    recipe = parse_recipe(tiny_recipe(tiny_llama_dir))
     run_pipeline(recipe, tmp_path / "run", until="collect", progress=False)
     ctx = RunContext(recipe, RunDir.open(tmp_path / "run"), progress=False)
     acts = collect(ctx, "news")
@@ -162,7 +130,8 @@ def test_existing_non_run_directory_is_refused(tmp_path):
 def test_bad_input_gives_a_clear_error_and_exit_code(
     tiny_llama_dir, tmp_path, capsys, overrides, message
 ):
-    path = write_recipe(tmp_path, recipe_dict(tiny_llama_dir, **overrides))
+    data = tiny_recipe(**{"model": tiny_llama_dir, **overrides})
+    path = write_recipe(tmp_path / "recipe.yaml", data)
     code = main(["-q", "run", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -176,15 +145,14 @@ def test_empty_corpus_and_too_short_corpus(tiny_llama_dir, tmp_path, capsys):
     (tmp_path / "short.txt").write_text("one doc\n\ntwo docs\n")
     for name in ("empty.txt", "short.txt"):
         tasks = [{"name": "t", "source": f"file:{tmp_path / name}"}]
-        path = write_recipe(tmp_path, recipe_dict(tiny_llama_dir, tasks=tasks))
+        path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny_llama_dir, tasks=tasks))
         assert main(["-q", "validate", str(path), "--data"]) == 2
         assert name in capsys.readouterr().err
 
 
 def test_validate_accepts_the_shipped_recipes(capsys):
-    from pathlib import Path
 
-    recipes = sorted(str(p) for p in Path(__file__).parents[1].glob("recipes/*.yaml"))
+    recipes = sorted(str(p) for p in REPO.glob("recipes/*.yaml"))
     assert len(recipes) >= 3
     assert main(["validate", *recipes]) == 0
     assert capsys.readouterr().out.count(": ok") == len(recipes)
@@ -199,7 +167,7 @@ def test_help_explains_every_subcommand(capsys):
 
 
 def test_stage_subcommand_stops_after_its_stage(tiny_llama_dir, tmp_path, capsys):
-    path = write_recipe(tmp_path, recipe_dict(tiny_llama_dir))
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny_llama_dir))
     assert main(["-q", "select", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert (tmp_path / "run" / "plan.json").is_file()
     assert not (tmp_path / "run" / "parity.json").exists()

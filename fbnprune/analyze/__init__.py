@@ -20,8 +20,8 @@ preservation curve at one site), ``run`` (the orchestration).
 from fbnprune.analyze.metric import ChoiceMetric, PerplexityMetric, build_metric
 from fbnprune.analyze.overlap import chance_iou, iou_matrix, match_counts
 from fbnprune.analyze.plans import keep_plan, lesion_plan, random_set
-from fbnprune.analyze.run import Analysis, analyze, metric_tasks, resolve_config
 from fbnprune.analyze.samples import AnalyzeError, plan_units
+from fbnprune.analyze.study import Analysis, analyze, metric_tasks, resolve_config
 
 __all__ = [
     "Analysis",

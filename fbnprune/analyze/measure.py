@@ -15,9 +15,9 @@ from fbnprune.analyze.lesions import run_lesions
 from fbnprune.analyze.metric import Metric
 from fbnprune.analyze.networks import NetworkSet
 from fbnprune.analyze.preservation import run_preservation, sweep_networks
-from fbnprune.collect import Activations
+from fbnprune.collect.activations import Activations
 from fbnprune.recipe import AnalyzeConfig, Recipe
-from fbnprune.select import column_means, rms_scores
+from fbnprune.select.selection import column_means, rms_scores
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

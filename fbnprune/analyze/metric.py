@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fbnprune.collect import iter_batches, pad_batch
-from fbnprune.data.tasks import Document
+from fbnprune.collect.activations import iter_batches, pad_batch
+from fbnprune.data.task_text import Document
 from fbnprune.evaluate.records import BBC_TOPICS, bbc_record, word_problem_record
 from fbnprune.models.adapters import get_adapter
 

@@ -21,7 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 
 from fbnprune.analyze.samples import Unit
-from fbnprune.discover import GroupICA, ica_feasible, ica_maps
+from fbnprune.discover.group_ica import GroupICA, ica_feasible, ica_maps
 from fbnprune.recipe import DiscoverConfig
 
 

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fbnprune.analyze.metric import Metric
-from fbnprune.mask import masked
 from fbnprune.plan import PrunePlan
-from fbnprune.select import top_indices
+from fbnprune.pruning.mask import masked
+from fbnprune.select.selection import top_indices
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from fbnprune.analyze.metric import Metric
 from fbnprune.analyze.networks import ComponentSweep, NetworkSet
 from fbnprune.analyze.plans import keep_plan, score_under, split_layers
-from fbnprune.discover import ica_feasible
+from fbnprune.discover.group_ica import ica_feasible
 from fbnprune.recipe import DiscoverConfig
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from fbnprune.data.tasks import Document, load_documents, load_task
+from fbnprune.data.task_text import Document, load_documents, load_task
 from fbnprune.errors import FbnpruneError
 from fbnprune.evaluate.documents import draw_documents
 from fbnprune.hashing import digest

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from fbnprune.plan import PrunePlan
 from fbnprune.recipe import Recipe
-from fbnprune.stages.calibration import RunCalibration
-from fbnprune.stages.select import build_plan
+from fbnprune.select.calibration import RunCalibration
+from fbnprune.select.planning import build_plan
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,16 @@ import warnings
 from fbnprune import __version__
 from fbnprune.errors import FbnpruneError
 
-SUBCOMMANDS = ("run", "stages", "validate", "info", "export", "evaluate", "bench", "analyze")
+SUBCOMMANDS = (
+    "run",
+    "stage_commands",
+    "validate",
+    "info",
+    "export",
+    "evaluate",
+    "bench",
+    "analyze",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     from fbnprune.analyze import analyze, metric_tasks, resolve_config
-    from fbnprune.analyze.run import check_out_dir
+    from fbnprune.analyze.study import check_out_dir
     from fbnprune.cli.run import inputs
     from fbnprune.recipe import load_recipe
     from fbnprune.rundir import RunDir

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fbnprune.cli.args import names, positive
-from fbnprune.evaluate.run import MODEL_KINDS
+from fbnprune.evaluate.run_eval import MODEL_KINDS
 from fbnprune.recipe import EVAL_SUITE_TASKS
 from fbnprune.rundir.layout import (
     CHECKPOINT_PREFIX,

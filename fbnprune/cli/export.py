@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fbnprune.publish.export import export_run
+    from fbnprune.publish.folder import export_run
 
     hub_only = [
         flag

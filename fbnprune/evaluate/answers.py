@@ -197,7 +197,7 @@ def _last_logprobs(
     """(prompts, tokens): the log-probability of each of ``tokens`` right after each prompt
     (right-padded batches of similar length; only the prompts' last positions go through the
     LM head where the model takes ``logits_to_keep``)."""
-    from fbnprune.collect import iter_batches, pad_batch
+    from fbnprune.collect.activations import iter_batches, pad_batch
 
     out = np.empty((len(prompts), len(tokens)))
     keep = _accepts(model, "logits_to_keep")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fbnprune.data.draw import draw_documents
-from fbnprune.data.tasks import Document, load_task
+from fbnprune.data.task_text import Document, load_task
 from fbnprune.recipe import Recipe
 from fbnprune.rundir.layout import RunLayout
 
@@ -32,7 +32,7 @@ def calibration_documents(recipe: Recipe, run_dir: Path | None = None) -> list[D
         data = load_task(task, seed=recipe.seed)
         docs += data.calibration + data.heldout + data.heal
     if recipe.heal.corpus is not None:  # healing may have distilled any of it
-        from fbnprune.data.tasks import load_documents
+        from fbnprune.data.task_text import load_documents
 
         docs += load_documents(recipe.heal.corpus)
     if run_dir is not None:

@@ -8,7 +8,7 @@ import random
 import re
 from typing import Any
 
-from fbnprune.data.tasks import Document, render, task_choices
+from fbnprune.data.task_text import Document, render, task_choices
 from fbnprune.evaluate.errors import EvalError
 from fbnprune.recipe import TaskConfig, Wording
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from fbnprune.data.tasks import Document, load_documents, task_choices, task_documents
+from fbnprune.data.task_text import Document, load_documents, task_choices, task_documents
 from fbnprune.evaluate.answers import AnswerTask
 from fbnprune.evaluate.documents import calibration_documents, draw_documents
 from fbnprune.evaluate.errors import EvalError
@@ -181,7 +181,7 @@ def recipe_tasks(recipe: Recipe) -> dict[str, SuiteTask]:
 def answer_tasks(recipe: Recipe, directory: Path, names: Iterable[str]) -> dict[str, AnswerTask]:
     """The recipe's own multiple-choice tasks among ``names``, to be scored by fbnprune's
     answer rules too (``recipe.verdict.scoring`` their primary metric; ``Harness``)."""
-    from fbnprune.data.tasks import render
+    from fbnprune.data.task_text import render
     from fbnprune.evaluate.answers import CONTENT_FREE_TEXT
 
     own = recipe_tasks(recipe)
@@ -288,7 +288,7 @@ def build_suite(
         exclude: documents that must not be evaluated on (the run's calibration set).
         config: sizes, seed and word cap; ``EvaluateConfig()`` defaults if None.
         tasks: suite task names to generate (all of them if None).
-        loader: reads a source into documents (``fbnprune.data.tasks.load_documents``).
+        loader: reads a source into documents (``fbnprune.data.task_text.load_documents``).
         recipe: its tasks with ``choices`` can be generated too (``recipe_tasks``).
     """
     config = config or EvaluateConfig()

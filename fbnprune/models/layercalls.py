@@ -6,7 +6,7 @@ states on unchanged. So the blocks themselves never run (their weights may still
 meta device), and what is recorded per layer is exactly what the model's own forward passes
 it: the attention mask of that layer's type (sliding or full, as Gemma3 and Qwen2 choose per
 layer), the position embeddings, position ids (a packed batch's restart at every sample, and
-its masks keep each sample to itself: ``fbnprune.packing``). Replaying block ``i`` on the
+its masks keep each sample to itself: ``fbnprune.collect.packing``). Replaying block ``i`` on the
 hidden states block ``i - 1`` produced, with these arguments, is the model's forward, one
 block at a time (llm-compressor's sequential pipeline works the same way).
 """

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -249,3 +250,14 @@ def checkpoint_dir(name: str | os.PathLike[str]) -> Path:
             local_files_only=constants.HF_HUB_OFFLINE,
         )
     )
+
+
+def down_weights(model: PreTrainedModel) -> list[np.ndarray]:
+    """Every layer's down projection as a float64 (d_model, units) array."""
+    return [w.double().cpu().numpy() for w in down_projections(model)]
+
+
+def down_weight(adapter: MLPAdapter, layer: nn.Module) -> np.ndarray:
+    """One decoder block's down projection as a float64 (d_model, units) array."""
+    weight = adapter.get_down(layer).weight.detach().double().cpu()
+    return (weight.T if adapter.conv1d else weight).numpy()

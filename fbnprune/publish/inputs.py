@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fbnprune.check import ParityResult
+from fbnprune.check.compare import ParityResult
 from fbnprune.integrity import digest_mismatches
 from fbnprune.publish.errors import ExportError
 from fbnprune.rundir.layout import (

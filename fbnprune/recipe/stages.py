@@ -26,12 +26,12 @@ class CollectConfig(_Additions):
         default=False,
         description="pack short samples into rows of up to the task's max_length tokens, "
         "position ids restarting at each sample and attention kept within it "
-        "(fbnprune.packing): fewer padded positions, the same rows of the matrix in the same "
-        "order, values equal to float32 rounding; batch_size then counts packed rows. Refused "
-        "for a family or attention implementation not verified to pack exactly",
+        "(fbnprune.collect.packing): fewer padded positions, the same rows of the matrix in "
+        "the same order, values equal to float32 rounding; batch_size then counts packed "
+        "rows. Refused for a family or attention implementation not verified to pack exactly",
     )
     storage: Literal["memory", "memmap", "zarr"] = Field(
-        default="memmap", description="zarr: a chunked on-disk store (fbnprune.scale.store)"
+        default="memmap", description="zarr: a chunked on-disk store (fbnprune.collect.store)"
     )
     precision: Literal["float16", "bfloat16", "float32"] | None = Field(
         default=None,
@@ -62,13 +62,13 @@ class DiscoverConfig(_Additions):
     engine: Literal["sklearn", "dask"] = Field(
         default="sklearn",
         description="dask: centring and PCA out of core "
-        "(fbnprune.scale.discover), on a cluster with fbnprune run --scheduler",
+        "(fbnprune.discover.dask_ica), on a cluster with fbnprune run --scheduler",
     )
     memory: str = Field(default="4GiB", description="the dask engine's memory budget")
     scope: Literal["group", "layer"] = Field(
         default="group",
         description="group: one ICA over all layers' units; layer: one per layer's units "
-        "(fbnprune.layer_ica), each with min(n_components, width - 1, tokens - 1) "
+        "(fbnprune.discover.layer_ica), each with min(n_components, width - 1, tokens - 1) "
         "components z-scored within the layer, memory holding one layer's block",
     )
 
@@ -184,7 +184,7 @@ class PruneConfig(_Strict):
     ``zero`` drops them; ``mean`` adds their calibration mean's contribution to the down
     projection's bias; ``reconstruct`` refits the kept down-projection columns and a bias by
     ridge least squares so the MLP output on the calibration tokens is reproduced
-    (``fbnprune.refit``); with ``sequential`` each layer is refit on activations of a model
+    (``fbnprune.select.refit``); with ``sequential`` each layer is refit on activations of a model
     whose lower layers are already pruned and refit.
     """
 
@@ -216,15 +216,15 @@ class SaveConfig(_Additions):
         default="full",
         description="full: prune, check and save hold the model and its slices in memory; "
         "sequential: one decoder layer at a time from the model's safetensors files "
-        "(fbnprune.scale): sizes from the empty (meta) model, each block sliced and written "
-        "to its own shard, then checked block by block (each MLP in float64 against the "
+        "(fbnprune.save.streamed): sizes from the empty (meta) model, each block sliced and "
+        "written to its own shard, then checked block by block (each MLP in float64 against the "
         "masked MLP; the saved tensors against the slice, bit for bit), so memory holds one "
         "block, or one float64 MLP",
     )
 
 
 class HealConfig(_Additions):
-    """The ``heal`` stage: distil the original model into the sliced one (``fbnprune.heal``).
+    """The ``heal`` stage: distil the original model into the sliced one (``fbnprune.heal.train``).
 
     ``enabled: null`` (the default) heals when ``select.budget < below_budget``: no structured
     pruning method reports usable models without recovery below ~80% kept (FLAP, LLM-Pruner
@@ -320,7 +320,7 @@ class VerdictConfig(_Strict):
     """The ``verdict`` stage: every multiple-choice task scored on documents outside every
     split (the original, the unhealed and the healed model), with the majority label's rate
     and the spread of the answers; a constant or below-majority model is flagged, and
-    ``export`` refuses it without ``--force`` (``fbnprune.stages.verdict``)."""
+    ``export`` refuses it without ``--force`` (``fbnprune.verdict.stage``)."""
 
     enabled: bool = True
     limit: int = Field(

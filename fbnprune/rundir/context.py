@@ -2,7 +2,7 @@
 
 The recipe, the run directory (its ledger and layout), the model and tokenizer (loaded on
 first use), the dtype, the tasks' documents and the prompts drawn from them. It computes no
-stage: the stages (``fbnprune.stages``) take it as their first input.
+stage: the stages (each family's ``stage`` module) take it as their first input.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from fbnprune.accel import Launch
-    from fbnprune.data.tasks import Document, Split, TaskData
+    from fbnprune.data.task_text import Document, Split, TaskData
     from fbnprune.models.onload import LayerwiseModel
     from fbnprune.recipe import Recipe
 
@@ -117,7 +117,7 @@ class RunContext:
     # -- the tasks and their prompts -------------------------------------------------------
     @functools.cached_property
     def tasks(self) -> dict[str, TaskData]:
-        from fbnprune.data.tasks import load_task
+        from fbnprune.data.task_text import load_task
 
         return {t.name: load_task(t, seed=self.recipe.seed) for t in self.recipe.tasks}
 
@@ -181,7 +181,7 @@ class RunContext:
         document's), and packaged Wikipedia passages, ``heal.general_text`` times the
         number of the tasks' healing texts. Drawn by the recipe's seed."""
         from fbnprune.data.draw import draw_documents
-        from fbnprune.data.tasks import load_documents, normalise
+        from fbnprune.data.task_text import load_documents, normalise
 
         cfg, seed = self.recipe.heal, self.recipe.seed
         heldout = [d for data in self.tasks.values() for d in data.heldout]

@@ -46,7 +46,7 @@ ACTIVATIONS_FILE, SAMPLE_INDEX_FILE, COLLECT_META_FILE = (
     "sample_index.npy",
     "meta.json",
 )
-ACTIVATIONS_STORE = "activations.zarr"  # collect.storage: zarr (fbnprune.scale.store)
+ACTIVATIONS_STORE = "activations.zarr"  # collect.storage: zarr (fbnprune.collect.store)
 HEAL_DIR = "heal"
 HEAL_LOG, HEAL_PLOT, HEAL_STATE = "log.json", "loss.png", "state.pt"
 HEAL_TARGETS = "teacher.safetensors"
@@ -102,7 +102,7 @@ class RunLayout:
         return self.collect_dir(task) / ACTIVATIONS_FILE
 
     def activations_store(self, task: str) -> Path:
-        """The zarr activation store (``collect.storage: zarr``; ``fbnprune.scale.store``)."""
+        """The zarr activation store (``collect.storage: zarr``; ``fbnprune.collect.store``)."""
         return self.collect_dir(task) / ACTIVATIONS_STORE
 
     def collect_meta_file(self, task: str) -> Path:
@@ -152,7 +152,7 @@ class RunLayout:
 
     @property
     def heal_targets_file(self) -> Path:
-        """The teacher's top-k targets (``fbnprune.distill.save_targets``)."""
+        """The teacher's top-k targets (``fbnprune.heal.distill.save_targets``)."""
         return self.heal_dir / HEAL_TARGETS
 
     @property
@@ -161,7 +161,7 @@ class RunLayout:
 
     @property
     def verdict_file(self) -> Path:
-        """The verdict stage's scores and flags (``fbnprune.stages.verdict``)."""
+        """The verdict stage's scores and flags (``fbnprune.verdict.stage``)."""
         return self.verdict_dir / VERDICT_FILE
 
     @property

@@ -24,7 +24,7 @@ FALLBACK_TEXTS = (
 def evaluation_texts(recipe_text: str, n: int = 8) -> tuple[list[str], str]:
     """The run's held-out prompts (round-robin over tasks), or fixed fallback sentences."""
     try:
-        from fbnprune.data.tasks import load_task
+        from fbnprune.data.task_text import load_task
         from fbnprune.recipe import parse_recipe
 
         recipe = parse_recipe(read_yaml(recipe_text))
@@ -60,8 +60,8 @@ def extra_formats(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fbnprune.check import real_token_logits
-    from fbnprune.collect import token_batches
+    from fbnprune.check.compare import real_token_logits
+    from fbnprune.collect.activations import token_batches
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(

@@ -75,7 +75,7 @@ def quantize_int8(
     from optimum.quanto import freeze, qint8, quantization_map, quantize
     from safetensors.torch import save_file
 
-    from fbnprune.check import real_token_logits
+    from fbnprune.check.compare import real_token_logits
 
     qmodel = copy.deepcopy(model)
     tied = bool(getattr(qmodel.config, "tie_word_embeddings", False))

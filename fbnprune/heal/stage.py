@@ -1,0 +1,196 @@
+"""Stage 7, heal: distil the original into a copy of the checked slice, save it like the
+unhealed checkpoints (stage -> reload -> parity -> publish)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fbnprune.check.reload import reload_parity
+from fbnprune.heal.distill import Targets
+from fbnprune.heal.launch import checked_student, load_student, student_message
+from fbnprune.integrity import digest_mismatches
+from fbnprune.io import atomic_write_text
+from fbnprune.parity import ParityResult
+from fbnprune.plan import PrunePlan
+from fbnprune.pruning.slicing import slice_model
+from fbnprune.recipe import Recipe
+from fbnprune.rundir.context import RunContext
+from fbnprune.rundir.keys import heal_key, teacher_key
+from fbnprune.rundir.layout import CHECKPOINT_HEAL
+from fbnprune.save.checked import checkpoint_extras, publish, stage_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def heal_layout(recipe: Recipe) -> str:
+    """Healing trains the compact slice when the recipe saves one (LoRA adapters would
+    bring the padded layout's zero units to life), else the padded one."""
+    layouts = recipe.save.layouts
+    return "compact" if "compact" in layouts else layouts[0]
+
+
+def heal(ctx: RunContext, plan: PrunePlan) -> Path:
+    """The healed checkpoint (``checkpoint-<layout>-healed/``): reused when fresh and
+    unchanged since its check, else healed from ``plan``'s slice."""
+    layout = ctx.layout
+    healed_dir = layout.checkpoint_dir(heal_layout(ctx.recipe), healed=True)
+    outputs = [healed_dir, layout.heal_log_file, layout.heal_parity_file]
+    key = heal_key(ctx)
+    if ctx.run.is_fresh("heal", key, outputs):
+        recorded = layout.read_parity(healed=True)
+        changed = digest_mismatches(healed_dir, recorded.files.get(healed_dir.name, {}))
+        if changed:
+            logger.warning(
+                "heal: %s differs from the checked one (%s); healing again",
+                healed_dir.name,
+                "; ".join(changed),
+            )
+            ctx.run.forget("heal")
+    ctx.run.stage("heal", key, outputs, lambda: _heal(ctx, plan))
+    return healed_dir
+
+
+def discard_healed(ctx: RunContext, budget: float) -> None:
+    """Healing is off for this recipe: remove a healed checkpoint of an earlier plan."""
+    recipe = ctx.recipe
+    healed_dir = ctx.layout.checkpoint_dir(heal_layout(recipe), healed=True)
+    if healed_dir.exists():  # healed from an earlier plan: it no longer matches
+        shutil.rmtree(healed_dir)
+        shutil.rmtree(ctx.layout.heal_dir, ignore_errors=True)
+        ctx.run.forget("heal")
+        logger.info("heal: removed %s, healed from an earlier plan", healed_dir.name)
+    logger.info(
+        "heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "
+        "set heal.enabled: true to heal anyway)",
+        100 * budget,
+        100 * recipe.heal.below_budget,
+    )
+
+
+def teacher_targets_of(ctx: RunContext) -> tuple[Targets, str]:
+    """The teacher's top-k targets on what healing distils (``ctx.heal_texts``; held-out
+    prompts for validation, with the gold answers of labelled documents for the label loss)
+    and their key, computed once and kept in the run directory (the layout's
+    ``heal_targets_file``): a resumed or re-tuned heal (other lr, steps, ...) and the budget
+    search of ``select.budget: auto`` skip the teacher's pass."""
+    texts, questions = ctx.heal_texts()
+    validation, validation_questions = ctx.prompts_of(("heldout",))
+    answers, validation_answers = ctx.heal_answers(), ctx.answers_of(("heldout",))
+    from fbnprune.heal.distill import load_targets, prepare_targets, save_targets, targets_key
+
+    cfg, file = ctx.recipe.heal, ctx.layout.heal_targets_file
+    key = targets_key(
+        teacher_key(ctx),
+        cfg,
+        texts,
+        questions,
+        validation,
+        validation_questions,
+        answers,
+        validation_answers,
+    )
+    targets = load_targets(file, key)
+    if targets is not None:
+        logger.info("heal: the teacher's targets reused from %s", ctx.layout.relative(file))
+        return targets, key
+    targets = prepare_targets(
+        ctx.model,
+        ctx.tokenizer,
+        texts,
+        cfg,
+        validation=validation,
+        questions=questions,
+        validation_questions=validation_questions,
+        answers=answers,
+        validation_answers=validation_answers,
+        progress=ctx.progress,
+    )
+    save_targets(file, key, targets)
+    return targets, key
+
+
+def _task_accuracy(ctx: RunContext) -> Callable[[Any], float] | None:
+    """The smallest held-out accuracy over the multiple-choice tasks under
+    ``verdict.scoring`` (None without such a task): logged as healing validates."""
+    from fbnprune.evaluate.questions import heldout_accuracy, heldout_questions
+
+    tasks = heldout_questions(ctx)
+    if not tasks:
+        return None
+    recipe, tokenizer = ctx.recipe, ctx.tokenizer
+
+    def accuracy(model: Any) -> float:
+        return min(heldout_accuracy(model, tokenizer, t, recipe) for t in tasks.values())
+
+    return accuracy
+
+
+def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
+    """Distil on the calibration and healing prompts (held-out prompts only for the logged
+    validation loss); the saved checkpoint must reload bit for bit."""
+    from fbnprune.heal.train import heal_model, plot_loss
+
+    cfg, layout = ctx.recipe.heal, heal_layout(ctx.recipe)
+    texts, _ = ctx.heal_texts()
+    targets, key = teacher_targets_of(ctx)
+    reload = None
+    if cfg.student == "checkpoint" or ctx.processes > 1:
+        # the teacher's part is on disk: free it, then load the student, never both
+        folder = checked_student(ctx, layout)
+        ctx.release_model()
+        gc.collect()
+        reload = functools.partial(load_student, folder, layout, ctx.dtype)
+        student = reload()
+        if ctx.launch is not None:
+            ctx.launch.tell(student_message(ctx, cfg, folder, layout, key))
+    else:  # one fresh slice of the layout healed (not every layout the recipe saves)
+        student = slice_model(copy.deepcopy(ctx.model), plan, layout=layout).eval()
+    healed, log = heal_model(
+        student,
+        None,
+        None,
+        texts,
+        cfg,
+        targets=targets,
+        state_file=ctx.layout.heal_state_file,
+        progress=ctx.progress,
+        accelerator=None if ctx.launch is None else ctx.launch.accelerator,
+        reload=reload,
+        task_accuracy=_task_accuracy(ctx),
+    )
+    healed = healed.cpu()  # trained on the launch's device; checked and saved from memory
+    staged = stage_checkpoint(ctx, healed, layout, healed=True)
+    report = reload_parity(ctx, staged, healed)
+    result = ParityResult([report], files={staged.final.name: staged.files})
+    if not result.passed:
+        shutil.rmtree(ctx.layout.staging_root, ignore_errors=True)
+        result.raise_if_failed()
+    ctx.layout.write_parity(result, healed=True)
+    log_text = json.dumps(log.to_dict(), indent=2) + "\n"  # as atomic_write_json writes
+    atomic_write_text(ctx.layout.heal_log_file, log_text)
+    plot_loss(
+        {"healing": log},
+        ctx.layout.heal_plot_file,
+        title=f"healing {ctx.recipe.model} ({layout}, {cfg.method})",
+    )
+    extras = {**checkpoint_extras(ctx), CHECKPOINT_HEAL: log_text}
+    publish(staged.staging, staged.final, staged.files, extras)
+    shutil.rmtree(ctx.layout.staging_root, ignore_errors=True)
+    logger.info("heal: saved %s", staged.final)
+    return {
+        "steps": log.steps,
+        "stopped_by": log.stopped_by,
+        "loss_first": log.train_loss[0],
+        "loss_last": log.train_loss[-1],
+        "reload_max_abs": result.worst(),
+        "processes": log.processes,
+        "validation_accuracy": log.validation_accuracy,
+    }

@@ -1,0 +1,94 @@
+"""Stage 4, prune: the plan applied to copies of the model, one per layout; their sizes."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fbnprune.models.size import model_size
+from fbnprune.plan import PrunePlan
+from fbnprune.pruning.slicing import SliceError, slice_model
+from fbnprune.rundir.context import RunContext
+from fbnprune.rundir.keys import prune_key
+from fbnprune.rundir.layout import LAYOUTS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+PruneReport = dict[str, Any]  # prune.json: site, widths, kept per layer, sizes per layout
+
+
+class Slices:
+    """The sliced model of every layout the recipe saves, built on first use (in memory):
+    a run whose prune and check are reused never loads the model. With ``save.onload:
+    sequential`` there are none: the check stage slices one block at a time."""
+
+    def __init__(self, ctx: RunContext, plan: PrunePlan) -> None:
+        self.ctx, self.plan = ctx, plan
+        self.layouts = list(ctx.recipe.save.layouts)
+        self.streamed = ctx.recipe.save.onload == "sequential"
+
+    @functools.cached_property
+    def models(self) -> dict[str, PreTrainedModel]:
+        assert not self.streamed, "save.onload: sequential holds no sliced model"
+        model = self.ctx.model
+        return {
+            layout: slice_model(copy.deepcopy(model), self.plan, layout=layout).eval()
+            for layout in self.layouts
+        }
+
+    def release(self) -> None:
+        """Drop the sliced models (after save; heal slices or loads its own)."""
+        self.__dict__.pop("models", None)
+
+
+def prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> PruneReport:
+    """The prune report (``prune.json``): reused when fresh, else measured on ``slices``."""
+    ctx.run.stage(
+        "prune", prune_key(ctx), [ctx.layout.prune_file], lambda: _prune(ctx, plan, slices)
+    )
+    return ctx.layout.read_prune_report()
+
+
+def _prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
+    # streamed: the sizes of the model and its slices on the meta device (shapes only)
+    reference = ctx.empty_model() if slices.streamed else ctx.model
+    original = model_size(reference)
+    sizes: dict[str, Any] = {
+        "original": {"parameters": original.parameters, "bytes": original.bytes}
+    }
+    for layout in LAYOUTS:
+        if layout in slices.layouts and not slices.streamed:
+            model = slices.models[layout]
+        else:
+            try:
+                model = slice_model(copy.deepcopy(reference), plan, layout=layout)
+            except SliceError as exc:
+                sizes[layout] = {"unavailable": str(exc)}
+                continue
+        size = model_size(model)
+        sizes[layout] = {"parameters": size.parameters, "bytes": size.bytes}
+    report = {
+        "site": plan.site,
+        "layouts": slices.layouts,
+        "kept_per_layer": plan.kept_per_layer(),
+        "width_before": plan.layer_widths,
+        "padded_width": max(plan.kept_per_layer()),
+        "sizes": sizes,
+    }
+    ctx.layout.write_prune_report(report)
+    for name, s in sizes.items():
+        if "parameters" in s:
+            logger.info(
+                "prune: %-8s %9.2f M params  %8.1f MiB",
+                name,
+                s["parameters"] / 1e6,
+                s["bytes"] / 2**20,
+            )
+        else:
+            logger.info("prune: %-8s unavailable (%s)", name, s["unavailable"])
+    return {"padded_width": report["padded_width"]}
