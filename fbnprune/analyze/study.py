@@ -162,7 +162,9 @@ def analyze(
     if model is None or tokenizer is None:
         from fbnprune.models.loading import load_model
 
-        model, tokenizer = load_model(recipe.model, dtype=getattr(torch, recipe.dtype))
+        model, tokenizer = load_model(
+            recipe.model, dtype=getattr(torch, recipe.dtype), allow_pickle=recipe.allow_pickle
+        )
     model.eval()
     result = _Runner(recipe, config, measured, samples, model, tokenizer, progress).run()
     result.data["timings"]["total"] = round(time.perf_counter() - start, 2)

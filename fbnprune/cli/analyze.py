@@ -127,7 +127,9 @@ def execute(args: argparse.Namespace) -> int:
             from fbnprune.models.loading import load_model
 
             dtype = getattr(torch, recipe.dtype)
-            model, tokenizer = load_model(recipe.model, dtype=dtype, device=args.device)
+            model, tokenizer = load_model(
+                recipe.model, dtype=dtype, device=args.device, allow_pickle=recipe.allow_pickle
+            )
         result = analyze(
             recipe,
             args.out,

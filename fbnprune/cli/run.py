@@ -110,6 +110,23 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
+STOPPED_BY = {
+    "steps": "ran its heal.steps",
+    "patience": "stopped early: the held-out loss stopped improving (heal.patience)",
+    "time": "stopped by heal.max_minutes, before heal.steps: a busier machine heals less",
+    "tokens": "stopped by heal.max_tokens",
+}
+
+
+def heal_line(details: dict) -> str:
+    """How many steps the heal ran and why it stopped, from the heal stage's details."""
+    why = STOPPED_BY.get(details.get("stopped_by", ""), details.get("stopped_by", "?"))
+    return (
+        f"heal: {details['steps']} steps, {why}; loss {details['loss_first']:.4f} -> "
+        f"{details['loss_last']:.4f}"
+    )
+
+
 def format_summary(summary: RunSummary) -> str:
     lines = [f"run directory: {summary.run_dir}"]
     for name, rec in summary.stages.items():
@@ -120,6 +137,9 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(summary.parity.table())
     for layout, path in summary.checkpoints.items():
         lines.append(f"checkpoint ({layout}): {path}")
+    heal = summary.stages.get("heal")
+    if heal is not None and "steps" in heal.details:
+        lines.append(heal_line(heal.details))
     if summary.verdict is not None:
         from fbnprune.verdict.judgement import verdict_table
 

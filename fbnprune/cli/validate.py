@@ -50,6 +50,7 @@ def check_data(recipe: Recipe) -> list[str]:
     from transformers import AutoConfig, AutoTokenizer
 
     from fbnprune.collect.activations import tokenize
+    from fbnprune.data.fit import question_cut
     from fbnprune.data.task_text import load_task
     from fbnprune.discover.group_ica import MIN_TOKENS_PER_COMPONENT, ica_feasible
     from fbnprune.models.loading import resolve_model
@@ -62,6 +63,9 @@ def check_data(recipe: Recipe) -> list[str]:
     summaries = []
     for task in recipe.tasks:
         data = documents[task.name]
+        cut = question_cut(data, tokenizer, task.max_length)
+        if cut is not None:
+            raise RecipeError(cut)
         tokens = sum(
             len(ids) for ids in tokenize(tokenizer, data.prompts("calibration"), task.max_length)
         )

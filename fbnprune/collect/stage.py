@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 
 from fbnprune.collect.activations import Activations, collect_activations
+from fbnprune.data.fit import question_cut
 from fbnprune.models.onload import LayerwiseModel
+from fbnprune.recipe import RecipeError
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.keys import collect_key
 from fbnprune.rundir.layout import ACTIVATIONS_FILE
@@ -34,6 +36,9 @@ def collect(ctx: RunContext, task: str) -> Activations:
 def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
     recipe, layout = ctx.recipe, ctx.layout
     cfg = next(t for t in recipe.tasks if t.name == task)
+    cut = question_cut(ctx.tasks[task], ctx.tokenizer, cfg.max_length)
+    if cut is not None:
+        raise RecipeError(cut)
     directory = layout.collect_dir(task)
     directory.mkdir(parents=True, exist_ok=True)
     memmap = recipe.collect.storage == "memmap"

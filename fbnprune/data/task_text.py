@@ -176,7 +176,9 @@ def _load_jsonl(path: Path, text_field: str, label_field: str = "label") -> list
     """One JSON object per line: text in ``text_field``, optional ``id`` and label (in
     ``label_field``)."""
     docs: list[Document] = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    # JSON Lines ends a record at "\n" only: U+2028 or U+0085 inside a string is text
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         obj = _jsonl_record(line, f"{path}:{lineno}", text_field)

@@ -10,7 +10,8 @@ Variants (``--models``):
 - ``sliced``: one per layout of the recipe (``sliced-padded``, ``sliced-compact``), sliced in
   memory from a copy of the original, built when its turn comes and dropped after.
 - ``checkpoint``: every saved ``checkpoint-*/`` directory, loaded from disk with its own
-  tokenizer (``trust_remote_code`` only where the checkpoint ships an ``auto_map``).
+  tokenizer, once its files are the bytes the run checked (``save.verified``:
+  ``trust_remote_code`` only for fbnprune's own modeling file, verified).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,6 +43,7 @@ from fbnprune.rundir.layout import (
     RunLayout,
     checkpoint_name,
 )
+from fbnprune.save.verified import verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +241,7 @@ def checkpoint_model(
     def enter() -> Iterator[ModelAndTokenizer]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        config = json.loads((directory / "config.json").read_text())
-        remote = "auto_map" in config
+        remote = verify_checkpoint(context.layout.root, directory)  # before any of it loads
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=context.dtype, trust_remote_code=remote
         ).eval()

@@ -54,6 +54,13 @@ def heal(ctx: RunContext, plan: PrunePlan) -> Path:
                 "; ".join(changed),
             )
             ctx.run.forget("heal")
+    if not ctx.run.is_fresh("heal", key, outputs) and healed_dir.exists():
+        # healed under other settings: gone before training starts, so that an interrupted
+        # heal leaves no checkpoint that the run's recipe no longer describes
+        shutil.rmtree(healed_dir)
+        layout.heal_parity_file.unlink(missing_ok=True)
+        ctx.run.forget("heal")
+        logger.info("heal: removed %s, healed under other settings", healed_dir.name)
     ctx.run.stage("heal", key, outputs, lambda: _heal(ctx, plan))
     return healed_dir
 

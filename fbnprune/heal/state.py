@@ -61,6 +61,20 @@ class EarlyStopping:
         self.since += 1
         return self.since >= self.patience
 
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to choose as this one would: the best loss, its step and
+        weights, and the evaluations since."""
+        return {
+            "loss": self.best_loss,
+            "step": self.best_step,
+            "since": self.since,
+            "params": self.best,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.best_loss, self.best_step = state["loss"], state["step"]
+        self.since, self.best = state["since"], state["params"]
+
     def restore(self) -> int | None:
         """Copy the best parameters back (when early stopping is on); their step."""
         if self.best is None:
@@ -78,10 +92,15 @@ def save_state(
     step: int,
     log: HealLog,
     settings: str,
+    resume: dict[str, Any],
 ) -> None:
+    """The training state after ``step``: weights, optimizer, log, and ``resume`` (the data
+    order's generator and the rest of its epoch, the global RNG, the best weights so far), so
+    that a resumed run trains on what the uninterrupted one would have."""
     with atomic_file(file) as tmp:
         torch.save(
             {
+                **resume,
                 "settings": settings,
                 "n_params": log.trainable_parameters,
                 "step": step,
@@ -106,6 +125,8 @@ def load_state(
         return None
     state = torch.load(file, weights_only=False)
     if state["settings"] != settings or state["n_params"] != sum(p.numel() for p in params):
+        return None
+    if "order" not in state:  # an older version's state: it cannot resume exactly
         return None
     for param, saved in zip(params, state["params"], strict=True):
         param.data.copy_(saved)

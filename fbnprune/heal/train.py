@@ -211,11 +211,16 @@ def heal_model(
         state_file = None
     start_step = 0
     state = load_state(state_file, params, optimizer, settings_key)
+    order = torch.Generator().manual_seed(cfg.seed)  # the data order
+    epoch: list[int] = []  # what is left of the current pass over the data
     if state is not None:
         start_step, log.train_loss = state["step"], state["train_loss"]
         log.validation_accuracy = state.get("validation_accuracy", [])
         log.validation, log.resumed_from = state["validation"], state["step"]
         log.tokens = state.get("tokens", 0)
+        order.set_state(state["order"])
+        epoch = list(state["epoch"])
+        torch.set_rng_state(state["rng"])
         logger.info("heal: resuming from step %d (%s)", start_step, state_file)
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_fsdp(accelerator):  # sharded parameters replace the student's
@@ -229,12 +234,13 @@ def heal_model(
             log.validation_accuracy.append((step, task_accuracy(accelerator.unwrap_model(model))))
         return loss
 
-    order = torch.Generator().manual_seed(cfg.seed)
     model.train()
     if val_targets and start_step == 0:  # where the unhealed slice starts
         log.validation.append((0, validate()))
-    best = EarlyStopping(params, cfg.patience, log.validation if start_step else [])
-    if val_targets and start_step == 0:
+    best = EarlyStopping(params, cfg.patience, [])
+    if state is not None:
+        best.load(state["best"])
+    elif val_targets:
         best.update(0, log.validation[0][1])  # the unhealed slice is a candidate too
     started = time.perf_counter()
     log.stopped_by = "steps"
@@ -246,7 +252,6 @@ def heal_model(
         initial=start_step,
         total=cfg.steps,
     )
-    epoch: list[int] = []
     for step in bar:
         batches: list[TeacherTargets] = []
         for _ in range(world):  # one batch per process; this process trains on its own
@@ -287,7 +292,13 @@ def heal_model(
                 break
         due = done % cfg.checkpoint_every == 0 and done < cfg.steps
         if main and state_file is not None and due:
-            save_state(state_file, params, optimizer, done, log, settings_key)
+            resume = {
+                "order": order.get_state(),
+                "epoch": epoch,
+                "rng": torch.get_rng_state(),
+                "best": best.state(),
+            }
+            save_state(state_file, params, optimizer, done, log, settings_key, resume)
         out_of_tokens = cfg.max_tokens is not None and log.tokens >= cfg.max_tokens
         late = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
         out_of_time = cfg.max_minutes is not None and any_process(accelerator, late)

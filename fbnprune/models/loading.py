@@ -24,6 +24,7 @@ import difflib
 import functools
 import json
 import os
+import pickle
 import re
 import socket
 from collections.abc import Iterator
@@ -176,7 +177,11 @@ def _unknown_name(name: str) -> ModelLoadError:
 
 
 def load_model(
-    name: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    name: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    allow_pickle: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer by any name ``resolve_model`` accepts.
 
@@ -184,6 +189,8 @@ def load_model(
         name: A packaged short name, a ``.gguf`` path, a local model directory or a Hub id.
         dtype: The dtype of the weights.
         device: Where to put the model.
+        allow_pickle: Load pickle weights (``pytorch_model.bin``) where there are no
+            safetensors; loading a pickle can run code, so the default refuses them.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode; the tokenizer pads on the right and
@@ -193,18 +200,41 @@ def load_model(
         ModelLoadError: the model cannot be found, converted or built.
     """
     source = resolve_model(name)
+    if isinstance(source, Path) and not allow_pickle:
+        _refuse_pickle(source)
     local_only = isinstance(source, Path) or _is_offline() or not _hub_reachable()
     with _load_errors(source, local_only):
         from transformers import AutoModelForCausalLM
 
         tokenizer = _tokenizer(source, local_only)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=local_only
+            source,
+            dtype=dtype,
+            local_files_only=local_only,
+            use_safetensors=None if allow_pickle else True,
         )
     # PreTrainedModel.to is wrapped by functools.wraps, which typeshed types as unbound
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle(directory: Path) -> None:
+    """``ModelLoadError`` for a model folder whose weights are pickle files only."""
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{directory} holds pickle weights ({', '.join(pickles)}) and no safetensors: "
+            "loading a pickle can run code, so fbnprune loads safetensors only. Convert them "
+            "once with a tool you trust (e.g. `model.save_pretrained(out)` in transformers "
+            "writes safetensors), or, for a file you trust, set `allow_pickle: true` in the "
+            "recipe"
+        )
 
 
 def load_tokenizer(name: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
@@ -232,7 +262,7 @@ def _load_errors(source: str | Path, local_only: bool) -> Iterator[None]:
         yield
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, NotImplementedError) as err:
+    except (OSError, ValueError, KeyError, NotImplementedError, pickle.UnpicklingError) as err:
         if isinstance(source, str):
             raise _hub_error(source, local_only, err) from err
         raise _build_error(source, err) from err

@@ -18,6 +18,7 @@ nothing changed no commit is made at all. The client offers no finer control tha
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
@@ -227,10 +228,30 @@ def push_folder(
 
 
 def scrub(text: str, token: str | None) -> str:
-    """``text`` with the token (and anything shaped like a Hub token) replaced by ``***``."""
-    if token:
-        text = text.replace(token, "***")
+    """``text`` with the token in every form a server may echo (plain, URL-encoded, base64 as
+    in a Basic header), and anything shaped like a Hub token, replaced by ``***``."""
+    for form in sorted(token_forms(token) if token else set(), key=len, reverse=True):
+        text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE if "%" in form else 0)
     return _TOKEN_LIKE.sub("hf_***", text)
+
+
+def token_forms(token: str) -> set[str]:
+    """The token as text, URL-encoded (``quote``, ``quote_plus``) and base64-encoded (standard
+    and URL-safe, at each of the three alignments it can have after a prefix such as
+    ``user:``: the characters that depend on the token alone)."""
+    from urllib.parse import quote, quote_plus
+
+    forms = {token, quote(token, safe=""), quote_plus(token, safe="")}
+    raw = token.encode()
+    for shift in range(3):
+        data = b"\0" * shift + raw
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            text = encode(data).decode()
+            tail = 4 if len(data) % 3 else 0  # the last group mixes in the padding
+            core = text[(4 * shift + 2) // 3 : len(text) - tail]
+            if len(core) >= 8:
+                forms.add(core)
+    return forms
 
 
 def _status(exc: BaseException) -> int | None:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fbnprune.hashing import digest
-from fbnprune.recipe.base import RECIPE_VERSION, RecipeError, Site, _Additions
+from fbnprune.recipe.base import MAX_SEED, RECIPE_VERSION, RecipeError, Site, _Additions
 from fbnprune.recipe.commands import EVAL_SUITE_TASKS, AnalyzeConfig, BenchConfig, EvaluateConfig
 from fbnprune.recipe.overrides import apply_overrides
 from fbnprune.recipe.stages import (
@@ -57,14 +57,22 @@ __all__ = [
 class Recipe(_Additions):
     """A whole run: model, tasks and stage settings."""
 
-    added = ("verdict",)  # left out of fingerprints while at its defaults
+    added = ("verdict", "allow_pickle")  # left out of fingerprints while at their defaults
 
     version: Literal[1] = RECIPE_VERSION
     name: str = "fbnprune-run"
     model: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    allow_pickle: bool = Field(
+        default=False,
+        description="load a model whose weights are pickle files (pytorch_model.bin): "
+        "loading a pickle can run code, so only for a file you trust; by default fbnprune "
+        "loads safetensors only",
+    )
     site: Site = "hidden"
-    seed: int = 0
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="seeds the splits, ICA and the selectors"
+    )
     tasks: list[TaskConfig] = Field(min_length=1)
     collect: CollectConfig = CollectConfig()
     discover: DiscoverConfig = DiscoverConfig()

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 from fbnprune.errors import FbnpruneError
 
 RECIPE_VERSION: Final = 1
+MAX_SEED: Final = 2**32 - 1  # numpy's and scikit-learn's random states take no larger
 
 Site = Literal["hidden", "output"]
 Fill = Literal["zero", "mean", "reconstruct"]

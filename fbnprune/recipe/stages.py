@@ -6,7 +6,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fbnprune.recipe.base import Allocation, Fill, Layout, Scoring, Selector, _Additions, _Strict
+from fbnprune.recipe.base import (
+    MAX_SEED,
+    Allocation,
+    Fill,
+    Layout,
+    Scoring,
+    Selector,
+    _Additions,
+    _Strict,
+)
 
 _PADDED: tuple[Layout, ...] = ("padded",)  # typed: a list literal in a lambda is a list[str]
 
@@ -310,7 +319,7 @@ class HealConfig(_Additions):
     lora_alpha: float = Field(default=32, gt=0)
     eval_every: int = Field(default=25, ge=1, description="held-out loss every N steps")
     checkpoint_every: int = Field(default=50, ge=1, description="training state every N steps")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     def active(self, budget: float) -> bool:
         return self.enabled if self.enabled is not None else budget < self.below_budget

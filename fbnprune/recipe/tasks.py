@@ -23,6 +23,22 @@ def _label_keys(value: object) -> object:
     return out
 
 
+def _distinct_answers(value: dict[str, str]) -> dict[str, str]:
+    """Answers a model can tell apart: none empty, no two the same."""
+    empty = [label for label, answer in value.items() if not answer.strip()]
+    if empty:
+        raise ValueError(f"the answer of label(s) {empty} is empty: give each label its words")
+    seen: dict[str, str] = {}
+    for label, answer in value.items():
+        if answer.strip() in seen:
+            raise ValueError(
+                f"labels {seen[answer.strip()]!r} and {label!r} have the same answer "
+                f"{answer!r}: no score could tell them apart"
+            )
+        seen[answer.strip()] = label
+    return value
+
+
 def _text_slot(value: str) -> str:
     if "{text}" not in value:
         raise ValueError("template must contain the placeholder '{text}'")
@@ -41,6 +57,11 @@ class Wording(_Strict):
     def _labels_as_text(cls, value: object) -> object:
         return _label_keys(value)
 
+    @field_validator("choices")
+    @classmethod
+    def _answers_differ(cls, value: dict[str, str]) -> dict[str, str]:
+        return _distinct_answers(value)
+
     @field_validator("template")
     @classmethod
     def _has_text_slot(cls, value: str) -> str:
@@ -58,7 +79,7 @@ class TaskConfig(_Strict):
     its ``doc_to_choice`` the answers, ``doc_to_target`` the label; ``fbnprune.data.lmeval``).
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     source: str
     template: str = "{text}"
     text_field: str = "text"
@@ -95,6 +116,21 @@ class TaskConfig(_Strict):
     @classmethod
     def _labels_as_text(cls, value: object) -> object:
         return _label_keys(value)
+
+    @field_validator("choices")
+    @classmethod
+    def _answers_differ(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else _distinct_answers(value)
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_path(cls, value: str) -> str:
+        if value.startswith("."):
+            raise ValueError(
+                f"task name {value!r} must not start with '.': it names the task's folders "
+                "in the run directory"
+            )
+        return value
 
     @field_validator("source")
     @classmethod

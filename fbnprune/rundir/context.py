@@ -50,7 +50,9 @@ class RunContext:
         from fbnprune.models.adapters import get_adapter
         from fbnprune.models.loading import load_model
 
-        model, tokenizer = load_model(self.recipe.model, dtype=self.dtype)
+        model, tokenizer = load_model(
+            self.recipe.model, dtype=self.dtype, allow_pickle=self.recipe.allow_pickle
+        )
         get_adapter(model)  # fail early on unsupported architectures
         return model, tokenizer
 

@@ -115,6 +115,9 @@ def check_replaceable(
     )
 
 
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
 def check_run_dir(
     path: str | Path,
     *,
@@ -124,6 +127,21 @@ def check_run_dir(
     """Raise ``RunDirError`` unless ``RunDir.open(path, overwrite=...)`` would accept ``path``;
     changes nothing on disk (run it before taking the lock, which creates the folder)."""
     path = Path(path)
+    long = [part for part in path.parts if len(part.encode()) > NAME_MAX]
+    if long:
+        raise RunDirError(
+            f"--out: the name {long[0][:40]}... is {len(long[0].encode())} bytes long, more than "
+            f"a file system allows ({NAME_MAX}); choose a shorter --out"
+        )
+    for folder in (Path(os.path.expanduser(os.fspath(p))) for p in protected if p):
+        if folder.is_dir() and (
+            path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
+        ):
+            raise RunDirError(
+                f"--out {path} is inside {folder}, an input of this command (the model's "
+                "folder): the run would change that folder, and with it the model's "
+                "fingerprint, so every stage would run again; choose an --out outside it"
+            )
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} exists and is not a directory; choose another --out")
     if not path.is_dir():

@@ -11,7 +11,7 @@ import importlib.resources
 from pathlib import Path
 
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from fbnprune.io import atomic_directory
 from fbnprune.pruning.slicing import COMPACT_KEY
@@ -45,12 +45,13 @@ def save_checkpoint(
     with atomic_directory(directory) as tmp:
         if compact:
             write_modeling_file(tmp, stock_class(model))
-            config.auto_map = COMPACT_AUTO_MAP
+        previous = own_auto_map(config, compact)
         try:
             model.save_pretrained(tmp)
         finally:
-            if compact:
-                del config.auto_map
+            config.__dict__.pop("auto_map", None)
+            if previous is not None:
+                config.auto_map = previous
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -61,11 +62,24 @@ def save_checkpoint(
 COMPACT_AUTO_MAP = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{COMPACT_CLASS}"}
 
 
-def write_modeling_file(directory: Path, base: type) -> None:
+def modeling_source(base: type) -> str:
     """The compact checkpoint's modeling file, on the stock class ``base``."""
     template = importlib.resources.files("fbnprune") / "templates" / MODELING_FILE
-    source = template.read_text().replace("__BASE_CLASS__", base.__name__)
-    (directory / MODELING_FILE).write_text(source)
+    return template.read_text().replace("__BASE_CLASS__", base.__name__)
+
+
+def write_modeling_file(directory: Path, base: type) -> None:
+    """Write ``modeling_source(base)`` into ``directory``."""
+    (directory / MODELING_FILE).write_text(modeling_source(base))
+
+
+def own_auto_map(config: PretrainedConfig, compact: bool) -> dict[str, str] | None:
+    """Set ``config.auto_map`` to what fbnprune ships (the compact layout's, or none: a
+    foreign one names code the checkpoint does not carry); return what it was."""
+    previous = config.__dict__.pop("auto_map", None)
+    if compact:
+        config.auto_map = COMPACT_AUTO_MAP
+    return previous
 
 
 def stock_class(model: nn.Module) -> type:

@@ -25,7 +25,7 @@ from fbnprune.models.hooks import site_widths
 from fbnprune.models.onload import INDEX_FILE, LayerwiseModel
 from fbnprune.plan import PrunePlan
 from fbnprune.pruning.slicing import check_sliceable, slice_config, slice_layer
-from fbnprune.save.checkpoint import COMPACT_AUTO_MAP, stock_class, write_modeling_file
+from fbnprune.save.checkpoint import own_auto_map, stock_class, write_modeling_file
 
 GENERATION_CONFIG = "generation_config.json"  # transformers' own file name
 
@@ -88,7 +88,7 @@ def save_sliced_layerwise(
         slice_config(config, adapter, plan, layout=layout)
         if layout == "compact":
             write_modeling_file(tmp, stock_class(model))
-            config.auto_map = COMPACT_AUTO_MAP
+        own_auto_map(config, layout == "compact")  # a copy: nothing to restore
         config.save_pretrained(tmp)
         if (Path(source_dir) / GENERATION_CONFIG).is_file():
             shutil.copyfile(Path(source_dir) / GENERATION_CONFIG, tmp / GENERATION_CONFIG)

@@ -105,6 +105,32 @@ def test_overwrite_refuses_a_folder_holding_the_recipe_or_the_model(tmp_path, mo
     assert gguf.is_file() and not (run / LOCK_FILE).exists()
 
 
+def test_out_inside_the_model_folder_is_refused(tmp_path, capsys):
+    """A run inside the model's folder changes the model's fingerprint: every re-run would
+    recompute every stage, silently (issue 29, R4)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    recipe = unloaded_recipe(tmp_path / "recipe.yaml", model=model)
+    for out in (model / "runs" / "demo", model):
+        code = main(["-q", "run", str(recipe), "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and "inside" in err and "choose an --out outside it" in err, err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]  # nothing written
+    with pytest.raises(RunDirError, match="model's folder"):
+        RunDir.open(model / "run", protected=(str(model),))
+
+
+def test_an_out_name_too_long_for_the_file_system_is_one_message(tmp_path, capsys):
+    recipe = unloaded_recipe(tmp_path / "recipe.yaml")
+    out = tmp_path / ("x" * 256)
+    code = main(["-q", "run", str(recipe), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "choose a shorter --out" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]  # nothing written
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"

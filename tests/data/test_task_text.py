@@ -215,6 +215,16 @@ def test_jsonl_file(tmp_path: Path) -> None:
     ]
 
 
+def test_jsonl_line_separators_inside_strings_are_text(tmp_path: Path) -> None:
+    """JSON Lines ends a record at a newline only; U+2028, U+2029 and U+0085 are valid
+    inside a JSON string (issue 29, D4). Windows line ends are read too."""
+    texts = ["one\u2028two", "three\u0085four", "five\u2029six"]
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8", newline="")
+    assert [d.text for d in load_documents(f"file:{path}")] == texts
+
+
 def test_file_task_drops_empty(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
     rows = [{"text": f"doc {i}"} for i in range(30)] + [{"text": "   "}, {"text": ""}]

@@ -12,6 +12,7 @@ from conftest import NEWS_TASK, VOCAB, tiny_model, tiny_recipe, tiny_tokenizer
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
+from fbnprune.cli.run import format_summary, heal_line
 from fbnprune.heal.distill import (
     HealError,
     TeacherTargets,
@@ -199,6 +200,50 @@ def test_resume_after_interruption_and_time_budget(tmp_path):
     assert log.stopped_by == "time" and log.steps == 1
 
 
+@pytest.mark.parametrize("patience", [None, 100])
+def test_a_resumed_heal_is_the_uninterrupted_heal_bit_for_bit(tmp_path, patience):
+    """Killed after the state of step 10, then resumed: the same batches in the same order,
+    the same losses, the same weights; with early stopping, the best weights of step 0 (the
+    validation loss only rises at this learning rate) are the ones restored."""
+    teacher = tiny_model("llama")
+    plan = half_plan(teacher)
+    cfg = HealConfig(
+        **{**SMALL, "steps": 20, "checkpoint_every": 5, "eval_every": 4, "lr": 3e-2},
+        patience=patience,
+    )
+
+    def heal(state=None, on_step=None):
+        student = slice_model(copy.deepcopy(teacher), plan, layout="compact")
+        return heal_model(
+            student,
+            teacher,
+            tiny_tokenizer(),
+            TEXTS[:6],
+            cfg,
+            validation=TEXTS[6:],
+            state_file=state,
+            progress=False,
+            on_step=on_step,
+        )
+
+    whole, whole_log = heal()
+
+    def kill(step: int, loss: float) -> None:
+        if step == 12:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        heal(state, kill)
+    resumed, log = heal(state)
+    assert log.resumed_from == 10 and log.train_loss == whole_log.train_loss
+    assert log.validation == whole_log.validation and log.best_step == whole_log.best_step
+    if patience is not None:
+        assert whole_log.best_step == 0  # before the kill
+    for (name, want), got in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(want, got), name
+
+
 def test_teacher_targets_round_trip_through_safetensors(tmp_path):
     teacher = tiny_model("llama")
     train = targets_of(teacher, top_k=8)
@@ -245,6 +290,9 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path, monkeypatch):
     assert Image.open(run / "heal" / "loss.png").size[0] > 300
     assert (healed_dir / "fbnprune_heal.json").is_file()
     assert summary.stages["heal"].details["reload_max_abs"] == 0.0
+    assert "heal: 6 steps, ran its heal.steps; loss" in format_summary(summary)
+    timed = {**summary.stages["heal"].details, "stopped_by": "time", "steps": 4}
+    assert "heal: 4 steps, stopped by heal.max_minutes" in heal_line(timed)
     healed = AutoModelForCausalLM.from_pretrained(healed_dir, trust_remote_code=True)
     unhealed = AutoModelForCausalLM.from_pretrained(
         run / "checkpoint-compact", trust_remote_code=True
@@ -287,3 +335,18 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path, monkeypatch):
         not healed_dir.exists()
         and "heal" not in json.loads((run / "run.json").read_text())["stages"]
     )
+    run_pipeline(retuned, run, progress=False)  # healed again, at lr 1e-3
+    assert healed_dir.is_dir()
+    # healing again under other settings, interrupted: no checkpoint of the old settings is
+    # left for export to pass off as the recipe's
+    changed = retuned.model_copy(update={"heal": recipe.heal.model_copy(update={"lr": 1e-4})})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fbnprune.heal.train.heal_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(changed, run, progress=False)
+    assert not healed_dir.exists()
+    with pytest.raises(ExportError, match="no checkpoint-<layout>-healed"):
+        export_run(run, healed=True)

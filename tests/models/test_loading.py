@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import NEWS_TASK, tiny_model, tiny_tokenizer
 from gguf import MODEL_ARCH, GGUFWriter, get_tensor_name_map
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -24,6 +24,7 @@ from fbnprune.models.loading import (
     load_model,
     resolve_model,
 )
+from fbnprune.recipe import parse_recipe
 
 PROMPT = "The capital of France is"
 
@@ -400,3 +401,35 @@ def test_a_truncated_local_safetensors_file_is_named(tmp_path: Path) -> None:
     _truncate(model_dir / "model.safetensors", keep=0.9)
     with pytest.raises(ModelLoadError, match=r"model.safetensors is truncated: \d+ of \d+ bytes"):
         load_model(str(model_dir))
+
+
+class _Payload:
+    """Runs ``os.system`` when unpickled."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path):
+    """Loading a pickle can run code: a folder holding only ``pytorch_model.bin`` is refused,
+    by name, unless the recipe sets ``allow_pickle``; a hostile pickle is then one clear
+    error (issue 29, M1)."""
+    folder = tmp_path / "pickled"
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()  # the weights as a pickle instead
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tiny_tokenizer().save_pretrained(folder)
+    assert (folder / "pytorch_model.bin").is_file()
+    with pytest.raises(ModelLoadError, match=r"pickle weights \(pytorch_model.bin\)"):
+        load_model(folder)
+    loaded, _ = load_model(folder, allow_pickle=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    torch.save({"model.embed_tokens.weight": _Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError):
+        load_model(folder, allow_pickle=True)
+    assert (
+        parse_recipe({"model": "m", "tasks": [NEWS_TASK]}).model_dump().get("allow_pickle") is None
+    )

@@ -17,7 +17,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 import yaml
@@ -53,6 +53,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
         self.commits: list[dict] = []
         self.validated: list[dict] = []
         self.fail: dict[str, int] = {}  # route name -> status to answer with
+        self.echo_token = False  # a 401 that repeats the token it got, URL-encoded and base64
         self.lock = threading.Lock()
 
     def files(self, repo: str = REPO, branch: str = "main") -> dict[str, bytes]:
@@ -120,11 +121,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._reply(404, {"error": "unknown route"})
         name, args = route
         if self.headers.get("Authorization") != f"Bearer {hub.token}":
-            return self._reply(
-                401,
-                {"error": "Invalid credentials in Authorization header"},
-                {"X-Error-Message": "Invalid credentials in Authorization header"},
-            )
+            message = "Invalid credentials in Authorization header"
+            if hub.echo_token:
+                got = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                basic = base64.b64encode(f"user:{got}".encode()).decode()
+                message += f" (token={quote(got, safe='')}, as basic: {basic})"
+            return self._reply(401, {"error": message}, {"X-Error-Message": message})
         if name in hub.fail:
             return self._reply(hub.fail[name], {"error": f"injected failure of {name}"})
         with hub.lock:
@@ -377,6 +379,18 @@ def test_auth_failure_is_clear_tokenless_and_leaves_the_folder(hub, export_dir):
     assert wrong not in message and wrong not in repr(err) and err.__context__ is None
     assert err.__cause__ is None
     assert snapshot(export_dir) == before and REPO not in hub.repos
+
+
+def test_a_token_echoed_url_encoded_or_in_base64_never_shows(hub, export_dir):
+    wrong = "hf_Wrong/Token+With=Marks9876543210zyx"
+    hub.echo_token = True
+    with pytest.raises(HubError) as info:
+        push_folder(export_dir, REPO, token=wrong, endpoint=hub.url)
+    shown = f"{info.value} {info.value!r}"
+    encoded = [quote(wrong, safe=""), base64.b64encode(f"user:{wrong}".encode()).decode()]
+    assert info.value.reason == "auth" and "Invalid credentials" in shown
+    assert not any(form in shown for form in [wrong, *encoded])
+    assert "Marks987" not in shown and "V3JvbmcvVG9rZW4r" not in shown  # no long piece
 
 
 def test_server_error_is_clear_and_leaves_the_folder(hub, export_dir):
