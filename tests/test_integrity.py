@@ -171,7 +171,18 @@ def test_validate_data_refuses_more_components_than_tokens(model_dir, tmp_path, 
     data["discover"]["n_components"] = 20  # feasible, but under 4 tokens per component
     assert main(["validate", "--data", str(write_recipe(tmp_path / "recipe.yaml", data))]) == 0
     assert "calibration tokens for 20 ICA components" in caplog.text
-    assert "calibration tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "calibration tokens" in out and "2119 left for evaluation" in out  # 2125 - 2 - 4
+
+
+def test_validate_data_says_when_nothing_is_left_to_evaluate(model_dir, tmp_path, capsys, caplog):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(f"document number {i} with a few words" for i in range(6)))
+    data = tiny_recipe(str(model_dir), discover={"n_components": 2})
+    data["tasks"][0].update(source=f"file:{docs}", calibration_samples=4, heldout_samples=2)
+    assert main(["validate", "--data", str(write_recipe(tmp_path / "recipe.yaml", data))]) == 0
+    assert "0 left for evaluation" in capsys.readouterr().out
+    assert "none is left for the verdict and evaluate" in caplog.text
 
 
 @pytest.mark.parametrize(

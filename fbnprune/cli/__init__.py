@@ -67,6 +67,18 @@ def configure_logging(quiet: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def quiet_libraries() -> None:
+    """``--no-progress`` silences the libraries' own bars too (transformers' weight loading,
+    the Hub's downloads, datasets' maps), not only fbnprune's."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
+
+
 # operating-system faults that are the machine's, not a bug: named, with what to do
 DISK_FAULTS = {
     errno.ENOSPC: "no space left on the device",
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()  # imports every subcommand: Ctrl-C may land here too
         args = parser.parse_args(argv)
         configure_logging(args.quiet)
+        if getattr(args, "no_progress", False):
+            quiet_libraries()
         return int(args.execute(args) or 0)
     except KeyboardInterrupt:
         if debug:

@@ -51,7 +51,7 @@ def check_data(recipe: Recipe) -> list[str]:
 
     from fbnprune.collect.activations import tokenize
     from fbnprune.data.fit import question_cut
-    from fbnprune.data.task_text import load_task
+    from fbnprune.data.task_text import documents_left, load_task
     from fbnprune.discover.group_ica import MIN_TOKENS_PER_COMPONENT, ica_feasible
     from fbnprune.models.loading import resolve_model
 
@@ -90,9 +90,16 @@ def check_data(recipe: Recipe) -> list[str]:
                 k,
                 MIN_TOKENS_PER_COMPONENT,
             )
+        left = documents_left(task, data)
+        if left == 0:
+            logger.warning(
+                "%s: every document is in a split: none is left for the verdict and evaluate "
+                "to score; lower calibration_samples, heldout_samples or heal_samples",
+                where,
+            )
         summaries.append(
             f"{task.name}: {len(data.calibration)}+{len(data.heldout)} docs, "
-            f"{tokens} calibration tokens"
+            f"{tokens} calibration tokens, {left} left for evaluation"
         )
     return summaries
 

@@ -11,9 +11,11 @@ loaded with its folder as the include path (offline); a bare name needs the netw
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -51,10 +53,18 @@ def load_lmeval_task(spec: str) -> LmevalTask:
 
     name, include = _task_name(spec)
     manager = TaskManager(include_path=include, include_defaults=include is None)
-    try:
-        task = manager.load([name])["tasks"][name]
-    except Exception as exc:  # lm-eval raises many types (config, dataset, network)
-        raise DataError(f"lm-eval task {spec!r} could not be loaded: {exc}") from exc
+    # relative paths in the YAML (data_files) are read against the YAML's folder, as a
+    # recipe's own paths are, whatever the working directory
+    with contextlib.chdir(include) if include else contextlib.nullcontext():
+        try:
+            task = manager.load([name])["tasks"][name]
+        except Exception as exc:  # lm-eval raises many types (config, dataset, network)
+            raise DataError(f"lm-eval task {spec!r} could not be loaded: {exc}") from exc
+        return _documents(task, name)
+
+
+def _documents(task: Any, name: str) -> LmevalTask:
+    """The loaded task's documents (its test split, else validation, else train)."""
     if task.OUTPUT_TYPE != "multiple_choice":
         raise DataError(
             f"lm-eval task {name!r} is {task.OUTPUT_TYPE!r}; fbnprune tasks from lm-eval must "
@@ -88,7 +98,12 @@ def load_lmeval_task(spec: str) -> LmevalTask:
         answers = choices
         target = task.doc_to_target(doc)
         label = choices[target] if isinstance(target, int) else str(target)
+        own = doc.get("id") if isinstance(doc, dict) else None  # the dataset's own id
         documents.append(
-            Document(id=f"{name}/{split}/{i}", text=str(task.doc_to_text(doc)), label=label)
+            Document(
+                id=f"{name}/{split}/{i if own is None else own}",
+                text=str(task.doc_to_text(doc)),
+                label=label,
+            )
         )
     return LmevalTask(name, tuple(documents), {a: f"{delimiter}{a}" for a in answers})

@@ -326,6 +326,12 @@ def _check_labels(docs: list[Document], task: str, choices: dict[str, str] | Non
         )
 
 
+def documents_left(task: TaskConfig, data: TaskData) -> int:
+    """How many of the task's usable documents no split takes: what evaluate and the
+    verdict can score."""
+    return len(_usable(task_documents(task), task.name)) - sum(len(data.split(s)) for s in SPLITS)
+
+
 def load_task(task: TaskConfig, *, seed: int) -> TaskData:
     """Load a task's documents and split them, after a seeded shuffle, into the first
     ``calibration_samples`` (calibration), the next ``heldout_samples`` (held-out) and the

@@ -319,10 +319,12 @@ def build_suite(
             pool = [d for d in pool if d.label in (task_choices(task.task) or {})]
         docs = draw_documents(pool, n, exclude=exclude, seed=config.seed, balance_labels=balance)
         if not docs:
-            raise EvalError(f"{name}: no documents of {task.source} are left outside calibration")
+            raise EvalError(
+                f"{name}: no documents of {task.source} are left outside the run's splits"
+            )
         if len(docs) < n:
             logger.warning(
-                "%s: only %d documents outside calibration (asked %d)", name, len(docs), n
+                "%s: only %d documents outside the run's splits (asked %d)", name, len(docs), n
             )
         data_file = directory / f"{name}.jsonl"
         lines = (json.dumps(r, ensure_ascii=False) for r in _records(task, docs, config))

@@ -200,8 +200,10 @@ def load_model(
         ModelLoadError: the model cannot be found, converted or built.
     """
     source = resolve_model(name)
-    if isinstance(source, Path) and not allow_pickle:
-        _refuse_pickle(source)
+    if isinstance(source, Path):
+        _refuse_compact(source)
+        if not allow_pickle:
+            _refuse_pickle(source)
     local_only = isinstance(source, Path) or _is_offline() or not _hub_reachable()
     with _load_errors(source, local_only):
         from transformers import AutoModelForCausalLM
@@ -220,6 +222,22 @@ def load_model(
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+COMPACT_KEY = "fbnprune_compact"  # a compact checkpoint's config: its per-layer MLP widths
+
+
+def _refuse_compact(directory: Path) -> None:
+    """``ModelLoadError`` for a compact fbnprune checkpoint as the model to prune."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # not a model folder fbnprune wrote; from_pretrained says what is wrong
+    if isinstance(config, dict) and COMPACT_KEY in config:
+        raise ModelLoadError(
+            f"{directory} is a compact fbnprune checkpoint: its MLPs have per-layer widths "
+            "that only its own modeling file knows, and pruning it again would need them. "
+            "Prune the original model, or the padded checkpoint of the same run "
+            "(checkpoint-padded/), which stock transformers loads"
+        )
 
 
 def _refuse_pickle(directory: Path) -> None:

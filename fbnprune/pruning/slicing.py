@@ -30,14 +30,13 @@ from transformers.pytorch_utils import Conv1D
 from fbnprune.errors import FbnpruneError
 from fbnprune.models.adapters import MLPAdapter, Projection, get_adapter
 from fbnprune.models.hooks import site_widths
+from fbnprune.models.loading import COMPACT_KEY
 from fbnprune.plan import PrunePlan
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
-
-COMPACT_KEY = "fbnprune_compact"
 
 
 class SliceError(FbnpruneError, ValueError):

@@ -45,7 +45,7 @@ class EvaluateConfig(_Strict):
     perplexity_max_words: int = Field(
         default=256, ge=8, description="perplexity documents are cut to this"
     )
-    seed: int = Field(default=0, description="which documents outside calibration are drawn")
+    seed: int = Field(default=0, description="which documents outside the run's splits are drawn")
 
 
 ShortSamples = Literal["merge", "reduce", "skip"]

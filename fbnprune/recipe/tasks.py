@@ -149,6 +149,16 @@ class TaskConfig(_Strict):
         return _text_slot(value)
 
     @model_validator(mode="after")
+    def _whole_prompts_uncut(self) -> TaskConfig:
+        if self.source.startswith("lmeval:") and self.max_words is not None:
+            raise ValueError(
+                "max_words: an lm-eval task's document is its whole rendered prompt, question "
+                "included, so cutting its words would cut the question; leave max_words out "
+                "(prompts longer than max_length are refused with the numbers)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _wordings_match(self) -> TaskConfig:
         for wording in self.wordings:
             if self.choices is None and self.source.startswith("lmeval:"):

@@ -327,3 +327,12 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "Traceback" in err and "RecipeError" in err
         assert err.rstrip().endswith("is a directory, not a recipe file")
+
+
+def test_no_progress_silences_the_libraries_bars_too(tiny_llama_dir, tmp_path, capfd):
+    """transformers prints "Loading weights" bars of its own; --no-progress means none."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_llama_dir))
+    out = str(tmp_path / "run")
+    assert main(["-q", "collect", str(recipe), "--out", out, "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s]" not in err, err

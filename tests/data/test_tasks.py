@@ -341,6 +341,35 @@ def test_an_lmeval_task_drives_calibration_and_evaluation(tmp_path, monkeypatch)
     assert not {row["id"] for row in rows} & used
 
 
+def test_an_lmeval_task_reads_its_files_beside_its_yaml_and_keeps_its_ids(tmp_path, monkeypatch):
+    """Relative ``data_files`` are the YAML folder's, whatever the working directory; a
+    document's own ``id`` names it; ``max_words`` would cut the question, so it is refused
+    (issue 29, D2)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    folder = tmp_path / "task"
+    folder.mkdir()
+    rows = [{"id": f"q{n}", "question": f"Is {n} even?", "answer": n % 2} for n in range(12)]
+    (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = json.loads(Path(lmeval_yaml(tmp_path)).read_text())
+    spec["task"] = "tiny_relative"
+    spec["dataset_kwargs"] = {
+        "data_files": {"test": "rows.jsonl"},
+        "cache_dir": str(tmp_path / "c"),
+    }
+    (folder / "relative.yaml").write_text(json.dumps(spec))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    source = f"lmeval:{folder / 'relative.yaml'}"
+    data = load_task(
+        TaskConfig(name="rel", source=source, calibration_samples=4, heldout_samples=2), seed=0
+    )
+    ids = {d.id for d in data.calibration + data.heldout}
+    assert ids <= {f"tiny_relative/test/q{n}" for n in range(12)} and len(ids) == 6
+    with pytest.raises(ValueError, match="would cut the question"):
+        TaskConfig(name="rel", source=source, max_words=10)
+
+
 def test_a_non_choice_lmeval_task_is_refused(tmp_path):
     spec = json.loads(Path(lmeval_yaml(tmp_path)).read_text())
     spec.update(task="tiny_rolling", output_type="loglikelihood_rolling", doc_to_target="question")

@@ -433,3 +433,18 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path):
     assert (
         parse_recipe({"model": "m", "tasks": [NEWS_TASK]}).model_dump().get("allow_pickle") is None
     )
+
+
+def test_a_compact_checkpoint_as_the_model_is_one_clear_error(tmp_path):
+    """Its MLP widths live in its own modeling file: without it, loading would fail with a
+    size mismatch deep in transformers (issue 29, M3)."""
+    from conftest import random_plan
+
+    from fbnprune.pruning.slicing import slice_model
+    from fbnprune.save.checkpoint import save_checkpoint
+
+    model = tiny_model("llama")
+    compact = slice_model(model, random_plan(model, "hidden", "zero"), layout="compact")
+    save_checkpoint(compact, tiny_tokenizer(), tmp_path / "compact")
+    with pytest.raises(ModelLoadError, match="compact fbnprune checkpoint.*checkpoint-padded"):
+        load_model(tmp_path / "compact")
