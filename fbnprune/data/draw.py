@@ -4,7 +4,7 @@ id, so the draw is deterministic and a different exclusion changes only what it 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fbnprune.data.document import Document
 from fbnprune.data.task_text import normalise
@@ -21,23 +21,29 @@ def draw_documents(
     exclude: Iterable[Document],
     seed: int,
     balance_labels: bool = False,
+    prompt: Callable[[str], str] | None = None,
 ) -> list[Document]:
-    """Up to ``n`` documents of ``docs`` that share neither id nor text with ``exclude``.
+    """Up to ``n`` documents of ``docs`` that share neither id nor text with ``exclude``
+    (nor, with ``prompt``, the text -> folded prompt of a task, their prompt).
 
-    Candidates are ranked by ``sha256(seed:id)``; duplicates (same normalised text) count
-    once. With ``balance_labels`` the labels take turns (sorted label order), so every
-    label gets ``n / n_labels`` documents while it has them.
+    Candidates are ranked by ``sha256(seed:id)``; duplicates (same normalised text, or same
+    prompt) count once. With ``balance_labels`` the labels take turns (sorted label order),
+    so every label gets ``n / n_labels`` documents while it has them.
     """
     exclude = list(exclude)
     bad_ids = {d.id for d in exclude}
     bad_texts = {normalise(d.text) for d in exclude if d.text.strip()}
+    bad_prompts = {prompt(d.text) for d in exclude if d.text.strip()} if prompt else set()
     seen: set[str] = set()
     pool = []
     for doc in sorted(docs, key=lambda d: _rank(d, seed)):
         key = normalise(doc.text)
-        if doc.id in bad_ids or key in bad_texts or key in seen or not key:
+        same = prompt(doc.text) if prompt else key
+        if doc.id in bad_ids or key in bad_texts or same in bad_prompts or not key:
             continue
-        seen.add(key)
+        if key in seen or same in seen:
+            continue
+        seen.update((key, same))
         pool.append(doc)
     if not balance_labels:
         return pool[:n]

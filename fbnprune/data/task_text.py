@@ -35,6 +35,13 @@ def cut_words(text: str, n: int | None) -> str:
     return text if n is None else " ".join(text.split()[:n])
 
 
+def prompt_key(template: str, text: str, max_words: int | None = None) -> str:
+    """What the model is shown, folded: the rendered prompt, case- and whitespace-folded.
+    Two documents with one key (the same first ``max_words`` words, or a case-only
+    difference) are the same prompt, so they never land in two splits."""
+    return " ".join(render(template, text, max_words).casefold().split())
+
+
 def render(template: str, text: str, max_words: int | None = None) -> str:
     """``template`` with ``{text}`` replaced by ``text`` cut to ``max_words`` (braces in the
     text are safe)."""
@@ -337,8 +344,9 @@ def load_task(task: TaskConfig, *, seed: int) -> TaskData:
     ``calibration_samples`` (calibration), the next ``heldout_samples`` (held-out) and the
     next ``heal_samples`` (healing only).
 
-    Empty documents and exact duplicate texts are dropped first, so the splits share no id
-    and no text. Adding healing documents never changes the other two splits.
+    Empty documents and exact duplicate texts are dropped first, and a document whose
+    prompt another already is (``prompt_key``) is passed over, so the splits share no id,
+    no text and no prompt. Adding healing documents never changes the other two splits.
     """
     docs = _usable(task_documents(task), task.name)
     sizes = (task.calibration_samples, task.heldout_samples, task.heal_samples)
@@ -350,12 +358,37 @@ def load_task(task: TaskConfig, *, seed: int) -> TaskData:
         )
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
+    # in that order, a document whose prompt an earlier one already is (prompt_key) is
+    # passed over, so no split repeats another's prompt
+    distinct, keys = [], set()
+    for i in order:
+        key = prompt_key(task.template, docs[i].text, task.max_words)
+        if key not in keys:
+            keys.add(key)
+            distinct.append(docs[i])
+        if len(distinct) == sum(sizes):
+            break
+    if len(distinct) < sum(sizes):
+        raise DataError(
+            f"task {task.name!r}: source {task.source!r} has {len(distinct)} documents with "
+            f"distinct prompts, needs {sum(sizes)} ({sizes[0]} calibration + {sizes[1]} "
+            f"held-out + {sizes[2]} healing); documents whose first max_words words are the "
+            "same make the same prompt"
+        )
     bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
     calibration, heldout, heal = (
-        [docs[i] for i in order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        distinct[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     )
     choices = task_choices(task)
     _check_labels(calibration + heldout + heal, task.name, choices)
+    unseen = sorted(set(choices or {}) - {d.label for d in calibration + heal})
+    if unseen:
+        logger.warning(
+            "task %s: no calibration or healing document has the label(s) %s: selection "
+            "and healing never see them; raise calibration_samples or heal_samples",
+            task.name,
+            ", ".join(unseen),
+        )
     ids = [{d.id for d in split} for split in (calibration, heldout, heal)]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     return TaskData(

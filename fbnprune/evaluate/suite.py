@@ -37,6 +37,7 @@ log-likelihood) is the primary metric; ``acc_norm`` is still recorded.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -47,7 +48,13 @@ from typing import Any
 
 import yaml
 
-from fbnprune.data.task_text import Document, load_documents, task_choices, task_documents
+from fbnprune.data.task_text import (
+    Document,
+    load_documents,
+    prompt_key,
+    task_choices,
+    task_documents,
+)
 from fbnprune.evaluate.answers import AnswerTask
 from fbnprune.evaluate.documents import calibration_documents, draw_documents
 from fbnprune.evaluate.errors import EvalError
@@ -317,7 +324,14 @@ def build_suite(
         pool = cache[source]
         if task.task is not None:  # only documents whose label a choice answers
             pool = [d for d in pool if d.label in (task_choices(task.task) or {})]
-        docs = draw_documents(pool, n, exclude=exclude, seed=config.seed, balance_labels=balance)
+        prompt = (  # a recipe task's documents are shown through its template
+            functools.partial(prompt_key, task.task.template, max_words=task.task.max_words)
+            if task.task is not None
+            else None
+        )
+        docs = draw_documents(
+            pool, n, exclude=exclude, seed=config.seed, balance_labels=balance, prompt=prompt
+        )
         if not docs:
             raise EvalError(
                 f"{name}: no documents of {task.source} are left outside the run's splits"

@@ -15,6 +15,7 @@ refuses a flagged run without ``--force``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fbnprune.data.draw import draw_documents
-from fbnprune.data.task_text import SPLITS, task_choices, task_documents
+from fbnprune.data.task_text import SPLITS, prompt_key, task_choices, task_documents
 from fbnprune.evaluate.answers import SCORING_RULES, answer_stats
 from fbnprune.evaluate.questions import VerdictTask
 from fbnprune.evaluate.suite import eval_name
@@ -47,7 +48,13 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
         if choices is None:
             continue
         pool = [d for d in task_documents(task) if d.label in choices]
-        docs = draw_documents(pool, recipe.verdict.limit, exclude=used, seed=recipe.seed)
+        docs = draw_documents(
+            pool,
+            recipe.verdict.limit,
+            exclude=used,
+            seed=recipe.seed,
+            prompt=functools.partial(prompt_key, task.template, max_words=task.max_words),
+        )
         if not docs:
             logger.warning("verdict: %s has no document outside the run's splits", task.name)
             continue
@@ -74,9 +81,14 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
 
 
 def verdict_key(ctx: RunContext, upstream: str) -> str:
+    """The verdict's inputs: the models (``upstream``), its settings, the tasks, and the
+    documents it draws (so a change in how they are drawn scores again)."""
     r = ctx.recipe
     tasks = [t.model_dump() for t in r.tasks]
-    return fingerprint(upstream, r.verdict.model_dump(), tasks, r.seed, r.select.model_dump())
+    drawn = {t.name: [d.id for d in t.documents] for t in verdict_tasks(ctx)}
+    return fingerprint(
+        upstream, r.verdict.model_dump(), tasks, r.seed, r.select.model_dump(), drawn
+    )
 
 
 def verdict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -10,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from fbnprune.data.draw import draw_documents
 from fbnprune.data.task_text import (
     BUILTIN_SOURCES,
+    SPLITS,
     DataError,
     Document,
     TaskData,
     load_documents,
     load_task,
+    prompt_key,
 )
 from fbnprune.recipe import TaskConfig
 
@@ -320,3 +324,65 @@ def test_hf_dataset_mapped(monkeypatch: pytest.MonkeyPatch) -> None:
         load_documents("hf:imdb", text_field="body")
     with pytest.raises(DataError, match="could not load hf:broken .*no network"):
         load_documents("hf:broken")
+
+
+# --- one prompt, one split (issue 29, D3) ----------------------------------------------------
+
+
+def test_documents_with_one_prompt_never_land_in_two_splits(tmp_path: Path) -> None:
+    """Near-duplicates (the same first max_words words) and case-only duplicates are one
+    prompt: a later one is passed over, and the splits keep their sizes."""
+    texts = [f"Shared opening words here then story {i} continues" for i in range(6)]
+    texts += [t.upper() for t in texts[:3]]  # case-only duplicates
+    texts += [f"distinct text number {i}" for i in range(10)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    task = TaskConfig(
+        name="t",
+        source=f"file:{path}",
+        template="Post: {text}\nTopic:",
+        max_words=4,  # "Shared opening words here": one prompt for the first six
+        calibration_samples=5,
+        heldout_samples=3,
+        heal_samples=3,
+    )
+    for seed in range(5):
+        data = load_task(task, seed=seed)
+        prompts = [data.prompt(d).casefold() for s in SPLITS for d in data.split(s)]
+        assert len(prompts) == 11 and len(set(prompts)) == 11
+    crowded = task.model_copy(update={"calibration_samples": 9})
+    with pytest.raises(DataError, match="distinct prompts, needs 15"):
+        load_task(crowded, seed=0)
+
+
+def test_a_draw_skips_documents_whose_prompt_a_split_already_shows() -> None:
+    used = [Document("u", "The Same Start of an article, then more")]
+    pool = [
+        Document("a", "the same start of another article entirely"),  # same 4 words
+        Document("b", "something else"),
+        Document("c", "SOMETHING ELSE"),  # one prompt with b
+    ]
+    key = functools.partial(prompt_key, "Article: {text}\nTopic:", max_words=4)
+    drawn = draw_documents(pool, 3, exclude=used, seed=0, prompt=key)
+    assert [d.id for d in drawn] in (["b"], ["c"])
+    assert len(draw_documents(pool, 3, exclude=used, seed=0)) == 3  # without: texts only
+
+
+def test_a_label_no_training_document_has_is_warned_about(tmp_path: Path, caplog) -> None:
+    rows = [{"text": f"common text {i}", "label": "a"} for i in range(10)]
+    rows += [{"text": "the only rare one", "label": "b"}]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = TaskConfig(
+        name="t",
+        source=f"file:{path}",
+        choices={"a": " a", "b": " b"},
+        calibration_samples=3,
+        heldout_samples=1,
+    )
+    seen = {}
+    for seed in range(30):
+        caplog.clear()
+        has_b = "b" in {d.label for d in load_task(task, seed=seed).calibration}
+        seen[has_b] = "the label(s) b" in caplog.text
+    assert seen == {True: False, False: True}  # warned exactly when b is never trained on
