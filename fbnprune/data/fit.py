@@ -15,7 +15,7 @@ def question_cut(data: TaskData, tokenizer: Any, max_length: int) -> str | None:
     """Why ``data``'s prompts do not fit (a message with the numbers and the fix), or None:
     every prompt of every split fits in ``max_length`` tokens, or the template has nothing
     after the document for truncation to cut."""
-    head, _, tail = data.template.partition("{text}")
+    _, _, tail = data.template.partition("{text}")
     if not tail.strip():
         return None
     docs = [doc for split in SPLITS for doc in data.split(split)]
