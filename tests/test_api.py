@@ -26,7 +26,7 @@ def test_face_names_resolve_and_import_is_cheap() -> None:
 
 
 def test_every_user_error_is_an_fbnprune_error() -> None:
-    from fbnprune.check.compare import ParityError
+    from fbnprune.parity import ParityError
     from fbnprune.recipe import RecipeError
     from fbnprune.rundir import RunDirLockedError
 

@@ -36,11 +36,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.core_model_loading import revert_weight_conversion
 
-from fbnprune.check.compare import Comparison, ParityReport
 from fbnprune.collect.activations import token_batches
 from fbnprune.models.adapters import MLPAdapter, get_adapter
 from fbnprune.models.layercalls import capture_layer_calls
 from fbnprune.models.onload import Checkpoint, LayerwiseModel, empty_model
+from fbnprune.parity import Comparison, ParityReport
 from fbnprune.plan import PrunePlan
 from fbnprune.pruning.mask import masked_layer
 from fbnprune.pruning.slicing import COMPACT_KEY, check_sliceable, slice_layer

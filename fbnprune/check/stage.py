@@ -9,11 +9,12 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from fbnprune.check.compare import ParityResult, check_parity
+from fbnprune.check.compare import check_parity
 from fbnprune.check.layer_check import saved_tensors_parity, slicing_parity
 from fbnprune.check.reload import parity_inputs, reload_parity
 from fbnprune.integrity import file_digests
 from fbnprune.models.onload import checkpoint_dir
+from fbnprune.parity import ParityResult
 from fbnprune.plan import PrunePlan
 from fbnprune.pruning.mask import masked
 from fbnprune.pruning.slicing import slice_model

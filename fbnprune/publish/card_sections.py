@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fbnprune.check.compare import ParityResult
+from fbnprune.parity import ParityResult
 from fbnprune.publish.card_facts import (
     UNKNOWN_LICENSE,
     BaseModel,

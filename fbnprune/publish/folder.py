@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fbnprune.check.compare import ParityResult
 from fbnprune.io import atomic_directory, atomic_write_json
+from fbnprune.parity import ParityResult
 from fbnprune.publish.errors import ExportError
 from fbnprune.publish.inputs import (
     check_out_dir,

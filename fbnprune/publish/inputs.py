@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from fbnprune.check.compare import ParityResult
 from fbnprune.integrity import digest_mismatches
+from fbnprune.parity import ParityResult
 from fbnprune.publish.errors import ExportError
 from fbnprune.rundir.layout import (
     CHECKPOINT_PREFIX,
@@ -23,6 +24,8 @@ from fbnprune.rundir.layout import (
 )
 from fbnprune.version import __version__
 
+logger = logging.getLogger(__name__)
+
 RUN_ENTRIES = (COLLECT_DIR, DISCOVER_DIR, EVAL_DIR, STAGING)  # never exported into
 
 
@@ -34,6 +37,11 @@ def source_checkpoint(run_dir: Path, layout: str | None, healed: bool = False) -
         done = [name for name in LAYOUTS if run.checkpoint_dir(name, healed=True).is_dir()]
         if layout is None and done:
             layout = done[0]
+            logger.info(
+                "export: the healed model is %s/ (healing trains one layout: compact when "
+                "the recipe lists it; --layout chooses among the healed ones)",
+                checkpoint_name(layout, healed=True),
+            )
         if layout not in done:
             missing = checkpoint_name(layout or "<layout>", healed=True)
             raise ExportError(
