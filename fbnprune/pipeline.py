@@ -27,6 +27,7 @@ from fbnprune.recipe import Recipe
 from fbnprune.rundir import RunDir, StageRecord
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.keys import check_key, heal_key
+from fbnprune.rundir.memory import memory_report
 from fbnprune.rundir.runner import versions
 from fbnprune.save import stage as save
 from fbnprune.select import stage as select
@@ -149,6 +150,7 @@ def run_pipeline(
     art = Artifacts()
     for _, step in STEPS[: STAGES.index(until) + 1]:
         step(ctx, art)
+    run.write_meta(memory=memory_report(run.path))  # each stage's peak against its needs
     stages = {name: StageRecord(**rec) for name, rec in run.ledger()["stages"].items()}
     return RunSummary(
         run.path, stages, art.plan, art.parity, art.checkpoints, run.executed, art.verdict
