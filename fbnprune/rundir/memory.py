@@ -63,13 +63,15 @@ def _sizes(layout: RunLayout) -> dict[str, Any]:
     """Bytes of the model, of each task's float32 matrix and of the healing targets."""
     sizes: dict[str, Any] = {"model": None, "targets": None, "matrix": {}}
     if layout.prune_file.is_file():
-        sizes["model"] = json.loads(layout.prune_file.read_text())["sizes"]["original"]["bytes"]
+        original = json.loads(layout.prune_file.read_text()).get("sizes", {}).get("original")
+        sizes["model"] = (original or {}).get("bytes")
     if layout.heal_targets_file.is_file():
         sizes["targets"] = layout.heal_targets_file.stat().st_size
     collect = layout.root / "collect"
     for meta in sorted(collect.glob("*/meta.json")) if collect.is_dir() else ():
         data = json.loads(meta.read_text())
-        sizes["matrix"][meta.parent.name] = data["n_tokens"] * sum(data["layer_widths"]) * 4
+        if "n_tokens" in data and "layer_widths" in data:
+            sizes["matrix"][meta.parent.name] = data["n_tokens"] * sum(data["layer_widths"]) * 4
     return sizes
 
 
