@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from fbnprune.errors import FbnpruneError
+from fbnprune.integrity import digest_mismatches
 
 
 class ParityError(FbnpruneError, AssertionError):
@@ -127,6 +129,11 @@ class ParityResult:
     def worst(self) -> float:
         """Largest max |delta| over the gating comparisons."""
         return max(c.max_abs for r in self.reports if r.gating for c in r.comparisons)
+
+    def mismatches(self, folder: Path) -> list[str]:
+        """What differs between ``folder`` and the digests recorded for it (``files``):
+        one line per missing, changed or added file; every file when none were recorded."""
+        return digest_mismatches(folder, self.files.get(folder.name, {}))
 
     def raise_if_failed(self) -> None:
         if not self.passed:

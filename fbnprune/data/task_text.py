@@ -9,6 +9,7 @@ A source is ``builtin:NAME`` (offline corpora, see ``fbnprune.data.corpora``), `
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import random
@@ -40,6 +41,11 @@ def prompt_key(template: str, text: str, max_words: int | None = None) -> str:
     Two documents with one key (the same first ``max_words`` words, or a case-only
     difference) are the same prompt, so they never land in two splits."""
     return " ".join(render(template, text, max_words).casefold().split())
+
+
+def task_prompt_key(task: TaskConfig) -> Callable[[str], str]:
+    """``prompt_key`` with ``task``'s template and ``max_words``: text -> its folded prompt."""
+    return functools.partial(prompt_key, task.template, max_words=task.max_words)
 
 
 def render(template: str, text: str, max_words: int | None = None) -> str:
@@ -360,9 +366,10 @@ def load_task(task: TaskConfig, *, seed: int) -> TaskData:
     random.Random(seed).shuffle(order)
     # in that order, a document whose prompt an earlier one already is (prompt_key) is
     # passed over, so no split repeats another's prompt
+    prompt_of = task_prompt_key(task)
     distinct, keys = [], set()
     for i in order:
-        key = prompt_key(task.template, docs[i].text, task.max_words)
+        key = prompt_of(docs[i].text)
         if key not in keys:
             keys.add(key)
             distinct.append(docs[i])

@@ -37,7 +37,6 @@ log-likelihood) is the primary metric; ``acc_norm`` is still recorded.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
@@ -51,9 +50,9 @@ import yaml
 from fbnprune.data.task_text import (
     Document,
     load_documents,
-    prompt_key,
     task_choices,
     task_documents,
+    task_prompt_key,
 )
 from fbnprune.evaluate.answers import AnswerTask
 from fbnprune.evaluate.documents import calibration_documents, draw_documents
@@ -324,11 +323,8 @@ def build_suite(
         pool = cache[source]
         if task.task is not None:  # only documents whose label a choice answers
             pool = [d for d in pool if d.label in (task_choices(task.task) or {})]
-        prompt = (  # a recipe task's documents are shown through its template
-            functools.partial(prompt_key, task.task.template, max_words=task.task.max_words)
-            if task.task is not None
-            else None
-        )
+        # a recipe task's documents are shown through its template
+        prompt = task_prompt_key(task.task) if task.task is not None else None
         docs = draw_documents(
             pool, n, exclude=exclude, seed=config.seed, balance_labels=balance, prompt=prompt
         )

@@ -16,7 +16,6 @@ from typing import Any
 from fbnprune.check.reload import reload_parity
 from fbnprune.heal.distill import Targets
 from fbnprune.heal.launch import checked_student, load_student, student_message
-from fbnprune.integrity import digest_mismatches
 from fbnprune.io import atomic_write_text
 from fbnprune.parity import ParityResult
 from fbnprune.plan import PrunePlan
@@ -44,25 +43,30 @@ def heal(ctx: RunContext, plan: PrunePlan) -> Path:
     healed_dir = layout.checkpoint_dir(heal_layout(ctx.recipe), healed=True)
     outputs = [healed_dir, layout.heal_log_file, layout.heal_parity_file]
     key = heal_key(ctx)
-    if ctx.run.is_fresh("heal", key, outputs):
-        recorded = layout.read_parity(healed=True)
-        changed = digest_mismatches(healed_dir, recorded.files.get(healed_dir.name, {}))
+    fresh = ctx.run.is_fresh("heal", key, outputs)
+    if fresh:
+        changed = layout.read_parity(healed=True).mismatches(healed_dir)
         if changed:
             logger.warning(
                 "heal: %s differs from the checked one (%s); healing again",
                 healed_dir.name,
                 "; ".join(changed),
             )
-            ctx.run.forget("heal")
-    if not ctx.run.is_fresh("heal", key, outputs) and healed_dir.exists():
-        # healed under other settings: gone before training starts, so that an interrupted
-        # heal leaves no checkpoint that the run's recipe no longer describes
-        shutil.rmtree(healed_dir)
-        layout.heal_parity_file.unlink(missing_ok=True)
-        ctx.run.forget("heal")
-        logger.info("heal: removed %s, healed under other settings", healed_dir.name)
+            fresh = False
+    if not fresh and healed_dir.exists():
+        # gone before training starts, so that an interrupted heal leaves no checkpoint that
+        # the run's recipe no longer describes
+        _remove_healed(ctx, healed_dir, "healed under other settings")
     ctx.run.stage("heal", key, outputs, lambda: _heal(ctx, plan))
     return healed_dir
+
+
+def _remove_healed(ctx: RunContext, healed_dir: Path, why: str) -> None:
+    """Remove a healed checkpoint that no longer matches the recipe, with its check."""
+    shutil.rmtree(healed_dir)
+    ctx.layout.heal_parity_file.unlink(missing_ok=True)
+    ctx.run.forget("heal")
+    logger.info("heal: removed %s, %s", healed_dir.name, why)
 
 
 def discard_healed(ctx: RunContext, budget: float) -> None:
@@ -70,10 +74,8 @@ def discard_healed(ctx: RunContext, budget: float) -> None:
     recipe = ctx.recipe
     healed_dir = ctx.layout.checkpoint_dir(heal_layout(recipe), healed=True)
     if healed_dir.exists():  # healed from an earlier plan: it no longer matches
-        shutil.rmtree(healed_dir)
+        _remove_healed(ctx, healed_dir, "healed from an earlier plan")
         shutil.rmtree(ctx.layout.heal_dir, ignore_errors=True)
-        ctx.run.forget("heal")
-        logger.info("heal: removed %s, healed from an earlier plan", healed_dir.name)
     logger.info(
         "heal: skipped (budget %.0f%% is not below heal.below_budget %.0f%%; "
         "set heal.enabled: true to heal anyway)",

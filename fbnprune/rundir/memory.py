@@ -43,9 +43,7 @@ def memory_report(run_dir: Path) -> dict[str, dict[str, Any]]:
         stage, _, task = name.partition(":")
         parts = {}
         for what, count in HOLDS.get(stage, ()):
-            size = sizes["matrix"].get(task) if what == "matrix" and task else sizes.get(what)
-            if what == "matrix" and not task:
-                size = sum(sizes["matrix"].values()) or None
+            size = _size(sizes, what, task)
             parts[what] = None if size is None else count * size / MiB
         known = [v for v in parts.values() if v is not None]
         holds = sum(known) if known and len(known) == len(parts) else None
@@ -57,6 +55,14 @@ def memory_report(run_dir: Path) -> dict[str, dict[str, Any]]:
             "ratio": None if not holds else peak / holds,
         }
     return out
+
+
+def _size(sizes: dict[str, Any], what: str, task: str) -> int | None:
+    """Bytes of ``what``; a matrix is the task's, or every task's for a stage of them all."""
+    if what != "matrix":
+        return sizes[what]
+    matrices = sizes["matrix"]
+    return matrices.get(task) if task else sum(matrices.values()) or None
 
 
 def _sizes(layout: RunLayout) -> dict[str, Any]:

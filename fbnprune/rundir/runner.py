@@ -133,10 +133,9 @@ def check_run_dir(
             f"--out: the name {long[0][:40]}... is {len(long[0].encode())} bytes long, more than "
             f"a file system allows ({NAME_MAX}); choose a shorter --out"
         )
+    target = path.resolve()
     for folder in (Path(os.path.expanduser(os.fspath(p))) for p in protected if p):
-        if folder.is_dir() and (
-            path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
-        ):
+        if folder.is_dir() and folder.resolve() in (target, *target.parents):
             raise RunDirError(
                 f"--out {path} is inside {folder}, an input of this command (the model's "
                 "folder): the run would change that folder, and with it the model's "

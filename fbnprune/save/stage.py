@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fbnprune.integrity import digest_mismatches
 from fbnprune.parity import ParityResult
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.keys import check_key
@@ -27,9 +26,7 @@ def recheck_needed(ctx: RunContext, parity: ParityResult) -> bool:
     folders = [ctx.layout.checkpoint_dir(layout) for layout in layouts]
     if ctx.run.is_fresh("save", check_key(ctx), folders):
         changed = [
-            f"{folder.name}/{line}"
-            for folder in folders
-            for line in digest_mismatches(folder, parity.files.get(folder.name, {}))
+            f"{folder.name}/{line}" for folder in folders for line in parity.mismatches(folder)
         ]
         if changed:
             logger.warning(

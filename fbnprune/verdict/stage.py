@@ -15,7 +15,6 @@ refuses a flagged run without ``--force``.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fbnprune.data.draw import draw_documents
-from fbnprune.data.task_text import SPLITS, prompt_key, task_choices, task_documents
+from fbnprune.data.task_text import SPLITS, task_choices, task_documents, task_prompt_key
 from fbnprune.evaluate.answers import SCORING_RULES, answer_stats
 from fbnprune.evaluate.questions import VerdictTask
 from fbnprune.evaluate.suite import eval_name
@@ -53,7 +52,7 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
             recipe.verdict.limit,
             exclude=used,
             seed=recipe.seed,
-            prompt=functools.partial(prompt_key, task.template, max_words=task.max_words),
+            prompt=task_prompt_key(task),
         )
         if not docs:
             logger.warning("verdict: %s has no document outside the run's splits", task.name)
@@ -80,14 +79,14 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
     return out
 
 
-def verdict_key(ctx: RunContext, upstream: str) -> str:
+def verdict_key(ctx: RunContext, upstream: str, tasks: list[VerdictTask]) -> str:
     """The verdict's inputs: the models (``upstream``), its settings, the tasks, and the
-    documents it draws (so a change in how they are drawn scores again)."""
+    documents it draws (``tasks``: so a change in how they are drawn scores again)."""
     r = ctx.recipe
-    tasks = [t.model_dump() for t in r.tasks]
-    drawn = {t.name: [d.id for d in t.documents] for t in verdict_tasks(ctx)}
+    configs = [t.model_dump() for t in r.tasks]
+    drawn = {t.name: [d.id for d in t.documents] for t in tasks}
     return fingerprint(
-        upstream, r.verdict.model_dump(), tasks, r.seed, r.select.model_dump(), drawn
+        upstream, r.verdict.model_dump(), configs, r.seed, r.select.model_dump(), drawn
     )
 
 
@@ -107,9 +106,10 @@ def verdict(
     if not any(task_choices(t) is not None for t in ctx.recipe.tasks):
         logger.info("verdict: skipped (no multiple-choice task)")
         return None
-    key = verdict_key(ctx, upstream)
+    tasks = verdict_tasks(ctx)
+    key = verdict_key(ctx, upstream, tasks)
     outputs = [layout.verdict_file, layout.verdict_table]
-    ctx.run.stage("verdict", key, outputs, lambda: _verdict(ctx, checkpoints, calibration))
+    ctx.run.stage("verdict", key, outputs, lambda: _verdict(ctx, tasks, checkpoints, calibration))
     return layout.read_verdict()
 
 
@@ -138,12 +138,12 @@ def _models(
 
 def _verdict(
     ctx: RunContext,
+    tasks: list[VerdictTask],
     checkpoints: dict[str, Path],
     calibration: Callable[[], RunCalibration] | None = None,
 ) -> dict[str, Any]:
-    """Score, flag, write ``verdict/verdict.{json,md}``; the ledger's details."""
+    """Score ``tasks``, flag, write ``verdict/verdict.{json,md}``; the ledger's details."""
     cfg = ctx.recipe.verdict
-    tasks = verdict_tasks(ctx)
     scores: dict[str, dict[str, Any]] = {t.name: {} for t in tasks}
     sources: dict[str, str] = {}
     for model_name, (source, entered) in _models(ctx, checkpoints).items():
