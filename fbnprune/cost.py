@@ -336,3 +336,67 @@ def _eval_mode(models: Any) -> Iterator[None]:
     finally:
         for model, training in modes:
             model.train(training)
+
+
+TIMED_PARTS = ("embedding", "attention", "mlp", "lm_head")
+
+
+@torch.inference_mode()
+def component_seconds(
+    model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int
+) -> dict[str, dict[str, float]]:
+    """Where a greedy run's time goes: seconds per part (``TIMED_PARTS``; ``attention`` is
+    each block's time less its MLP's, so it holds the block's norms and residual adds;
+    ``other`` the rest, e.g. the final norm, the cache and the argmax) in the prefill and
+    in the decode, timed by forward hooks on the CPU (hooks synchronise nothing: CPU only)."""
+    from fbnprune.models.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    blocks = adapter.get_layers(model)
+    timed = {
+        "embedding": [model.get_input_embeddings()],
+        "lm_head": [m for m in [model.get_output_embeddings()] if m is not None],
+        "block": blocks,
+        "mlp": [adapter.get_mlp(b) for b in blocks],
+    }
+    seconds = dict.fromkeys(timed, 0.0)
+    started: dict[int, float] = {}
+    handles = []
+    for part, modules in timed.items():
+        for module in modules:
+
+            def pre(m: nn.Module, *_: Any) -> None:
+                started[id(m)] = time.perf_counter()
+
+            def post(m: nn.Module, *_: Any, part: str = part) -> None:
+                seconds[part] += time.perf_counter() - started.pop(id(m))
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    out: dict[str, dict[str, float]] = {}
+    try:
+        extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
+        cache = {cache_key: DynamicCache(config=model.config)}
+        for phase in ("prefill", "decode"):
+            for part in seconds:
+                seconds[part] = 0.0
+            start = time.perf_counter()
+            if phase == "prefill":
+                logits = model(input_ids=input_ids, **cache, **extra).logits
+                token = logits[:, -1].argmax(-1, keepdim=True)
+            else:
+                for _ in range(new_tokens - 1):
+                    logits = model(input_ids=token, **cache).logits
+                    token = logits[:, -1].argmax(-1, keepdim=True)
+            total = time.perf_counter() - start
+            parts = {
+                "embedding": seconds["embedding"],
+                "attention": seconds["block"] - seconds["mlp"],
+                "mlp": seconds["mlp"],
+                "lm_head": seconds["lm_head"],
+            }
+            out[phase] = {**parts, "other": total - sum(parts.values()), "total": total}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fbnprune.errors import FbnpruneError
 from fbnprune.integrity import digest_mismatches
@@ -67,27 +68,36 @@ class ParityResult:
 
     ``files`` records, per checked checkpoint folder (``checkpoint-padded``, ...), the sha256
     of each of its files as they were when their logits were compared (``integrity``), so
-    that export and resume can prove they read the same bytes.
+    that export and resume can prove they read the same bytes. ``tokenization``, with a
+    vocabulary cut, records per set of prompts how the trimmed tokenizer writes them
+    (``tokenizer_trim.tokenization_parity``); each must pass.
     """
 
     reports: list[ParityReport]
     files: dict[str, dict[str, str]] = field(default_factory=dict)
+    tokenization: dict[str, dict[str, Any]] | None = None
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.reports if r.gating)
+        tokens = self.tokenization or {}
+        return all(r.passed for r in self.reports if r.gating) and all(
+            t["passed"] for t in tokens.values()
+        )
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "passed": self.passed,
             "reports": [r.to_dict() for r in self.reports],
             "files": self.files,
         }
+        if self.tokenization is not None:
+            data["tokenization"] = self.tokenization
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ParityResult:
         reports = [ParityReport.from_dict(r) for r in data["reports"]]
-        return cls(reports, dict(data.get("files", {})))
+        return cls(reports, dict(data.get("files", {})), data.get("tokenization"))
 
     @classmethod
     def parse(cls, data: object) -> ParityResult:
@@ -121,10 +131,20 @@ class ParityResult:
                     out.append(
                         f"{c.name} vs {r.reference} ({r.dtype}): max|d| {c.max_abs:.3e} > {limit:g}"
                     )
+        for prompts, t in (self.tokenization or {}).items():
+            if not t["passed"]:
+                out.append(f"the trimmed tokenizer does not write the {prompts} prompts as before")
         return out
 
     def table(self) -> str:
-        return "\n".join(r.table() for r in self.reports)
+        lines = [r.table() for r in self.reports]
+        for prompts, t in (self.tokenization or {}).items():
+            lines.append(
+                f"tokenization of {t['texts']} {prompts} prompts: {t['in_vocabulary']} made of "
+                f"kept tokens, {t['identical']} of them tokenized as before (renumbered); "
+                f"{t['round_trip']} decode as before"
+            )
+        return "\n".join(lines)
 
     def worst(self) -> float:
         """Largest max |delta| over the gating comparisons."""
@@ -143,5 +163,10 @@ class ParityResult:
                 if r.gating
                 for c in r.comparisons
                 if not c.passed
+            ]
+            bad += [
+                f"tokenization of the {name} prompts"
+                for name, t in (self.tokenization or {}).items()
+                if not t["passed"]
             ]
             raise ParityError("parity check failed: " + ", ".join(bad) + "\n" + self.table())

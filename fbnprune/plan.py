@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fbnprune.errors import FbnpruneError
+from fbnprune.head_cut import HeadCut
 from fbnprune.integrity import sha256_file
 from fbnprune.io import atomic_write_text
+from fbnprune.vocabulary import Vocabulary, VocabularyError
 
 PLAN_FORMAT_VERSION = 1
 FILLS = ("zero", "mean", "reconstruct")
@@ -87,6 +89,12 @@ class PrunePlan:
         kept: sorted kept indices per layer.
         fill_values: per layer, the value of every unit when ``fill == "mean"`` (else None).
         provenance: budget, selector, fingerprints, seed, versions, counts.
+        vocabulary: with ``prune.vocabulary: task``, the token ids the model keeps
+            (``fbnprune.vocabulary.Vocabulary.to_dict``); None keeps them all.
+        dropped_layers: with ``select.drop_layers``, the decoder blocks removed whole
+            (``fbnprune.pruning.depth``); None keeps them all.
+        heads: with ``select.attention_heads``, the query heads and key-value groups each
+            layer keeps (``fbnprune.pruning.heads.HeadCut.to_dict``); None keeps them all.
         refit: the refit tensors when ``fill == "reconstruct"``; saved beside the plan's JSON
             (``<plan>.refit.safetensors``, its sha256 in ``provenance["refit"]``).
     """
@@ -100,6 +108,9 @@ class PrunePlan:
     fill_values: list[list[float]] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = PLAN_FORMAT_VERSION
+    vocabulary: dict[str, Any] | None = None
+    dropped_layers: list[int] | None = None
+    heads: dict[str, Any] | None = None
     refit: Refit | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +139,14 @@ class PrunePlan:
         ``budget: auto``); the kept fraction when its provenance does not say."""
         value = self.provenance.get("budget")
         return float(value) if isinstance(value, int | float) else self.kept_fraction
+
+    def kept_vocabulary(self) -> Vocabulary | None:
+        """The vocabulary cut, or None when the plan keeps every token."""
+        return None if self.vocabulary is None else Vocabulary.from_dict(self.vocabulary)
+
+    def head_cut(self) -> HeadCut | None:
+        """The attention cut, or None when the plan keeps every head."""
+        return None if self.heads is None else HeadCut.from_dict(self.heads)
 
     def kept_per_layer(self) -> list[int]:
         return [len(k) for k in self.kept]
@@ -178,6 +197,26 @@ class PrunePlan:
             except RefitError as exc:
                 raise PlanError(str(exc)) from exc
 
+        if self.vocabulary is not None:
+            try:
+                self.kept_vocabulary()
+            except (VocabularyError, KeyError, TypeError) as exc:
+                raise PlanError(f"the plan's vocabulary is not valid: {exc}") from exc
+        if self.heads is not None:
+            try:
+                cut = self.head_cut()
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PlanError(f"the plan's head cut is not valid: {exc}") from exc
+            assert cut is not None
+            if len(cut.query) != self.n_layers:
+                raise PlanError(f"the head cut names {len(cut.query)} layers, not {self.n_layers}")
+        if self.dropped_layers is not None:
+            layers = self.dropped_layers
+            if layers != sorted(set(layers)) or any(not 0 <= i < self.n_layers for i in layers):
+                raise PlanError(f"dropped_layers {layers} must be sorted, unique layer numbers")
+            if len(layers) >= self.n_layers:
+                raise PlanError(f"dropping {len(layers)} of {self.n_layers} layers leaves none")
+
     def check_fits(self, layer_widths: list[int], model_type: str) -> None:
         """Raise unless this plan was made for a model of these shapes."""
         if model_type != self.model_type or list(layer_widths) != self.layer_widths:
@@ -190,6 +229,9 @@ class PrunePlan:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("refit")
+        for cut in ("vocabulary", "dropped_layers", "heads"):
+            if data[cut] is None:  # plans without these cuts keep their bytes
+                data.pop(cut)
         return data
 
     def save(self, path: str | Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from fbnprune.models.adapters import get_adapter
@@ -86,6 +86,18 @@ def random_batch(seed: int = 0, batch: int = 3, length: int = 10) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": attention}
 
 
+def _transformers_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """``tok`` as a transformers tokenizer with the tests' special tokens, padding right."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="right",
+    )
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer (lowercase ASCII) whose ids fit ``VOCAB``; built in code."""
     chars = [chr(c) for c in range(32, 127) if not chr(c).isupper()]
@@ -95,14 +107,62 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="right",
-    )
+    return _transformers_tokenizer(tok)
+
+
+BPE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def _bpe_training_text() -> list[str]:
+    from fbnprune.data.corpora import bbc_news
+
+    return [text for _, text, _ in bbc_news()[::40]]
+
+
+def tiny_bpe_tokenizer(kind: str = "byte_level", size: int = 512) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained in code on a few BBC articles: ``byte_level`` (GPT-2 and
+    SmolLM2's kind) or ``byte_fallback`` (Llama and Gemma's: "▁" for spaces, byte tokens
+    for characters outside the vocabulary); ids ``0..3`` are ``BPE_SPECIALS``."""
+    texts = _bpe_training_text()
+    if kind == "byte_level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=size,
+            special_tokens=BPE_SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+    else:
+        normalizer = normalizers.Replace(" ", "\u2581")
+        plain = Tokenizer(models.BPE())
+        plain.normalizer = normalizer
+        trainer = trainers.BpeTrainer(vocab_size=size - 256, show_progress=False)
+        plain.train_from_iterator(texts, trainer)
+        spec = json.loads(plain.to_str())["model"]
+        pieces = BPE_SPECIALS + [f"<0x{b:02X}>" for b in range(256)]
+        pieces += sorted(spec["vocab"], key=spec["vocab"].get)
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+        vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+        tok = Tokenizer(
+            models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+        )
+        tok.normalizer = normalizer
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        tok.add_special_tokens(BPE_SPECIALS)
+    return _transformers_tokenizer(tok)
+
+
+def tiny_bpe_model(model_type: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    """``tiny_model`` with ``vocab_size`` tokens (a BPE tokenizer's)."""
+    kwargs = {**SPECIAL, **TINY_CONFIGS[model_type]}
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 # one BBC task of 12 calibration and 4 held-out articles, 32 tokens each

@@ -22,6 +22,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fbnprune.collect.activations import token_batches
 from fbnprune.parity import Comparison, ParityError, ParityReport, ParityResult
+from fbnprune.pruning.embedding import VocabularyView
+from fbnprune.vocabulary import Vocabulary
 
 __all__ = [
     "Comparison",
@@ -58,6 +60,7 @@ def check_parity(
     max_length: int = 128,
     batch_size: int = 4,
     gating: bool = True,
+    vocabulary: Vocabulary | None = None,
 ) -> ParityReport:
     """Compare each candidate's logits with the reference's on ``prompts``.
 
@@ -65,15 +68,18 @@ def check_parity(
         reference: (name, model, context) where ``context()`` (e.g. ``masked(model, plan)``)
             is entered while the reference runs; ``None`` for no context.
         candidates: name -> model to compare.
-        tokenizer: shared tokenizer.
+        tokenizer: the candidates' tokenizer (the reference's too, without ``vocabulary``).
         prompts: held-out texts.
         atol: largest allowed max |delta logits|.
         gating: whether a failure of this report fails the check.
+        vocabulary: the candidates' vocabulary cut: the reference reads the same tokens by
+            their original ids, and its logits are compared at the kept ids.
     """
     batches = token_batches(tokenizer, prompts, max_length, batch_size)
     name, model, context = reference
+    read = model if vocabulary is None else VocabularyView(model, vocabulary)
     with context() if context is not None else contextlib.nullcontext():
-        ref = real_token_logits(model, batches)
+        ref = real_token_logits(read, batches)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     report = ParityReport(name, atol, ref.shape[0], dtype=dtype, gating=gating)
     for cand_name, cand in candidates.items():

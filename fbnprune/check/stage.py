@@ -18,7 +18,8 @@ from fbnprune.parity import ParityResult
 from fbnprune.plan import PrunePlan
 from fbnprune.pruning.mask import masked
 from fbnprune.pruning.slicing import slice_model
-from fbnprune.pruning.stage import Slices
+from fbnprune.pruning.stage import Slices, sliced_tokenizer
+from fbnprune.pruning.tokenizer_trim import tokenization_parity
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.keys import check_key
 from fbnprune.save.checked import stage_checkpoint
@@ -43,9 +44,12 @@ def _check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
     model dtype: sliced vs saved-and-reloaded (serialisation), and masked vs sliced (for
     information: the float32 bias that holds the mean fill and the changed summation
     order round differently, ~1e-3 on 30-layer models)."""
-    inputs = parity_inputs(ctx)
-    # every layout saved before any is compared: the tokenizer is saved as it was loaded
-    staged = [stage_checkpoint(ctx, model, layout) for layout, model in slices.models.items()]
+    tokenizer, vocabulary = sliced_tokenizer(ctx, plan), plan.kept_vocabulary()
+    inputs = {**parity_inputs(ctx, tokenizer), "vocabulary": vocabulary}
+    # every layout saved before any is compared
+    staged = [
+        stage_checkpoint(ctx, model, layout, tokenizer) for layout, model in slices.models.items()
+    ]
     files = {s.final.name: s.files for s in staged}
     # each saved layout against its own in-memory slice, in the model's dtype
     per_layout = [reload_parity(ctx, s, slices.models[s.layout]) for s in staged]
@@ -66,7 +70,25 @@ def _check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
     exact = check_parity(
         ("masked", reference64, lambda: masked(reference64, plan)), sliced64, **inputs
     )
-    return _record(ctx, ParityResult([exact, serialisation, in_dtype], files=files))
+    tokenization = None if vocabulary is None else tokenization_proof(ctx, plan)
+    return _record(ctx, ParityResult([exact, serialisation, in_dtype], files, tokenization))
+
+
+def tokenization_proof(ctx: RunContext, plan: PrunePlan) -> dict[str, dict[str, Any]]:
+    """How the plan's trimmed tokenizer writes the calibration prompts (all made of kept
+    tokens: each must be tokenized as before) and the held-out prompts (those made of kept
+    tokens as before; every prompt must decode as before)."""
+    vocabulary = plan.kept_vocabulary()
+    assert vocabulary is not None
+    trimmed = sliced_tokenizer(ctx, plan)
+    out = {}
+    for split in ("calibration", "heldout"):
+        prompts, _ = ctx.prompts_of((split,))
+        out[split] = tokenization_parity(ctx.tokenizer, trimmed, vocabulary, prompts)
+    calibration = out["calibration"]
+    if calibration["in_vocabulary"] != calibration["texts"]:
+        calibration["passed"] = False  # the cut was made from them: every one must be kept
+    return out
 
 
 def _check_streamed(ctx: RunContext, plan: PrunePlan, layouts: Sequence[str]) -> dict[str, Any]:

@@ -219,11 +219,12 @@ def _sliced(
     @contextlib.contextmanager
     def enter() -> Iterator[ModelAndTokenizer]:
         from fbnprune.pruning.slicing import slice_model
+        from fbnprune.pruning.stage import sliced_tokenizer
 
         model = slice_model(copy.deepcopy(context.model), plan, layout=layout).eval()
         info["parameters"] = count_parameters(model)
         try:
-            yield model, context.tokenizer
+            yield model, sliced_tokenizer(context, plan)
         finally:
             del model
             gc.collect()

@@ -19,8 +19,11 @@ from fbnprune.heal.launch import checked_student, load_student, student_message
 from fbnprune.io import atomic_write_text
 from fbnprune.parity import ParityResult
 from fbnprune.plan import PrunePlan
+from fbnprune.pruning.embedding import VocabularyView
 from fbnprune.pruning.slicing import slice_model
+from fbnprune.pruning.stage import sliced_tokenizer
 from fbnprune.recipe import Recipe
+from fbnprune.rundir import fingerprint
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.keys import heal_key, teacher_key
 from fbnprune.rundir.layout import CHECKPOINT_HEAL
@@ -84,20 +87,24 @@ def discard_healed(ctx: RunContext, budget: float) -> None:
     )
 
 
-def teacher_targets_of(ctx: RunContext) -> tuple[Targets, str]:
+def teacher_targets_of(ctx: RunContext, plan: PrunePlan | None = None) -> tuple[Targets, str]:
     """The teacher's top-k targets on what healing distils (``ctx.heal_texts``; held-out
     prompts for validation, with the gold answers of labelled documents for the label loss)
     and their key, computed once and kept in the run directory (the layout's
     ``heal_targets_file``): a resumed or re-tuned heal (other lr, steps, ...) and the budget
-    search of ``select.budget: auto`` skip the teacher's pass."""
+    search of ``select.budget: auto`` skip the teacher's pass. With ``plan``'s vocabulary
+    cut, the texts are read by the trimmed tokenizer and the teacher through the cut
+    (``VocabularyView``): its distribution over the kept tokens, in the student's ids."""
     texts, questions = ctx.heal_texts()
     validation, validation_questions = ctx.prompts_of(("heldout",))
     answers, validation_answers = ctx.heal_answers(), ctx.answers_of(("heldout",))
     from fbnprune.heal.distill import load_targets, prepare_targets, save_targets, targets_key
 
     cfg, file = ctx.recipe.heal, ctx.layout.heal_targets_file
+    vocab = None if plan is None else plan.kept_vocabulary()
+    teacher_id = teacher_key(ctx) if vocab is None else fingerprint(teacher_key(ctx), vocab.kept)
     key = targets_key(
-        teacher_key(ctx),
+        teacher_id,
         cfg,
         texts,
         questions,
@@ -110,9 +117,10 @@ def teacher_targets_of(ctx: RunContext) -> tuple[Targets, str]:
     if targets is not None:
         logger.info("heal: the teacher's targets reused from %s", ctx.layout.relative(file))
         return targets, key
+    teacher = ctx.model if vocab is None else VocabularyView(ctx.model, vocab)
     targets = prepare_targets(
-        ctx.model,
-        ctx.tokenizer,
+        teacher,
+        ctx.tokenizer if plan is None else sliced_tokenizer(ctx, plan),
         texts,
         cfg,
         validation=validation,
@@ -126,15 +134,16 @@ def teacher_targets_of(ctx: RunContext) -> tuple[Targets, str]:
     return targets, key
 
 
-def _task_accuracy(ctx: RunContext) -> Callable[[Any], float] | None:
+def _task_accuracy(ctx: RunContext, tokenizer: Any) -> Callable[[Any], float] | None:
     """The smallest held-out accuracy over the multiple-choice tasks under
-    ``verdict.scoring`` (None without such a task): logged as healing validates."""
+    ``verdict.scoring`` (None without such a task), of a student that reads ``tokenizer``:
+    logged as healing validates."""
     from fbnprune.evaluate.questions import heldout_accuracy, heldout_questions
 
     tasks = heldout_questions(ctx)
     if not tasks:
         return None
-    recipe, tokenizer = ctx.recipe, ctx.tokenizer
+    recipe = ctx.recipe
 
     def accuracy(model: Any) -> float:
         return min(heldout_accuracy(model, tokenizer, t, recipe) for t in tasks.values())
@@ -149,7 +158,8 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
 
     cfg, layout = ctx.recipe.heal, heal_layout(ctx.recipe)
     texts, _ = ctx.heal_texts()
-    targets, key = teacher_targets_of(ctx)
+    targets, key = teacher_targets_of(ctx, plan)
+    tokenizer = sliced_tokenizer(ctx, plan)
     reload = None
     if cfg.student == "checkpoint" or ctx.processes > 1:
         # the teacher's part is on disk: free it, then load the student, never both
@@ -173,10 +183,10 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
         progress=ctx.progress,
         accelerator=None if ctx.launch is None else ctx.launch.accelerator,
         reload=reload,
-        task_accuracy=_task_accuracy(ctx),
+        task_accuracy=_task_accuracy(ctx, tokenizer),
     )
     healed = healed.cpu()  # trained on the launch's device; checked and saved from memory
-    staged = stage_checkpoint(ctx, healed, layout, healed=True)
+    staged = stage_checkpoint(ctx, healed, layout, tokenizer, healed=True)
     report = reload_parity(ctx, staged, healed)
     result = ParityResult([report], files={staged.final.name: staged.files})
     if not result.passed:

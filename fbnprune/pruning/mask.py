@@ -21,6 +21,8 @@ from fbnprune.models.adapters import MLPAdapter, get_adapter
 from fbnprune.models.hooks import SiteHooks, site_hook, site_widths
 from fbnprune.models.onload import down_weight, down_weights
 from fbnprune.plan import PrunePlan
+from fbnprune.pruning.depth import skipped_blocks
+from fbnprune.pruning.heads import masked_heads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -93,6 +95,11 @@ def masked(model: PreTrainedModel, plan: PrunePlan) -> Masked:
     ]
     if plan.fill == "reconstruct":
         hooks.append(_refit_hooks(model, adapter, plan))
+    heads = plan.head_cut()
+    if heads is not None:
+        hooks.append(masked_heads(model, heads))
+    if plan.dropped_layers:
+        hooks.append(skipped_blocks(model, plan.dropped_layers))
     return Masked(hooks)
 
 

@@ -32,6 +32,9 @@ from fbnprune.models.adapters import MLPAdapter, Projection, get_adapter
 from fbnprune.models.hooks import site_widths
 from fbnprune.models.loading import COMPACT_KEY
 from fbnprune.plan import PrunePlan
+from fbnprune.pruning.depth import drop_blocks
+from fbnprune.pruning.embedding import trim_model
+from fbnprune.pruning.heads import slice_heads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -52,6 +55,11 @@ def slice_model(
         model: a causal LM of a supported family; its weights are replaced.
         plan: the plan; must fit the model.
         layout: ``padded`` or ``compact`` (hidden site only).
+
+    A plan with a vocabulary cut also keeps only its tokens' embedding and LM-head rows
+    (``fbnprune.pruning.embedding``); one with a head cut keeps only those attention heads
+    (``fbnprune.pruning.heads``); one with dropped layers removes those decoder blocks
+    (``fbnprune.pruning.depth``).
     """
     adapter = get_adapter(model)
     plan.check_fits(site_widths(model, adapter, plan.site), model.config.model_type)
@@ -59,6 +67,14 @@ def slice_model(
     for index, layer in enumerate(adapter.get_layers(model)):
         slice_layer(adapter, layer, plan, index, layout=layout)
     slice_config(model.config, adapter, plan, layout=layout)
+    vocab = plan.kept_vocabulary()
+    if vocab is not None:
+        trim_model(model, vocab)
+    heads = plan.head_cut()
+    if heads is not None:
+        slice_heads(model, heads)
+    if plan.dropped_layers:
+        drop_blocks(model, plan.dropped_layers)
     return model
 
 

@@ -7,9 +7,10 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fbnprune.models.size import model_size
+from fbnprune.models.size import component_sizes, model_size
 from fbnprune.plan import PrunePlan
 from fbnprune.pruning.slicing import SliceError, slice_model
+from fbnprune.pruning.tokenizer_trim import trim_tokenizer
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.keys import prune_key
 from fbnprune.rundir.layout import LAYOUTS
@@ -46,6 +47,28 @@ class Slices:
         self.__dict__.pop("models", None)
 
 
+def _sizes(model: PreTrainedModel) -> dict[str, Any]:
+    """Parameters and bytes of ``model``, in all and per component."""
+    size = model_size(model)
+    parts = {
+        name: {"parameters": part.parameters, "bytes": part.bytes}
+        for name, part in component_sizes(model).items()
+    }
+    return {"parameters": size.parameters, "bytes": size.bytes, "components": parts}
+
+
+def sliced_tokenizer(ctx: RunContext, plan: PrunePlan) -> Any:
+    """The tokenizer of a model sliced by ``plan``: the model's, or cut to the plan's
+    vocabulary (``tokenizer_trim``; built once per run context and vocabulary)."""
+    vocab = plan.kept_vocabulary()
+    if vocab is None:
+        return ctx.tokenizer
+    cache = ctx.__dict__.setdefault("_trimmed_tokenizers", {})
+    if vocab not in cache:
+        cache[vocab] = trim_tokenizer(ctx.tokenizer, vocab)
+    return cache[vocab]
+
+
 def prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> PruneReport:
     """The prune report (``prune.json``): reused when fresh, else measured on ``slices``."""
     ctx.run.stage(
@@ -57,10 +80,7 @@ def prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> PruneReport:
 def _prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
     # streamed: the sizes of the model and its slices on the meta device (shapes only)
     reference = ctx.empty_model() if slices.streamed else ctx.model
-    original = model_size(reference)
-    sizes: dict[str, Any] = {
-        "original": {"parameters": original.parameters, "bytes": original.bytes}
-    }
+    sizes: dict[str, Any] = {"original": _sizes(reference)}
     for layout in LAYOUTS:
         if layout in slices.layouts and not slices.streamed:
             model = slices.models[layout]
@@ -70,8 +90,7 @@ def _prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
             except SliceError as exc:
                 sizes[layout] = {"unavailable": str(exc)}
                 continue
-        size = model_size(model)
-        sizes[layout] = {"parameters": size.parameters, "bytes": size.bytes}
+        sizes[layout] = _sizes(model)
     report = {
         "site": plan.site,
         "layouts": slices.layouts,
@@ -80,14 +99,37 @@ def _prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
         "padded_width": max(plan.kept_per_layer()),
         "sizes": sizes,
     }
+    vocab = plan.kept_vocabulary()
+    if vocab is not None:
+        report["vocabulary"] = {"original": vocab.original_size, "kept": vocab.size}
+        logger.info("prune: %d of %d tokens kept", vocab.size, vocab.original_size)
+    heads = plan.head_cut()
+    if heads is not None:
+        report["heads"] = {"query": len(heads.query[0]), "groups": len(heads.groups[0])}
+        logger.info(
+            "prune: %d query heads and %d key-value groups per layer",
+            len(heads.query[0]),
+            len(heads.groups[0]),
+        )
+    if plan.dropped_layers:
+        report["layers"] = {
+            "original": plan.n_layers,
+            "kept": plan.n_layers - len(plan.dropped_layers),
+            "dropped": plan.dropped_layers,
+        }
+        logger.info("prune: decoder blocks %s dropped", plan.dropped_layers)
     ctx.layout.write_prune_report(report)
     for name, s in sizes.items():
         if "parameters" in s:
+            parts = ", ".join(
+                f"{part} {size['parameters'] / 1e6:.1f}" for part, size in s["components"].items()
+            )
             logger.info(
-                "prune: %-8s %9.2f M params  %8.1f MiB",
+                "prune: %-8s %9.2f M params  %8.1f MiB  (%s)",
                 name,
                 s["parameters"] / 1e6,
                 s["bytes"] / 2**20,
+                parts,
             )
         else:
             logger.info("prune: %-8s unavailable (%s)", name, s["unavailable"])

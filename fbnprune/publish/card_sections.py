@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fbnprune.parity import ParityResult
 from fbnprune.publish.card_facts import (
     UNKNOWN_LICENSE,
@@ -349,7 +351,44 @@ def _sizes(facts: CardFacts) -> str:
     text = "## Size\n\n"
     if len(lines) > 2:
         text += "\n".join(lines) + "\n\n"
+    text += _component_table(sizes)
+    vocab = (facts.prune or {}).get("vocabulary")
+    if vocab:
+        text += (
+            f"The vocabulary is cut to the task: {vocab['kept']:,} of {vocab['original']:,} "
+            "tokens (the shipped tokenizer has only those; other text is written in smaller "
+            "kept pieces, down to bytes).\n\n"
+        )
+    heads = (facts.prune or {}).get("heads")
+    if heads:
+        text += (
+            f"Attention: {heads['query']} query heads and {heads['groups']} key-value groups "
+            "per layer (the heads that wrote most to the residual stream on the task).\n\n"
+        )
+    layers = (facts.prune or {}).get("layers")
+    if layers:
+        text += (
+            f"Decoder blocks: {layers['kept']} of {layers['original']} (blocks "
+            f"{', '.join(str(i) for i in layers['dropped'])} dropped: the ones whose skipping "
+            "moved the original's output least).\n\n"
+        )
     return text + f"Safetensors files of this export: {human_bytes(facts.export_bytes)}."
+
+
+def _component_table(sizes: dict[str, Any]) -> str:
+    """Millions of parameters per component (prune.json's ``components``), per model."""
+    models = [m for m in ("original", "padded", "compact") if "components" in sizes.get(m, {})]
+    if not models:
+        return ""
+    parts = list(dict.fromkeys(p for m in models for p in sizes[m]["components"]))
+    lines = [
+        "| component | " + " | ".join(models) + " |",
+        "|---" * (len(models) + 1) + "|",
+    ]
+    for part in parts:
+        cells = [sizes[m]["components"].get(part, {}).get("parameters", 0) / 1e6 for m in models]
+        lines.append(f"| {part} | " + " | ".join(f"{c:,.2f} M" for c in cells) + " |")
+    return "\n".join(lines) + "\n\n"
 
 
 def _formats(facts: CardFacts) -> str:

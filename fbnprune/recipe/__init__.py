@@ -104,6 +104,21 @@ class Recipe(_Additions):
             )
         return self
 
+    @model_validator(mode="after")
+    def _whole_model_cuts_in_memory(self) -> Recipe:
+        if self.save.onload == "sequential":
+            if self.prune.vocabulary == "task":
+                raise ValueError(
+                    "prune.vocabulary: task cuts the embedding and LM head in memory; "
+                    "save.onload: sequential copies them as they are: use save.onload: full"
+                )
+            if self.select.drop_layers or self.select.attention_heads:
+                raise ValueError(
+                    "select.drop_layers and select.attention_heads cut decoder blocks in "
+                    "memory; save.onload: sequential slices only the MLPs: use save.onload: full"
+                )
+        return self
+
     def fingerprint(self, *parts: str) -> str:
         """Hash of the given top-level sections (all of them when none are named)."""
         data = self.model_dump(mode="json")

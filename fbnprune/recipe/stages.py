@@ -95,7 +95,7 @@ class DiscoverConfig(_Additions):
 
 
 class SelectConfig(_Additions):
-    added = ("keep_accuracy", "budgets", "search_steps")
+    added = ("keep_accuracy", "budgets", "search_steps", "drop_layers", "attention_heads")
 
     selector: Selector = "ica"
     budget: float | Literal["auto"] = Field(
@@ -137,6 +137,21 @@ class SelectConfig(_Additions):
     )
     sensitivity_power: float = Field(
         default=0.5, ge=0, description="units per layer grow as (KL of cutting it) ** power"
+    )
+    drop_layers: int = Field(
+        default=0,
+        ge=0,
+        description="decoder blocks removed whole: those whose skipping moves the original's "
+        "next-token distribution least (KL on sensitivity_samples calibration prompts; "
+        "fbnprune.select.block_skip)",
+    )
+    attention_heads: int = Field(
+        default=0,
+        ge=0,
+        description="query heads kept in every layer (0: all): whole key-value groups when "
+        "it is a multiple of the heads per group, else an equal share of every group; the "
+        "heads that write most to the residual stream on the calibration prompts "
+        "(fbnprune.select.head_scores)",
     )
 
     @field_validator("budget")
@@ -187,8 +202,8 @@ class SelectConfig(_Additions):
         return self
 
 
-class PruneConfig(_Strict):
-    """How dropped units are compensated.
+class PruneConfig(_Additions):
+    """How dropped units are compensated, and which tokens the model keeps.
 
     ``zero`` drops them; ``mean`` adds their calibration mean's contribution to the down
     projection's bias; ``reconstruct`` refits the kept down-projection columns and a bias by
@@ -196,6 +211,8 @@ class PruneConfig(_Strict):
     (``fbnprune.select.refit``); with ``sequential`` each layer is refit on activations of a model
     whose lower layers are already pruned and refit.
     """
+
+    added = ("vocabulary",)
 
     fill: Fill = "mean"
     ridge: float = Field(
@@ -205,6 +222,14 @@ class PruneConfig(_Strict):
         "diagonal of the kept units' Gram matrix",
     )
     sequential: bool = False
+    vocabulary: Literal["full", "task"] = Field(
+        default="full",
+        description="full: every token stays; task: only the tokens of the task's calibration "
+        "and healing prompts (every wording, every answer), the special tokens and the byte "
+        "pieces any text is written in; the embedding, LM head and tokenizer are cut to them "
+        "(fbnprune.pruning.tokenizer_trim), and text with dropped tokens falls back to "
+        "smaller kept pieces",
+    )
 
 
 class CheckConfig(_Strict):

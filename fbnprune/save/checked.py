@@ -11,9 +11,9 @@ three for its model.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fbnprune.integrity import digest_mismatches, file_digests
 from fbnprune.io import atomic_directory, atomic_write_text
@@ -28,23 +28,26 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Staged:
-    """A checkpoint saved into staging: its layout, its digests, where it is published."""
+    """A checkpoint saved into staging: its layout, its digests, where it is published,
+    and the tokenizer saved with it."""
 
     layout: str
     healed: bool
     staging: Path
     final: Path  # where ``publish`` moves it
     files: dict[str, str]
+    tokenizer: Any = field(default=None, repr=False, compare=False)
 
 
 def stage_checkpoint(
-    ctx: RunContext, model: PreTrainedModel, layout: str, *, healed: bool = False
+    ctx: RunContext, model: PreTrainedModel, layout: str, tokenizer: Any, *, healed: bool = False
 ) -> Staged:
-    """Save ``model`` and the tokenizer into the run's staging folder."""
+    """Save ``model`` and its ``tokenizer`` (``pruning.stage.sliced_tokenizer``) into the run's
+    staging folder."""
     staging = ctx.layout.staging_dir(f"{layout}-healed" if healed else layout)
-    save_checkpoint(model, ctx.tokenizer, staging)
+    save_checkpoint(model, tokenizer, staging)
     final = ctx.layout.checkpoint_dir(layout, healed=healed)
-    return Staged(layout, healed, staging, final, file_digests(staging))
+    return Staged(layout, healed, staging, final, file_digests(staging), tokenizer)
 
 
 def checkpoint_extras(ctx: RunContext) -> dict[str, str]:

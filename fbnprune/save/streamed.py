@@ -24,7 +24,7 @@ from fbnprune.io import atomic_directory
 from fbnprune.models.hooks import site_widths
 from fbnprune.models.onload import INDEX_FILE, LayerwiseModel
 from fbnprune.plan import PrunePlan
-from fbnprune.pruning.slicing import check_sliceable, slice_config, slice_layer
+from fbnprune.pruning.slicing import SliceError, check_sliceable, slice_config, slice_layer
 from fbnprune.save.checkpoint import own_auto_map, stock_class, write_modeling_file
 
 GENERATION_CONFIG = "generation_config.json"  # transformers' own file name
@@ -55,6 +55,12 @@ def save_sliced_layerwise(
         dtype: the weights' dtype (as the model loaded for ``slice_model``).
         tokenizer: saved beside the weights when given.
     """
+    if plan.vocabulary is not None or plan.dropped_layers or plan.heads is not None:
+        raise SliceError(
+            "save.onload: sequential slices only the MLPs, and copies the embedding and LM "
+            "head as they are; a plan with a vocabulary, head or depth cut is saved with "
+            "save.onload: full"
+        )
     source = LayerwiseModel.from_checkpoint(source_dir, dtype=dtype)
     model, adapter, checkpoint = source.model, source.adapter, source.checkpoint
     assert checkpoint is not None

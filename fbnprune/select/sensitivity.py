@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 @torch.inference_mode()
-def _logprobs(model: nn.Module, batches: list) -> list[torch.Tensor]:
+def logprobs(model: nn.Module, batches: list) -> list[torch.Tensor]:
     out = []
     for input_ids, attention in batches:
         logits = model(input_ids=input_ids, attention_mask=attention).logits
@@ -61,7 +61,7 @@ def layer_sensitivity(
     """
     widths = [len(s) for s in layer_scores]
     batches = token_batches(tokenizer, prompts, max_length, batch_size)
-    reference = _logprobs(model, batches)
+    reference = logprobs(model, batches)
     fill_values = None if unit_means is None else [m.astype(float).tolist() for m in unit_means]
     out = []
     for layer in tqdm(range(len(widths)), desc="sensitivity", unit="layer", disable=not progress):
@@ -78,7 +78,7 @@ def layer_sensitivity(
             fill_values=fill_values,
         )
         with masked(model, plan):
-            cut = _logprobs(model, batches)
+            cut = logprobs(model, batches)
         kl = [(r.exp() * (r - c)).sum(-1) for r, c in zip(reference, cut, strict=True)]
         out.append(float(torch.cat(kl).mean()))
     return out

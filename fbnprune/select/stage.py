@@ -12,6 +12,7 @@ from fbnprune.rundir.keys import select_key
 from fbnprune.select.calibration import RunCalibration
 from fbnprune.select.planning import build_plan
 from fbnprune.select.selection import SelectError
+from fbnprune.select.whole_model import add_whole_model_cuts
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def _select(ctx: RunContext, calibration: RunCalibration) -> dict[str, Any]:
     else:
         plan = build_plan(calibration, r.select, r.prune.fill, seed=r.seed)
     provenance = plan.provenance
+    add_whole_model_cuts(ctx, plan)  # after a budget search, which scores the MLP cut alone
     plan.save(ctx.layout.plan_file)
     logger.info("select: %s", plan.summary())
     if "threshold_union_units" in provenance:

@@ -208,7 +208,8 @@ def test_shipped_recipes_keep_their_fingerprints():
         "gemma3-bbc.yaml": "2c5adddff7bb4e7b",
         "multitask.yaml": "fe9fc2a344256f43",
     }
-    assert sorted(p.name for p in (REPO / "recipes").glob("*.yaml")) == sorted(expected)
+    # the recipes shipped before (later ones, e.g. the small ones, have no earlier key)
+    assert set(expected) <= {p.name for p in (REPO / "recipes").glob("*.yaml")}
     for name, whole in expected.items():
         recipe = load_recipe(REPO / "recipes" / name)
         assert recipe.fingerprint() == whole

@@ -173,7 +173,8 @@ def test_shipped_recipes_keep_their_fingerprints():
         "gemma3-bbc.yaml": ("2c5adddff7bb4e7b", "c89255d27ed6a5d2"),
         "multitask.yaml": ("fe9fc2a344256f43", "9286310ff59673ff"),
     }
-    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted(expected)
+    # the recipes shipped before (later ones, e.g. the small ones, have no earlier key)
+    assert set(expected) <= {p.name for p in RECIPES.glob("*.yaml")}
     for name, (whole, discover) in expected.items():
         recipe = load_recipe(RECIPES / name)
         assert (recipe.fingerprint(), recipe.fingerprint("discover")) == (whole, discover)
