@@ -105,9 +105,14 @@ def prompt_ids(
 
 @torch.inference_mode()
 def timed_greedy(
-    model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    *,
+    after_prefill: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, float, float]:
-    """Greedy-generate ``new_tokens`` after ``input_ids`` (no padding) with a KV cache.
+    """Greedy-generate ``new_tokens`` after ``input_ids`` (no padding) with a KV cache;
+    ``after_prefill`` runs between the two timed parts (outside both).
 
     Returns:
         ``(tokens, prefill_seconds, decode_seconds)``: tokens of shape
@@ -118,23 +123,28 @@ def timed_greedy(
         raise ValueError(f"new_tokens must be at least 2 (one decode step), got {new_tokens}")
     device = input_ids.device
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    cache = DynamicCache(config=model.config)
+    # transformers 5 names the cache argument ``cache`` (``past_key_values`` is deprecated)
+    cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
+    cache = {cache_key: DynamicCache(config=model.config)}
     tokens = []
 
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **extra)
+    out = model(input_ids=input_ids, use_cache=True, **cache, **extra)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens.append(token)
     _sync(device)
     prefilled = time.perf_counter()
+    if after_prefill is not None:
+        after_prefill()
+    decoding = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     _sync(device)
     done = time.perf_counter()
-    return torch.cat(tokens, dim=1), prefilled - start, done - prefilled
+    return torch.cat(tokens, dim=1), prefilled - start, done - decoding
 
 
 def measure_costs(
@@ -372,31 +382,27 @@ def component_seconds(
                 seconds[part] += time.perf_counter() - started.pop(id(m))
 
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    out: dict[str, dict[str, float]] = {}
+    prefill_seconds: dict[str, float] = {}
+
+    def split() -> None:  # the prefill's seconds kept, the decode's counted from zero
+        prefill_seconds.update(seconds)
+        seconds.update(dict.fromkeys(seconds, 0.0))
+
     try:
-        extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-        cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
-        cache = {cache_key: DynamicCache(config=model.config)}
-        for phase in ("prefill", "decode"):
-            for part in seconds:
-                seconds[part] = 0.0
-            start = time.perf_counter()
-            if phase == "prefill":
-                logits = model(input_ids=input_ids, **cache, **extra).logits
-                token = logits[:, -1].argmax(-1, keepdim=True)
-            else:
-                for _ in range(new_tokens - 1):
-                    logits = model(input_ids=token, **cache).logits
-                    token = logits[:, -1].argmax(-1, keepdim=True)
-            total = time.perf_counter() - start
-            parts = {
-                "embedding": seconds["embedding"],
-                "attention": seconds["block"] - seconds["mlp"],
-                "mlp": seconds["mlp"],
-                "lm_head": seconds["lm_head"],
-            }
-            out[phase] = {**parts, "other": total - sum(parts.values()), "total": total}
+        _, prefill, decode = timed_greedy(model, input_ids, new_tokens, after_prefill=split)
     finally:
         for handle in handles:
             handle.remove()
+    out = {}
+    for phase, part_seconds, total in (
+        ("prefill", prefill_seconds, prefill),
+        ("decode", seconds, decode),
+    ):
+        parts = {
+            "embedding": part_seconds["embedding"],
+            "attention": part_seconds["block"] - part_seconds["mlp"],
+            "mlp": part_seconds["mlp"],
+            "lm_head": part_seconds["lm_head"],
+        }
+        out[phase] = {**parts, "other": total - sum(parts.values()), "total": total}
     return out

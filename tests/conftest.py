@@ -75,6 +75,27 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+def assert_reloads_with_its_cache(
+    model: torch.nn.Module, directory: Path, input_ids: torch.Tensor
+) -> torch.nn.Module:
+    """Save the float64 ``model`` to ``directory`` and assert that stock ``from_pretrained``
+    rebuilds it with its logits on ``input_ids`` (to 1e-6: Gemma's embedding scale is
+    rebuilt in float32 on load), and that greedy decoding with its KV cache equals decoding
+    without (the cache is indexed by the blocks' and heads' numbers); return the reload."""
+    with torch.no_grad():
+        got = model(input_ids=input_ids, use_cache=False).logits
+    model.save_pretrained(directory)
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64).eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=input_ids, use_cache=False).logits
+    assert float((again - got).abs().max()) < 1e-6
+    prompt = input_ids[:1]
+    cached = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    uncached = model.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    return reloaded
+
+
 def random_batch(seed: int = 0, batch: int = 3, length: int = 10) -> dict[str, torch.Tensor]:
     """Token ids with right padding in all but the first row."""
     gen = torch.Generator().manual_seed(seed)

@@ -24,6 +24,7 @@ from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.keys import check_key
 from fbnprune.save.checked import stage_checkpoint
 from fbnprune.save.streamed import save_sliced_layerwise
+from fbnprune.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +71,16 @@ def _check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
     exact = check_parity(
         ("masked", reference64, lambda: masked(reference64, plan)), sliced64, **inputs
     )
-    tokenization = None if vocabulary is None else tokenization_proof(ctx, plan)
+    tokenization = None if vocabulary is None else tokenization_proof(ctx, tokenizer, vocabulary)
     return _record(ctx, ParityResult([exact, serialisation, in_dtype], files, tokenization))
 
 
-def tokenization_proof(ctx: RunContext, plan: PrunePlan) -> dict[str, dict[str, Any]]:
-    """How the plan's trimmed tokenizer writes the calibration prompts (all made of kept
+def tokenization_proof(
+    ctx: RunContext, trimmed: Any, vocabulary: Vocabulary
+) -> dict[str, dict[str, Any]]:
+    """How the ``trimmed`` tokenizer writes the calibration prompts (all made of kept
     tokens: each must be tokenized as before) and the held-out prompts (those made of kept
     tokens as before; every prompt must decode as before)."""
-    vocabulary = plan.kept_vocabulary()
-    assert vocabulary is not None
-    trimmed = sliced_tokenizer(ctx, plan)
     out = {}
     for split in ("calibration", "heldout"):
         prompts, _ = ctx.prompts_of((split,))

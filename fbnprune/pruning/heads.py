@@ -96,10 +96,10 @@ def slice_heads(model: PreTrainedModel, cut: HeadCut) -> PreTrainedModel:
     cut.check(shape, len(modules))
     for attention, query, groups in zip(modules, cut.query, cut.groups, strict=True):
         q_dims, kv_dims = _dims(query, shape.head_dim), _dims(groups, shape.head_dim)
-        attention.q_proj = _rows(attention.q_proj, q_dims)
-        attention.k_proj = _rows(attention.k_proj, kv_dims)
-        attention.v_proj = _rows(attention.v_proj, kv_dims)
-        attention.o_proj = _columns(attention.o_proj, q_dims)
+        attention.q_proj = _kept(attention.q_proj, q_dims, dim=0)
+        attention.k_proj = _kept(attention.k_proj, kv_dims, dim=0)
+        attention.v_proj = _kept(attention.v_proj, kv_dims, dim=0)
+        attention.o_proj = _kept(attention.o_proj, q_dims, dim=1)
         attention.num_key_value_groups = len(query) // len(groups)
     config = model.config.get_text_config()
     config.head_dim = shape.head_dim  # no longer hidden_size / num_attention_heads
@@ -115,31 +115,22 @@ def slice_heads(model: PreTrainedModel, cut: HeadCut) -> PreTrainedModel:
     return model
 
 
-def _rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+def _kept(linear: nn.Linear, index: torch.Tensor, *, dim: int) -> nn.Linear:
+    """A copy of ``linear`` with only ``index`` of its outputs (``dim=0``: rows, and their
+    bias) or of its inputs (``dim=1``: columns, the bias whole)."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    bias: torch.Tensor | None = linear.bias
+    if bias is not None and dim == 0:
+        bias = bias.detach().index_select(0, index.to(bias.device))
     new = nn.Linear(
-        linear.in_features,
-        len(rows),
-        bias=linear.bias is not None,
-        dtype=linear.weight.dtype,
-        device=linear.weight.device,
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        dtype=weight.dtype,
+        device=weight.device,
     )
     with torch.no_grad():
-        new.weight.copy_(linear.weight[rows.to(linear.weight.device)])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[rows.to(linear.bias.device)])
-    return new
-
-
-def _columns(linear: nn.Linear, columns: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(
-        len(columns),
-        linear.out_features,
-        bias=linear.bias is not None,
-        dtype=linear.weight.dtype,
-        device=linear.weight.device,
-    )
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, columns.to(linear.weight.device)])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
     return new
