@@ -9,7 +9,10 @@ then ``OUT/NAME/verdict/verdict.json`` is read: per task and wording, the docume
 every split, the majority label's rate, the accuracy of the original, unhealed and healed
 models under the recipe's scoring and as shipped (``sum``), the share of the original's
 accuracy the healed model keeps, the most frequent answer's share, the budget and the time.
-The table is printed and written to OUT/suite.md (and OUT/suite.json).
+A generation task's rows (issue 28) have their own table: its metric (exact match or chrF),
+the score of answering the most frequent target to every document, each model's score, the
+share kept, and the healed model's most frequent answer's share and number of distinct
+answers. The tables are printed and written to OUT/suite.md (and OUT/suite.json).
 """
 
 from __future__ import annotations
@@ -79,6 +82,53 @@ def rows_of(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def generation_rows_of(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per generation task of a run's verdict."""
+    verdict = json.loads((run_dir / "verdict" / "verdict.json").read_text())
+    ledger = json.loads((run_dir / "run.json").read_text())
+    plan = json.loads((run_dir / "plan.json").read_text())
+    rows = []
+    for name, task in verdict.get("generation", {}).items():
+        models = task["models"]
+        shipped = verdict["shipped"]
+        rows.append(
+            {
+                "run": run_dir.name,
+                "task": name,
+                "docs": task["n"],
+                "metric": task["metric"],
+                "constant": task["constant_score"],
+                **{f"{m}_score": models[m]["score"] for m in models},
+                "kept": task["kept"].get(shipped),
+                "top": models[shipped]["top_share"],
+                "distinct": models[shipped]["distinct"],
+                "budget": plan["provenance"].get("budget"),
+                "seconds": round(sum(s["seconds"] for s in ledger["stages"].values())),
+                "flags": [f for f in verdict["flags"] if f.startswith(f"{name}:")],
+            }
+        )
+    return rows
+
+
+def generation_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| task | docs | metric | constant answer | original | unhealed | healed | kept | "
+        "healed's top answer | distinct answers | budget | time | flags |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        scores = " | ".join(
+            "—" if r.get(f"{m}_score") is None else f"{r[f'{m}_score']:.3f}"
+            for m in ("original", "unhealed", "healed")
+        )
+        lines.append(
+            f"| {r['task']} | {r['docs']} | {r['metric']} | {r['constant']:.3f} | {scores} | "
+            f"{_share(r['kept'])} | {r['top']:.0%} | {r['distinct']} | {r['budget']:.0%} | "
+            f"{r['seconds'] / 60:.1f} min | {len(r['flags']) or 'none'} |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     rule = rows[0]["scoring"] if rows else "calibrated"
 
@@ -118,18 +168,22 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="read the runs, run nothing")
     args = parser.parse_args()
     recipes = args.recipes or sorted(RECIPES.glob("*.yaml"))
-    rows = []
+    rows, written = [], []
     for recipe in recipes:
         run_dir = args.out / recipe.stem
         if not args.report_only:
             seconds = run_task(recipe, run_dir, args.overrides)
             print(f"{recipe.stem}: {seconds / 60:.1f} min", flush=True)
         rows += rows_of(run_dir)
-    text = table(rows)
+        written += generation_rows_of(run_dir)
+    text = table(rows) if rows else ""
+    if written:
+        text += ("\n\n" if text else "") + generation_table(written)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "suite.md").write_text(text + "\n")
-    (args.out / "suite.json").write_text(json.dumps(rows, indent=2) + "\n")
+    both = {"choice": rows, "generation": written}
+    (args.out / "suite.json").write_text(json.dumps(both, indent=2) + "\n")
 
 
 if __name__ == "__main__":

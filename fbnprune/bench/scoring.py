@@ -223,6 +223,8 @@ def run_bench(
                         validation_questions=val_questions,
                         answers=main.heal_answers(),
                         validation_answers=main.answers_of(("heldout",)),
+                        targets=main.heal_targets(),
+                        validation_targets=main.targets_of(("heldout",)),
                     )
                 run_cfg = heal_cfg.model_copy(update={"seed": heal_cfg.seed + variant.heal_run})
                 pruned, log = heal_model(

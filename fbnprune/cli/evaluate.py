@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"in one process: the original, the original masked by {PLAN_FILE}, the model sliced in "
         f"memory (one per layout) and every saved {CHECKPOINT_PREFIX}*/ directory (healed ones "
         "included). The offline suite (the recipe's own multiple-choice tasks, one per "
-        f"wording, and {', '.join(EVAL_SUITE_TASKS)}) is generated into "
+        "wording, its generation tasks as generate_until tasks, and "
+        f"{', '.join(EVAL_SUITE_TASKS)}) is generated into "
         f"RUN_DIR/{EVAL_DIR}/{SUITE_DIR}/ from documents outside every split the run used "
         f"({DOCUMENTS_FILE}). Writes RUN_DIR/{EVAL_DIR}/{RESULTS_FILE} and "
         f"RUN_DIR/{EVAL_DIR}/{RESULTS_TABLE}.",
@@ -44,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="T1,T2",
         help="suite tasks, lm-eval task/group/tag names (built-ins outside the suite need "
         "the network) or names from --include-path (default: the recipe's evaluate.tasks, "
-        "else the recipe's own multiple-choice tasks and the perplexity tasks; the whole "
-        "suite when it has none)",
+        "else the recipe's own multiple-choice and generation tasks and the perplexity "
+        "tasks; the whole suite when it has none)",
     )
     parser.add_argument(
         "--models",

@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"({', '.join(f'{checkpoint_name(layout)}/' for layout in LAYOUTS)}) and, when the "
         "recipe's heal section is active (by default below 50% kept), a distilled "
         f"{checkpoint_name('<layout>', healed=True)}/ with {HEAL_DIR}/{HEAL_LOG} and "
-        f"{HEAL_DIR}/{HEAL_PLOT}; then the verdict: every multiple-choice task scored on "
+        f"{HEAL_DIR}/{HEAL_PLOT}; then the verdict: every multiple-choice task (and every "
+        "generation task, its written answers scored by exact match or chrF) scored on "
         "documents outside every split, for the original, unhealed and healed models "
         f"({VERDICT_DIR}/{VERDICT_FILE}, {VERDICT_DIR}/{VERDICT_TABLE}), with flags for a "
         "constant or below-majority model.",

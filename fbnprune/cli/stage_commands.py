@@ -40,7 +40,8 @@ DESCRIPTIONS = {
     "calibration and healing documents "
     f"({_HEALED}/, {HEAL_DIR}/{HEAL_LOG}, {HEAL_DIR}/{HEAL_PLOT}); skipped unless the "
     "recipe's heal section is active (heal.enabled, or a budget below heal.below_budget)",
-    "verdict": "score every multiple-choice task on documents outside every split: the "
+    "verdict": "score every multiple-choice and generation task on documents outside every "
+    "split: the "
     "original, unhealed and healed models, the majority rate and the spread of the answers; "
     f"flag a constant or below-majority model ({VERDICT_DIR}/{VERDICT_FILE})",
 }

@@ -67,7 +67,7 @@ def check_data(recipe: Recipe) -> list[str]:
         if cut is not None:
             raise RecipeError(cut)
         tokens = sum(
-            len(ids) for ids in tokenize(tokenizer, data.prompts("calibration"), task.max_length)
+            len(ids) for ids in tokenize(tokenizer, data.texts("calibration"), task.max_length)
         )
         where = f"task {task.name!r}"
         uses_ica = recipe.select.selector == "ica"

@@ -54,7 +54,7 @@ def _collect(ctx: RunContext, task: str) -> dict[str, Any]:
     acts = collect(
         model,
         ctx.tokenizer,
-        ctx.tasks[task].prompts("calibration"),
+        ctx.tasks[task].texts("calibration"),
         site=recipe.site,
         max_length=cfg.max_length,
         batch_size=recipe.collect.batch_size,

@@ -125,6 +125,18 @@ def bbc_news() -> tuple[Record, ...]:
     return tuple(records)
 
 
+@functools.lru_cache(maxsize=1)
+def bbc_headlines() -> tuple[Record, ...]:
+    """BBC News articles without their title line, label = the title (the headline a
+    generation task writes), id ``bbc_headlines/TOPIC/NNN``."""
+    records = []
+    for doc_id, text, _ in bbc_news():
+        title, _, body = text.partition("\n")
+        if title.strip() and body.strip():
+            records.append((doc_id.replace("bbc_news/", "bbc_headlines/", 1), body.strip(), title))
+    return tuple(records)
+
+
 # --- wikipedia ------------------------------------------------------------------------------
 
 
@@ -498,6 +510,20 @@ def arithmetic_ops() -> tuple[Record, ...]:
     return tuple(records)
 
 
+@functools.lru_cache(maxsize=1)
+def arithmetic_items() -> tuple[Record, ...]:
+    """The 2,000 problems of ``arithmetic`` without their trailing ``Answer:``, label = the
+    things they count (one of 12 plural nouns: ``apples``, ``marbles``, ...), id
+    ``arithmetic_items/NNNN`` (NNNN = the ``arithmetic`` id's number). What a generation
+    task asks: the model writes the word."""
+    records: list[Record] = []
+    for i, (text, _, _) in enumerate(_arithmetic_problems()):
+        question = text.removesuffix("Answer:").rstrip()
+        item = next(w for w in re.findall(r"[a-z]+", question) if w in _ITEMS)
+        records.append((f"arithmetic_items/{i:04d}", question, item))
+    return tuple(records)
+
+
 READERS: dict[str, Callable[[], tuple[Record, ...]]] = {
     "bbc_news": bbc_news,
     "wikipedia": wikipedia,
@@ -506,4 +532,6 @@ READERS: dict[str, Callable[[], tuple[Record, ...]]] = {
     "wiki_articles": wiki_articles,
     "code_modules": code_modules,
     "arithmetic_ops": arithmetic_ops,
+    "arithmetic_items": arithmetic_items,
+    "bbc_headlines": bbc_headlines,
 }

@@ -14,8 +14,11 @@ class DataError(FbnpruneError, ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    """One piece of text; ``label`` is the topic (BBC), the answer (arithmetic) or None."""
+    """One piece of text; ``label`` is the topic (BBC), the answer (arithmetic) or None;
+    ``target`` what a generation task's model must write (a .jsonl field or an lm-eval
+    task's target; a built-in's is its label)."""
 
     id: str
     text: str
     label: str | None = None
+    target: str | None = None

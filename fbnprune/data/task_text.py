@@ -21,7 +21,7 @@ from typing import Any, Literal
 from fbnprune.data import corpora
 from fbnprune.data.document import DataError, Document
 from fbnprune.hashing import digest
-from fbnprune.recipe import TaskConfig
+from fbnprune.recipe import GenerationConfig, TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class TaskData:
     ``calibration`` feeds collect, discover, select and the refit; ``heldout`` the parity
     check and healing's validation loss; ``heal`` (optional, further in-domain documents)
     healing only. ``choices`` (label -> answer text) makes the task multiple choice: the
-    prompt is the question, the answer follows it.
+    prompt is the question, the answer follows it; ``generation`` makes it a task whose
+    answer the model writes: each document's target follows its prompt.
     """
 
     name: str
@@ -71,6 +72,7 @@ class TaskData:
     heal: list[Document] = field(default_factory=list)
     max_words: int | None = None
     choices: dict[str, str] | None = None
+    generation: GenerationConfig | None = None
 
     def split(self, split: Split) -> list[Document]:
         if split not in SPLITS:
@@ -80,8 +82,18 @@ class TaskData:
     def prompt(self, doc: Document) -> str:
         return render(self.template, doc.text, self.max_words)
 
+    def target(self, doc: Document) -> str | None:
+        """What a generation task's model must write after ``doc``'s prompt (None for
+        other tasks)."""
+        if self.generation is None:
+            return None
+        return document_target(self.generation, doc)
+
     def gold_answer(self, doc: Document) -> str | None:
-        """The answer text of ``doc``'s label (None without choices or a label)."""
+        """The answer text of ``doc``'s label, or a generation task's target (None
+        without choices or a label)."""
+        if self.generation is not None:
+            return self.target(doc)
         if self.choices is None or doc.label is None:
             return None
         return self.choices.get(doc.label)
@@ -89,6 +101,11 @@ class TaskData:
     def prompts(self, split: Split) -> list[str]:
         """The template applied to every document of ``split``."""
         return [self.prompt(doc) for doc in self.split(split)]
+
+    def texts(self, split: Split) -> list[str]:
+        """What calibration reads of ``split``: the prompts, each followed by its target
+        for a generation task (the tokens the model must produce)."""
+        return [self.prompt(doc) + (self.target(doc) or "") for doc in self.split(split)]
 
     def document_ids(self) -> dict[str, list[str]]:
         """The ids of every split's documents."""
@@ -110,6 +127,9 @@ class TaskData:
             content["max_words"] = self.max_words
         if self.choices is not None:
             content["choices"] = self.choices
+        if self.generation is not None:
+            content["generation"] = self.generation.model_dump()
+            content["targets"] = [self.target(d) for d in self.calibration + self.heldout]
         return digest(json.dumps(content, ensure_ascii=False).encode())
 
 
@@ -185,9 +205,11 @@ def _jsonl_record(line: str, where: str, text_field: str) -> dict[str, Any]:
     return obj
 
 
-def _load_jsonl(path: Path, text_field: str, label_field: str = "label") -> list[Document]:
-    """One JSON object per line: text in ``text_field``, optional ``id`` and label (in
-    ``label_field``)."""
+def _load_jsonl(
+    path: Path, text_field: str, label_field: str = "label", target_field: str | None = None
+) -> list[Document]:
+    """One JSON object per line: text in ``text_field``, optional ``id``, label (in
+    ``label_field``) and, for a generation task, target (in ``target_field``: required)."""
     docs: list[Document] = []
     # JSON Lines ends a record at "\n" only: U+2028 or U+0085 inside a string is text
     for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
@@ -197,16 +219,29 @@ def _load_jsonl(path: Path, text_field: str, label_field: str = "label") -> list
         obj = _jsonl_record(line, f"{path}:{lineno}", text_field)
         doc_id = str(obj["id"]) if obj.get("id") is not None else f"file:{len(docs)}"
         label = None if obj.get(label_field) is None else str(obj[label_field])
-        docs.append(Document(id=doc_id, text=obj[text_field], label=label))
+        target = None
+        if target_field is not None:
+            target = obj.get(target_field)
+            if not isinstance(target, str | int | float) or isinstance(target, bool):
+                raise DataError(
+                    f"{path}:{lineno}: the generation task's target {target_field!r} must be "
+                    f"text or a number, got {target!r}"
+                )
+            target = str(target)
+        docs.append(Document(id=doc_id, text=obj[text_field], label=label, target=target))
     return docs
 
 
-def _load_file(path: Path, text_field: str, label_field: str) -> list[Document]:
+def _load_file(
+    path: Path, text_field: str, label_field: str, target_field: str | None = None
+) -> list[Document]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
+        if target_field is not None:
+            raise DataError(f"{path}: a generation task needs targets; use a .jsonl file")
         return _load_txt(path)
     if suffix == ".jsonl":
-        return _load_jsonl(path, text_field, label_field)
+        return _load_jsonl(path, text_field, label_field, target_field)
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .txt or .jsonl")
 
 
@@ -222,7 +257,9 @@ def _label_name(features: Any, value: Any) -> str | None:
     return str(value)
 
 
-def _load_hf(name: str, text_field: str, split: str, hf_config: str | None) -> list[Document]:
+def _load_hf(
+    name: str, text_field: str, split: str, hf_config: str | None, target_field: str | None
+) -> list[Document]:
     try:
         import datasets
     except ModuleNotFoundError as exc:
@@ -239,9 +276,20 @@ def _load_hf(name: str, text_field: str, split: str, hf_config: str | None) -> l
         columns = ", ".join(table.column_names)
         raise DataError(f"hf:{name}: no column {text_field!r} (columns: {columns})")
     labels = table["label"] if "label" in table.column_names else [None] * len(table)
+    if target_field is not None and target_field not in table.column_names:
+        columns = ", ".join(table.column_names)
+        raise DataError(f"hf:{name}: no target column {target_field!r} (columns: {columns})")
+    targets = [None] * len(table) if target_field is None else table[target_field]
     return [
-        Document(id=f"{name}/{split}/{i}", text=str(text), label=_label_name(table.features, lab))
-        for i, (text, lab) in enumerate(zip(table[text_field], labels, strict=True))
+        Document(
+            id=f"{name}/{split}/{i}",
+            text=str(text),
+            label=_label_name(table.features, lab),
+            target=None if target is None else str(target),
+        )
+        for i, (text, lab, target) in enumerate(
+            zip(table[text_field], labels, targets, strict=True)
+        )
     ]
 
 
@@ -255,11 +303,13 @@ def load_documents(
     label_field: str = "label",
     split: str = "train",
     hf_config: str | None = None,
+    target_field: str | None = None,
 ) -> list[Document]:
     """All documents of ``source`` in source order; raise ``DataError`` if there are none.
 
     ``text_field`` names the text key of ``.jsonl`` files and Hugging Face datasets; ``split``
-    and ``hf_config`` apply to Hugging Face datasets only.
+    and ``hf_config`` apply to Hugging Face datasets only; ``target_field`` (a generation
+    task's) the target key of ``.jsonl`` files.
     """
     scheme, sep, rest = source.partition(":")
     if not sep or not rest:
@@ -269,9 +319,9 @@ def load_documents(
     if scheme == "builtin":
         docs = _load_builtin(rest)
     elif scheme == "file":
-        docs = _load_file(Path(rest).expanduser(), text_field, label_field)
+        docs = _load_file(Path(rest).expanduser(), text_field, label_field, target_field)
     elif scheme == "hf":
-        docs = _load_hf(rest, text_field, split, hf_config)
+        docs = _load_hf(rest, text_field, split, hf_config, target_field)
     elif scheme == "lmeval":
         from fbnprune.data.lmeval import load_lmeval_task
 
@@ -295,6 +345,7 @@ def task_documents(task: TaskConfig) -> list[Document]:
         label_field=task.label_field,
         split=task.split,
         hf_config=task.hf_config,
+        target_field=None if task.generation is None else task.generation.target_field,
     )
 
 
@@ -336,6 +387,25 @@ def _check_labels(docs: list[Document], task: str, choices: dict[str, str] | Non
         raise DataError(
             f"task {task!r}: {len(bad)} document(s) have labels that no choice answers "
             f"(e.g. {bad[0].id}: {bad[0].label!r}; choices: {', '.join(choices)})"
+        )
+
+
+def document_target(generation: GenerationConfig, doc: Document) -> str:
+    """The text a generation task's model must write after ``doc``'s prompt: the target
+    template over the document's target (a built-in's is its label)."""
+    target = doc.target if doc.target is not None else doc.label
+    if target is None:
+        raise DataError(f"document {doc.id!r} has no target")
+    return generation.target_template.replace("{target}", target)
+
+
+def _check_targets(docs: list[Document], task: str) -> None:
+    """Every document of a generation task has a non-empty target."""
+    bad = [d for d in docs if not (d.target if d.target is not None else d.label or "").strip()]
+    if bad:
+        raise DataError(
+            f"task {task!r}: {len(bad)} document(s) have no target (e.g. {bad[0].id}); a "
+            "generation task needs one per document"
         )
 
 
@@ -388,6 +458,9 @@ def load_task(task: TaskConfig, *, seed: int) -> TaskData:
     )
     choices = task_choices(task)
     _check_labels(calibration + heldout + heal, task.name, choices)
+    generation = task_generation(task)
+    if generation is not None:
+        _check_targets(calibration + heldout + heal, task.name)
     unseen = sorted(set(choices or {}) - {d.label for d in calibration + heal})
     if unseen:
         logger.warning(
@@ -406,7 +479,18 @@ def load_task(task: TaskConfig, *, seed: int) -> TaskData:
         heal,
         max_words=task.max_words,
         choices=choices,
+        generation=generation,
     )
+
+
+def task_generation(task: TaskConfig) -> GenerationConfig | None:
+    """How the task's answer is written and scored: the recipe's, else an lm-eval
+    ``generate_until`` task's own."""
+    if task.generation is not None or not task.source.startswith("lmeval:"):
+        return task.generation
+    from fbnprune.data.lmeval import load_lmeval_task
+
+    return load_lmeval_task(task.source.partition(":")[2]).generation
 
 
 def task_choices(task: TaskConfig) -> dict[str, str] | None:

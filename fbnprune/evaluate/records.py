@@ -1,6 +1,6 @@
 """One JSONL record per evaluated document: the prompt and choices of a multiple-choice
-task (BBC topics, word problems, a recipe task's template and answers) or the text of a
-perplexity task."""
+task (BBC topics, word problems, a recipe task's template and answers), the prompt and
+target of a generation task, or the text of a perplexity task."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import random
 import re
 from typing import Any
 
-from fbnprune.data.task_text import Document, render, task_choices
+from fbnprune.data.task_text import (
+    Document,
+    document_target,
+    render,
+    task_choices,
+    task_generation,
+)
 from fbnprune.evaluate.errors import EvalError
 from fbnprune.recipe import TaskConfig, Wording
 
@@ -52,6 +58,17 @@ def choice_record(doc: Document, task: TaskConfig, wording: Wording | None) -> d
         "prompt": render(template, doc.text, task.max_words),
         "choices": [answers[label] for label in labels],
         "gold": labels.index(doc.label),
+    }
+
+
+def generation_record(doc: Document, task: TaskConfig) -> dict[str, Any]:
+    """A generation task's prompt and the target the model must write."""
+    generation = task_generation(task)
+    assert generation is not None
+    return {
+        "id": doc.id,
+        "prompt": render(task.template, doc.text, task.max_words),
+        "target": document_target(generation, doc),
     }
 
 

@@ -52,6 +52,7 @@ from fbnprune.data.task_text import (
     load_documents,
     task_choices,
     task_documents,
+    task_generation,
     task_prompt_key,
 )
 from fbnprune.evaluate.answers import AnswerTask
@@ -61,11 +62,19 @@ from fbnprune.evaluate.records import (
     BBC_TOPICS,
     bbc_record,
     choice_record,
+    generation_record,
     text_record,
     word_problem_record,
 )
 from fbnprune.io import atomic_write_json, atomic_write_text
-from fbnprune.recipe import EVAL_SUITE_TASKS, EvaluateConfig, Recipe, TaskConfig, Wording
+from fbnprune.recipe import (
+    EVAL_SUITE_TASKS,
+    EvaluateConfig,
+    GenerationConfig,
+    Recipe,
+    TaskConfig,
+    Wording,
+)
 
 # also the names that lived here before evaluate.documents, .records and .errors split off
 __all__ = [
@@ -100,11 +109,12 @@ PERPLEXITY_METRICS = {  # metric -> lm-eval aggregation; lower is better for all
 @dataclass(frozen=True)
 class SuiteTask:
     """One generated task: its corpus, kind and primary metric; ``task`` and ``wording``
-    for a multiple-choice task defined by a recipe task (its template and answers)."""
+    for a multiple-choice or generation task defined by a recipe task (its template and
+    answers, or its targets)."""
 
     name: str
     source: str
-    kind: str  # "choice" or "perplexity"
+    kind: str  # "choice", "generation" or "perplexity"
     metric: str
     higher_is_better: bool
     description: str
@@ -168,10 +178,18 @@ def eval_name(task: TaskConfig, wording: Wording | None = None) -> str:
 
 
 def recipe_tasks(recipe: Recipe) -> dict[str, SuiteTask]:
-    """The multiple-choice evaluations the recipe's own tasks define: one per task with
-    ``choices``, and one per further wording."""
+    """The evaluations the recipe's own tasks define: one per task with ``choices``, and
+    one per further wording; one per generation task (``generate_until``, scored by its
+    metric)."""
     out: dict[str, SuiteTask] = {}
     for task in recipe.tasks:
+        generation = task_generation(task)
+        if generation is not None:
+            name = eval_name(task)
+            what = f"{task.name}: the model writes the answer, scored by {generation.metric}"
+            kind, metric = "generation", generation.metric
+            out[name] = SuiteTask(name, task.source, kind, metric, True, what, task)
+            continue
         choices = task_choices(task)
         if choices is None:
             continue
@@ -194,7 +212,7 @@ def answer_tasks(recipe: Recipe, directory: Path, names: Iterable[str]) -> dict[
     out = {}
     for name in names:
         task = own.get(name)
-        if task is None or task.task is None:
+        if task is None or task.task is None or task.kind != "choice":
             continue
         template = task.task.template if task.wording is None else task.wording.template
         out[name] = AnswerTask(
@@ -254,6 +272,9 @@ def _task_yaml(task: SuiteTask, data_file: Path, cache_dir: Path) -> dict[str, A
                 {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
             ],
         )
+    elif task.kind == "generation":
+        assert task.task is not None
+        config.update(generation_yaml(task_generation(task.task)))
     else:
         config.update(
             output_type="loglikelihood_rolling",
@@ -268,7 +289,40 @@ def _task_yaml(task: SuiteTask, data_file: Path, cache_dir: Path) -> dict[str, A
     return config
 
 
+def generation_yaml(generation: GenerationConfig | None) -> dict[str, Any]:
+    """What makes an lm-eval task of a generation task's records: ``generate_until`` with
+    greedy decoding, its stop strings and length, and its metric (lm-eval's
+    ``exact_match``, case, punctuation and outer whitespace ignored; or ``chrf``)."""
+    assert generation is not None
+    if generation.metric == "exact_match":
+        metric = {
+            "metric": "exact_match",
+            "aggregation": "mean",
+            "higher_is_better": True,
+            "ignore_case": True,
+            "ignore_punctuation": True,
+            "regexes_to_ignore": ["^\\s+", "\\s+$"],
+        }
+    else:
+        metric = {"metric": "chrf", "aggregation": "chrf", "higher_is_better": True}
+    return {
+        "output_type": "generate_until",
+        "doc_to_text": "prompt",
+        "doc_to_target": "target",
+        "target_delimiter": "",
+        "generation_kwargs": {
+            "until": list(generation.stop),
+            "max_gen_toks": generation.max_new_tokens,
+            "do_sample": False,
+        },
+        "metric_list": [metric],
+    }
+
+
 def _records(task: SuiteTask, docs: list[Document], config: EvaluateConfig) -> list[dict]:
+    if task.kind == "generation":
+        assert task.task is not None
+        return [generation_record(d, task.task) for d in docs]
     if task.task is not None:
         return [choice_record(d, task.task, task.wording) for d in docs]
     if task.name == "bbc_topics":
@@ -318,10 +372,10 @@ def build_suite(
                 cache[source] = task_documents(spec)
         elif source not in cache:
             cache[source] = loader(source)
-        n = config.choice_samples if task.kind == "choice" else config.perplexity_samples
-        balance = name == "bbc_topics" or task.task is not None
+        n = config.perplexity_samples if task.kind == "perplexity" else config.choice_samples
+        balance = name == "bbc_topics" or task.kind == "choice" and task.task is not None
         pool = cache[source]
-        if task.task is not None:  # only documents whose label a choice answers
+        if task.kind == "choice" and task.task is not None:  # labels a choice answers
             pool = [d for d in pool if d.label in (task_choices(task.task) or {})]
         # a recipe task's documents are shown through its template
         prompt = task_prompt_key(task.task) if task.task is not None else None

@@ -1,7 +1,9 @@
 """Distillation targets and loss: the teacher's top-k next-token log-probabilities at every
 real position (``TeacherTargets``), and the KL of the student's distribution on the same
 k+1 buckets (the top-k tokens and one bucket holding the remaining mass); and, for labelled
-multiple-choice documents, the cross-entropy of the gold answer appended to its prompt."""
+multiple-choice documents, the cross-entropy of the gold answer appended to its prompt; a
+generation task's target is always appended, and every position that predicts one of its
+tokens weighs ``answer_weight``."""
 
 from __future__ import annotations
 
@@ -55,13 +57,21 @@ Targets = tuple[list[TeacherTargets], list[TeacherTargets]]  # (training, valida
 
 
 def _answer_position_weights(
-    attention: torch.Tensor, last: torch.Tensor, positions: torch.Tensor | None = None
+    attention: torch.Tensor,
+    last: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    spans: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weight 1 for every real position, ``last[row]`` for each row's answer position: the
-    one given in ``positions``, else the row's last real one (the end of its question)."""
+    one given in ``positions``, else the row's last real one (the end of its question), and
+    the ``spans[row] - 1`` after it (a written answer's tokens; one position without
+    ``spans``)."""
     weights = torch.ones_like(attention, dtype=torch.float32)
     ends = attention.sum(dim=1) - 1 if positions is None else positions
     weights[torch.arange(len(ends)), ends] = last.float()
+    if spans is not None:
+        for row, (start, n) in enumerate(zip(ends.tolist(), spans.tolist(), strict=True)):
+            weights[row, start : start + n] = last[row].float()
     return weights[attention.bool()]
 
 
@@ -75,12 +85,15 @@ def teacher_targets(
     last_weights: Sequence[torch.Tensor] | None = None,
     labels: Sequence[torch.Tensor | None] | None = None,
     answer_positions: Sequence[torch.Tensor] | None = None,
+    answer_spans: Sequence[torch.Tensor] | None = None,
     progress: bool = False,
 ) -> list[TeacherTargets]:
     """Run the teacher once over the batches and keep its top-k next-token log-probs at
     every real position; ``last_weights`` (one (batch,) tensor per batch) weight each row's
-    answer position (``answer_positions``, else its last one); ``labels`` (one (batch,
-    length) tensor per batch) are kept beside the targets for the label loss."""
+    answer position (``answer_positions``, else its last one) and, with ``answer_spans``
+    (positions per row), the positions after it that predict a written answer's tokens;
+    ``labels`` (one (batch, length) tensor per batch) are kept beside the targets for the
+    label loss."""
     teacher.eval()
     out = []
     for b, (input_ids, attention) in enumerate(
@@ -92,7 +105,8 @@ def teacher_targets(
         weights = None
         if last_weights is not None:
             where = None if answer_positions is None else answer_positions[b]
-            weights = _answer_position_weights(attention, last_weights[b], where)
+            span = None if answer_spans is None else answer_spans[b]
+            weights = _answer_position_weights(attention, last_weights[b], where, span)
         gold = None if labels is None else labels[b]
         out.append(TeacherTargets(input_ids, attention, ids, values, weights, gold))
     return out
@@ -187,14 +201,19 @@ def prepare_targets(
     validation_questions: Sequence[bool] | None = None,
     answers: Sequence[str | None] | None = None,
     validation_answers: Sequence[str | None] | None = None,
+    targets: Sequence[str | None] | None = None,
+    validation_targets: Sequence[str | None] | None = None,
     progress: bool = False,
 ) -> Targets:
     """The teacher's targets on the training texts and on the validation texts.
 
-    ``questions`` (one flag per text) marks the prompts of multiple-choice tasks, whose
-    answer position (the one that predicts the answer) weighs ``cfg.answer_weight``.
-    ``answers`` (one gold answer text or None per text; used when ``cfg.label_weight`` is
-    not 0) are appended to their prompts and kept as labels for the label loss.
+    ``questions`` (one flag per text) marks the prompts of tasks that ask (multiple choice
+    or generation), whose answer position (the one that predicts the answer) weighs
+    ``cfg.answer_weight``. ``answers`` (one gold answer text or None per text; used when
+    ``cfg.label_weight`` is not 0) are appended to their prompts and kept as labels for the
+    label loss. ``targets`` (a generation task's text the model must write, or None) are
+    always appended, kept as labels, and each position predicting one of their tokens
+    weighs ``cfg.answer_weight``.
     """
     if not texts:
         raise HealError("no text to heal on")
@@ -203,13 +222,20 @@ def prepare_targets(
         prompts: Sequence[str],
         flags: Sequence[bool] | None,
         golds: Sequence[str | None] | None,
+        written: Sequence[str | None] | None,
         bar: bool,
     ) -> list[TeacherTargets]:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        labelled = cfg.label_weight != 0 and golds is not None and any(golds)
-        if labelled:
-            assert golds is not None
-            ids, gold_ids, where = _with_answers(tokenizer, prompts, golds, cfg.max_length)
+        appended = _appended(prompts, golds if cfg.label_weight != 0 else None, written)
+        labelled = appended is not None
+        spans = None
+        if appended is not None:
+            ids, gold_ids, where = _with_answers(tokenizer, prompts, appended, cfg.max_length)
+            if written is not None and any(written):
+                spans = [
+                    sum(g != IGNORE for g in row) if w else 1
+                    for row, w in zip(gold_ids, written, strict=True)
+                ]
         else:
             ids = tokenize(tokenizer, list(prompts), cfg.max_length)
         groups = iter_batches([len(s) for s in ids], cfg.batch_size)
@@ -231,12 +257,33 @@ def prepare_targets(
             last_weights=last,
             labels=labels,
             answer_positions=positions,
+            answer_spans=None
+            if spans is None
+            else [torch.tensor([spans[i] for i in g]) for g in groups],
             progress=bar,
         )
 
-    train = run(texts, questions, answers, progress)
-    checks = run(validation, validation_questions, validation_answers, False) if validation else []
+    train = run(texts, questions, answers, targets, progress)
+    checks = (
+        run(validation, validation_questions, validation_answers, validation_targets, False)
+        if validation
+        else []
+    )
     return train, checks
+
+
+def _appended(
+    prompts: Sequence[str],
+    golds: Sequence[str | None] | None,
+    written: Sequence[str | None] | None,
+) -> list[str | None] | None:
+    """What follows each prompt in healing's texts: its generation target, else its gold
+    answer (``golds``, given where the label loss is on); None when nothing is appended."""
+    if not (golds and any(golds)) and not (written and any(written)):
+        return None
+    golds = golds or [None] * len(prompts)
+    written = written or [None] * len(prompts)
+    return [w if w is not None else g for w, g in zip(written, golds, strict=True)]
 
 
 # the settings that change the teacher's targets (not lr, steps, ...: those reuse them)
@@ -253,14 +300,19 @@ def targets_key(
     validation_questions: Sequence[bool] | None,
     answers: Sequence[str | None] = (),
     validation_answers: Sequence[str | None] = (),
+    targets: Sequence[str | None] = (),
+    validation_targets: Sequence[str | None] = (),
 ) -> str:
     """What a set of targets was computed from: the teacher, the texts and their flags, and
-    the settings in ``TARGET_SETTINGS`` (and the gold answers, when they are appended)."""
+    the settings in ``TARGET_SETTINGS`` (and the gold answers and generation targets, when
+    they are appended)."""
     settings = {name: getattr(cfg, name) for name in TARGET_SETTINGS}
     flags = [list(questions or []), list(validation_questions or [])]
     parts: list[Any] = [teacher_id, settings, list(texts), list(validation), flags]
     if cfg.label_weight and (any(answers) or any(validation_answers)):
         parts.append([list(answers), list(validation_answers)])
+    if any(targets) or any(validation_targets):
+        parts.append({"targets": [list(targets), list(validation_targets)]})
     return fingerprint(*parts)
 
 

@@ -98,6 +98,7 @@ def teacher_targets_of(ctx: RunContext, plan: PrunePlan | None = None) -> tuple[
     texts, questions = ctx.heal_texts()
     validation, validation_questions = ctx.prompts_of(("heldout",))
     answers, validation_answers = ctx.heal_answers(), ctx.answers_of(("heldout",))
+    targets, validation_targets = ctx.heal_targets(), ctx.targets_of(("heldout",))
     from fbnprune.heal.distill import load_targets, prepare_targets, save_targets, targets_key
 
     cfg, file = ctx.recipe.heal, ctx.layout.heal_targets_file
@@ -112,13 +113,15 @@ def teacher_targets_of(ctx: RunContext, plan: PrunePlan | None = None) -> tuple[
         validation_questions,
         answers,
         validation_answers,
+        targets,
+        validation_targets,
     )
-    targets = load_targets(file, key)
-    if targets is not None:
+    saved = load_targets(file, key)
+    if saved is not None:
         logger.info("heal: the teacher's targets reused from %s", ctx.layout.relative(file))
-        return targets, key
+        return saved, key
     teacher = ctx.model if vocab is None else VocabularyView(ctx.model, vocab)
-    targets = prepare_targets(
+    computed = prepare_targets(
         teacher,
         ctx.tokenizer if plan is None else sliced_tokenizer(ctx, plan),
         texts,
@@ -128,10 +131,12 @@ def teacher_targets_of(ctx: RunContext, plan: PrunePlan | None = None) -> tuple[
         validation_questions=validation_questions,
         answers=answers,
         validation_answers=validation_answers,
+        targets=targets,
+        validation_targets=validation_targets,
         progress=ctx.progress,
     )
-    save_targets(file, key, targets)
-    return targets, key
+    save_targets(file, key, computed)
+    return computed, key
 
 
 def _task_accuracy(ctx: RunContext, tokenizer: Any) -> Callable[[Any], float] | None:

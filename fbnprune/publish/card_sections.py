@@ -214,6 +214,25 @@ def _score(value: float | None, stderr: float | None) -> str:
     return _fmt(value) + (f" ± {stderr:.3f}" if value is not None and stderr is not None else "")
 
 
+def _answer_words(answers: dict[str, str], generation: dict[str, Any] | None) -> str:
+    """How the task is answered, in a sentence: its labels' answer words, or how the model
+    writes and is scored."""
+    if generation:
+        return (
+            f"The model writes its answer (the target `{generation['target_template']!r}`, "
+            f"ended by {generation['stop']!r} or {generation['max_new_tokens']} tokens), "
+            f"scored by {generation['metric']}; 'constant answer' is the score of writing "
+            "the most frequent target every time."
+        )
+    if answers:
+        return (
+            "Labels and their answer words: "
+            + ", ".join(f"{k} → `{v!r}`" for k, v in answers.items())
+            + "."
+        )
+    return "No answer words (plain text)."
+
+
 def _task(facts: CardFacts) -> str:
     """The task in plain words (labels and answer words, prompt, data, splits, scoring) and
     the verdict: this model against the original on documents outside every split."""
@@ -235,13 +254,7 @@ def _task(facts: CardFacts) -> str:
             f"`{info['template']!r}`"
             + (f" (the text cut to {info['max_words']} words)" if info.get("max_words") else "")
             + ". "
-            + (
-                "Labels and their answer words: "
-                + ", ".join(f"{k} → `{v!r}`" for k, v in answers.items())
-                + "."
-                if answers
-                else "No answer words (plain text)."
-            )
+            + _answer_words(answers, info.get("generation"))
         )
     parts.append(
         f"Scoring: `{rule}` (each answer's log-likelihood after the prompt"
@@ -269,7 +282,26 @@ def _task(facts: CardFacts) -> str:
             f"{ours[rule]['accuracy']:.3f} | {'n/a' if kept is None else f'{kept:.0%}'} | "
             f"{ours[plain]['accuracy']:.3f} | {ours[plain]['top_share']:.0%} |"
         )
-    parts.append("\n".join(table))
+    if verdict["tasks"]:
+        parts.append("\n".join(table))
+    written = verdict.get("generation", {})
+    if written:
+        rows = [
+            "| task | docs | metric | constant answer | original | this model | kept | "
+            "its most frequent answer |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, task in written.items():
+            ours = task["models"].get(model)
+            if ours is None:
+                continue
+            kept = task["kept"].get(model)
+            rows.append(
+                f"| {name} | {task['n']} | {task['metric']} | {task['constant_score']:.3f} | "
+                f"{task['models']['original']['score']:.3f} | {ours['score']:.3f} | "
+                f"{'n/a' if kept is None else f'{kept:.0%}'} | {ours['top_share']:.0%} |"
+            )
+        parts.append("\n".join(rows))
     flags = verdict.get("flags_by_model", {}).get(model, [])
     if flags:
         parts.append(

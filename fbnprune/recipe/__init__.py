@@ -29,7 +29,7 @@ from fbnprune.recipe.stages import (
     SelectConfig,
     VerdictConfig,
 )
-from fbnprune.recipe.tasks import TaskConfig, Wording
+from fbnprune.recipe.tasks import GenerationConfig, TaskConfig, Wording
 
 __all__ = [
     "EVAL_SUITE_TASKS",
@@ -46,6 +46,7 @@ __all__ = [
     "RecipeError",
     "SaveConfig",
     "SelectConfig",
+    "GenerationConfig",
     "TaskConfig",
     "VerdictConfig",
     "Wording",

@@ -354,7 +354,8 @@ class VerdictConfig(_Strict):
     """The ``verdict`` stage: every multiple-choice task scored on documents outside every
     split (the original, the unhealed and the healed model), with the majority label's rate
     and the spread of the answers; a constant or below-majority model is flagged, and
-    ``export`` refuses it without ``--force`` (``fbnprune.verdict.stage``)."""
+    ``export`` refuses it without ``--force``; a generation task's written answers scored by
+    its metric beside a constant answer's score (``fbnprune.verdict.stage``)."""
 
     enabled: bool = True
     limit: int = Field(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
-from fbnprune.recipe.base import _Strict
+from fbnprune.recipe.base import _Additions, _Strict
 
 
 def _label_keys(value: object) -> object:
@@ -68,7 +70,47 @@ class Wording(_Strict):
         return _text_slot(value)
 
 
-class TaskConfig(_Strict):
+class GenerationConfig(_Strict):
+    """A task whose answer the model writes: each document's target, how the answer ends,
+    and how it is scored (``fbnprune.evaluate.generation``)."""
+
+    target_field: str = Field(
+        default="target",
+        description="key of each .jsonl document's target (a built-in's or an lm-eval "
+        "task's documents carry their own)",
+    )
+    target_template: str = Field(
+        default=" {target}",
+        description="the text the model must write after the prompt; {target} is the "
+        "document's target",
+    )
+    stop: list[str] = Field(
+        default_factory=lambda: ["\n"],
+        description="the answer ends before the first of these strings",
+    )
+    max_new_tokens: int = Field(default=16, ge=1, le=1024)
+    metric: Literal["exact_match", "chrf"] = Field(
+        default="exact_match",
+        description="exact_match (case, whitespace, outer punctuation and a number's format "
+        "normalised) or chrf (sacrebleu's chrF, 0-100)",
+    )
+
+    @field_validator("target_template")
+    @classmethod
+    def _has_target_slot(cls, value: str) -> str:
+        if "{target}" not in value:
+            raise ValueError("target_template must contain the placeholder '{target}'")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("a stop sequence must not be empty")
+        return value
+
+
+class TaskConfig(_Additions):
     """One task: where its text comes from and how much of it is used.
 
     ``source`` is ``builtin:NAME`` (bbc_news, wikipedia, python_code, arithmetic, and the
@@ -78,6 +120,8 @@ class TaskConfig(_Strict):
     ``lmeval:TASK.yaml`` (a multiple-choice lm-eval task: its ``doc_to_text`` is the prompt,
     its ``doc_to_choice`` the answers, ``doc_to_target`` the label; ``fbnprune.data.lmeval``).
     """
+
+    added = ("generation",)  # left out of fingerprints while None
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     source: str
@@ -106,6 +150,11 @@ class TaskConfig(_Strict):
         "choice over these answers, the document's label picks the gold one",
     )
     label_field: str = Field(default="label", description="label key of .jsonl documents")
+    generation: GenerationConfig | None = Field(
+        default=None,
+        description="the model writes the answer: a target per document, stop sequences, "
+        "a length and a metric (exact_match or chrf), instead of choices",
+    )
     wordings: list[Wording] = Field(
         default_factory=list,
         description="other wordings of the same question (template and answers), scored by "
@@ -155,6 +204,20 @@ class TaskConfig(_Strict):
                 "max_words: an lm-eval task's document is its whole rendered prompt, question "
                 "included, so cutting its words would cut the question; leave max_words out "
                 "(prompts longer than max_length are refused with the numbers)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_answer_kind(self) -> TaskConfig:
+        if self.generation is not None and self.choices is not None:
+            raise ValueError(
+                "a task has either choices (the model picks an answer) or generation (the "
+                "model writes it), not both"
+            )
+        if self.generation is not None and self.wordings:
+            raise ValueError(
+                "wordings: other wordings are scored for multiple-choice tasks only; a "
+                "generation task has one template"
             )
         return self
 

@@ -129,34 +129,52 @@ class RunContext:
         return max(t.max_length for t in self.recipe.tasks)
 
     def calibration_prompts(self) -> list[str]:
-        """Every task's calibration prompts, task after task."""
-        return [p for data in self.tasks.values() for p in data.prompts("calibration")]
+        """Every task's calibration texts (prompts; a generation task's with their
+        targets), task after task."""
+        return [p for data in self.tasks.values() for p in data.texts("calibration")]
 
     def prompts_of(self, splits: tuple[Split, ...]) -> tuple[list[str], list[bool]]:
         """Every task's prompts of the given splits, and per prompt whether it is a
-        multiple-choice question (its last position predicts the answer)."""
+        question (multiple choice or generation: its last position predicts the answer)."""
         prompts: list[str] = []
         questions: list[bool] = []
         for data in self.tasks.values():
             for split in splits:
                 batch = data.prompts(split)
                 prompts += batch
-                questions += [data.choices is not None] * len(batch)
+                asks = data.choices is not None or data.generation is not None
+                questions += [asks] * len(batch)
         return prompts, questions
 
     def answers_of(self, splits: tuple[Split, ...]) -> list[str | None]:
         """The gold answer text of every prompt of ``prompts_of(splits)`` (its label's
-        answer), None where a task has no choices or a document no label."""
+        answer), None where a task has no choices or a document no label; a generation
+        task's answers are its ``targets_of``, not these."""
         out: list[str | None] = []
         for data in self.tasks.values():
             for split in splits:
-                out += [data.gold_answer(doc) for doc in data.split(split)]
+                golds = [data.gold_answer(doc) for doc in data.split(split)]
+                out += [None] * len(golds) if data.generation is not None else golds
+        return out
+
+    def targets_of(self, splits: tuple[Split, ...]) -> list[str | None]:
+        """The target of every prompt of ``prompts_of(splits)`` of a generation task (what
+        the model must write after it), None for the other tasks' prompts."""
+        out: list[str | None] = []
+        for data in self.tasks.values():
+            for split in splits:
+                out += [data.target(doc) for doc in data.split(split)]
         return out
 
     def heal_answers(self) -> list[str | None]:
         """The gold answer of every text of ``heal_texts`` (None for plain text)."""
         answers = self.answers_of(("calibration", "heal"))
         return answers + [None] * (len(self.heal_texts()[0]) - len(answers))
+
+    def heal_targets(self) -> list[str | None]:
+        """The generation target of every text of ``heal_texts`` (None for the others)."""
+        targets = self.targets_of(("calibration", "heal"))
+        return targets + [None] * (len(self.heal_texts()[0]) - len(targets))
 
     def heal_texts(self) -> tuple[list[str], list[bool]]:
         """What healing distils on: every task's prompts of the calibration and healing

@@ -52,6 +52,7 @@ HEAL_LOG, HEAL_PLOT, HEAL_STATE = "log.json", "loss.png", "state.pt"
 HEAL_TARGETS = "teacher.safetensors"
 VERDICT_DIR = "verdict"
 VERDICT_FILE, VERDICT_TABLE = "verdict.json", "verdict.md"
+VERDICT_PREDICTIONS = "predictions.jsonl"
 EVAL_DIR, SUITE_DIR = "eval", "suite"
 RESULTS_FILE, RESULTS_TABLE = "results.json", "results.md"
 BENCH_DIR, BENCH_ROWS = "bench", "rows.jsonl"
@@ -167,6 +168,11 @@ class RunLayout:
     @property
     def verdict_table(self) -> Path:
         return self.verdict_dir / VERDICT_TABLE
+
+    @property
+    def verdict_predictions(self) -> Path:
+        """Every model's written answer to every generation task's verdict document."""
+        return self.verdict_dir / VERDICT_PREDICTIONS
 
     def read_verdict(self) -> dict[str, Any] | None:
         """The recorded verdict, None when the run has none."""

@@ -20,7 +20,7 @@ def task_texts(ctx: RunContext) -> tuple[list[str], list[str]]:
     """The texts whose tokens stay (prompts, as the tokenizer reads them with its special
     tokens) and the answer texts (read without them, as answers are scored)."""
     texts, _ = ctx.heal_texts()
-    answers: list[str] = []
+    answers = [t for t in ctx.heal_targets() if t is not None]  # what generation writes
     for task in ctx.recipe.tasks:
         data = ctx.tasks[task.name]
         docs = data.calibration + data.heal

@@ -38,8 +38,39 @@ def task_flags(task: str, model: str, stats: dict[str, Any], scoring: str) -> li
     return flags
 
 
+def _clip(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _kept(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
+
+
 def _spread(predicted: dict[str, int]) -> str:
     return " ".join(f"{label}:{n}" for label, n in predicted.items())
+
+
+def generation_table(tasks: dict[str, Any]) -> list[str]:
+    """The generation tasks' part of the verdict: one table per task, a row per model."""
+    lines: list[str] = []
+    for name, task in tasks.items():
+        metric = task["metric"]
+        lines += [
+            f"## {name}: {task['n']} documents, written answers scored by {metric}; "
+            f"answering {task['constant_answer']!r} to every document scores "
+            f"{task['constant_score']:.3f}",
+            "",
+            f"| model | {metric} | kept | most frequent answer | its share | distinct answers |",
+            "|---|---|---|---|---|---|",
+        ]
+        for model, stats in task["models"].items():
+            lines.append(
+                f"| {model} | {stats['score']:.3f} | {_kept(task['kept'][model])} | "
+                f"{_clip(stats['top_answer'])!r} | {stats['top_share']:.0%} | "
+                f"{stats['distinct']} |"
+            )
+        lines.append("")
+    return lines
 
 
 def verdict_table(result: dict[str, Any]) -> str:
@@ -59,13 +90,13 @@ def verdict_table(result: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for model, stats in task["models"].items():
-            kept = task["kept"][model]
             lines.append(
                 f"| {model} | {stats[rule]['accuracy']:.3f} | "
-                f"{'n/a' if kept is None else f'{kept:.0%}'} | {stats[plain]['accuracy']:.3f} | "
+                f"{_kept(task['kept'][model])} | {stats[plain]['accuracy']:.3f} | "
                 f"{stats[plain]['top_share']:.0%} | {_spread(stats[plain]['predicted'])} |"
             )
         lines.append("")
+    lines += generation_table(result.get("generation", {}))
     target = result.get("target")
     if target is not None and target["kept"] is not None:
         verb = "meets" if target["met"] else "misses"

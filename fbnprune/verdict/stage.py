@@ -7,26 +7,42 @@ every rule of ``fbnprune.evaluate.answers``. Reported per model: the accuracy un
 recipe's ``verdict.scoring`` and as shipped (``sum``: the likeliest answer), the share of the
 original's accuracy kept, the majority label's rate and the spread of the answers.
 
+A generation task is scored the same way on its own documents: every model writes its answer
+greedily (``fbnprune.evaluate.generation``), scored by the task's metric (exact match or
+chrF) beside the score of answering the most frequent target to every document; the answers
+are kept in ``verdict/predictions.jsonl``.
+
 The shipped model (the healed one, else the unhealed one) is flagged when it gives one answer
-to more than 90% of the documents as shipped, or scores below the majority label's rate; the
-flags go into ``verdict/verdict.json``, the run's summary and the model card, and ``export``
-refuses a flagged run without ``--force``.
+to more than 90% of the documents as shipped, or scores below the majority label's rate (a
+generation task: no better than the constant answer); the flags go into
+``verdict/verdict.json``, the run's summary and the model card, and ``export`` refuses a
+flagged run without ``--force``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from fbnprune.data.document import Document
 from fbnprune.data.draw import draw_documents
-from fbnprune.data.task_text import SPLITS, task_choices, task_documents, task_prompt_key
+from fbnprune.data.task_text import (
+    SPLITS,
+    task_choices,
+    task_documents,
+    task_generation,
+    task_prompt_key,
+)
 from fbnprune.evaluate.answers import SCORING_RULES, answer_stats
+from fbnprune.evaluate.generation import GenerationTask, generation_flags
 from fbnprune.evaluate.questions import VerdictTask
 from fbnprune.evaluate.suite import eval_name
 from fbnprune.io import atomic_write_json, atomic_write_text
+from fbnprune.recipe import TaskConfig
 from fbnprune.rundir import fingerprint
 from fbnprune.rundir.context import RunContext
 from fbnprune.select.calibration import RunCalibration
@@ -35,30 +51,52 @@ from fbnprune.verdict.judgement import AS_SHIPPED, kept_share, task_flags, verdi
 logger = logging.getLogger(__name__)
 
 
-def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
-    """The recipe's multiple-choice tasks, each wording apart, on up to ``verdict.limit``
-    documents that share neither id nor text with any split of the run."""
+def _verdict_documents(ctx: RunContext, task: TaskConfig, pool: list[Document]) -> list[Document]:
+    """Up to ``verdict.limit`` documents of ``pool`` that share neither id nor text nor
+    prompt with any split of the run."""
     recipe = ctx.recipe
     used = [d for data in ctx.tasks.values() for split in SPLITS for d in data.split(split)]
     used += ctx.extra_heal_documents
+    docs = draw_documents(
+        pool, recipe.verdict.limit, exclude=used, seed=recipe.seed, prompt=task_prompt_key(task)
+    )
+    if not docs:
+        logger.warning("verdict: %s has no document outside the run's splits", task.name)
+    elif len(docs) < recipe.verdict.limit:
+        logger.info("verdict: %s has %d documents outside every split", task.name, len(docs))
+    return docs
+
+
+def generation_tasks(ctx: RunContext) -> list[GenerationTask]:
+    """The recipe's generation tasks on up to ``verdict.limit`` documents outside every
+    split."""
+    out: list[GenerationTask] = []
+    for task in ctx.recipe.tasks:
+        generation = task_generation(task)
+        if generation is None:
+            continue
+        docs = _verdict_documents(ctx, task, task_documents(task))
+        if docs:
+            out.append(
+                GenerationTask(
+                    eval_name(task), task.name, task.template, task.max_words, generation, docs
+                )
+            )
+    return out
+
+
+def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
+    """The recipe's multiple-choice tasks, each wording apart, on up to ``verdict.limit``
+    documents that share neither id nor text with any split of the run."""
     out: list[VerdictTask] = []
-    for task in recipe.tasks:
+    for task in ctx.recipe.tasks:
         choices = task_choices(task)
         if choices is None:
             continue
         pool = [d for d in task_documents(task) if d.label in choices]
-        docs = draw_documents(
-            pool,
-            recipe.verdict.limit,
-            exclude=used,
-            seed=recipe.seed,
-            prompt=task_prompt_key(task),
-        )
+        docs = _verdict_documents(ctx, task, pool)
         if not docs:
-            logger.warning("verdict: %s has no document outside the run's splits", task.name)
             continue
-        if len(docs) < recipe.verdict.limit:
-            logger.info("verdict: %s has %d documents outside every split", task.name, len(docs))
         out.append(
             VerdictTask(
                 eval_name(task), task.name, None, task.template, task.max_words, choices, docs
@@ -79,15 +117,23 @@ def verdict_tasks(ctx: RunContext) -> list[VerdictTask]:
     return out
 
 
-def verdict_key(ctx: RunContext, upstream: str, tasks: list[VerdictTask]) -> str:
+def verdict_key(
+    ctx: RunContext,
+    upstream: str,
+    tasks: list[VerdictTask],
+    written: list[GenerationTask] | None = None,
+) -> str:
     """The verdict's inputs: the models (``upstream``), its settings, the tasks, and the
-    documents it draws (``tasks``: so a change in how they are drawn scores again)."""
+    documents it draws (``tasks``, ``written``: so a change in how they are drawn scores
+    again)."""
     r = ctx.recipe
     configs = [t.model_dump() for t in r.tasks]
     drawn = {t.name: [d.id for d in t.documents] for t in tasks}
-    return fingerprint(
-        upstream, r.verdict.model_dump(), configs, r.seed, r.select.model_dump(), drawn
-    )
+    parts: list[Any] = [upstream, r.verdict.model_dump(), configs, r.seed, r.select.model_dump()]
+    parts.append(drawn)
+    if written:
+        parts.append({"generation": {t.name: [d.id for d in t.documents] for t in written}})
+    return fingerprint(*parts)
 
 
 def verdict(
@@ -103,13 +149,17 @@ def verdict(
     layout = ctx.layout
     if not ctx.recipe.verdict.enabled:
         return None
-    if not any(task_choices(t) is not None for t in ctx.recipe.tasks):
-        logger.info("verdict: skipped (no multiple-choice task)")
+    tasks, written = verdict_tasks(ctx), generation_tasks(ctx)
+    if not tasks and not written:
+        logger.info("verdict: skipped (no multiple-choice or generation task)")
         return None
-    tasks = verdict_tasks(ctx)
-    key = verdict_key(ctx, upstream, tasks)
+    key = verdict_key(ctx, upstream, tasks, written)
     outputs = [layout.verdict_file, layout.verdict_table]
-    ctx.run.stage("verdict", key, outputs, lambda: _verdict(ctx, tasks, checkpoints, calibration))
+    if written:
+        outputs.append(layout.verdict_predictions)
+    ctx.run.stage(
+        "verdict", key, outputs, lambda: _verdict(ctx, tasks, checkpoints, calibration, written)
+    )
     return layout.read_verdict()
 
 
@@ -141,10 +191,14 @@ def _verdict(
     tasks: list[VerdictTask],
     checkpoints: dict[str, Path],
     calibration: Callable[[], RunCalibration] | None = None,
+    written: list[GenerationTask] | None = None,
 ) -> dict[str, Any]:
-    """Score ``tasks``, flag, write ``verdict/verdict.{json,md}``; the ledger's details."""
+    """Score ``tasks`` and ``written``, flag, write ``verdict/verdict.{json,md}`` (and the
+    written answers); the ledger's details."""
     cfg = ctx.recipe.verdict
+    written = written or []
     scores: dict[str, dict[str, Any]] = {t.name: {} for t in tasks}
+    answers: dict[str, dict[str, list[str]]] = {t.name: {} for t in written}
     sources: dict[str, str] = {}
     for model_name, (source, entered) in _models(ctx, checkpoints).items():
         sources[model_name] = source
@@ -155,6 +209,8 @@ def _verdict(
                 scores[task.name][model_name] = {
                     rule: answer_stats(logliks, gold, rule).to_dict() for rule in SCORING_RULES
                 }
+            for gen in written:
+                answers[gen.name][model_name] = gen.answers(model, tokenizer, cfg.batch_size)
         logger.info("verdict: scored %s", model_name)
     shipped = "healed" if "healed" in sources else "unhealed" if "unhealed" in sources else None
     result: dict[str, Any] = {
@@ -163,7 +219,7 @@ def _verdict(
         "limit": cfg.limit,
         "shipped": shipped,
         "models": sources,
-        "task_info": task_info(ctx, tasks),
+        "task_info": task_info(ctx, tasks, written),
         "tasks": {},
         "flags": [],  # the shipped model's
         "flags_by_model": {name: [] for name in sources if name != "original"},
@@ -189,6 +245,8 @@ def _verdict(
         result["tasks"][task.name] = entry
         for name, flags in result["flags_by_model"].items():
             flags += task_flags(task.name, name, per_model[name], cfg.scoring)
+    if written:
+        result["generation"] = _generation_results(ctx, written, answers, result)
     if shipped is not None:
         result["flags"] = result["flags_by_model"][shipped]
         result["target"] = _target(ctx, result, shipped, calibration)
@@ -200,6 +258,50 @@ def _verdict(
     return {"tasks": len(tasks), "flags": len(result["flags"]), "shipped": shipped}
 
 
+def _generation_results(
+    ctx: RunContext,
+    written: list[GenerationTask],
+    answers: dict[str, dict[str, list[str]]],
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """Each generation task's scores per model, the constant answer's score, the kept share
+    and flags (added to ``result``'s); every answer goes to ``verdict/predictions.jsonl``."""
+    out: dict[str, Any] = {}
+    lines: list[str] = []
+    for task in written:
+        constant, constant_score = task.constant_answer()
+        per_model = {name: task.score(given) for name, given in answers[task.name].items()}
+        reference = per_model["original"]["score"]
+        out[task.name] = {
+            "task": task.task,
+            "template": task.template,
+            "metric": task.generation.metric,
+            "stop": task.generation.stop,
+            "max_new_tokens": task.generation.max_new_tokens,
+            "n": len(task.documents),
+            "doc_ids": [d.id for d in task.documents],
+            "constant_answer": constant,
+            "constant_score": constant_score,
+            "models": {
+                name: {k: v for k, v in stats.items() if k != "each"}
+                for name, stats in per_model.items()
+            },
+            "kept": {
+                name: kept_share(stats["score"], reference) for name, stats in per_model.items()
+            },
+        }
+        for name, flags in result["flags_by_model"].items():
+            flags += generation_flags(task.name, name, per_model[name], constant_score)
+        for i, (doc, target) in enumerate(zip(task.documents, task.targets(), strict=True)):
+            record = {"task": task.name, "id": doc.id, "target": target}
+            for name, given in answers[task.name].items():
+                record[name] = given[i]
+                record[f"{name}_score"] = per_model[name]["each"][i]
+            lines.append(json.dumps(record, ensure_ascii=False))
+    atomic_write_text(ctx.layout.verdict_predictions, "\n".join(lines) + "\n")
+    return out
+
+
 def _target(
     ctx: RunContext,
     result: dict[str, Any],
@@ -209,13 +311,13 @@ def _target(
     """Whether the shipped model keeps ``select.keep_accuracy`` of the original's accuracy
     on every task; when a fixed budget misses it, the budget the search would choose."""
     select = ctx.recipe.select
-    shares = [
-        t["kept"][shipped] for t in result["tasks"].values() if t["kept"][shipped] is not None
-    ]
+    entries = [*result["tasks"].values(), *result.get("generation", {}).values()]
+    shares = [t["kept"][shipped] for t in entries if t["kept"][shipped] is not None]
     kept = min(shares) if shares else None
     met = kept is None or kept >= select.keep_accuracy
     target: dict[str, Any] = {"keep_accuracy": select.keep_accuracy, "kept": kept, "met": met}
-    if not met and not select.auto and ctx.recipe.verdict.suggest_budget and calibration:
+    asks = bool(result["tasks"])  # the search measures multiple-choice accuracy
+    if not met and asks and not select.auto and ctx.recipe.verdict.suggest_budget and calibration:
         from fbnprune.select.stage import budget_search
 
         logger.info("verdict: the budget misses the target; searching the one that meets it")
@@ -223,7 +325,9 @@ def _target(
     return target
 
 
-def task_info(ctx: RunContext, tasks: list[VerdictTask]) -> dict[str, dict[str, Any]]:
+def task_info(
+    ctx: RunContext, tasks: list[VerdictTask], written: list[GenerationTask] | None = None
+) -> dict[str, dict[str, Any]]:
     """What the card says of each task: its source (a file's sha256), template, answers and
     the number of documents of every split and of the verdict."""
     from fbnprune.integrity import sha256_file
@@ -233,16 +337,18 @@ def task_info(ctx: RunContext, tasks: list[VerdictTask]) -> dict[str, dict[str, 
         data = ctx.tasks[cfg.name]
         scheme, _, rest = cfg.source.partition(":")
         path = Path(rest).expanduser()
-        scored = next((t for t in tasks if t.task == cfg.name), None)
+        drawn = [t.documents for t in tasks if t.task == cfg.name]
+        drawn += [t.documents for t in written or [] if t.task == cfg.name]
         out[cfg.name] = {
             "source": cfg.source,
             "sha256": sha256_file(path) if scheme == "file" and path.is_file() else None,
             "template": cfg.template,
             "max_words": cfg.max_words,
             "answers": data.choices,
+            "generation": None if data.generation is None else data.generation.model_dump(),
             "documents": {
                 **{split: len(data.split(split)) for split in ("calibration", "heldout", "heal")},
-                "verdict": 0 if scored is None else len(scored.documents),
+                "verdict": len(drawn[0]) if drawn else 0,
             },
         }
     return out

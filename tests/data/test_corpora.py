@@ -119,7 +119,14 @@ def test_suite_readers_are_builtin_sources() -> None:
 
 def test_task_recipes_present() -> None:
     names = {p.stem for p in TASK_RECIPES}
-    assert names == {"bbc-news", "wiki-articles", "code-modules", "arithmetic-ops"}
+    assert names == {
+        "bbc-news",
+        "wiki-articles",
+        "code-modules",
+        "arithmetic-ops",
+        "arithmetic-items",  # generation tasks (issue 28)
+        "bbc-headlines",
+    }
 
 
 @pytest.mark.parametrize("path", TASK_RECIPES, ids=lambda p: p.stem)
@@ -138,10 +145,14 @@ def test_task_recipe_loads_and_leaves_test_documents(path: Path) -> None:
         if d.id not in split_ids and normalise(d.text) not in split_texts
     ]
     assert len(outside) >= MIN_TEST_DOCUMENTS
-    assert data.choices is not None
-    assert all(answer.startswith(" ") for answer in data.choices.values())
-    # every document's label has an answer, the test documents' included
-    assert {d.label for d in outside} <= set(data.choices)
+    if data.generation is not None:  # the model writes the answer: a target per document
+        assert len(outside) >= recipe.verdict.limit >= 200
+        assert all(data.target(d).startswith(" ") for d in data.calibration + outside)
+    else:
+        assert data.choices is not None
+        assert all(answer.startswith(" ") for answer in data.choices.values())
+        # every document's label has an answer, the test documents' included
+        assert {d.label for d in outside} <= set(data.choices)
     header = path.read_text(encoding="utf-8").split("\n", 5)[:5]
     assert any(
         f"fbnprune run recipes/tasks/{path.name} --out runs/tasks/{path.stem}" in line
@@ -153,8 +164,9 @@ def test_task_recipe_loads_and_leaves_test_documents(path: Path) -> None:
 def test_task_recipe_is_the_demo_but_for_its_task(path: Path) -> None:
     demo = load_recipe(RECIPES / "demo.yaml")
     recipe = load_recipe(path)
-    # same model and every stage setting; only the task (and the name) differ
-    keep = set(Recipe.model_fields) - {"name", "tasks", "bench"}
+    # same model and every stage setting; only the task (and the name) differ, and the
+    # verdict's document count (a generation task's is scored on 200)
+    keep = set(Recipe.model_fields) - {"name", "tasks", "bench", "verdict"}
     assert recipe.model_dump(include=keep) == demo.model_dump(include=keep)
 
 

@@ -48,6 +48,8 @@ def test_builtin_names() -> None:
         "wiki_articles",
         "code_modules",
         "arithmetic_ops",
+        "arithmetic_items",
+        "bbc_headlines",
     }
 
 
