@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from fbnprune.cli import build_parser
-from fbnprune.recipe import Recipe, TaskConfig, Wording
+from fbnprune.recipe import GenerationConfig, Recipe, TaskConfig, Wording
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference"
 
@@ -63,6 +63,7 @@ def recipe_reference() -> str:
     lines += [""]
     lines += _section("tasks[]", TaskConfig)
     lines += _section("tasks[].wordings[]", Wording)
+    lines += _section("tasks[].generation", GenerationConfig)
     for key, field in Recipe.model_fields.items():
         if _is_model(field.annotation):
             lines += _section(key, typing.cast(type[BaseModel], field.annotation))

@@ -90,10 +90,8 @@ class TaskData:
         return document_target(self.generation, doc)
 
     def gold_answer(self, doc: Document) -> str | None:
-        """The answer text of ``doc``'s label, or a generation task's target (None
-        without choices or a label)."""
-        if self.generation is not None:
-            return self.target(doc)
+        """The answer text of ``doc``'s label (None without choices or a label; a
+        generation task's answer is its ``target``)."""
         if self.choices is None or doc.label is None:
             return None
         return self.choices.get(doc.label)

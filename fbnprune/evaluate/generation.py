@@ -89,6 +89,7 @@ def generate_answers(
     generation: GenerationConfig,
     *,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> list[str]:
     """Each prompt's greedy continuation, through lm-eval's ``HFLM.generate_until``: at
     most ``max_new_tokens`` tokens, cut before the first stop string (or end of text)."""
@@ -108,7 +109,7 @@ def generate_answers(
             Instance("generate_until", doc={}, arguments=(prompt, dict(kwargs)), idx=0)
             for prompt in prompts
         ]
-        return list(lm.generate_until(requests, disable_tqdm=True))
+        return list(lm.generate_until(requests, disable_tqdm=not progress))
 
 
 def answer_spread(predictions: Sequence[str]) -> dict[str, Any]:
@@ -137,10 +138,17 @@ class GenerationTask:
     def targets(self) -> list[str]:
         return [document_target(self.generation, d) for d in self.documents]
 
-    def answers(self, model: Any, tokenizer: Any, batch_size: int) -> list[str]:
+    def answers(
+        self, model: Any, tokenizer: Any, batch_size: int, progress: bool = False
+    ) -> list[str]:
         """``model``'s greedy answer to every prompt."""
         return generate_answers(
-            model, tokenizer, self.prompts(), self.generation, batch_size=batch_size
+            model,
+            tokenizer,
+            self.prompts(),
+            self.generation,
+            batch_size=batch_size,
+            progress=progress,
         )
 
     def constant_answer(self) -> tuple[str, float]:

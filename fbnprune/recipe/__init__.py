@@ -97,11 +97,15 @@ class Recipe(_Additions):
 
     @model_validator(mode="after")
     def _auto_budget_needs_answers(self) -> Recipe:
-        asks = any(t.choices is not None or t.source.startswith("lmeval:") for t in self.tasks)
+        asks = any(
+            t.generation is None and (t.choices is not None or t.source.startswith("lmeval:"))
+            for t in self.tasks
+        )
         if self.select.auto and not asks:
             raise ValueError(
                 "select.budget: auto keeps the smallest budget that keeps the task's accuracy: "
-                "it needs a multiple-choice task (choices, and labelled documents)"
+                "it needs a multiple-choice task (choices, and labelled documents); generation "
+                "tasks are not searched yet"
             )
         return self
 

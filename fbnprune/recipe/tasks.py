@@ -88,7 +88,9 @@ class GenerationConfig(_Strict):
         default_factory=lambda: ["\n"],
         description="the answer ends before the first of these strings",
     )
-    max_new_tokens: int = Field(default=16, ge=1, le=1024)
+    max_new_tokens: int = Field(
+        default=16, ge=1, le=1024, description="the longest answer, in tokens"
+    )
     metric: Literal["exact_match", "chrf"] = Field(
         default="exact_match",
         description="exact_match (case, whitespace, outer punctuation and a number's format "

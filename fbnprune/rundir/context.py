@@ -153,8 +153,7 @@ class RunContext:
         out: list[str | None] = []
         for data in self.tasks.values():
             for split in splits:
-                golds = [data.gold_answer(doc) for doc in data.split(split)]
-                out += [None] * len(golds) if data.generation is not None else golds
+                out += [data.gold_answer(doc) for doc in data.split(split)]
         return out
 
     def targets_of(self, splits: tuple[Split, ...]) -> list[str | None]:

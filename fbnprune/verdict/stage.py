@@ -210,7 +210,8 @@ def _verdict(
                     rule: answer_stats(logliks, gold, rule).to_dict() for rule in SCORING_RULES
                 }
             for gen in written:
-                answers[gen.name][model_name] = gen.answers(model, tokenizer, cfg.batch_size)
+                given = gen.answers(model, tokenizer, cfg.batch_size, ctx.progress)
+                answers[gen.name][model_name] = given
         logger.info("verdict: scored %s", model_name)
     shipped = "healed" if "healed" in sources else "unhealed" if "unhealed" in sources else None
     result: dict[str, Any] = {

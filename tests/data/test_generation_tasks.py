@@ -71,7 +71,7 @@ def test_targets_are_read_and_split_like_choices(tmp_path: Path) -> None:
     assert [len(i) for i in ids] == [8, 4, 6] and not (ids[0] & ids[1] or ids[1] & ids[2])
     for doc in data.calibration:
         n = int(doc.text.split()[2])
-        assert data.target(doc) == data.gold_answer(doc) == f" {n + 1}"
+        assert data.target(doc) == f" {n + 1}" and data.gold_answer(doc) is None
     prompts, texts = data.prompts("calibration"), data.texts("calibration")
     # calibration reads the prompt and the target: the tokens the model must write
     assert texts == [p + data.target(d) for p, d in zip(prompts, data.calibration, strict=True)]
@@ -268,3 +268,12 @@ def test_an_lmeval_generate_until_task_validates_and_runs(
     assert verdict is not None
     entry = verdict["generation"]["plus"]
     assert entry["n"] == 6 and entry["metric"] == "exact_match" and "original" in entry["models"]
+
+
+def test_the_budget_search_needs_a_multiple_choice_task() -> None:
+    from fbnprune.recipe import RecipeError, parse_recipe
+
+    task = {"name": "items", "source": "builtin:arithmetic_items", "generation": {}}
+    base = {"model": "unused", "tasks": [task], "select": {"budget": "auto"}}
+    with pytest.raises(RecipeError, match="generation tasks are not searched yet"):
+        parse_recipe(base)
