@@ -39,7 +39,10 @@ def score(answers: list[str], targets: list[str], metric: str) -> float:
         from sacrebleu.metrics import CHRF
 
         return CHRF().corpus_score(answers, [targets]).score
-    same = [a.strip().lower().rstrip(".") == t.strip().lower() for a, t in zip(answers, targets)]
+    same = [
+        a.strip().lower().rstrip(".") == t.strip().lower()
+        for a, t in zip(answers, targets, strict=True)
+    ]
     return sum(same) / len(same)
 
 

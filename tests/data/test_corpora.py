@@ -234,3 +234,19 @@ def test_task_prompts_fit_max_length(
     texts = [render(task.template, d.text, task.max_words) for d in load_documents(task.source)]
     lengths = [len(ids) for ids in smollm2_tokenizer(texts).input_ids]
     assert max(lengths) + longest <= task.max_length, (recipe, max(lengths), longest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["arithmetic-items", "bbc-headlines"])
+def test_generation_prompts_and_targets_fit_max_length(
+    smollm2_tokenizer: PreTrainedTokenizerBase, recipe: str
+) -> None:
+    """No prompt of a generation task's splits is truncated, nor the target after it (the
+    verdict's and evaluate's documents are not truncated: they are generated from whole)."""
+    from fbnprune.data.fit import question_cut
+
+    loaded = load_recipe(RECIPES / "tasks" / f"{recipe}.yaml")
+    task = loaded.tasks[0]
+    assert task.generation is not None
+    data = load_task(task, seed=loaded.seed)
+    assert question_cut(data, smollm2_tokenizer, task.max_length) is None
