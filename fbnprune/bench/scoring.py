@@ -118,7 +118,7 @@ def _calibration(ctx: RunContext, selectors: Sequence[str]) -> RunCalibration:
 
 def bench_tasks(recipe: Recipe) -> list[str]:
     """The bench's tasks: ``bench.tasks``, else the recipe's own multiple-choice tasks (every
-    wording) and ppl_news, else bbc_topics and ppl_news."""
+    wording) and generation tasks, and ppl_news, else bbc_topics and ppl_news."""
     if recipe.bench.tasks is not None:
         return list(recipe.bench.tasks)
     own = list(recipe_tasks(recipe))

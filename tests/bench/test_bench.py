@@ -186,3 +186,36 @@ def test_cli_overrides_and_errors(tiny_llama_dir, tmp_path, capsys):
     assert "budgets must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="unknown key"):
         parse_recipe({**recipe_dict(tiny_llama_dir), "bench": {"budget": [0.1]}})
+
+
+def test_bench_scores_a_generation_task(tiny_llama_dir, tmp_path):
+    """A generation task's suite task (generate_until) is scored for the original and every
+    variant, healed ones included, by its metric."""
+    items = {
+        "name": "items",
+        "source": "builtin:arithmetic_items",
+        "template": "{text}:",
+        "max_words": 3,
+        "generation": {"max_new_tokens": 3},
+        "calibration_samples": 8,
+        "heldout_samples": 4,
+        "max_length": 48,
+    }
+    data = recipe_dict(
+        tiny_llama_dir,
+        budgets=[0.25],
+        selectors=["magnitude"],
+        random_seeds=[0],
+        fills=["zero"],
+        heal_steps=2,
+        output_selectors=[],
+        tasks=["items"],
+        limit=4,
+    )
+    data["tasks"] = [items]
+    results = run_bench(parse_recipe(data), tmp_path / "bench", progress=False)
+    assert results["tasks"]["items"]["metric"] == "exact_match"
+    assert results["tasks"]["items"]["n_docs"] == 4
+    scored = [row["scores"]["items"]["exact_match"] for row in results["rows"]]
+    assert len(scored) >= 2 and all(0.0 <= s <= 1.0 for s in scored)
+    assert any(row.get("heal") for row in results["rows"])
