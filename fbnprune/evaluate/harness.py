@@ -188,6 +188,13 @@ class Harness:
                 name, f"acc_{answer_task.scoring}", True, metrics, info.n_docs
             )
         self.spreads: list[dict[str, dict[str, Any]]] = []  # per score(): task -> answers
+        # the tasks whose answers the model writes: their answers are kept per score()
+        self.written = [
+            name
+            for name, task in self.loaded["tasks"].items()
+            if getattr(task, "OUTPUT_TYPE", None) == "generate_until"
+        ]
+        self.answers: list[dict[str, list[dict[str, Any]]]] = []
         logger.info("evaluation tasks: %s", ", ".join(self.tasks))
 
     def score(self, model: nn.Module, tokenizer: Any) -> Scores:
@@ -208,12 +215,13 @@ class Harness:
                 lm,
                 self.loaded,
                 limit=self.limit,
-                log_samples=False,
+                log_samples=bool(self.written),
                 bootstrap_iters=self.bootstrap_iters,
             )
         if out is None:
             raise EvalError("lm-eval returned no results (not rank 0?)")
         scores = {name: _metrics(out["results"][name]) for name in self.tasks}
+        self.answers.append({name: _written(out["samples"][name]) for name in self.written})
         spread: dict[str, dict[str, Any]] = {}
         for name, answer_task in self.answer_tasks.items():
             metrics, spread[name] = _answer_scores(model, tokenizer, answer_task, self)
@@ -227,9 +235,11 @@ class Harness:
         *,
         timings: dict[str, float] | None = None,
         spreads: dict[str, dict[str, dict[str, Any]]] | None = None,
+        answers: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
     ) -> dict[str, Scores]:
         """``score`` for each named model in turn; ``timings`` receives seconds per model,
-        ``spreads`` each model's answer spread on the answer tasks."""
+        ``spreads`` each model's answer spread on the answer tasks, ``answers`` its written
+        answers to the generation tasks."""
         scores: dict[str, Scores] = {}
         for name, spec in models.items():
             start = time.perf_counter()
@@ -238,6 +248,8 @@ class Harness:
                 scores[name] = self.score(model, tokenizer)
             if spreads is not None:
                 spreads[name] = self.spreads[-1]
+            if answers is not None:
+                answers[name] = self.answers[-1]
             seconds = time.perf_counter() - start
             if timings is not None:
                 timings[name] = round(seconds, 2)
@@ -326,6 +338,23 @@ def _answer_scores(
     metrics["majority_rate"] = spread["majority_rate"] = stats.majority_rate
     spread["majority_label"] = stats.majority_label
     return metrics, spread
+
+
+def _written(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A generation task's lm-eval samples as records: the document's id, the target and
+    the answer the model wrote (after lm-eval's filters)."""
+    out = []
+    for sample in samples:
+        doc = sample.get("doc") or {}
+        answer = sample["filtered_resps"]
+        out.append(
+            {
+                "id": doc.get("id", sample.get("doc_id")),
+                "target": sample.get("target"),
+                "answer": answer[0] if isinstance(answer, list) else answer,
+            }
+        )
+    return out
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from fbnprune.evaluate.errors import EvalError
 from fbnprune.evaluate.harness import Harness, ModelAndTokenizer, ModelSpec
 from fbnprune.evaluate.results import build_results, write_results
 from fbnprune.evaluate.suite import answer_tasks, build_suite, catalog, default_tasks
+from fbnprune.io import atomic_write_text
 from fbnprune.models.size import count_parameters
 from fbnprune.plan import PrunePlan
 from fbnprune.pruning.mask import masked
@@ -109,7 +111,8 @@ def evaluate_run(
     variants, described = model_variants(context, plan, kinds, run_dir)
     timings: dict[str, float] = {}
     spreads: dict[str, dict[str, Any]] = {}
-    scores = harness.score_all(variants, timings=timings, spreads=spreads)
+    answers: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    scores = harness.score_all(variants, timings=timings, spreads=spreads, answers=answers)
     settings = {
         **harness.settings(),
         "tasks": list(harness.tasks),
@@ -133,7 +136,21 @@ def evaluate_run(
     if write:
         json_file, md_file = write_results(results, layout.eval_dir)
         logger.info("evaluation results: %s, %s", json_file, md_file)
+        if harness.written:
+            _write_answers(answers, layout.eval_predictions)
+            logger.info("written answers: %s", layout.eval_predictions)
     return results
+
+
+def _write_answers(answers: dict[str, dict[str, list[dict[str, Any]]]], file: Path) -> None:
+    """Every model's written answers to the generation tasks, one JSON line each."""
+    lines = [
+        json.dumps({"model": model, "task": task, **record}, ensure_ascii=False)
+        for model, tasks in answers.items()
+        for task, records in tasks.items()
+        for record in records
+    ]
+    atomic_write_text(file, "\n".join(lines) + "\n")
 
 
 def run_recipe(run_dir: Path) -> Recipe:

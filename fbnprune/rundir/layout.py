@@ -197,6 +197,11 @@ class RunLayout:
         return self.eval_dir / RESULTS_FILE
 
     @property
+    def eval_predictions(self) -> Path:
+        """Every evaluated model's written answers to the generation tasks."""
+        return self.eval_dir / VERDICT_PREDICTIONS
+
+    @property
     def bench_dir(self) -> Path:
         return self.root / BENCH_DIR
 

@@ -226,6 +226,10 @@ def test_an_lmeval_generate_until_task_loads_and_evaluates(tmp_path: Path, monke
     assert harness.tasks["plus"].metric == "exact_match"
     scores = harness.score(tiny_model("llama"), tiny_tokenizer())
     assert 0.0 <= scores["plus"]["exact_match"] <= 1.0
+    written = harness.answers[-1]["plus"]  # what the model wrote, kept per score()
+    assert [r["id"] for r in written] == [row["id"] for row in rows]
+    assert all(isinstance(r["answer"], str) for r in written)
+    assert [r["target"] for r in written] == [row["target"] for row in rows]
 
 
 def test_a_target_that_truncation_would_cut_is_refused(tmp_path: Path) -> None:

@@ -113,3 +113,17 @@ def test_the_card_states_how_the_answer_is_written_and_scored(generation_run, tm
     card = (result.out_dir / "README.md").read_text()
     assert "## Task and verdict" in card and "The model writes its answer" in card
     assert "scored by exact_match" in card and "| items | 10 | exact_match |" in card
+
+
+def test_evaluate_keeps_every_written_answer(generation_run) -> None:
+    run_dir, _ = generation_run
+    from fbnprune.cli import main
+
+    argv = ["-q", "evaluate", str(run_dir), "--tasks", "items", "--models", "original,sliced"]
+    assert main([*argv, "--limit", "3"]) == 0
+    layout = RunLayout(run_dir)
+    results = json.loads(layout.eval_results_file.read_text())
+    assert results["tasks"]["items"]["metric"] == "exact_match"
+    records = [json.loads(x) for x in layout.eval_predictions.read_text().splitlines()]
+    assert len(records) == 3 * len({r["model"] for r in records}) and len(records) >= 6
+    assert all(r["task"] == "items" and r["target"].startswith(" ") for r in records)
