@@ -16,9 +16,11 @@ class DataError(FbnpruneError, ValueError):
 class Document:
     """One piece of text; ``label`` is the topic (BBC), the answer (arithmetic) or None;
     ``target`` what a generation task's model must write (a .jsonl field or an lm-eval
-    task's target; a built-in's is its label)."""
+    task's target; a built-in's is its label); ``fields`` a generation task's .jsonl
+    record's other text and number fields, for its target template."""
 
     id: str
     text: str
     label: str | None = None
     target: str | None = None
+    fields: tuple[tuple[str, str], ...] = ()

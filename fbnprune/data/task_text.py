@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from fbnprune.recipe import GenerationConfig, TaskConfig
 logger = logging.getLogger(__name__)
 
 
+TEMPLATE_SLOT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # a target template's {name}
 Split = Literal["calibration", "heldout", "heal"]
 SPLITS: tuple[Split, ...] = ("calibration", "heldout", "heal")
 
@@ -217,17 +219,26 @@ def _load_jsonl(
         obj = _jsonl_record(line, f"{path}:{lineno}", text_field)
         doc_id = str(obj["id"]) if obj.get("id") is not None else f"file:{len(docs)}"
         label = None if obj.get(label_field) is None else str(obj[label_field])
-        target = None
-        if target_field is not None:
-            target = obj.get(target_field)
-            if not isinstance(target, str | int | float) or isinstance(target, bool):
+        target: str | None = None
+        fields: tuple[tuple[str, str], ...] = ()
+        if target_field is not None:  # a generation task: its target and fields
+            value = obj.get(target_field)
+            if value is not None and not _scalar(value):
                 raise DataError(
                     f"{path}:{lineno}: the generation task's target {target_field!r} must be "
-                    f"text or a number, got {target!r}"
+                    f"text or a number, got {value!r}"
                 )
-            target = str(target)
-        docs.append(Document(id=doc_id, text=obj[text_field], label=label, target=target))
+            target = None if value is None else str(value)
+            fields = tuple((k, str(v)) for k, v in obj.items() if k != text_field and _scalar(v))
+        docs.append(
+            Document(id=doc_id, text=obj[text_field], label=label, target=target, fields=fields)
+        )
     return docs
+
+
+def _scalar(value: object) -> bool:
+    """Text or a number (not a boolean): what a target template can hold."""
+    return isinstance(value, str | int | float) and not isinstance(value, bool)
 
 
 def _load_file(
@@ -390,20 +401,28 @@ def _check_labels(docs: list[Document], task: str, choices: dict[str, str] | Non
 
 def document_target(generation: GenerationConfig, doc: Document) -> str:
     """The text a generation task's model must write after ``doc``'s prompt: the target
-    template over the document's target (a built-in's is its label)."""
+    template over the document's target (a built-in's is its label) and, for a .jsonl
+    document, its other fields (``{unit}``)."""
     target = doc.target if doc.target is not None else doc.label
-    if target is None:
-        raise DataError(f"document {doc.id!r} has no target")
-    return generation.target_template.replace("{target}", target)
+    values = {**dict(doc.fields), **({"target": target} if target is not None else {})}
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            what = "target" if name == "target" else f"field {name!r}"
+            raise DataError(f"document {doc.id!r} has no {what} for the target template")
+        return values[name]
+
+    return TEMPLATE_SLOT.sub(value, generation.target_template)
 
 
-def _check_targets(docs: list[Document], task: str) -> None:
-    """Every document of a generation task has a non-empty target."""
-    bad = [d for d in docs if not (d.target if d.target is not None else d.label or "").strip()]
+def _check_targets(docs: list[Document], task: str, generation: GenerationConfig) -> None:
+    """Every document of a generation task has a non-empty target text."""
+    bad = [d for d in docs if not document_target(generation, d).strip()]
     if bad:
         raise DataError(
-            f"task {task!r}: {len(bad)} document(s) have no target (e.g. {bad[0].id}); a "
-            "generation task needs one per document"
+            f"task {task!r}: {len(bad)} document(s) have an empty target (e.g. {bad[0].id}); "
+            "a generation task needs one per document"
         )
 
 
@@ -458,7 +477,7 @@ def load_task(task: TaskConfig, *, seed: int) -> TaskData:
     _check_labels(calibration + heldout + heal, task.name, choices)
     generation = task_generation(task)
     if generation is not None:
-        _check_targets(calibration + heldout + heal, task.name)
+        _check_targets(docs, task.name, generation)  # the verdict's and evaluate's too
     unseen = sorted(set(choices or {}) - {d.label for d in calibration + heal})
     if unseen:
         logger.warning(

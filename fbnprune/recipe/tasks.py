@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -82,7 +83,7 @@ class GenerationConfig(_Strict):
     target_template: str = Field(
         default=" {target}",
         description="the text the model must write after the prompt; {target} is the "
-        "document's target",
+        "document's target, {NAME} a .jsonl document's field NAME (e.g. ' {target} {unit}')",
     )
     stop: list[str] = Field(
         default_factory=lambda: ["\n"],
@@ -100,8 +101,10 @@ class GenerationConfig(_Strict):
     @field_validator("target_template")
     @classmethod
     def _has_target_slot(cls, value: str) -> str:
-        if "{target}" not in value:
-            raise ValueError("target_template must contain the placeholder '{target}'")
+        if not re.search(r"\{[A-Za-z_][A-Za-z0-9_]*\}", value):
+            raise ValueError(
+                "target_template must contain a placeholder: '{target}' or a field '{NAME}'"
+            )
         return value
 
     @field_validator("stop")

@@ -84,8 +84,12 @@ def test_targets_are_read_and_split_like_choices(tmp_path: Path) -> None:
 
 
 def test_a_document_without_a_target_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="target 'answer' must be text or a number"):
+    with pytest.raises(DataError, match="has no target for the target template"):
         load_task(task_config(capitals(tmp_path, target=False)), seed=0)
+    rows = [{"text": f"q{i}", "answer": {"nested": i}} for i in range(20)]
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match="must be text or a number"):
+        load_task(task_config(tmp_path / "bad.jsonl"), seed=0)
     txt = tmp_path / "plain.txt"
     txt.write_text("one\n\ntwo\n")
     with pytest.raises(DataError, match="use a .jsonl file"):
@@ -281,3 +285,19 @@ def test_the_budget_search_needs_a_multiple_choice_task() -> None:
     base = {"model": "unused", "tasks": [task], "select": {"budget": "auto"}}
     with pytest.raises(RecipeError, match="generation tasks are not searched yet"):
         parse_recipe(base)
+
+
+def test_a_target_template_reads_the_documents_fields(tmp_path: Path) -> None:
+    """``{NAME}`` in the target template is the .jsonl record's field NAME; a record
+    without it is refused by name."""
+    rows = [{"text": f"How far is town {i}?", "km": i, "unit": "km"} for i in range(30)]
+    file = tmp_path / "far.jsonl"
+    file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    generation = {"target_field": "km", "target_template": " {target} {unit}"}
+    data = load_task(task_config(file, generation=generation), seed=0)
+    for doc in data.calibration:
+        n = int(doc.text.split()[-1].rstrip("?"))
+        assert data.target(doc) == f" {n} km"
+    generation["target_template"] = " {target} {miles}"
+    with pytest.raises(DataError, match="no field 'miles'"):
+        load_task(task_config(file, generation=generation), seed=0)
