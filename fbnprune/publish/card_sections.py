@@ -288,7 +288,7 @@ def _task(facts: CardFacts) -> str:
     if written:
         rows = [
             "| task | docs | metric | constant answer | original | this model | kept | "
-            "its most frequent answer |",
+            "share of its most frequent answer |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, task in written.items():
