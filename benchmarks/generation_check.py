@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fbnprune.data.task_text import load_documents, render
+from fbnprune.data.task_text import document_target, load_documents, render
 from fbnprune.models.loading import resolve_model
 from fbnprune.recipe import load_recipe
 
@@ -60,10 +60,7 @@ def main() -> None:
         by_id = {d.id: d for d in load_documents(task.source, target_field=gen.target_field)}
         docs = [by_id[i] for i in entry["doc_ids"][: args.limit]]
         prompts = [render(task.template, d.text, task.max_words) for d in docs]
-        targets = [
-            gen.target_template.replace("{target}", d.target if d.target is not None else d.label)
-            for d in docs
-        ]
+        targets = [document_target(gen, d) for d in docs]
         for model_name, source in verdict["models"].items():
             folder = resolve_model(recipe.model) if model_name == "original" else None
             folder = folder or args.run_dir / source

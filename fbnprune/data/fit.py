@@ -22,7 +22,7 @@ def question_cut(data: TaskData, tokenizer: Any, max_length: int) -> str | None:
     if not tail.strip() and data.generation is None:
         return None
     docs = [doc for split in SPLITS for doc in data.split(split)]
-    texts = [data.prompt(d) + (data.target(d) or "") for d in docs]
+    texts = [text for split in SPLITS for text in data.texts(split)]  # docs' order
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     over = [i for i, n in enumerate(lengths) if n > max_length]
     if not over:

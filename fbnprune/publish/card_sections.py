@@ -21,6 +21,7 @@ from fbnprune.rundir.layout import (
     EVAL_DIR,
     RESULTS_FILE,
 )
+from fbnprune.verdict.judgement import kept_text
 
 
 def sections(facts: CardFacts, base: BaseModel) -> list[str]:
@@ -279,7 +280,7 @@ def _task(facts: CardFacts) -> str:
         kept = task["kept"].get(model)
         table.append(
             f"| {name} | {task['n']} | {task['majority_rate']:.3f} | {original:.3f} | "
-            f"{ours[rule]['accuracy']:.3f} | {'n/a' if kept is None else f'{kept:.0%}'} | "
+            f"{ours[rule]['accuracy']:.3f} | {kept_text(kept)} | "
             f"{ours[plain]['accuracy']:.3f} | {ours[plain]['top_share']:.0%} |"
         )
     if verdict["tasks"]:
@@ -299,7 +300,7 @@ def _task(facts: CardFacts) -> str:
             rows.append(
                 f"| {name} | {task['n']} | {task['metric']} | {task['constant_score']:.3f} | "
                 f"{task['models']['original']['score']:.3f} | {ours['score']:.3f} | "
-                f"{'n/a' if kept is None else f'{kept:.0%}'} | {ours['top_share']:.0%} |"
+                f"{kept_text(kept)} | {ours['top_share']:.0%} |"
             )
         parts.append("\n".join(rows))
     flags = verdict.get("flags_by_model", {}).get(model, [])

@@ -42,7 +42,8 @@ def _clip(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _kept(share: float | None) -> str:
+def kept_text(share: float | None) -> str:
+    """A kept share as a percentage ("n/a" where the original scores 0)."""
     return "n/a" if share is None else f"{share:.0%}"
 
 
@@ -65,7 +66,7 @@ def generation_table(tasks: dict[str, Any]) -> list[str]:
         ]
         for model, stats in task["models"].items():
             lines.append(
-                f"| {model} | {stats['score']:.3f} | {_kept(task['kept'][model])} | "
+                f"| {model} | {stats['score']:.3f} | {kept_text(task['kept'][model])} | "
                 f"{_clip(stats['top_answer'])!r} | {stats['top_share']:.0%} | "
                 f"{stats['distinct']} |"
             )
@@ -92,7 +93,7 @@ def verdict_table(result: dict[str, Any]) -> str:
         for model, stats in task["models"].items():
             lines.append(
                 f"| {model} | {stats[rule]['accuracy']:.3f} | "
-                f"{_kept(task['kept'][model])} | {stats[plain]['accuracy']:.3f} | "
+                f"{kept_text(task['kept'][model])} | {stats[plain]['accuracy']:.3f} | "
                 f"{stats[plain]['top_share']:.0%} | {_spread(stats[plain]['predicted'])} |"
             )
         lines.append("")

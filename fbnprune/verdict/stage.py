@@ -129,8 +129,8 @@ def verdict_key(
     r = ctx.recipe
     configs = [t.model_dump() for t in r.tasks]
     drawn = {t.name: [d.id for d in t.documents] for t in tasks}
-    parts: list[Any] = [upstream, r.verdict.model_dump(), configs, r.seed, r.select.model_dump()]
-    parts.append(drawn)
+    parts: list[Any] = [upstream, r.verdict.model_dump(), configs, r.seed]
+    parts += [r.select.model_dump(), drawn]
     if written:
         parts.append({"generation": {t.name: [d.id for d in t.documents] for t in written}})
     return fingerprint(*parts)
