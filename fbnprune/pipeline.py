@@ -74,6 +74,8 @@ def _discover(ctx: RunContext, art: Artifacts) -> None:
 def _select(ctx: RunContext, art: Artifacts) -> None:
     art.plan = select.select(ctx, RunCalibration(ctx, art.activations, art.networks))
     art.slices = Slices(ctx, art.plan)
+    for acts in art.activations.values():  # read again from disk if the verdict asks
+        acts.release_pages()
 
 
 def _prune(ctx: RunContext, art: Artifacts) -> None:

@@ -40,14 +40,17 @@ def real_token_logits(
     model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
     """Logits at real tokens of every batch, concatenated: (n_tokens, vocab) float32."""
+    return torch.cat([_batch_logits(model, batch) for batch in batches])
+
+
+def _batch_logits(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One batch's logits at its real tokens, float32 on the CPU (the padded output freed)."""
     device = next(model.parameters()).device
-    out = []
-    for input_ids, attention in batches:
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
-        ).logits
-        out.append(logits[attention.to(device).bool()].float().cpu())
-    return torch.cat(out)
+    input_ids, attention = batch
+    logits = model(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
+    ).logits
+    return logits[attention.to(device).bool()].float().cpu()
 
 
 def check_parity(
@@ -58,7 +61,7 @@ def check_parity(
     *,
     atol: float = 1e-4,
     max_length: int = 128,
-    batch_size: int = 4,
+    batch_size: int = 1,
     gating: bool = True,
     vocabulary: Vocabulary | None = None,
 ) -> ParityReport:
@@ -66,10 +69,13 @@ def check_parity(
 
     Args:
         reference: (name, model, context) where ``context()`` (e.g. ``masked(model, plan)``)
-            is entered while the reference runs; ``None`` for no context.
+            is entered around each of the reference's forward passes (never around a
+            candidate's); ``None`` for no context.
         candidates: name -> model to compare.
         tokenizer: the candidates' tokenizer (the reference's too, without ``vocabulary``).
         prompts: held-out texts.
+        batch_size: prompts per forward pass (one: a single prompt's positions x vocabulary
+            logits in memory at a time).
         atol: largest allowed max |delta logits|.
         gating: whether a failure of this report fails the check.
         vocabulary: the candidates' vocabulary cut: the reference reads the same tokens by
@@ -78,12 +84,26 @@ def check_parity(
     batches = token_batches(tokenizer, prompts, max_length, batch_size)
     name, model, context = reference
     read = model if vocabulary is None else VocabularyView(model, vocabulary)
-    with context() if context is not None else contextlib.nullcontext():
-        ref = real_token_logits(read, batches)
+    worst = dict.fromkeys(candidates, 0.0)
+    total = dict.fromkeys(candidates, 0.0)
+    n_tokens = count = 0
+    # batch by batch, reduced on the fly: one batch's logits of the reference and of one
+    # candidate in memory, never every position x vocabulary of the prompts at once
+    for batch in batches:
+        with torch.inference_mode(), context() if context is not None else contextlib.nullcontext():
+            ref = _batch_logits(read, batch)
+        for cand_name, cand in candidates.items():
+            with torch.inference_mode():
+                delta = _batch_logits(cand, batch).sub_(ref).abs_()
+            largest = float(delta.max())
+            if not largest <= worst[cand_name]:  # larger, or NaN (which must fail the check)
+                worst[cand_name] = largest
+            total[cand_name] += float(delta.sum(dtype=torch.float64))
+        n_tokens, count = n_tokens + ref.shape[0], count + ref.numel()
+        del ref
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    report = ParityReport(name, atol, ref.shape[0], dtype=dtype, gating=gating)
-    for cand_name, cand in candidates.items():
-        delta = (real_token_logits(cand, batches) - ref).abs()
-        max_abs, mean_abs = float(delta.max()), float(delta.mean())
+    report = ParityReport(name, atol, n_tokens, dtype=dtype, gating=gating)
+    for cand_name in candidates:
+        max_abs, mean_abs = worst[cand_name], total[cand_name] / count
         report.comparisons.append(Comparison(cand_name, max_abs, mean_abs, max_abs <= atol))
     return report

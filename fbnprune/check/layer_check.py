@@ -126,7 +126,7 @@ def _replay(
 
 @torch.inference_mode()
 def slicing_parity(
-    original: str | os.PathLike[str],
+    original: str | os.PathLike[str] | LayerwiseModel,
     plan: PrunePlan,
     layouts: Sequence[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -137,12 +137,16 @@ def slicing_parity(
     batch_size: int = 4,
     dtype: torch.dtype = torch.float32,
 ) -> ParityReport:
-    """float64, MLP by MLP: each block's MLP of ``original`` sliced by ``plan`` in every
-    layout against the same MLP masked by ``plan``, on ``prompts``. The masked reference is
-    replayed block by block in ``dtype``; each MLP's inputs are recorded, upcast and fed to
-    the float64 MLP and its slices. Memory holds one block in ``dtype``, then one float64
-    MLP and its slices."""
-    reference = LayerwiseModel.from_checkpoint(original, dtype=dtype)
+    """float64, MLP by MLP: each block's MLP of ``original`` (a checkpoint's folder, or a
+    model in memory: ``LayerwiseModel.resident``) sliced by ``plan`` in every layout against
+    the same MLP masked by ``plan``, on ``prompts``. The masked reference is replayed block
+    by block in ``dtype``; each MLP's inputs are recorded, upcast and fed to the float64 MLP
+    and its slices. Memory holds one block in ``dtype`` (none more when resident), then one
+    float64 MLP and its slices."""
+    if isinstance(original, LayerwiseModel):
+        reference = original
+    else:
+        reference = LayerwiseModel.from_checkpoint(original, dtype=dtype)
     adapter = reference.adapter
     for layout in layouts:
         check_sliceable(adapter, plan, layout)

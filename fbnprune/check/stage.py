@@ -7,17 +7,17 @@ import functools
 import logging
 import shutil
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fbnprune.check.compare import check_parity
 from fbnprune.check.layer_check import saved_tensors_parity, slicing_parity
 from fbnprune.check.reload import parity_inputs, reload_parity
 from fbnprune.integrity import file_digests
-from fbnprune.models.onload import checkpoint_dir
-from fbnprune.parity import ParityResult
+from fbnprune.models.onload import LayerwiseModel, checkpoint_dir
+from fbnprune.parity import ParityReport, ParityResult
 from fbnprune.plan import PrunePlan
 from fbnprune.pruning.mask import masked
-from fbnprune.pruning.slicing import slice_model
+from fbnprune.pruning.slicing import sliced_copy
 from fbnprune.pruning.stage import Slices, sliced_tokenizer
 from fbnprune.pruning.tokenizer_trim import tokenization_parity
 from fbnprune.rundir.context import RunContext
@@ -25,6 +25,9 @@ from fbnprune.rundir.keys import check_key
 from fbnprune.save.checked import stage_checkpoint
 from fbnprune.save.streamed import save_sliced_layerwise
 from fbnprune.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +65,53 @@ def _check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
     in_dtype = check_parity(
         ("masked", model, lambda: masked(model, plan)), sliced, gating=False, **inputs
     )
-    # the slicing procedure itself, run in float64 so rounding cannot hide a wrong unit
-    reference64 = copy.deepcopy(model).double()
-    sliced64 = {
-        f"sliced-{layout}": slice_model(copy.deepcopy(reference64), plan, layout=layout)
-        for layout in slices.layouts
-    }
-    exact = check_parity(
-        ("masked", reference64, lambda: masked(reference64, plan)), sliced64, **inputs
-    )
+    exact = exactness(model, plan, slices.layouts, **inputs)
     tokenization = None if vocabulary is None else tokenization_proof(ctx, tokenizer, vocabulary)
     return _record(ctx, ParityResult([exact, serialisation, in_dtype], files, tokenization))
+
+
+def exactness(
+    model: PreTrainedModel,
+    plan: PrunePlan,
+    layouts: Sequence[str],
+    *,
+    vocabulary: Vocabulary | None,
+    **inputs: Any,
+) -> ParityReport:
+    """The slicing procedure itself against masking, in float64 so that rounding cannot hide
+    a wrong unit. A plan that cuts only MLP units is proven MLP by MLP on the masked
+    model's trajectory (``slicing_parity``: one float64 MLP at a time, a fraction of the
+    model); one that also cuts heads, layers or the vocabulary by whole float64 models:
+    the masked one, and one slice of it at a time (``sliced_copy``)."""
+    if vocabulary is None and plan.head_cut() is None and not plan.dropped_layers:
+        return slicing_parity(LayerwiseModel.resident(model), plan, layouts, **inputs)
+    return whole_model_exactness(model, plan, layouts, vocabulary=vocabulary, **inputs)
+
+
+def whole_model_exactness(
+    model: PreTrainedModel,
+    plan: PrunePlan,
+    layouts: Sequence[str],
+    *,
+    vocabulary: Vocabulary | None = None,
+    **inputs: Any,
+) -> ParityReport:
+    """float64 logits of the masked model against each float64 slice, one slice at a time
+    (``sliced_copy``: it shares the tensors the plan leaves as they are)."""
+    reference64 = copy.deepcopy(model).double()
+    comparisons = []
+    for layout in layouts:
+        sliced64 = sliced_copy(reference64, plan, layout=layout)
+        report = check_parity(
+            ("masked", reference64, lambda: masked(reference64, plan)),
+            {f"sliced-{layout}": sliced64},
+            vocabulary=vocabulary,
+            **inputs,
+        )
+        comparisons += report.comparisons
+        del sliced64
+    report.comparisons = comparisons
+    return report
 
 
 def tokenization_proof(

@@ -17,6 +17,7 @@ through the same operations, so they record the same values, bit for bit. With `
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import time
 from collections.abc import Generator
@@ -69,6 +70,22 @@ class Activations:
     def n_tokens(self) -> int:
         return self.matrix.shape[0]
 
+    def read_matrix(self) -> np.ndarray:
+        """The matrix as a writable float32 array of its own. A memory-mapped ``.npy`` is
+        read from its file, so its pages are not mapped beside the copy."""
+        matrix = self.matrix
+        name = matrix.filename if isinstance(matrix, np.memmap) else None
+        if name is not None and str(name).endswith(".npy"):
+            data = np.load(name)
+            if data.shape == matrix.shape and data.dtype == np.float32:
+                return data
+        return np.array(matrix, dtype=np.float32)
+
+    def release_pages(self) -> None:
+        """Drop the resident pages of a memory-mapped matrix: the file is read again where a
+        later stage touches it, and what a stage read stays out of the next ones' memory."""
+        release_mapped_pages(self.matrix)
+
     def layer_slices(self) -> list[slice]:
         bounds = np.cumsum([0, *self.layer_widths])
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -86,6 +103,19 @@ class Activations:
         matrix = np.load(directory / ACTIVATIONS_FILE, mmap_mode="r")
         sample_index = np.load(directory / SAMPLE_INDEX_FILE)
         return cls(matrix, sample_index, layer_widths, site)
+
+
+def release_mapped_pages(array: np.ndarray) -> None:
+    """Unmap the resident pages of a memory-mapped (shared, file-backed) array; a no-op for
+    other arrays. The page cache keeps their content, written pages included: the array
+    reads the same, and its pages count in the process's memory again only when touched."""
+    mapping, advice = getattr(array, "_mmap", None), getattr(mmap, "MADV_DONTNEED", None)
+    if mapping is not None and advice is not None:
+        mapping.madvise(advice)
+
+
+# a collect's memory-mapped matrix gives back its written pages every this many bytes
+RELEASE_EVERY = 256 * 2**20
 
 
 def tokenize(
@@ -320,6 +350,7 @@ def collect_activations(
     start = time.perf_counter()
     pack_to = max_length if packing else None
     rows = row_blocks(model, tokenizer, ids, site=site, batch_size=batch_size, pack_to=pack_to)
+    written = 0
     try:
         for layer, i, values in rows:
             if layer is None:
@@ -327,6 +358,10 @@ def collect_activations(
             else:
                 matrix[offsets[i] : offsets[i + 1], cols[layer] : cols[layer + 1]] = values
             bar.update(len(values))
+            written += values.nbytes
+            if written >= RELEASE_EVERY:  # the matrix need not stay resident as it is written
+                release_mapped_pages(matrix)
+                written = 0
         elapsed = time.perf_counter() - start
     except BaseException:
         if tmp_file is not None:

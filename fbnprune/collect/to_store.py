@@ -48,6 +48,13 @@ class StoredActivations(Activations):
     def matrix(self) -> np.ndarray:  # type: ignore[override]
         return self.store.numpy()
 
+    def read_matrix(self) -> np.ndarray:
+        """The matrix as an array of its own: read from the store, unless already read."""
+        cached = self.__dict__.get("matrix")
+        if cached is not None:
+            return np.array(cached, dtype=np.float32)
+        return np.require(self.store.numpy(), np.float32, ["C", "W"])
+
     @property
     def n_tokens(self) -> int:
         return self.store.shape[0]

@@ -29,10 +29,12 @@ def fit_networks(cfg: DiscoverConfig, acts: Activations, *, seed: int) -> GroupI
     """The ICA of one task's activations, fitted with the engine and scope ``cfg`` names
     (the discover stage's, and ``fbnprune.prune``'s in memory)."""
     estimator: Callable[..., GroupICA] = GroupICA
-    data: Any = acts.matrix if cfg.scope == "group" else discover_input(acts)
+    data: Any = discover_input(acts)  # scope layer: one layer's columns at a time
     if cfg.engine == "dask":
         estimator = functools.partial(DaskGroupICA, memory=cfg.memory)
-        data = discover_input(acts)
+    elif cfg.scope == "group":  # one copy of the matrix in memory, centred in place
+        estimator = functools.partial(GroupICA, copy=False)
+        data = acts.read_matrix()
     ica = estimator(
         n_components=cfg.n_components,
         threshold=cfg.threshold,

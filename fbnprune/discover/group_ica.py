@@ -50,6 +50,9 @@ class GroupICA:
         standardize: divide every neuron by its standard deviation before the PCA, so the
             decomposition is not drawn to the loudest neurons (maps are then over
             standardised neurons).
+        copy: when False, ``fit`` centres (and scales) a writable float32 ``X`` in place and
+            leaves it overwritten, as scikit-learn's ``PCA(copy=False)``: the fit then holds
+            one matrix, not two. The result is the same either way.
 
     Attributes:
         mean_: ndarray of shape (n_neurons,): per-neuron mean that was removed.
@@ -72,6 +75,7 @@ class GroupICA:
         tol: float = 1e-4,
         random_state: int | None = 0,
         standardize: bool = False,
+        copy: bool = True,
     ) -> None:
         self.n_components = n_components
         self.threshold = threshold
@@ -79,19 +83,33 @@ class GroupICA:
         self.tol = tol
         self.random_state = random_state
         self.standardize = standardize
+        self.copy = copy
 
     def fit(self, X: np.ndarray, y: None = None) -> GroupICA:
         """Fit on ``X`` of shape (n_tokens, n_neurons). Returns self."""
+        given = X
         X = np.asarray(X, dtype=np.float32)
         n_tokens, n_neurons = X.shape
         k = self.n_components
         check_size(k, n_tokens, n_neurons)
+        # may the fit overwrite X? its own conversion, or the caller's array with copy=False
+        own = X.flags.writeable and (
+            not self.copy or not isinstance(given, np.ndarray) or not np.may_share_memory(X, given)
+        )
         if self.standardize:
             std = X.std(axis=0, dtype=np.float64)
             std[std == 0] = 1.0
             self.scale_ = std.astype(np.float32)
-            X = X / self.scale_
-        pca = PCA(n_components=k, svd_solver="randomized", random_state=self.random_state)
+            if own:
+                X /= self.scale_
+            else:
+                X, own = X / self.scale_, True
+        pca = PCA(
+            n_components=k,
+            svd_solver="randomized",
+            random_state=self.random_state,
+            copy=not own,
+        )
         reduced = pca.fit_transform(X)  # (tokens, k), centred inside
         self.mean_ = pca.mean_
         self.pca_components_ = pca.components_

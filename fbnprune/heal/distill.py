@@ -100,8 +100,8 @@ def teacher_targets(
         tqdm(batches, desc="heal: teacher", disable=not progress)
     ):
         logits = teacher(input_ids=input_ids, attention_mask=attention).logits
-        logprobs = F.log_softmax(logits[attention.bool()].float() / temperature, dim=-1)
-        values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        values, ids = _top_logprobs(logits[attention.bool()], top_k, temperature)
+        del logits
         weights = None
         if last_weights is not None:
             where = None if answer_positions is None else answer_positions[b]
@@ -112,13 +112,35 @@ def teacher_targets(
     return out
 
 
+# positions whose full-vocabulary log-probabilities are computed at once by the teacher's pass
+TARGET_CHUNK = 256
+
+
+def _top_logprobs(
+    rows: torch.Tensor, top_k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` largest log-probabilities of each row of logits (positions x vocabulary)
+    at ``temperature``, and their token ids: ``TARGET_CHUNK`` rows at a time (each row's
+    values are those of the whole tensor's, bit for bit)."""
+    values, ids = [], []
+    for chunk in rows.split(TARGET_CHUNK):
+        chunk = chunk.float()
+        logprobs = F.log_softmax(chunk / temperature if temperature != 1 else chunk, dim=-1)
+        top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        values.append(top.values)
+        ids.append(top.indices)
+    return torch.cat(values), torch.cat(ids)
+
+
 def distillation_loss(
     student_logits: torch.Tensor, target: TeacherTargets, temperature: float = 1.0
 ) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k tokens plus one "rest" bucket, mean
     over positions (weighted by ``target.weights`` when given), scaled by T^2 (Hinton et
     al.) so gradients keep their size across T."""
-    logits = student_logits[target.attention_mask.bool()].float() / temperature
+    logits = student_logits[target.attention_mask.bool()].float()
+    if temperature != 1:  # x / 1 is x: no copy of the logits at the default
+        logits = logits / temperature
     student = F.log_softmax(logits, dim=-1)
     s_top = student.gather(-1, target.top_ids)
     t_top = target.top_logprobs

@@ -177,6 +177,9 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
             ctx.launch.tell(student_message(ctx, cfg, folder, layout, key))
     else:  # one fresh slice of the layout healed (not every layout the recipe saves)
         student = slice_model(copy.deepcopy(ctx.model), plan, layout=layout).eval()
+        # the teacher's part is done (its targets are computed): train without it
+        ctx.release_model()
+        gc.collect()
     healed, log = heal_model(
         student,
         None,

@@ -72,7 +72,7 @@ def _lora_targets(model: PreTrainedModel, modules: str) -> list[str]:
     return [name for name, m in model.named_modules() if id(m) in wanted]
 
 
-def _prepare(
+def prepare_student(
     model: PreTrainedModel, cfg: HealConfig
 ) -> tuple[PreTrainedModel | PeftModel, list[nn.Parameter]]:
     """Freeze everything but what healing trains; wrap with LoRA adapters if asked."""
@@ -105,6 +105,8 @@ def _finish(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     from transformers import PreTrainedModel
 
     merged = model if isinstance(model, PreTrainedModel) else model.merge_and_unload()
+    if merged.is_activation_checkpointing:
+        merged.activation_checkpointing_disable()
     for param in merged.parameters():
         param.requires_grad_(False)
     return merged.eval()
@@ -195,7 +197,9 @@ def heal_model(
         accelerator = make_accelerator(cpu=student.device.type == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(cfg.seed)
-    model, params = _prepare(student, cfg)
+    model, params = prepare_student(student, cfg)
+    if cfg.activation_checkpointing:
+        student.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_params = sum(p.numel() for p in params)
     log = HealLog(
@@ -261,8 +265,11 @@ def heal_model(
         target = _to(batches[rank], accelerator.device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        logits = model(input_ids=target.input_ids, attention_mask=target.attention_mask).logits
+        logits = model(
+            input_ids=target.input_ids, attention_mask=target.attention_mask, use_cache=False
+        ).logits
         loss = heal_loss(logits, target, cfg.temperature, cfg.label_weight)
+        del logits  # the graph keeps what backward needs; the next forward need not wait
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -359,7 +366,9 @@ def _validation_loss(
     losses = []
     for i in range(rank, passes * world, world):
         target = _to(targets[i % len(targets)], accelerator.device)
-        logits = model(input_ids=target.input_ids, attention_mask=target.attention_mask).logits
+        logits = model(
+            input_ids=target.input_ids, attention_mask=target.attention_mask, use_cache=False
+        ).logits
         if i < len(targets):  # the extra pass of an uneven split counts nothing
             losses.append(float(heal_loss(logits, target, cfg.temperature, cfg.label_weight)))
     model.train()
@@ -384,6 +393,6 @@ def _unwrap(
     if reload is None:
         raise HealError("heal_model under FSDP needs reload: the student, fresh from disk")
     torch.manual_seed(cfg.seed)
-    fresh, _ = _prepare(reload(), cfg)
+    fresh, _ = prepare_student(reload(), cfg)
     fresh.load_state_dict(full)
     return fresh

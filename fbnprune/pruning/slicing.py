@@ -19,6 +19,7 @@ the channel's row of the down projection is zeroed and its bias set to the fill 
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,25 @@ def slice_model(
     if plan.dropped_layers:
         drop_blocks(model, plan.dropped_layers)
     return model
+
+
+def sliced_copy(
+    model: PreTrainedModel, plan: PrunePlan, *, layout: str = "padded"
+) -> PreTrainedModel:
+    """``model`` sliced by ``plan`` into a new model that shares every tensor the plan leaves
+    as it is (embeddings, attention, norms: a copy of the modules and config, not of their
+    weights), for inference only: training it would write the shared tensors. The slice
+    replaces what it cuts with new tensors; at the output site it zeroes MLP rows in place,
+    so the MLPs' tensors are then copied."""
+    adapter = get_adapter(model)
+    mlps = {
+        id(t)
+        for layer in adapter.get_layers(model)
+        for t in adapter.get_mlp(layer).state_dict(keep_vars=True).values()
+    }
+    tensors = [*model.parameters(), *model.buffers()]
+    shared = {id(t): t for t in tensors if plan.site == "hidden" or id(t) not in mlps}
+    return slice_model(copy.deepcopy(model, memo=shared), plan, layout=layout)
 
 
 def check_sliceable(adapter: MLPAdapter, plan: PrunePlan, layout: str) -> None:

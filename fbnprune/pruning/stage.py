@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
 from fbnprune.models.size import component_sizes, model_size
 from fbnprune.plan import PrunePlan
-from fbnprune.pruning.slicing import SliceError, slice_model
+from fbnprune.pruning.slicing import SliceError, sliced_copy
 from fbnprune.pruning.tokenizer_trim import trim_tokenizer
 from fbnprune.rundir.context import RunContext
 from fbnprune.rundir.keys import prune_key
@@ -38,8 +37,7 @@ class Slices:
         assert not self.streamed, "save.onload: sequential holds no sliced model"
         model = self.ctx.model
         return {
-            layout: slice_model(copy.deepcopy(model), self.plan, layout=layout).eval()
-            for layout in self.layouts
+            layout: sliced_copy(model, self.plan, layout=layout).eval() for layout in self.layouts
         }
 
     def release(self) -> None:
@@ -86,7 +84,7 @@ def _prune(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
             model = slices.models[layout]
         else:
             try:
-                model = slice_model(copy.deepcopy(reference), plan, layout=layout)
+                model = sliced_copy(reference, plan, layout=layout)
             except SliceError as exc:
                 sizes[layout] = {"unavailable": str(exc)}
                 continue

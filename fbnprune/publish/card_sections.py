@@ -361,9 +361,11 @@ def _parity(facts: CardFacts) -> str:
             )
     return (
         "## Parity\n\nThe plan applied by hooks to the original (`masked`) and the sliced model "
-        "compute the same logits: in float64, where rounding cannot hide a wrong unit, and for "
-        "the saved checkpoint against the in-memory slice. In float32 the changed summation "
-        "order alone moves logits slightly; that row is for information. Held-out tokens: "
+        "compute the same thing: in float64, where rounding cannot hide a wrong unit (each "
+        "MLP's output on the masked model's inputs, or the logits when heads, layers or the "
+        "vocabulary are cut too), and the saved checkpoint's logits equal the in-memory "
+        "slice's. In float32 the changed summation order alone moves logits slightly; that row "
+        "is for information. Held-out tokens: "
         f"{result.reports[0].n_tokens}.\n\n" + "\n".join(lines)
     )
 

@@ -74,7 +74,8 @@ def heal_key(ctx: RunContext) -> str:
     if extra:  # heal.corpus and heal.general_text: their texts
         heal_data.append(fingerprint([[d.id, d.text] for d in extra]))
     cfg = ctx.recipe.heal
-    parts = [check_key(ctx), cfg.model_dump(), heal_data]
+    # activation checkpointing changes memory, not weights: either way reuses the other
+    parts = [check_key(ctx), cfg.model_dump(exclude={"activation_checkpointing"}), heal_data]
     if cfg.label_weight:  # its default is 1, and a dump leaves defaults of additions out
         parts.append({"label_weight": cfg.label_weight})
     if ctx.processes > 1:

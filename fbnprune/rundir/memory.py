@@ -25,7 +25,8 @@ HOLDS: dict[str, tuple[tuple[str, int], ...]] = {
     "prune": (("model", 1),),  # plus the slices, a fraction of it
     "check": (("model", 1),),
     "save": (("model", 1),),
-    "heal": (("model", 2), ("targets", 1)),  # teacher and student
+    # the teacher (its targets), then the student with its gradients and optimizer state
+    "heal": (("model", 1), ("targets", 1)),
     "verdict": (("model", 1),),
 }
 

@@ -75,8 +75,36 @@ def test_the_reference_runs_inside_its_context_and_gating_decides():
     report = check_parity(
         ("nudged", model, as_nudged), {"target": target}, tiny_tokenizer(), PROMPTS, atol=1e-5
     )
-    assert entered == [True] and report.passed  # the reference was the nudged model
+    # the reference was the nudged model: its context entered for each prompt's batch only
+    assert entered == [True] * len(PROMPTS) and report.passed
     info = check_parity(
         ("plain", model, None), {"target": target}, tiny_tokenizer(), PROMPTS, gating=False
     )
     assert not info.passed and ParityResult([report, info]).passed  # for information only
+
+
+def test_batch_by_batch_figures_are_the_whole_tensors_and_nan_fails():
+    model = tiny_model("llama").eval()
+    other = nudged(model, 1e-3)
+    tok = tiny_tokenizer()
+    report = check_parity(
+        ("original", model, None),
+        {"nudged": other},
+        tok,
+        PROMPTS,
+        atol=1.0,
+        max_length=16,
+        batch_size=1,  # three batches, reduced one at a time
+    )
+    batches = token_batches(tok, PROMPTS, 16, 1)
+    delta = (real_token_logits(other, batches) - real_token_logits(model, batches)).abs()
+    (moved,) = report.comparisons
+    assert moved.max_abs == float(delta.max())  # the largest is the largest, bit for bit
+    assert moved.mean_abs == pytest.approx(float(delta.double().mean()), rel=1e-12)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.norm.weight[0] = float("nan")
+    nan = check_parity(
+        ("original", model, None), {"broken": broken}, tok, PROMPTS, atol=1.0, max_length=16
+    )
+    assert not nan.passed and nan.comparisons[0].max_abs != nan.comparisons[0].max_abs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,57 @@ def test_fit_returns_self_and_params_are_keyword_only():
     assert ica.fit(X) is ica
     with pytest.raises(TypeError):
         GroupICA(4)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_fitting_in_place_gives_the_same_maps_and_copy_keeps_the_input(standardize, tmp_path):
+    X, _ = planted(n_tokens=600)
+    kept = X.copy()
+    a = GroupICA(n_components=5, standardize=standardize).fit(X)
+    np.testing.assert_array_equal(X, kept)  # copy=True (the default) leaves X as it was
+    b = GroupICA(n_components=5, standardize=standardize, copy=False).fit(X)
+    assert not np.array_equal(X, kept)  # overwritten: centred in place, not copied
+    for name in ("z_maps_", "maps_", "explained_variance_ratio_", "mean_"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    # a read-only memmap is never written: copy=False copies it
+    np.save(tmp_path / "m.npy", kept)
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    c = GroupICA(n_components=5, standardize=standardize, copy=False).fit(mapped)
+    np.testing.assert_array_equal(a.z_maps_, c.z_maps_)
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), kept)
+
+
+def test_read_matrix_is_an_array_of_its_own_read_from_the_file(tmp_path):
+    from fbnprune.collect.activations import Activations
+
+    X, _ = planted(n_tokens=100)
+    np.save(tmp_path / "m.npy", X)
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    acts = Activations(mapped, np.zeros(100, dtype=np.int64), [300], "hidden")
+    read = acts.read_matrix()
+    assert not isinstance(read, np.memmap) and read.flags.writeable
+    np.testing.assert_array_equal(read, X)
+    in_memory = Activations(X, np.zeros(100, dtype=np.int64), [300], "hidden")
+    assert not np.may_share_memory(in_memory.read_matrix(), X)  # the caller's is never touched
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS of mapped pages: Linux")
+def test_released_pages_leave_resident_memory_and_the_matrix_reads_the_same(tmp_path):
+    import psutil
+
+    from fbnprune.collect.activations import Activations
+
+    rows = np.random.default_rng(0).normal(size=(4096, 4096)).astype(np.float32)  # 64 MiB
+    np.save(tmp_path / "m.npy", rows)
+    acts = Activations(
+        np.load(tmp_path / "m.npy", mmap_mode="r"), np.zeros(4096, dtype=np.int64), [4096], "hidden"
+    )
+    rss = psutil.Process().memory_info
+    before = rss().rss
+    total = float(acts.matrix.sum(dtype=np.float64))  # every page touched: resident
+    touched = rss().rss
+    acts.release_pages()
+    released = rss().rss
+    assert touched - before > 48 * 2**20 and touched - released > 48 * 2**20
+    assert float(acts.matrix.sum(dtype=np.float64)) == total  # read again from the file
+    Activations(rows, acts.sample_index, [4096], "hidden").release_pages()  # in memory: no-op

@@ -315,6 +315,10 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path, monkeypatch):
     # a second run reuses it; a budget above below_budget skips healing
     again = run_pipeline(recipe, run, progress=False)
     assert again.stages["heal"].finished == summary.stages["heal"].finished
+    # activation checkpointing changes the memory, not the weights: the heal is reused
+    recompute = recipe.heal.model_copy(update={"activation_checkpointing": True})
+    rerun = run_pipeline(recipe.model_copy(update={"heal": recompute}), run, progress=False)
+    assert "heal" not in rerun.executed
     # other training settings heal again, from the teacher's targets kept on disk
     assert (run / "heal" / "teacher.safetensors").is_file()
 
@@ -350,3 +354,49 @@ def test_heal_stage_saves_a_checked_loadable_checkpoint(tmp_path, monkeypatch):
     assert not healed_dir.exists()
     with pytest.raises(ExportError, match="no checkpoint-<layout>-healed"):
         export_run(run, healed=True)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_activation_checkpointing_heals_the_same_weights_bit_for_bit(method, family):
+    teacher = tiny_model(family)
+    cfg = {**SMALL, "steps": 8, "method": method, "lora_rank": 4, "modules": "all"}
+    healed = {}
+    for recompute in (False, True):
+        sliced = slice_model(copy.deepcopy(teacher), half_plan(teacher, family), layout="compact")
+        healed[recompute], _ = heal_model(
+            sliced,
+            teacher,
+            tiny_tokenizer(),
+            TEXTS,
+            HealConfig(**cfg, activation_checkpointing=recompute),
+            validation=TEXTS[:2],
+            progress=False,
+        )
+    assert healed[True].is_activation_checkpointing is False  # the healed model is plain
+    plain, recomputed = healed[False].state_dict(), healed[True].state_dict()
+    assert plain.keys() == recomputed.keys()
+    assert all(torch.equal(plain[k], recomputed[k]) for k in plain)
+    assert not all(torch.equal(plain[k], teacher.state_dict().get(k, plain[k])) for k in plain)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_teacher_targets_in_chunks_of_positions_are_the_whole_tensors(temperature, monkeypatch):
+    import fbnprune.heal.distill as distill
+    from fbnprune.collect.activations import token_batches
+
+    teacher = tiny_model("llama")
+    batches = token_batches(tiny_tokenizer(), TEXTS, 48, 4)
+    whole = teacher_targets(teacher, batches, top_k=7, temperature=temperature)
+    logits = teacher(input_ids=batches[0][0], attention_mask=batches[0][1]).logits
+    rows = logits[batches[0][1].bool()]
+    want = F.log_softmax(rows / temperature, dim=-1).topk(7, dim=-1)
+    assert torch.equal(whole[0].top_logprobs, want.values)
+    assert torch.equal(whole[0].top_ids, want.indices)
+    monkeypatch.setattr(distill, "TARGET_CHUNK", 3)  # every batch in several chunks
+    chunked = teacher_targets(teacher, batches, top_k=7, temperature=temperature)
+    assert rows.shape[0] > 3
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a.top_logprobs, b.top_logprobs) and torch.equal(a.top_ids, b.top_ids)
+    empty = distill._top_logprobs(torch.zeros(0, 11), 7, temperature)
+    assert empty[0].shape == (0, 7) and empty[1].shape == (0, 7)
