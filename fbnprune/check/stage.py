@@ -44,10 +44,10 @@ def check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> ParityResult:
 
 
 def _check(ctx: RunContext, plan: PrunePlan, slices: Slices) -> dict[str, Any]:
-    """float64: masked vs sliced, both from the float64 model (exactness of the slice);
-    model dtype: sliced vs saved-and-reloaded (serialisation), and masked vs sliced (for
-    information: the float32 bias that holds the mean fill and the changed summation
-    order round differently, ~1e-3 on 30-layer models)."""
+    """float64: masked vs sliced (exactness of the slice, ``exactness``); model dtype:
+    sliced vs saved-and-reloaded (serialisation), and masked vs sliced (for information:
+    the float32 bias that holds the mean fill and the changed summation order round
+    differently, ~1e-3 on 30-layer models)."""
     tokenizer, vocabulary = sliced_tokenizer(ctx, plan), plan.kept_vocabulary()
     inputs = {**parity_inputs(ctx, tokenizer), "vocabulary": vocabulary}
     # every layout saved before any is compared
