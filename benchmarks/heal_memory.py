@@ -4,11 +4,12 @@ whether the trained weights are the same, bit for bit.
     python benchmarks/heal_memory.py runs/demo --steps 4
     python benchmarks/heal_memory.py runs/gemma3-headlines --layout compact --steps 3
 
-Each setting trains in its own process (so neither sees the other's memory), on the run's
-first ``--steps`` batches of the teacher's targets (``heal/teacher.safetensors``), from its
-checked ``checkpoint-<layout>/``, with the run's ``heal`` settings (AdamW, every linear layer
-the recipe trains). Peaks are the process's RSS sampled every 10 ms during training, after
-the student and targets are loaded; the floor before loading is printed beside them.
+Each setting trains in its own process (so neither sees the other's memory) through
+``heal_model`` itself, on the run's first ``--steps`` batches of the teacher's targets
+(``heal/teacher.safetensors``), from its checked ``checkpoint-<layout>/``, with the run's
+``heal`` settings (no validation, no time cap). Peaks are the process's RSS sampled every
+10 ms during training, after the student and targets are loaded; the floor before loading
+is printed beside them.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from pathlib import Path
 
 
 def train(run: Path, layout: str, steps: int, recompute: bool) -> dict[str, float | str]:
-    """Train ``steps`` steps in this process; peak RSS (MiB), seconds, a digest of the weights."""
+    """``heal_model`` for ``steps`` steps in this process, on the run's first ``steps``
+    batches of targets: peak RSS (MiB) while it trains, seconds, a digest of the weights."""
     import psutil
-    import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from fbnprune.heal.distill import heal_loss, load_targets
-    from fbnprune.heal.train import prepare_student
+    from fbnprune.heal.distill import load_targets
+    from fbnprune.heal.train import heal_model
     from fbnprune.recipe import load_recipe
 
     proc, peak = psutil.Process(), [0]
@@ -41,16 +42,11 @@ def train(run: Path, layout: str, steps: int, recompute: bool) -> dict[str, floa
         key = (f.metadata() or {})["key"]
     targets = load_targets(file, key)
     assert targets is not None
-    cfg = load_recipe(run / "recipe.yaml").heal
+    settings = {"steps": steps, "max_minutes": None, "activation_checkpointing": recompute}
+    cfg = load_recipe(run / "recipe.yaml").heal.model_copy(update=settings)
     student = AutoModelForCausalLM.from_pretrained(
         run / f"checkpoint-{layout}", trust_remote_code=layout == "compact"
     )
-    torch.manual_seed(cfg.seed)
-    model, params = prepare_student(student, cfg)
-    if recompute:
-        student.activation_checkpointing_enable()
-    model.train()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def sample() -> None:
         while True:
@@ -59,18 +55,12 @@ def train(run: Path, layout: str, steps: int, recompute: bool) -> dict[str, floa
 
     threading.Thread(target=sample, daemon=True).start()
     started = time.perf_counter()
-    for target in targets[0][:steps]:
-        logits = model(
-            input_ids=target.input_ids, attention_mask=target.attention_mask, use_cache=False
-        ).logits
-        loss = heal_loss(logits, target, cfg.temperature, cfg.label_weight)
-        del logits
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    healed, _ = heal_model(
+        student, None, None, [], cfg, targets=(targets[0][:steps], []), progress=False
+    )
     seconds = time.perf_counter() - started
     digest = hashlib.sha256()
-    for name, value in sorted(student.state_dict().items()):
+    for name, value in sorted(healed.state_dict().items()):
         digest.update(name.encode() + value.detach().contiguous().numpy().tobytes())
     return {
         "floor_mib": floor / 2**20,

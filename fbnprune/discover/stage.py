@@ -3,7 +3,6 @@ per unit."""
 
 from __future__ import annotations
 
-import gc
 import os
 from typing import Any
 
@@ -33,7 +32,6 @@ def discover(ctx: RunContext, task: str, activations: Activations) -> NetworkSco
 def _discover(ctx: RunContext, task: str, acts: Activations) -> dict[str, Any]:
     # the ICA reads the matrix alone: the model is loaded again by the stage that needs it
     ctx.release_model()
-    gc.collect()
     ica = fit_networks(ctx.recipe.discover, acts, seed=ctx.recipe.seed)
     file = ctx.layout.discover_file(task)
     file.parent.mkdir(parents=True, exist_ok=True)

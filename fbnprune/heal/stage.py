@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import json
 import logging
 import shutil
@@ -170,7 +169,6 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
         # the teacher's part is on disk: free it, then load the student, never both
         folder = checked_student(ctx, layout)
         ctx.release_model()
-        gc.collect()
         reload = functools.partial(load_student, folder, layout, ctx.dtype)
         student = reload()
         if ctx.launch is not None:
@@ -179,7 +177,6 @@ def _heal(ctx: RunContext, plan: PrunePlan) -> dict[str, Any]:
         student = slice_model(copy.deepcopy(ctx.model), plan, layout=layout).eval()
         # the teacher's part is done (its targets are computed): train without it
         ctx.release_model()
-        gc.collect()
     healed, log = heal_model(
         student,
         None,

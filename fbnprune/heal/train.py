@@ -72,7 +72,7 @@ def _lora_targets(model: PreTrainedModel, modules: str) -> list[str]:
     return [name for name, m in model.named_modules() if id(m) in wanted]
 
 
-def prepare_student(
+def _prepare(
     model: PreTrainedModel, cfg: HealConfig
 ) -> tuple[PreTrainedModel | PeftModel, list[nn.Parameter]]:
     """Freeze everything but what healing trains; wrap with LoRA adapters if asked."""
@@ -197,7 +197,7 @@ def heal_model(
         accelerator = make_accelerator(cpu=student.device.type == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(cfg.seed)
-    model, params = prepare_student(student, cfg)
+    model, params = _prepare(student, cfg)
     if cfg.activation_checkpointing:
         student.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -393,6 +393,6 @@ def _unwrap(
     if reload is None:
         raise HealError("heal_model under FSDP needs reload: the student, fresh from disk")
     torch.manual_seed(cfg.seed)
-    fresh, _ = prepare_student(reload(), cfg)
+    fresh, _ = _prepare(reload(), cfg)
     fresh.load_state_dict(full)
     return fresh

@@ -87,14 +87,12 @@ def sliced_copy(
     weights), for inference only: training it would write the shared tensors. The slice
     replaces what it cuts with new tensors; at the output site it zeroes MLP rows in place,
     so the MLPs' tensors are then copied."""
-    adapter = get_adapter(model)
-    mlps = {
-        id(t)
-        for layer in adapter.get_layers(model)
-        for t in adapter.get_mlp(layer).state_dict(keep_vars=True).values()
-    }
-    tensors = [*model.parameters(), *model.buffers()]
-    shared = {id(t): t for t in tensors if plan.site == "hidden" or id(t) not in mlps}
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    if plan.site == "output":
+        adapter = get_adapter(model)
+        for layer in adapter.get_layers(model):
+            for t in adapter.get_mlp(layer).state_dict(keep_vars=True).values():
+                shared.pop(id(t), None)
     return slice_model(copy.deepcopy(model, memo=shared), plan, layout=layout)
 
 

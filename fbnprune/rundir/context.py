@@ -8,6 +8,7 @@ stage: the stages (each family's ``stage`` module) take it as their first input.
 from __future__ import annotations
 
 import functools
+import gc
 from typing import TYPE_CHECKING, Any
 
 from fbnprune.rundir.layout import RunLayout
@@ -61,11 +62,14 @@ class RunContext:
         return self.model_and_tokenizer[0]
 
     def release_model(self) -> None:
-        """Forget the loaded model (the tokenizer stays): heal frees the teacher before it
-        loads the student."""
+        """Forget the loaded model (the tokenizer stays) and collect it, so its memory is
+        free when this returns: discover fits without it, heal trains without the teacher;
+        the next use loads it again."""
         loaded = self.__dict__.pop("model_and_tokenizer", None)
         if loaded is not None:
             self.__dict__["_tokenizer"] = loaded[1]
+            del loaded
+            gc.collect()
 
     @property
     def processes(self) -> int:

@@ -28,7 +28,7 @@ from fbnprune.heal.distill import (
     validation_loss,
 )
 from fbnprune.heal.launch import checked_student, load_student
-from fbnprune.heal.train import _finish, _lr_at, heal_model, prepare_student
+from fbnprune.heal.train import _finish, _lr_at, _prepare, heal_model
 from fbnprune.pipeline import run_pipeline
 from fbnprune.pruning.slicing import slice_model
 from fbnprune.recipe import HealConfig, parse_recipe
@@ -50,7 +50,7 @@ def plain_torch_heal(student, targets, cfg: HealConfig):
     """The loop ``heal_model`` ran before accelerate (one device, no validation, no state):
     the reference the accelerate loop must reproduce in one process."""
     torch.manual_seed(cfg.seed)
-    model, params = prepare_student(student, cfg)
+    model, params = _prepare(student, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = torch.Generator().manual_seed(cfg.seed)
     model.train()
